@@ -1,0 +1,165 @@
+"""Batched teacher forwards: sequences -> final hidden states at the scored positions -> records.
+
+The causal LM's `lm_head` is never called: we run the decoder stack (`base_model`), keep only
+the hidden states of the T+1 response states of each sequence, and reduce them with
+`scoring.score_chunked`, so `[tokens, V]` logits never exist.
+
+Batching: sequences are sorted by length and packed into batches under a token budget.
+Two layouts:
+- padded (default; any attention backend): right-padded rows, an attention mask;
+- packed: all sequences of a batch concatenated into ONE row with position_ids restarting at
+  0 per sequence and no attention mask; transformers then builds a block-diagonal causal mask
+  (flash_attention_2 uses varlen kernels), so no compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data import Sequence
+from .models import base_model
+from .scoring import LMHead, score_chunked
+
+
+@dataclass
+class Scorer:
+    """One teacher: its decoder stack and its output head."""
+
+    model: nn.Module
+    head: LMHead
+    base: nn.Module
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> Scorer:
+        return cls(model=model, head=LMHead.from_model(model), base=base_model(model))
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @torch.no_grad()
+    def hidden_at_states(self, seqs: list[tuple[list[int], list[int]]], pad_id: int,
+                         packed: bool = False) -> Tensor:
+        """Final hidden states [sum(T_i + 1), H] at the states s_1..s_{T+1} of each sequence.
+
+        s_t (before response token t) is the hidden state at position P - 2 + t of prompt+response;
+        s_{T+1} is the last position.
+        """
+        dev = self.device
+        lens = [len(p) + len(r) for p, r in seqs]
+        if packed:
+            ids = torch.tensor([t for p, r in seqs for t in p + r], device=dev).unsqueeze(0)
+            pos = torch.cat([torch.arange(n, device=dev) for n in lens]).unsqueeze(0)
+            hid = self.base(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
+            starts = np.cumsum([0] + lens[:-1])
+            index = [torch.arange(s + len(p) - 1, s + n, device=dev)
+                     for s, n, (p, _) in zip(starts, lens, seqs, strict=True)]
+            return hid[torch.cat(index)]
+        width = max(lens)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=dev)
+        for i, (p, r) in enumerate(seqs):
+            ids[i, : lens[i]] = torch.tensor(p + r, device=dev)
+            mask[i, : lens[i]] = 1
+        hid = self.base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        rows = torch.cat([torch.full((lens[i] - len(p) + 1,), i, device=dev)
+                          for i, (p, _) in enumerate(seqs)])
+        cols = torch.cat([torch.arange(len(p) - 1, lens[i], device=dev)
+                          for i, (p, _) in enumerate(seqs)])
+        return hid[rows, cols]
+
+
+def targets_for(seqs: Seq[Sequence], device: torch.device) -> Tensor:
+    """Next-token targets for the scored states: each response, then -1 for s_{T+1}."""
+    return torch.tensor([t for s in seqs for t in s.response_ids + [-1]], device=device)
+
+
+def score_sequences(
+    seqs: list[Sequence],
+    dpo: Scorer,
+    ref: Scorer | None,
+    k: int,
+    betas: Seq[float],
+    pad_id: int,
+    eos_id: int,
+    chunk: int | None = None,
+    ref_mode: str = "exact",
+    packed: bool = False,
+) -> tuple[list[dict], dict[str, float]]:
+    """Score one batch of sequences with the DPO teacher (and reference); returns records and
+    batch sums for the store report (top-K mass, paper-approximation error)."""
+    pairs = [(s.scored_prompt, s.response_ids) for s in seqs]
+    h = dpo.hidden_at_states(pairs, pad_id, packed)
+    rh = ref.hidden_at_states(pairs, pad_id, packed) if ref is not None else None
+    if rh is not None and rh.device != h.device:
+        rh = rh.to(h.device)
+    out = score_chunked(h, dpo.head, targets_for(seqs, h.device), k, betas, chunk,
+                        ref_hidden=rh, ref_lm_head=None if ref is None else ref.head,
+                        ref_mode=ref_mode)
+    cpu = {name: t.cpu().numpy() for name, t in out.items()}
+    records, start = [], 0
+    sums = {"tokens": 0.0, "topk_mass": 0.0, "ref_paper_abs_err": 0.0}
+    for s in seqs:
+        t = len(s.response_ids)
+        sl = slice(start, start + t)  # rows for s_1..s_T; row start+t is s_{T+1}
+        rec = {
+            "example_id": s.example_id,
+            "role": s.role,
+            "group": int(s.group),
+            "prompt_ids": np.asarray(s.prompt_ids, dtype=np.int32),
+            "response_ids": np.asarray(s.response_ids, dtype=np.int32),
+            "teacher_prompt_ids": (None if s.teacher_prompt_ids is None
+                                   else np.asarray(s.teacher_prompt_ids, dtype=np.int32)),
+            "is_terminal": bool(t > 0 and s.response_ids[-1] == eos_id),
+            "reward": s.extra.get("reward"),
+            "n_tokens": t,
+            "topk_ids": cpu["topk_ids"][sl].astype(np.int32),
+            "topk_logprobs": cpu["topk_logprobs"][sl],
+            "token_logprob": cpu["token_logprob"][sl],
+            "soft_value": cpu["soft_value"][start: start + t + 1],
+        }
+        if ref is not None:
+            rec["ref_topk_logprobs"] = cpu["ref_topk_logprobs"][sl]
+            rec["ref_token_logprob"] = cpu["ref_token_logprob"][sl]
+            if "ref_paper_abs_err" in cpu:
+                sums["ref_paper_abs_err"] += float(cpu["ref_paper_abs_err"][sl].sum())
+        if s.extra.get("behavior_logprob") is not None:
+            rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], dtype=np.float32)
+        sums["tokens"] += t
+        sums["topk_mass"] += float(cpu["topk_mass"][sl].sum())
+        records.append(rec)
+        start += t + 1
+    return records, sums
+
+
+def bucket_batches(groups: list[list[Sequence]], batch_tokens: int, max_batch_seqs: int = 512,
+                   packed: bool = False) -> list[list[list[Sequence]]]:
+    """Pack whole groups (a group is never split, the writer needs it whole) into batches.
+
+    Groups are sorted by their longest sequence so padded rows in a batch have similar
+    lengths. Budget: padded = rows x longest row; packed = total tokens. A group larger than
+    the budget still forms a batch of its own.
+    """
+    order = sorted(groups, key=lambda g: max(s.length for s in g))
+    batches: list[list[list[Sequence]]] = []
+    cur: list[list[Sequence]] = []
+    n_seqs = width = total = 0
+    for g in order:
+        g_width = max(s.length for s in g)
+        g_total = sum(s.length for s in g)
+        new_cost = (total + g_total) if packed else (n_seqs + len(g)) * max(width, g_width)
+        if cur and (new_cost > batch_tokens or n_seqs + len(g) > max_batch_seqs):
+            batches.append(cur)
+            cur, n_seqs, width, total = [], 0, 0, 0
+        cur.append(g)
+        n_seqs += len(g)
+        width = max(width, g_width)
+        total += g_total
+    if cur:
+        batches.append(cur)
+    return batches
