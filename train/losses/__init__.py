@@ -5,19 +5,33 @@ tensors (METHODS.md §2; signatures and equations in docs/LOSSES.md). Each retur
 from ._common import LossOutput
 from .adpa import adpa_loss, advantage_error, exact_advantage, paper_advantage
 from .dckd import dckd_loss
+from .dpo import dpo_loss
+from .pbsd import pbsd_loss
 from .sft import seqkd_loss, sft_loss
+from .tgpo import group_advantages, grpo_loss, guidance_loss, guidance_weight, tgpo_loss
 from .topk_kd import kd_per_token, tail_logprob, topk_kd_loss
+from .tvkd import tvkd_loss, tvkd_rewards, tvkd_shaping
 
 __all__ = [
     "LossOutput",
     "adpa_loss",
     "advantage_error",
     "dckd_loss",
+    "dpo_loss",
     "exact_advantage",
+    "group_advantages",
+    "grpo_loss",
+    "guidance_loss",
+    "guidance_weight",
     "kd_per_token",
     "paper_advantage",
+    "pbsd_loss",
     "seqkd_loss",
     "sft_loss",
     "tail_logprob",
+    "tgpo_loss",
     "topk_kd_loss",
+    "tvkd_loss",
+    "tvkd_rewards",
+    "tvkd_shaping",
 ]

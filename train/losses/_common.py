@@ -48,3 +48,17 @@ def seq_sum(x: Tensor, mask: Tensor) -> Tensor:
 def token_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean over all response tokens of the batch (a logging metric), detached."""
     return (seq_sum(x, mask).sum() / mask.sum().clamp(min=1)).detach()
+
+
+def check_pairs(chosen_mask: Tensor, rejected_mask: Tensor, what: str) -> None:
+    if chosen_mask.shape[0] != rejected_mask.shape[0]:
+        raise ValueError(
+            f"{what}: {chosen_mask.shape[0]} first vs {rejected_mask.shape[0]} second sequences; need pairs"
+        )
+
+
+def logsigmoid_loss(margin: Tensor) -> LossOutput:
+    """−log σ(margin) averaged over pairs; logsigmoid is the stable form (no log(0) for
+    very negative margins). Metrics: mean margin and the fraction of pairs ranked right."""
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    return LossOutput(loss, {"margin": margin.mean().detach(), "accuracy": (margin > 0).to(margin.dtype).mean().detach()})
