@@ -1,0 +1,281 @@
+"""`run_precompute(cfg)`: score a dataset (or a rollout store) with the DPO teacher and the
+reference ONCE and write every METHODS.md §1 field into a content-addressed store.
+
+Flow: tokenize -> fingerprints -> StoreMeta -> (no-op if that store is already complete) ->
+load models -> length-bucketed batches -> engine.score_sequences -> StoreWriter.add_group.
+Resume: groups already committed (writer.done_example_ids) are skipped, so a killed run
+continues where its last committed shard ended and produces the same store.
+Partition: `partition=(i, n)` keeps only examples whose stable id hash is i mod n; each part is
+its own store (the partition is part of the options, hence of the key), so n machines can
+precompute one dataset without sharing a writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .data import DataOptions, DataStats, Sequence, dataset_fingerprint, read_rows, tokenize_rows
+from .models import (
+    check_same_tokenizer,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    model_vocab_size,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_fingerprint,
+    verify_head,
+)
+from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
+
+
+def code_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"kdcache {version('kdcache')}"
+    except Exception:  # noqa: BLE001 - provenance only
+        return "kdcache unknown"
+
+
+@dataclass
+class PrecomputeConfig:
+    """Everything `run_precompute` needs. Models are local HF dirs or cached hub ids."""
+
+    teacher: str  # the preference-aligned (DPO) teacher
+    reference: str | None = None  # pi_ref (the pre-DPO SFT model); None -> no ref_* fields
+    data: str | None = None  # JSONL/Parquet URL (or glob) ...
+    input_store: str | None = None  # ... or a rollout store to score (exactly one of the two)
+    out: str | None = None  # store URL; default <out_root>/<store_key>
+    out_root: str = "stores"
+    student: str | None = None  # only checked to share the teacher's tokenizer
+    k: int = 50
+    betas: list[float] = field(default_factory=lambda: [1.0])
+    ref_mode: str = "exact"  # "exact" (gather at DPO ids) | "paper" (ADPA's approximation)
+    # data (see precompute/data.py)
+    kind: str = "auto"  # preference | sft | auto
+    max_length: int | None = 2048
+    truncate: str = "truncate"  # truncate | skip | fail
+    chat_template: bool = True
+    use_context: bool = True
+    context_template: str = "{context}\n\n{prompt}"
+    limit: int | None = None
+    partition: tuple[int, int] | None = None  # (index, count)
+    # execution
+    batch_tokens: int = 16384  # padded tokens per forward (packed: real tokens)
+    max_batch_seqs: int = 256
+    chunk_size: int | None = None  # scored positions per logits chunk; None -> ~1 GiB budget
+    packed: bool = False  # one packed row per batch (position_ids restart per sequence)
+    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False
+    verify_head: bool = True  # compare our head with the model's own logits once
+    # store
+    shard_records: int = 1024
+    codec: str = "compact"  # compact (bounded error) | lossless
+    error_bound: float | None = None
+    resume: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if (self.data is None) == (self.input_store is None):
+            raise ValueError("PrecomputeConfig: set exactly one of data (a dataset URL) or "
+                             "input_store (a rollout store URL)")
+        if self.k < 1:
+            raise ValueError(f"PrecomputeConfig.k must be >= 1, got {self.k}")
+        if self.partition is not None:
+            i, n = self.partition
+            if not 0 <= i < n:
+                raise ValueError(f"partition {self.partition}: need 0 <= index < count")
+        if self.batch_tokens < 1:
+            raise ValueError("batch_tokens must be >= 1")
+
+
+def _in_partition(example_id: str, partition: tuple[int, int] | None) -> bool:
+    if partition is None:
+        return True
+    h = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "little")
+    return h % partition[1] == partition[0]
+
+
+def _groups_from_store(url: str) -> tuple[list[list[Sequence]], dict[str, Any], bool]:
+    store = open_store(url)
+    if not store.complete:
+        raise ValueError(f"input store {url} is incomplete; finish the rollout run first")
+    groups: list[list[Sequence]] = []
+    has_behavior = "behavior_logprob" in store.fields
+    for recs in store.groups():
+        group = []
+        for r in recs:
+            extra: dict[str, Any] = {"reward": r.get("reward")}
+            if has_behavior:
+                extra["behavior_logprob"] = np.asarray(r["behavior_logprob"], np.float32)
+            tp = r.get("teacher_prompt_ids")
+            group.append(Sequence(
+                str(r["example_id"]), str(r["role"]), int(r.get("group", 0)),
+                [int(t) for t in r["prompt_ids"]], [int(t) for t in r["response_ids"]],
+                None if tp is None else [int(t) for t in tp], extra))
+        groups.append(group)
+    fp = {"input_store": store.manifest.get("store_key"), "checksum": store.manifest.get("checksum")}
+    return groups, fp, has_behavior
+
+
+def _data_options(cfg: PrecomputeConfig) -> DataOptions:
+    return DataOptions(kind=cfg.kind, max_length=cfg.max_length, truncate=cfg.truncate,
+                       chat_template=cfg.chat_template, use_context=cfg.use_context,
+                       context_template=cfg.context_template, limit=cfg.limit)
+
+
+def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any, DataStats]:
+    """Tokenize and fingerprint everything (no model weights loaded): meta, groups, tokenizer."""
+    cfg.validate()
+    tok = load_tokenizer(cfg.teacher, cfg.trust_remote_code, role="teacher")
+    t_vocab = model_vocab_size(cfg.teacher)
+    for name, role in ((cfg.reference, "reference"), (cfg.student, "student")):
+        if name:
+            other = load_tokenizer(name, cfg.trust_remote_code, role=role)
+            check_same_tokenizer(tok, other, "teacher", role, t_vocab, model_vocab_size(name))
+    tok_fp = tokenizer_fingerprint(tok)
+    stats = DataStats()
+    has_behavior = False
+    if cfg.data is not None:
+        rows, file_sha = read_rows(cfg.data)
+        opts = _data_options(cfg)
+        groups = list(tokenize_rows(rows, tok, opts, stats))
+        ds_fp = {"sha256": dataset_fingerprint(file_sha, opts, tok_fp)}
+    else:
+        groups, ds_fp, has_behavior = _groups_from_store(cfg.input_store)
+        groups = groups[: cfg.limit] if cfg.limit else groups
+        stats.rows = len(groups)
+        stats.sequences = sum(len(g) for g in groups)
+        ds_fp = dict(ds_fp, limit=cfg.limit)
+    groups = [g for g in groups if _in_partition(g[0].example_id, cfg.partition)]
+
+    fields = ["topk_ids", "topk_logprobs", "token_logprob", "soft_value"]
+    models = {"dpo": model_fingerprint(cfg.teacher, trust_remote_code=cfg.trust_remote_code)}
+    if cfg.reference:
+        fields += ["ref_topk_logprobs", "ref_token_logprob"]
+        models["ref"] = model_fingerprint(cfg.reference, trust_remote_code=cfg.trust_remote_code)
+    if has_behavior:
+        fields.append("behavior_logprob")
+    dev = resolve_device(cfg.device)
+    options: dict[str, Any] = {
+        "codec": cfg.codec,
+        "ref_mode": cfg.ref_mode if cfg.reference else None,
+        # the teacher's numeric precision changes the stored numbers, so it is in the key
+        "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", ""),
+        "partition": list(cfg.partition) if cfg.partition else None,
+    }
+    if cfg.error_bound is not None:
+        options["error_bound"] = cfg.error_bound
+    meta = StoreMeta(k=cfg.k, betas=list(cfg.betas), fields=fields, models=models,
+                     tokenizer={"sha256": tok_fp, "vocab_size": t_vocab or len(tok)},
+                     dataset=ds_fp, options=options, code_version=code_version())
+    return meta, groups, tok, stats
+
+
+def _progress(enabled: bool, total: int):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]precompute"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("seqs"), TextColumn("{task.fields[tps]} tok/s"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)
+
+
+def run_precompute(cfg: PrecomputeConfig) -> str:
+    """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
+
+    meta, groups, tok, stats = prepare(cfg)
+    url = cfg.out or f"{cfg.out_root.rstrip('/')}/{store_key(meta)}"
+    try:
+        existing = open_store(url)
+        if existing.complete and existing.meta.content_dict() == meta.content_dict():
+            return url  # content-addressed cache hit: nothing to do, no model loaded
+    except NoStoreError:
+        pass
+
+    with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=cfg.resume) as writer:
+        done = writer.done_example_ids
+        todo = [g for g in groups if g[0].example_id not in done]
+        if todo:
+            _score_into(cfg, writer, todo, tok)
+        report = writer.manifest.setdefault("precompute_report", {})
+        report.update(rows=stats.rows, truncated=stats.truncated, skipped=stats.skipped)
+    return url
+
+
+def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, todo: list[list[Sequence]],
+                tok: Any) -> None:
+    from .engine import Scorer, bucket_batches, score_sequences
+
+    dev = resolve_device(cfg.device)
+    kw = dict(device=dev, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+              attn_implementation=cfg.attn_implementation)
+    dpo = Scorer.from_model(load_model(cfg.teacher, "teacher", **kw))
+    ref = Scorer.from_model(load_model(cfg.reference, "reference", **kw)) if cfg.reference else None
+    if cfg.verify_head:
+        verify_head(dpo.model, dpo.head)
+        if ref is not None:
+            verify_head(ref.model, ref.head)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    floor = -255.0 if cfg.codec == "compact" else None  # store's compact codec bound (|x|<=256)
+    report = writer.manifest.setdefault("precompute_report", {})
+    acc = {"tokens": 0.0, "topk_mass": 0.0, "ref_paper_abs_err": 0.0}
+    for key in acc:  # accumulate over resumed runs
+        acc[key] = float(report.get(f"sum_{key}", 0.0))
+    n_seqs = sum(len(g) for g in todo)
+    batches = bucket_batches(todo, cfg.batch_tokens, cfg.max_batch_seqs, cfg.packed)
+    t0, toks = time.perf_counter(), 0
+    with _progress(cfg.progress, n_seqs) as bar:
+        task = bar.add_task("precompute", total=n_seqs, tps="-")
+        for batch in batches:
+            seqs = [s for g in batch for s in g]
+            recs, sums = score_sequences(seqs, dpo, ref, cfg.k, cfg.betas, pad, tok.eos_token_id,
+                                         cfg.chunk_size, cfg.ref_mode, cfg.packed)
+            if floor is not None:
+                _clamp(recs, floor)
+            it: Iterator[dict] = iter(recs)
+            for g in batch:
+                writer.add_group([next(it) for _ in g])
+            for key in acc:
+                acc[key] += sums[key]
+            toks += sum(s.length for s in seqs)
+            rate = toks / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=len(seqs), tps=f"{rate:,.0f}")
+            _write_report(report, acc)
+    _write_report(report, acc)
+
+
+def _clamp(recs: list[dict], floor: float) -> None:
+    """Log-probs below -255 nats (p < 1e-110) are stored as -255: the compact codec's range."""
+    for r in recs:
+        for key in ("topk_logprobs", "token_logprob", "ref_topk_logprobs", "ref_token_logprob"):
+            if key in r:
+                np.maximum(r[key], floor, out=r[key])
+
+
+def _write_report(report: dict, acc: dict[str, float]) -> None:
+    for key, v in acc.items():
+        report[f"sum_{key}"] = v
+    n = max(acc["tokens"], 1.0)
+    report["mean_topk_mass"] = acc["topk_mass"] / n
+    report["mean_ref_paper_abs_err"] = acc["ref_paper_abs_err"] / n
+
+
+def config_dict(cfg: PrecomputeConfig) -> dict[str, Any]:
+    return asdict(cfg)
