@@ -128,3 +128,23 @@ def test_bad_inputs():
         gather_logprobs(hid, w, idx.int())
     with pytest.raises(IndexError):
         gather_logprobs(hid, w, idx + 7)
+
+
+def test_saves_no_full_logits():
+    """Autograd keeps only hidden, weight, index and lse: nothing of size N·V (or chunk·V)."""
+    n, v, h, m = 40, 500, 3, 4
+    hid, w, idx = make(n, v, h, m, torch.float32, seed=13)
+    hid.requires_grad_(True)
+    w.requires_grad_(True)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = gather_logprobs(hid, w, idx, chunk_size=8)
+    assert saved and max(saved) <= v * h  # the weight is the largest thing kept
+    assert sum(saved) <= n * h + v * h + n * m + n
+    out.sum().backward()
+    assert hid.grad is not None and w.grad is not None
