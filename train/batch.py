@@ -1,0 +1,146 @@
+"""Collate store records into padded student batches.
+
+A record's response token t is predicted from the hidden state at input position
+`P + t - 1` (P = prompt length), so the loss only ever needs those rows of the hidden
+states: `rows` indexes them in the flattened [S*L, H] hidden tensor, and `index`
+holds the vocabulary ids whose student log-probs each row needs (the target first,
+then the teacher's top-K ids when the store has them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# Per-token stored fields that are padded to [S, T(, ...)] when present.
+TOKEN_FIELDS = (
+    "topk_ids",
+    "topk_logprobs",
+    "token_logprob",
+    "ref_topk_logprobs",
+    "ref_token_logprob",
+    "behavior_logprob",
+)
+
+
+@dataclass
+class SeqBatch:
+    input_ids: torch.Tensor  # [S, L]
+    attention_mask: torch.Tensor  # [S, L]
+    rows: torch.Tensor  # [N] flat positions of response-predicting hidden states
+    index: torch.Tensor  # [N, M] vocab ids to gather (col 0: the response token)
+    mask: torch.Tensor  # [S, T] bool, response tokens
+    targets: torch.Tensor  # [S, T] response ids (0 where padded)
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher fields, padded
+    is_terminal: torch.Tensor | None = None  # [S] bool
+    reward: torch.Tensor | None = None  # [S] float
+    roles: list[str] = field(default_factory=list)
+    example_ids: list[str] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # which objective block each sequence fills
+    betas: tuple[float, ...] = ()  # the store's soft-value β list (soft_value's last axis)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def to(self, device: torch.device | str) -> SeqBatch:
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return SeqBatch(
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            rows=move(self.rows),
+            index=move(self.index),
+            mask=move(self.mask),
+            targets=move(self.targets),
+            stored={k: move(v) for k, v in self.stored.items()},
+            is_terminal=move(self.is_terminal),
+            reward=move(self.reward),
+            roles=self.roles,
+            example_ids=self.example_ids,
+            block_ids=self.block_ids,
+            betas=self.betas,
+        )
+
+
+def collate(records: list[dict], pad_id: int = 0, max_length: int | None = None) -> SeqBatch:
+    """Right-padded batch of records; the stored teacher fields travel along, padded."""
+    if not records:
+        raise ValueError("collate got no records: the store has no records of the needed roles")
+    seqs, prompt_lens, resp_lens = [], [], []
+    for r in records:
+        p = np.asarray(r["prompt_ids"], dtype=np.int64)
+        y = np.asarray(r["response_ids"], dtype=np.int64)
+        if len(p) == 0:
+            raise ValueError(f"record {r.get('example_id')!r} has an empty prompt")
+        seq = np.concatenate([p, y])
+        if max_length is not None and len(seq) > max_length:
+            raise ValueError(
+                f"record {r.get('example_id')!r} has {len(seq)} tokens > max_length "
+                f"{max_length}: raise --max-length or re-run precompute with truncation"
+            )
+        seqs.append(seq)
+        prompt_lens.append(len(p))
+        resp_lens.append(len(y))
+    S, L, T = len(seqs), max(map(len, seqs)), max(max(resp_lens), 1)
+    input_ids = torch.full((S, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((S, L), dtype=torch.long)
+    mask = torch.zeros((S, T), dtype=torch.bool)
+    targets = torch.zeros((S, T), dtype=torch.long)
+    rows = []
+    for s, (seq, P, Ty) in enumerate(zip(seqs, prompt_lens, resp_lens, strict=True)):
+        input_ids[s, : len(seq)] = torch.from_numpy(seq)
+        attention_mask[s, : len(seq)] = 1
+        mask[s, :Ty] = True
+        targets[s, :Ty] = torch.from_numpy(seq[P:])
+        rows.append(s * L + torch.arange(P - 1, P - 1 + Ty))
+    rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
+    stored = {}
+    for name in TOKEN_FIELDS:
+        if all(name in r and r[name] is not None for r in records):
+            stored[name] = _pad([np.asarray(r[name]) for r in records], T)
+    if all("soft_value" in r and r["soft_value"] is not None for r in records):
+        stored["soft_value"] = _pad([np.asarray(r["soft_value"]) for r in records], T + 1)
+
+    index = targets[mask].unsqueeze(1)  # [N, 1]
+    if "topk_ids" in stored:
+        index = torch.cat([index, stored["topk_ids"][mask].long()], dim=1)
+
+    def seq_field(key, dtype):
+        vals = [r.get(key) for r in records]
+        if any(v is None for v in vals):
+            return None
+        return torch.tensor([float(v) if dtype is torch.float32 else bool(v) for v in vals], dtype=dtype)
+
+    return SeqBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        rows=rows_t,
+        index=index,
+        mask=mask,
+        targets=targets,
+        stored=stored,
+        is_terminal=seq_field("is_terminal", torch.bool),
+        reward=seq_field("reward", torch.float32),
+        roles=[str(r.get("role", "")) for r in records],
+        example_ids=[str(r.get("example_id", "")) for r in records],
+    )
+
+
+def _pad(arrays: list[np.ndarray], length: int) -> torch.Tensor:
+    """Stack ragged [T_i, ...] arrays into [S, length, ...], zero-padded."""
+    first = arrays[0]
+    out = np.zeros((len(arrays), length, *first.shape[1:]), dtype=first.dtype)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    t = torch.from_numpy(out)
+    return t.float() if t.is_floating_point() else t.long()
+
+
+def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, ...] values at the response positions -> [S, T, ...] padded with zeros."""
+    out = values.new_zeros((*mask.shape, *values.shape[1:]))
+    out[mask] = values
+    return out

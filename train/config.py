@@ -1,0 +1,104 @@
+"""Typed training config. YAML files mirror these fields one to one; CLI flags override."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+OBJECTIVES = ("sft", "seqkd", "kd", "dckd", "adpa", "tvkd", "dpo", "tgpo", "pbsd")
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""  # student: local HF dir (or hub id)
+    store: str = ""  # store URL, path or content key under store_root
+    out: str = "runs/student"
+    objective: str = "sft"
+    store_root: str = ""  # where content keys are resolved
+
+    # optimisation
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 0  # 0: run `epochs` epochs
+    epochs: float = 1.0
+    batch_groups: int = 8  # example groups per micro-batch
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    optim: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    seed: int = 0
+
+    # memory
+    chunk_size: int = 1024  # positions per lm_head chunk in the loss
+    grad_checkpointing: bool = False
+    bf16: bool | None = None  # None: on when CUDA is available
+    lora_r: int = 0  # 0: full fine-tune
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    load_in_4bit: bool = False  # QLoRA, needs bitsandbytes + CUDA
+
+    # objectives (METHODS.md §2)
+    kd_mode: str = "renorm"  # renorm | tail
+    kd_divergence: str = "forward"  # forward | reverse | jsd
+    dckd_alpha: float = 0.2
+    adpa_gamma: float = 3.0
+    adpa_clamp: float = 0.0  # >0: clamp advantages to ±value (reference code; deviates from Eq. 10)
+    tvkd_alpha: float = 0.7
+    tvkd_beta: float = 2.0  # which stored soft-value β to use
+    tvkd_beta_s: float = 1.0
+    tvkd_maxent: bool = False
+    dpo_beta: float = 0.1
+    pbsd_beta: float = 0.1
+    tgpo_w_init: float = 2e-3
+    tgpo_delta: float = 1e-5
+    tgpo_clip: float = 0.2
+    tgpo_shaping: bool = False  # TGPO_R: reward shaping instead of the guidance loss
+    tgpo_lambda: float = 0.1
+
+    # bookkeeping
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    resume: bool = True
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}"
+            )
+        if not self.model:
+            raise ValueError("no student model: pass --model DIR (a local HF directory)")
+        if not self.store:
+            raise ValueError("no store: pass --store URL (from `kdcache precompute`)")
+        if self.batch_groups < 1 or self.grad_accum < 1:
+            raise ValueError("--batch-groups and --grad-accum must be >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
+    """Config file values, then explicit overrides (CLI flags the user actually set)."""
+    values: dict = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must be a YAML mapping of TrainConfig fields")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown config keys {unknown}: valid keys are the TrainConfig fields "
+            f"({', '.join(sorted(known))})"
+        )
+    return TrainConfig(**values)

@@ -1,0 +1,161 @@
+"""Objectives: which records and stored fields each one reads, and how a batch maps onto
+its loss in `losses/`. The trainer's loop is the same for all of them.
+
+Records of a group arrive in stored order; `select_records` lays a micro-batch out as
+role blocks (e.g. all chosen, then all rejected), so pair i of one block lines up with
+pair i of the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import losses as L
+from .batch import SeqBatch
+from .config import TrainConfig
+from .student import StudentOut
+
+LossFn = Callable[[StudentOut, SeqBatch, TrainConfig, int], tuple[torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    blocks: tuple[tuple[str, ...], ...]  # per block, the roles it accepts (one record each)
+    fields: tuple[str, ...]  # stored per-token fields the loss reads
+    loss: LossFn
+    paired: bool = True  # a group must supply one record to every block, or it is skipped
+
+
+def _rows(batch: SeqBatch, block: int) -> torch.Tensor:
+    return torch.tensor([i for i, b in enumerate(batch.block_ids) if b == block], device=batch.mask.device)
+
+
+def _take(t: torch.Tensor | None, idx: torch.Tensor):
+    return None if t is None else t.index_select(0, idx)
+
+
+def _sft(student, batch, cfg, step):
+    return L.sft_loss(student.token_logprobs, batch.mask)
+
+
+def _kd(student, batch, cfg, step):
+    return L.topk_kd_loss(student.topk_logprobs, batch.stored["topk_logprobs"], batch.mask,
+                          mode=cfg.kd_mode, divergence=cfg.kd_divergence)
+
+
+def _dckd(student, batch, cfg, step):
+    w, r = _rows(batch, 0), _rows(batch, 1)
+    return L.dckd_loss(
+        _take(student.token_logprobs, w), _take(student.topk_logprobs, w),
+        _take(batch.stored["topk_logprobs"], w), _take(batch.mask, w),
+        _take(student.topk_logprobs, r), _take(batch.stored["topk_logprobs"], r), _take(batch.mask, r),
+        alpha=cfg.dckd_alpha, mode=cfg.kd_mode, divergence=cfg.kd_divergence,
+    )
+
+
+def _adpa(student, batch, cfg, step):
+    y, roll = _rows(batch, 0), _rows(batch, 1)
+    adv = L.exact_advantage(batch.stored["topk_logprobs"], batch.stored["ref_topk_logprobs"])
+    return L.adpa_loss(
+        _take(student.token_logprobs, y), _take(batch.mask, y),
+        _take(student.topk_logprobs, roll), _take(adv, roll), _take(batch.mask, roll),
+        gamma=cfg.adpa_gamma, clamp=cfg.adpa_clamp,
+    )
+
+
+def _dpo(student, batch, cfg, step):
+    w, r = _rows(batch, 0), _rows(batch, 1)
+    ref = batch.stored["ref_token_logprob"]
+    return L.dpo_loss(
+        _take(student.token_logprobs, w), _take(ref, w), _take(batch.mask, w),
+        _take(student.token_logprobs, r), _take(ref, r), _take(batch.mask, r),
+        beta=cfg.dpo_beta,
+    )
+
+
+def _tvkd(student, batch, cfg, step):
+    w, r = _rows(batch, 0), _rows(batch, 1)
+    col = [abs(b - cfg.tvkd_beta) < 1e-9 for b in batch.betas].index(True)
+    value = batch.stored["soft_value"][..., col]
+    ref = batch.stored.get("ref_token_logprob") if cfg.tvkd_maxent else None
+    return L.tvkd_loss(
+        _take(student.token_logprobs, w), _take(value, w), _take(batch.mask, w), _take(batch.is_terminal, w),
+        _take(student.token_logprobs, r), _take(value, r), _take(batch.mask, r), _take(batch.is_terminal, r),
+        alpha=cfg.tvkd_alpha, beta_s=cfg.tvkd_beta_s,
+        chosen_ref_logprobs=_take(ref, w), rejected_ref_logprobs=_take(ref, r),
+    )
+
+
+def _tgpo(student, batch, cfg, step):
+    if batch.reward is None:
+        raise ValueError("tgpo needs rollouts with rewards: run `kdcache rollout --reward module:function`")
+    ids = {e: i for i, e in enumerate(dict.fromkeys(batch.example_ids))}
+    group_ids = torch.tensor([ids[e] for e in batch.example_ids], device=batch.mask.device)
+    # the teacher's greedy token is its top-1 id: column 1 of the gathered index (col 0 = y_t)
+    guide = student.topk_logprobs[..., 0]
+    return L.tgpo_loss(
+        student.token_logprobs, batch.stored["behavior_logprob"], guide, batch.reward, group_ids,
+        batch.mask, step, w_init=cfg.tgpo_w_init, delta=cfg.tgpo_delta, clip=cfg.tgpo_clip,
+        shaping=cfg.tgpo_shaping, lam=cfg.tgpo_lambda,
+    )
+
+
+def _pbsd(student, batch, cfg, step):
+    pos, neg = _rows(batch, 0), _rows(batch, 1)
+    teach = batch.stored["token_logprob"]  # the teacher WITH context c, scored at precompute
+    return L.pbsd_loss(
+        _take(student.token_logprobs, pos), _take(teach, pos), _take(batch.mask, pos),
+        _take(student.token_logprobs, neg), _take(teach, neg), _take(batch.mask, neg),
+        beta=cfg.pbsd_beta,
+    )
+
+
+PAIR = (("chosen",), ("rejected",))
+OBJECTIVE_SPECS: dict[str, ObjectiveSpec] = {
+    "sft": ObjectiveSpec((("chosen", "sft"),), (), _sft),
+    "seqkd": ObjectiveSpec((("teacher_rollout",),), (), _sft, paired=False),
+    "kd": ObjectiveSpec(
+        (("chosen", "rejected", "sft", "teacher_rollout", "student_rollout"),),
+        ("topk_ids", "topk_logprobs"), _kd, paired=False,
+    ),
+    "dckd": ObjectiveSpec(PAIR, ("topk_ids", "topk_logprobs"), _dckd),
+    "adpa": ObjectiveSpec(
+        (("chosen", "sft"), ("student_rollout",)),
+        ("topk_ids", "topk_logprobs", "ref_topk_logprobs"), _adpa, paired=False,
+    ),
+    "dpo": ObjectiveSpec(PAIR, ("ref_token_logprob",), _dpo),
+    "tvkd": ObjectiveSpec(PAIR, ("soft_value",), _tvkd),
+    "tgpo": ObjectiveSpec(
+        (("student_rollout",),), ("topk_ids", "behavior_logprob"), _tgpo, paired=False,
+    ),
+    "pbsd": ObjectiveSpec((("teacher_rollout",), ("student_rollout",)), ("token_logprob",), _pbsd),
+}
+
+
+def select_records(objective: str, groups: list[list[dict]]) -> tuple[list[dict], list[int]]:
+    """Lay out the records one micro-batch needs, block by block, and their block ids.
+
+    Paired objectives take one record per block from each group (pair i of block 0 matches
+    pair i of block 1) and skip groups that cannot supply every block. Unpaired ones take
+    every record whose role a block accepts (e.g. all G rollouts of a prompt for TGPO).
+    """
+    spec = OBJECTIVE_SPECS[objective]
+    blocks: list[list[dict]] = [[] for _ in spec.blocks]
+    for group in groups:
+        if spec.paired:
+            picks = [next((r for r in group if r["role"] in roles), None) for roles in spec.blocks]
+            if all(p is not None for p in picks):
+                for b, p in enumerate(picks):
+                    blocks[b].append(p)
+        else:
+            for r in group:
+                for b, roles in enumerate(spec.blocks):
+                    if r["role"] in roles:
+                        blocks[b].append(r)
+                        break
+    records = [r for block in blocks for r in block]
+    block_ids = [b for b, block in enumerate(blocks) for _ in block]
+    return records, block_ids

@@ -1,0 +1,37 @@
+"""A small rich progress bar for long loops: items, rate, ETA and the running loss."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class StepProgress:
+    def __init__(self, total: int, start: int = 0, desc: str = "") -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.speed} it/s"),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+            disable=not sys.stderr.isatty(),
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(desc, total=total, completed=start, loss=float("nan"))
+
+    def update(self, n: int = 1, **fields) -> None:
+        self._progress.update(self._task, advance=n, **fields)
+
+    def close(self) -> None:
+        self._progress.stop()

@@ -1,0 +1,89 @@
+"""Loading the student (full fine-tune or LoRA) and its memory-light forward.
+
+The forward stops at the final hidden states; `gather_logprobs` then projects only the
+response rows through lm_head, one chunk at a time, so full-vocab logits for the whole
+batch never exist (forward or backward).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .batch import SeqBatch, scatter_rows
+from .chunked import gather_logprobs
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudentOut:
+    token_logprobs: torch.Tensor  # [S, T] log π_θ(y_t|s_t)
+    topk_logprobs: torch.Tensor | None  # [S, T, K] log π_θ(topk_ids|s_t), full-vocab normalised
+
+
+def load_student(cfg: TrainConfig, device: torch.device):
+    """The student model (LoRA-wrapped when cfg.lora_r > 0) and its tokenizer."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot load the student tokenizer from {cfg.model!r}: {e.__class__.__name__}: "
+            f"pass --model a local HF model directory"
+        ) from e
+    kwargs: dict = {"trust_remote_code": False, "dtype": torch.float32}
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    if not cfg.load_in_4bit:
+        model.to(device)
+    if cfg.grad_checkpointing:
+        # transformers 5 renamed the switch; 4.x only has the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.load_in_4bit:
+            model = prepare_model_for_kbit_training(model, cfg.grad_checkpointing)
+        elif cfg.grad_checkpointing:
+            model.enable_input_require_grads()
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_targets,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model, tokenizer
+
+
+def base_causal_lm(model):
+    """The underlying *ForCausalLM, through a peft wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:
+    """Student log-probs at the response tokens and at the stored teacher top-K ids."""
+    lm = base_causal_lm(model)
+    decoder = lm.get_decoder()
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    head = lm.get_output_embeddings()
+    rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)
+    gathered = gather_logprobs(rows_h, head.weight, batch.index, chunk_size=chunk_size, bias=head.bias)
+    gathered = scatter_rows(gathered, batch.mask)  # [S, T, M]
+    topk = gathered[..., 1:] if gathered.shape[-1] > 1 else None
+    return StudentOut(token_logprobs=gathered[..., 0], topk_logprobs=topk)

@@ -1,0 +1,101 @@
+"""The demo's built-in task: a preference a rule can check, so no judge model is needed.
+
+Prompt: `sort : 3 1 4 1 5`. Any permutation of the digits is a fluent answer (that is what
+the SFT corpus teaches); the *preferred* answer lists them in ascending order. A student
+is judged by the fraction of its sampled answers the rule accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+_DIGITS = re.compile(r"\b\d\b")
+
+
+def _digits(text: str) -> list[str]:
+    return _DIGITS.findall(text)
+
+
+def sort_rule(prompt: str, response: str) -> float:
+    """1.0 when the response is exactly the prompt's digits in ascending order."""
+    body = prompt.split(":", 1)[-1]
+    return float(_digits(response) == sorted(_digits(body)) and len(_digits(response)) > 0
+                 and len(response.split()) == len(_digits(body)))
+
+
+def _prompt(rng: random.Random, min_len: int, max_len: int) -> tuple[str, list[int]]:
+    digits = [rng.randrange(10) for _ in range(rng.randint(min_len, max_len))]
+    return "sort : " + " ".join(map(str, digits)), digits
+
+
+def _near_miss(rng: random.Random, digits: list[int]) -> list[int]:
+    """A fluent but dispreferred answer: sorted with one adjacent swap, or shuffled."""
+    s = sorted(digits)
+    if rng.random() < 0.5:
+        for _ in range(20):
+            i = rng.randrange(len(s) - 1)
+            if s[i] != s[i + 1]:
+                s[i], s[i + 1] = s[i + 1], s[i]
+                return s
+    out = digits[:]
+    for _ in range(20):
+        rng.shuffle(out)
+        if out != s:
+            return out
+    return out
+
+
+def _text(digits: list[int]) -> str:
+    return " ".join(map(str, digits))
+
+
+def make_demo_data(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_sft: int = 4000,
+    n_pref: int = 1500,
+    n_rollout_prompts: int = 1500,
+    n_eval: int = 200,
+    p_sorted: float = 0.3,
+    min_len: int = 3,
+    max_len: int = 6,
+) -> dict[str, Path]:
+    """Write the demo's datasets as JSONL (TRL column names) and return their paths.
+
+    sft.jsonl: prompt/completion, a corpus where only `p_sorted` of answers are sorted.
+    pref.jsonl: prompt/chosen/rejected, chosen sorted, rejected a near miss.
+    prompts.jsonl: prompt/chosen for on-policy rollouts (ADPA, TGPO).
+    eval.jsonl: held-out preference pairs (reward accuracy, rule preference rate).
+    """
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def sft_row():
+        p, d = _prompt(rng, min_len, max_len)
+        y = sorted(d) if rng.random() < p_sorted else _near_miss(rng, d)
+        return {"prompt": p, "completion": _text(y)}
+
+    def pref_row():
+        p, d = _prompt(rng, min_len, max_len)
+        return {"prompt": p, "chosen": _text(sorted(d)), "rejected": _text(_near_miss(rng, d))}
+
+    files = {
+        "sft": [sft_row() for _ in range(n_sft)],
+        "pref": [pref_row() for _ in range(n_pref)],
+        "prompts": [pref_row() for _ in range(n_rollout_prompts)],
+        "eval": [pref_row() for _ in range(n_eval)],
+    }
+    paths = {}
+    for name, rows in files.items():
+        path = out / f"{name}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            for i, row in enumerate(rows):
+                f.write(json.dumps({"id": f"{name}-{i}", **row}) + "\n")
+        tmp.replace(path)
+        paths[name] = path
+    return paths
