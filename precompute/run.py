@@ -181,7 +181,7 @@ def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any
     return meta, groups, tok, stats
 
 
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool, total: int, label: str = "precompute"):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -191,7 +191,7 @@ def _progress(enabled: bool, total: int):
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("[bold]precompute"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("seqs"), TextColumn("{task.fields[tps]} tok/s"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     disable=not enabled, transient=False)

@@ -1,0 +1,370 @@
+"""`run_rollout(cfg)`: sample N responses per prompt and store them with behavior log-probs.
+
+Behavior log-prob definition (the number stored in `behavior_logprob[t]`): the log-probability
+of the sampled token under the EXACT distribution it was drawn from, i.e. after temperature,
+top-k and top-p: log softmax(warp(z / T))[y_t]. This is the proposal density mu of importance
+sampling, so pi_theta(y_t|s_t) / mu(y_t|s_t) is an unbiased correction for any sampler setting.
+
+Consistency with the trainer: the trainer's pi_theta is the model at temperature 1 with no
+truncation. With temperature=1, top_p=1, top_k=0 (the defaults, and what TGPO/GRPO should
+use) the two definitions coincide and the ratio is exactly 1 before the first update. With
+other settings the ratio at step 0 is pi_1(y)/mu_T(y) != 1, so PPO-style clipping would act on
+on-policy data; a trainer that wants ratio 1 must apply the same temperature to its own
+logits. The sampling settings are written to the store's options (`sampling`) so it can.
+
+For `include_chosen`, the dataset's chosen response joins the group (role `chosen`, used by
+ADPA's L_SFT); it was not sampled, so its `behavior_logprob` is the sampler's temperature-
+scaled log-prob without truncation (finite everywhere) and must not be used as an
+importance weight.
+
+Why our own warpers: transformers applies user logits processors BEFORE its own temperature /
+top-p warpers, so a recorder passed to `generate` would see unwarped logits. We pass
+temperature/top-k/top-p ourselves (the same transformers classes, same order as generate),
+then the recorder last, and call generate with its own warpers disabled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import DataError, DataOptions, Tokenizing, _check_field, dataset_fingerprint, read_rows
+from .models import (
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    model_vocab_size,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_fingerprint,
+)
+from .run import code_version
+from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
+
+BEHAVIOR_DEFINITION = "log-prob under the sampling distribution after temperature, top-k, top-p"
+
+
+def resolve_callable(spec: str) -> Callable[..., Any]:
+    """'package.module:function' -> the function (for reward functions)."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"reward {spec!r}: expected 'module:function', e.g. 'mypkg.rewards:exact'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"reward {spec!r}: cannot import {mod_name!r} ({e}); is it on PYTHONPATH?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward {spec!r}: {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return obj
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling N responses per prompt with the student (or the teacher, for SeqKD/PBSD)."""
+
+    model: str  # the sampler: local HF dir or cached hub id
+    data: str  # JSONL/Parquet with a prompt column (chosen/completion needed for include_chosen)
+    out: str | None = None
+    out_root: str = "stores"
+    role: str = "student_rollout"  # or "teacher_rollout"
+    n: int = 4  # samples per prompt; record `group` = sample index
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    seed: int = 0
+    batch_prompts: int = 16  # prompts per generate call (x n rows)
+    include_chosen: bool = False  # add the dataset's chosen/completion to the group (ADPA)
+    use_context: bool = False  # teacher_rollout sees the `context` column (PBSD teacher)
+    context_template: str = "{context}\n\n{prompt}"
+    chat_template: bool = True
+    max_prompt_length: int | None = None
+    truncate: str = "skip"  # over-long prompts: skip | fail
+    reward: str | Callable[..., float] | None = None  # 'module:function' or a callable
+    backend: str = "hf"  # hf | vllm (GPU only, see vllm_backend.py)
+    limit: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    shard_records: int = 1024
+    codec: str = "compact"
+    resume: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.role not in ("student_rollout", "teacher_rollout"):
+            raise ValueError(f"role must be student_rollout or teacher_rollout, got {self.role!r}")
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError("n and max_new_tokens must be >= 1")
+        if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+            raise ValueError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0; got "
+                             f"{self.temperature}, {self.top_p}, {self.top_k}")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.truncate not in ("skip", "fail"):
+            raise ValueError(f"truncate must be 'skip' or 'fail' for prompts, got {self.truncate!r}")
+
+
+@dataclass
+class PromptItem:
+    example_id: str
+    prompt_ids: list[int]
+    teacher_prompt_ids: list[int] | None
+    chosen_ids: list[int] | None
+    row: dict[str, Any]
+
+    def sampler_prompt(self, role: str, use_context: bool) -> list[int]:
+        if role == "teacher_rollout" and use_context and self.teacher_prompt_ids is not None:
+            return self.teacher_prompt_ids
+        return self.prompt_ids
+
+
+def load_prompts(cfg: RolloutConfig, tok: Any) -> tuple[list[PromptItem], str, int]:
+    """Tokenized prompts (+ chosen responses when asked), a dataset fingerprint, skipped count."""
+    rows, file_sha = read_rows(cfg.data)
+    opts = DataOptions(chat_template=cfg.chat_template, context_template=cfg.context_template,
+                       use_context=cfg.use_context, limit=cfg.limit,
+                       max_length=cfg.max_prompt_length, truncate=cfg.truncate)
+    tk = Tokenizing(tok, opts)
+    items, seen, skipped = [], set(), 0
+    resp_col = None
+    for i, row in enumerate(rows[: cfg.limit] if cfg.limit else rows):
+        if opts.prompt_column not in row:
+            raise DataError(f"row {i}: missing column {opts.prompt_column!r} (has {sorted(row)})")
+        _check_field(row[opts.prompt_column], i, opts.prompt_column)
+        ex_id = str(row[opts.id_column]) if row.get(opts.id_column) is not None else str(i)
+        if ex_id in seen:
+            raise DataError(f"row {i}: duplicate id {ex_id!r}; ids must be unique")
+        seen.add(ex_id)
+        prompt = row[opts.prompt_column]
+        p_ids = tk.prompt(prompt)
+        ctx = row.get(opts.context_column) if cfg.use_context else None
+        tp_ids = tk.prompt(prompt, str(ctx)) if ctx not in (None, "") else None
+        chosen = None
+        if cfg.include_chosen:
+            resp_col = resp_col or next((c for c in (opts.chosen_column, opts.completion_column)
+                                         if c in row), None)
+            if resp_col is None or resp_col not in row:
+                raise DataError(f"row {i}: include_chosen needs a {opts.chosen_column!r} or "
+                                f"{opts.completion_column!r} column (has {sorted(row)})")
+            _check_field(row[resp_col], i, resp_col)
+            chosen = tk.response(prompt, row[resp_col], p_ids, i, resp_col)
+        longest = max(len(p_ids), len(tp_ids or []))
+        if cfg.max_prompt_length is not None and longest > cfg.max_prompt_length:
+            if cfg.truncate == "fail":
+                raise DataError(f"row {i}: prompt has {longest} tokens > max_prompt_length "
+                                f"{cfg.max_prompt_length}; raise it or set truncate='skip'")
+            skipped += 1
+            continue
+        items.append(PromptItem(ex_id, p_ids, tp_ids, chosen, row))
+    if not items:
+        raise DataError(f"{cfg.data}: no usable prompts ({skipped} skipped as over-long)")
+    return items, dataset_fingerprint(file_sha, opts, tokenizer_fingerprint(tok)), skipped
+
+
+# ------------------------------------------------------------------------------- HF sampling
+
+class BehaviorRecorder:
+    """LogitsProcessor (placed last) that records log-probs of the sampled tokens.
+
+    At call i it sees the processed scores of step i; the token drawn from them appears at the
+    end of input_ids at call i + 1 (or in the final sequences), so we keep one step of log-probs.
+    """
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, steps] log-probs of the generated tokens."""
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
+            self.prev = None
+        return torch.stack(self.steps, 1) if self.steps else sequences.new_zeros((len(sequences), 0))
+
+
+def warpers(temperature: float, top_k: int, top_p: float) -> list[Any]:
+    """Temperature -> top-k -> top-p, as transformers' generate orders them."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out: list[Any] = []
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        out.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=top_p))
+    return out
+
+
+@torch.no_grad()
+def sample_hf(model: Any, prompts: list[list[int]], pad_id: int, eos_id: int, temperature: float,
+              top_p: float, top_k: int, max_new_tokens: int, seed: int
+              ) -> list[tuple[list[int], list[float]]]:
+    """One left-padded batched `generate` (KV cache); returns (response ids, behavior logprobs)
+    per prompt row, cut after the first EOS."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    dev = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=dev)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device=dev)
+        mask[i, width - len(p):] = 1
+    rec = BehaviorRecorder()
+    procs = LogitsProcessorList([*warpers(temperature, top_k, top_p), rec])
+    # A fresh config so a model's generation_config.json (repetition penalty, its own
+    # temperature ...) cannot silently change the distribution we record.
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                           max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                           eos_token_id=eos_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
+                          logits_processor=procs)
+    new = seqs[:, width:]
+    lps = rec.finish(seqs).cpu()
+    out = []
+    for i, row in enumerate(new.cpu().tolist()):
+        n = row.index(eos_id) + 1 if eos_id in row else len(row)
+        out.append((row[:n], lps[i, :n].tolist()))
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model: Any, prompt: list[int], response: list[int],
+                            temperature: float) -> list[float]:
+    """The sampler's temperature-scaled log-probs of a given response (for `chosen` records)."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt + response], device=dev)
+    z = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float() / temperature
+    lp = torch.log_softmax(z, -1).gather(1, torch.tensor(response, device=dev)[:, None])
+    return lp[:, 0].cpu().tolist()
+
+
+# ------------------------------------------------------------------------------- driver
+
+def _meta(cfg: RolloutConfig, tok: Any, ds_fp: str) -> StoreMeta:
+    dev = resolve_device(cfg.device)
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "n": cfg.n,
+                "backend": cfg.backend}
+    reward_name = cfg.reward if isinstance(cfg.reward, str) or cfg.reward is None else (
+        f"{getattr(cfg.reward, '__module__', '?')}:{getattr(cfg.reward, '__qualname__', '?')}")
+    return StoreMeta(
+        k=0, betas=[], fields=["behavior_logprob"],
+        models={"sampler": model_fingerprint(cfg.model, trust_remote_code=cfg.trust_remote_code)},
+        tokenizer={"sha256": tokenizer_fingerprint(tok),
+                   "vocab_size": model_vocab_size(cfg.model) or len(tok)},
+        dataset={"sha256": ds_fp, "limit": cfg.limit},
+        options={"codec": cfg.codec, "role": cfg.role, "sampling": sampling,
+                 "include_chosen": cfg.include_chosen, "use_context": cfg.use_context,
+                 "reward": reward_name, "behavior_logprob": BEHAVIOR_DEFINITION,
+                 "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "")},
+        code_version=code_version())
+
+
+def run_rollout(cfg: RolloutConfig) -> str:
+    """Sample, record behavior log-probs (and rewards), write a store; returns its URL."""
+    cfg.validate()
+    tok = load_tokenizer(cfg.model, cfg.trust_remote_code, role="sampler")
+    items, ds_fp, skipped = load_prompts(cfg, tok)
+    meta = _meta(cfg, tok, ds_fp)
+    url = cfg.out or f"{cfg.out_root.rstrip('/')}/{store_key(meta)}"
+    try:
+        existing = open_store(url)
+        if existing.complete and existing.meta.content_dict() == meta.content_dict():
+            return url
+    except NoStoreError:
+        pass
+    reward_fn = resolve_callable(cfg.reward) if isinstance(cfg.reward, str) else cfg.reward
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=cfg.resume) as writer:
+        done = writer.done_example_ids
+        todo = [it for it in items if it.example_id not in done]
+        todo.sort(key=lambda it: len(it.sampler_prompt(cfg.role, cfg.use_context)))
+        if todo:
+            model = None
+            if cfg.backend == "hf" or cfg.include_chosen:
+                model = load_model(cfg.model, "sampler", device=cfg.device, dtype=cfg.dtype,
+                                   trust_remote_code=cfg.trust_remote_code)
+            sampler = _make_sampler(cfg, model, pad, eos)
+            _rollout_into(cfg, writer, todo, sampler, model, tok, reward_fn)
+        writer.manifest.setdefault("rollout_report", {}).update(prompts=len(items),
+                                                                skipped=skipped)
+    return url
+
+
+def _make_sampler(cfg: RolloutConfig, model: Any, pad: int, eos: int):
+    if cfg.backend == "vllm":
+        from .vllm_backend import VLLMSampler
+
+        vs = VLLMSampler(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                         seed=cfg.seed)
+        return lambda prompts, seed: vs.sample(prompts, eos, cfg.temperature, cfg.top_p,
+                                               cfg.top_k, cfg.max_new_tokens, seed)
+    return lambda prompts, seed: sample_hf(model, prompts, pad, eos, cfg.temperature, cfg.top_p,
+                                           cfg.top_k, cfg.max_new_tokens, seed)
+
+
+def _rollout_into(cfg: RolloutConfig, writer: StoreWriter, todo: list[PromptItem], sampler: Any,
+                  model: Any, tok: Any, reward_fn: Callable[..., float] | None) -> None:
+    from .run import _progress
+
+    eos = tok.eos_token_id
+    with _progress(cfg.progress, len(todo) * cfg.n, "rollout") as bar:
+        task = bar.add_task("rollout", total=len(todo) * cfg.n, tps="-")
+        for b in range(0, len(todo), cfg.batch_prompts):
+            batch = todo[b: b + cfg.batch_prompts]
+            prompts = [it.sampler_prompt(cfg.role, cfg.use_context) for it in batch
+                       for _ in range(cfg.n)]
+            # seed per batch position: deterministic for a given dataset and settings
+            results = sampler(prompts, cfg.seed * 1_000_003 + b)
+            for j, it in enumerate(batch):
+                group = []
+                if it.chosen_ids is not None:
+                    lp = teacher_forced_logprobs(model, it.sampler_prompt(cfg.role, cfg.use_context),
+                                                 it.chosen_ids, cfg.temperature)
+                    group.append(_record(it, "chosen", 0, it.chosen_ids, lp, eos, tok, reward_fn))
+                for g in range(cfg.n):
+                    resp, lp = results[j * cfg.n + g]
+                    group.append(_record(it, cfg.role, g, resp, lp, eos, tok, reward_fn))
+                writer.add_group(group)
+            bar.update(task, advance=len(prompts), tps="-")
+
+
+def _record(it: PromptItem, role: str, group: int, resp: list[int], lp: list[float], eos: int,
+            tok: Any, reward_fn: Callable[..., float] | None) -> dict[str, Any]:
+    reward = None
+    if reward_fn is not None:
+        prompt_text = tok.decode(it.prompt_ids, skip_special_tokens=True)
+        reward = float(reward_fn(prompt_text, tok.decode(resp, skip_special_tokens=True), it.row))
+        if not math.isfinite(reward):
+            raise ValueError(f"reward for example {it.example_id!r} is {reward}; return a finite float")
+    return {
+        "example_id": it.example_id, "role": role, "group": group,
+        "prompt_ids": np.asarray(it.prompt_ids, np.int32),
+        "response_ids": np.asarray(resp, np.int32),
+        "teacher_prompt_ids": (None if it.teacher_prompt_ids is None
+                               else np.asarray(it.teacher_prompt_ids, np.int32)),
+        "is_terminal": bool(resp and resp[-1] == eos),
+        "reward": reward, "n_tokens": len(resp),
+        "behavior_logprob": np.maximum(np.asarray(lp, np.float32), -255.0),
+    }
