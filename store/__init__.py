@@ -1,1 +1,40 @@
+"""kdcache.store: sharded, checksummed, resumable stores of precomputed teacher signals.
 
+See docs/ARCHITECTURE.md for the contract and docs/STORE_FORMAT.md for the on-disk format.
+"""
+
+from .codecs import CodecSpec, resolve_codec
+from .fingerprint import hash_bytes, hash_json, store_key
+from .format import (
+    ROLES,
+    SCHEMA_VERSION,
+    SEQUENCE_FIELDS,
+    SUPPORTED_SCHEMA_VERSIONS,
+    TOKEN_FIELDS,
+    StoreMeta,
+)
+from .reader import ChecksumError, Store, open_store
+from .stream import StreamReader
+from .summary import summarize
+from .writer import NoStoreError, StoreWriter
+
+__all__ = [
+    "CodecSpec",
+    "ChecksumError",
+    "NoStoreError",
+    "ROLES",
+    "SCHEMA_VERSION",
+    "SEQUENCE_FIELDS",
+    "SUPPORTED_SCHEMA_VERSIONS",
+    "TOKEN_FIELDS",
+    "Store",
+    "StoreMeta",
+    "StoreWriter",
+    "StreamReader",
+    "hash_bytes",
+    "hash_json",
+    "open_store",
+    "resolve_codec",
+    "store_key",
+    "summarize",
+]

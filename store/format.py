@@ -1,0 +1,159 @@
+"""The store's vocabulary: schema version, field registry and `StoreMeta`.
+
+Why one registry: the writer validates, the reader slices and the codecs quantise from the
+same table, so a field's dtype or row rule ("T" vs "T+1") is written down exactly once.
+Field names and meanings are those of docs/METHODS.md §1 and docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SUPPORTED_SCHEMA_VERSIONS",
+    "ROLES",
+    "SequenceField",
+    "TokenField",
+    "SEQUENCE_FIELDS",
+    "TOKEN_FIELDS",
+    "StoreMeta",
+    "token_shape",
+]
+
+#: Version written by this code.  Readers accept every version in SUPPORTED_SCHEMA_VERSIONS
+#: and refuse newer ones (a newer writer may have added fields we would silently drop).
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+ROLES = ("chosen", "rejected", "sft", "student_rollout", "teacher_rollout")
+
+
+@dataclass(frozen=True)
+class SequenceField:
+    """A per-sequence column of `records.parquet`."""
+
+    name: str
+    arrow_type: pa.DataType
+    required: bool  # must be present in every record dict
+    nullable: bool  # None is allowed as a value
+
+
+@dataclass(frozen=True)
+class TokenField:
+    """A per-token Zarr array.
+
+    `trailing` is "" (shape [rows]), "k" (shape [rows, K]) or "b" (shape [rows, B]);
+    `extra_row` means rows = T + 1 (the state after the last token) instead of T;
+    `kind` picks the codec family: "ids" (exact integers), "logprob" (≤ 0 log-probs,
+    quantisable), "value" (unbounded real, quantisable).
+    """
+
+    name: str
+    dtype: str
+    trailing: str
+    extra_row: bool
+    kind: str
+    descending: bool = False  # rows are sorted descending along the trailing axis
+
+
+SEQUENCE_FIELDS: dict[str, SequenceField] = {
+    f.name: f
+    for f in (
+        SequenceField("example_id", pa.string(), True, False),
+        SequenceField("role", pa.string(), True, False),
+        SequenceField("group", pa.int32(), False, False),
+        SequenceField("prompt_ids", pa.list_(pa.int32()), True, False),
+        SequenceField("response_ids", pa.list_(pa.int32()), True, False),
+        SequenceField("teacher_prompt_ids", pa.list_(pa.int32()), False, True),
+        SequenceField("is_terminal", pa.bool_(), True, False),
+        SequenceField("reward", pa.float32(), False, True),
+        SequenceField("n_tokens", pa.int32(), False, False),
+    )
+}
+
+TOKEN_FIELDS: dict[str, TokenField] = {
+    f.name: f
+    for f in (
+        TokenField("topk_ids", "int32", "k", False, "ids"),
+        TokenField("topk_logprobs", "float32", "k", False, "logprob", descending=True),
+        TokenField("token_logprob", "float32", "", False, "logprob"),
+        TokenField("ref_topk_logprobs", "float32", "k", False, "logprob"),
+        TokenField("ref_token_logprob", "float32", "", False, "logprob"),
+        TokenField("soft_value", "float32", "b", True, "value"),
+        TokenField("behavior_logprob", "float32", "", False, "logprob"),
+    )
+}
+
+
+def token_shape(name: str, n_tokens: int, k: int, n_betas: int) -> tuple[int, ...]:
+    """Expected shape of per-token field `name` for a sequence of `n_tokens` tokens."""
+    f = TOKEN_FIELDS[name]
+    rows = n_tokens + 1 if f.extra_row else n_tokens
+    if f.trailing == "k":
+        return (rows, k)
+    if f.trailing == "b":
+        return (rows, n_betas)
+    return (rows,)
+
+
+@dataclass
+class StoreMeta:
+    """What a store holds and where it came from (stored in the manifest).
+
+    `models` maps a role ("dpo", "ref", "student", ...) to a fingerprint dict; `tokenizer`
+    and `dataset` are fingerprint dicts; `options` holds producer options that shape the
+    data (e.g. `{"codec": "compact", "error_bound": 2e-3}`); `code_version` is provenance
+    only and is left out of the store key.
+    """
+
+    k: int
+    betas: list[float] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)
+    models: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    code_version: str = ""
+
+    def __post_init__(self) -> None:
+        self.betas = [float(b) for b in self.betas]
+        self.fields = list(self.fields)
+        self.k = int(self.k)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError when the meta cannot describe a well-formed store."""
+        unknown = [f for f in self.fields if f not in TOKEN_FIELDS]
+        if unknown:
+            raise ValueError(
+                f"StoreMeta.fields has unknown per-token field(s) {unknown}; "
+                f"known fields are {sorted(TOKEN_FIELDS)}"
+            )
+        if len(set(self.fields)) != len(self.fields):
+            raise ValueError(f"StoreMeta.fields lists a field twice: {self.fields}")
+        needs_k = [f for f in self.fields if TOKEN_FIELDS[f].trailing == "k"]
+        if needs_k and self.k <= 0:
+            raise ValueError(f"StoreMeta.k must be > 0 when storing {needs_k}; got k={self.k}")
+        if "soft_value" in self.fields and not self.betas:
+            raise ValueError("StoreMeta.betas is empty but 'soft_value' is stored: pass the β list")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreMeta:
+        known = {"k", "betas", "fields", "models", "tokenizer", "dataset", "options", "code_version"}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"StoreMeta dict has unknown keys {sorted(extra)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def content_dict(self) -> dict[str, Any]:
+        """The parts that must match for two writers to share a store (no code_version)."""
+        d = self.to_dict()
+        d.pop("code_version")
+        return d

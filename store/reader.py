@@ -1,0 +1,276 @@
+"""Reading stores: `open_store` (random access / plain iteration) and shard decoding.
+
+Why shard-at-a-time: a shard is the unit of commit, checksum and compression, so it is also
+the unit of I/O.  `Store` keeps only the most recently used shard decoded; memory stays at
+one shard whatever the store size.  The manifest is the only source of truth: files on
+disk that it does not list are ignored.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ._io import SHARDS_DIR, join, open_fs, read_manifest
+from .fingerprint import hash_bytes
+from .format import TOKEN_FIELDS, StoreMeta
+from .writer import NoStoreError, check_schema_version
+
+__all__ = ["Store", "Shard", "open_store", "ChecksumError"]
+
+
+class ChecksumError(ValueError):
+    """A shard file's bytes do not match the sha256 recorded in the manifest."""
+
+
+class Shard:
+    """One decoded shard: per-sequence columns plus the per-token arrays asked for.
+
+    Records are materialised lazily by `record(i)`; per-token values are numpy views into
+    the shard's arrays (no copy), so treat them as read-only or copy before mutating.
+    """
+
+    def __init__(self, name: str, table: Any, tokens: dict[str, np.ndarray]) -> None:
+        self.name = name
+        self.n = table.num_rows
+        self.tokens = tokens
+        self._seq: dict[str, Any] = {}
+        for col in ("example_id", "role"):
+            self._seq[col] = table.column(col).to_pylist()
+        for col in ("group", "n_tokens"):
+            self._seq[col] = table.column(col).to_numpy()
+        self._seq["is_terminal"] = table.column("is_terminal").to_numpy(zero_copy_only=False)
+        self._seq["reward"] = table.column("reward").to_pylist()
+        self.token_offset = table.column("token_offset").to_numpy()
+        self._lists: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        for col in ("prompt_ids", "response_ids", "teacher_prompt_ids"):
+            arr = table.column(col).combine_chunks()
+            offs = arr.offsets.to_numpy()
+            vals = arr.values.to_numpy(zero_copy_only=False)
+            valid = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
+            self._lists[col] = (offs, vals, valid)
+        # group boundaries: records of one example are contiguous
+        eids = self._seq["example_id"]
+        starts = [i for i in range(self.n) if i == 0 or eids[i] != eids[i - 1]]
+        self.group_bounds = list(zip(starts, starts[1:] + [self.n], strict=True))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def record(self, i: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "example_id": self._seq["example_id"][i],
+            "role": self._seq["role"][i],
+            "group": int(self._seq["group"][i]),
+            "is_terminal": bool(self._seq["is_terminal"][i]),
+            "reward": self._seq["reward"][i],
+            "n_tokens": int(self._seq["n_tokens"][i]),
+        }
+        for col, (offs, vals, valid) in self._lists.items():
+            if valid is not None and not valid[i]:
+                out[col] = None
+            else:
+                out[col] = vals[offs[i] : offs[i + 1]]
+        start, T = int(self.token_offset[i]), out["n_tokens"]
+        for name, arr in self.tokens.items():
+            if TOKEN_FIELDS[name].extra_row:  # T+1 rows: one extra row per earlier record
+                s = start + i
+                out[name] = arr[s : s + T + 1]
+            else:
+                out[name] = arr[start : start + T]
+        return out
+
+    def group(self, g: int) -> list[dict[str, Any]]:
+        a, b = self.group_bounds[g]
+        return [self.record(i) for i in range(a, b)]
+
+
+def _buffers(raw: dict[str, bytes]) -> dict[str, Any]:
+    from zarr.core.buffer import default_buffer_prototype
+
+    proto = default_buffer_prototype()
+    return {k: proto.buffer.from_bytes(v) for k, v in raw.items()}
+
+
+def decode_shard(
+    name: str, raw: dict[str, bytes], fields: Sequence[str]
+) -> Shard:
+    """Decode fetched shard files ({relative path: bytes}) into a `Shard`."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from . import codecs  # noqa: F401  (silences the numcodecs-in-zarr3 warning)
+
+    table = pq.read_table(io.BytesIO(raw["records.parquet"]))
+    zfiles = {k[len("tokens.zarr/") :]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
+    tokens: dict[str, np.ndarray] = {}
+    if fields:
+        group = zarr.open_group(MemoryStore(_buffers(zfiles), read_only=True), mode="r")
+        for f in fields:
+            tokens[f] = group[f][...]
+    return Shard(name, table, tokens)
+
+
+class Store:
+    """A committed store, read lazily shard by shard (see `open_store`)."""
+
+    def __init__(self, url: str, fs: Any, root: str, manifest: dict[str, Any]) -> None:
+        self.url = url
+        self.fs = fs
+        self.root = root
+        self.manifest = manifest
+        self.meta = StoreMeta.from_dict(manifest["meta"])
+        self.schema_version: int = manifest["schema_version"]
+        self.shards: list[dict[str, Any]] = manifest["shards"]
+        counts = [s["n_records"] for s in self.shards]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64).tolist()
+        self._cache: tuple[tuple[int, tuple[str, ...]], Shard] | None = None
+
+    # -- sizes -----------------------------------------------------------------
+    @property
+    def fields(self) -> list[str]:
+        """Per-token fields present in this store."""
+        return list(self.meta.fields)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(s["n_tokens"] for s in self.shards))
+
+    @property
+    def num_groups(self) -> int:
+        return int(sum(s["n_groups"] for s in self.shards))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __repr__(self) -> str:
+        return (f"Store({self.url!r}, records={len(self)}, tokens={self.num_tokens}, "
+                f"shards={len(self.shards)}, fields={self.fields}, complete={self.complete})")
+
+    # -- shard I/O -------------------------------------------------------------
+    def shard_files(self, index: int, fields: Sequence[str] | None = None) -> list[str]:
+        """Relative paths of the files needed to decode `fields` of shard `index`."""
+        fields = self.fields if fields is None else list(fields)
+        wanted = []
+        for rel in self.shards[index]["files"]:
+            parts = rel.split("/")
+            if rel == "records.parquet" or rel == "tokens.zarr/zarr.json":
+                wanted.append(rel)
+            elif parts[0] == "tokens.zarr" and parts[1] in fields:
+                wanted.append(rel)
+        return wanted
+
+    def fetch_shard(
+        self, index: int, fields: Sequence[str] | None = None, verify: bool = False
+    ) -> dict[str, bytes]:
+        """Fetch the raw bytes of a shard's files (one concurrent `cat` on async filesystems)."""
+        entry = self.shards[index]
+        rels = self.shard_files(index, fields)
+        base = join(self.root, SHARDS_DIR, entry["name"])
+        paths = [join(base, r) for r in rels]
+        got = self.fs.cat(paths)
+        raw = {r: got[p] for r, p in zip(rels, paths, strict=True)}
+        if verify:
+            for r, data in raw.items():
+                if hash_bytes(data) != entry["files"][r]["sha256"]:
+                    raise ChecksumError(
+                        f"{self.url}: shard {entry['name']} file {r} fails its sha256 check; "
+                        f"the store is corrupt — run `kdcache verify` and re-run precompute "
+                        f"for that shard"
+                    )
+        return raw
+
+    def load_shard(
+        self, index: int, fields: Sequence[str] | None = None, verify: bool = False
+    ) -> Shard:
+        """Decode shard `index` (restricted to `fields`); the last one is cached."""
+        fields = tuple(self.fields if fields is None else fields)
+        unknown = [f for f in fields if f not in self.fields]
+        if unknown:
+            raise KeyError(f"fields {unknown} are not in store {self.url} (it has {self.fields})")
+        key = (index, fields)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        shard = decode_shard(self.shards[index]["name"],
+                             self.fetch_shard(index, fields, verify), fields)
+        self._cache = (key, shard)
+        return shard
+
+    # -- record access ---------------------------------------------------------
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard index, row within shard) of global record `i`."""
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"record {i} out of range for store of {n} records")
+        s = bisect.bisect_right(self._starts, i) - 1
+        return s, i - self._starts[s]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s, j = self.locate(int(i))
+        return self.load_shard(s).record(j)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for s in range(len(self.shards)):
+            shard = self.load_shard(s)
+            for j in range(len(shard)):
+                yield shard.record(j)
+
+    def groups(self, fields: Sequence[str] | None = None) -> Iterator[list[dict[str, Any]]]:
+        """Groups (lists of records sharing example_id) in stored order."""
+        for s in range(len(self.shards)):
+            shard = self.load_shard(s, fields)
+            for g in range(len(shard.group_bounds)):
+                yield shard.group(g)
+
+    def prefetching_shards(
+        self, order: Sequence[int], fields: Sequence[str] | None = None, prefetch: int = 2
+    ) -> Iterator[tuple[int, Shard]]:
+        """Yield (index, Shard) for `order`, fetching+decoding up to `prefetch` ahead in threads."""
+        fields = tuple(self.fields if fields is None else fields)
+        if prefetch <= 0:
+            for s in order:
+                yield s, decode_shard(self.shards[s]["name"], self.fetch_shard(s, fields), fields)
+            return
+
+        def work(s: int) -> Shard:
+            return decode_shard(self.shards[s]["name"], self.fetch_shard(s, fields), fields)
+
+        with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="kdcache-prefetch") as ex:
+            futs = []
+            it = iter(order)
+            for s in it:
+                futs.append((s, ex.submit(work, s)))
+                if len(futs) > prefetch:
+                    break
+            while futs:
+                s, fut = futs.pop(0)
+                nxt = next(it, None)
+                if nxt is not None:
+                    futs.append((nxt, ex.submit(work, nxt)))
+                yield s, fut.result()
+
+
+def open_store(url: str) -> Store:
+    """Open the committed part of the store at `url` (local path or fsspec URL)."""
+    fs, root = open_fs(url)
+    manifest = read_manifest(fs, root)
+    if manifest is None:
+        raise NoStoreError(f"no kdcache store at {url}: run `kdcache precompute` first "
+                           f"(or check the URL; expected {join(root, 'manifest.json')})")
+    check_schema_version(manifest, str(url))
+    return Store(str(url), fs, root, manifest)
+
+
+

@@ -1,0 +1,78 @@
+"""`summarize(store)`: the numbers `kdcache inspect` prints.
+
+Why these: bytes/token per field tells users what each signal costs on disk, and the top-K
+mass (Σ_k exp(topk_logprobs)) tells them what truncating to K loses (METHODS.md §1).
+Sizes come from the manifest (stored file sizes), so only `topk_logprobs` is decoded, one
+shard at a time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from .fingerprint import store_key
+from .reader import Store, open_store
+
+__all__ = ["summarize"]
+
+
+def summarize(store: Store | str, mass_bins: int = 10) -> dict[str, Any]:
+    """Meta summary, counts, bytes/token per field, top-K mass mean and histogram, roles."""
+    st = open_store(store) if isinstance(store, str) else store
+    n_tok = st.num_tokens
+    field_bytes: dict[str, int] = {f: 0 for f in st.fields}
+    field_bytes["records.parquet"] = 0
+    zarr_meta = 0
+    for sh in st.shards:
+        for rel, info in sh["files"].items():
+            parts = rel.split("/")
+            if rel == "records.parquet":
+                field_bytes[rel] += info["bytes"]
+            elif len(parts) > 2 and parts[1] in field_bytes:
+                field_bytes[parts[1]] += info["bytes"]
+            else:
+                zarr_meta += info["bytes"]
+    denom = max(n_tok, 1)
+    roles: Counter[str] = Counter()
+    hist = np.zeros(mass_bins, dtype=np.int64)
+    mass_sum = 0.0
+    has_topk = "topk_logprobs" in st.fields
+    for s in range(len(st.shards)):
+        shard = st.load_shard(s, ["topk_logprobs"] if has_topk else [])
+        roles.update(shard.record(i)["role"] for i in range(len(shard)))
+        if has_topk:
+            mass = np.exp(shard.tokens["topk_logprobs"].astype(np.float64)).sum(axis=1)
+            mass_sum += float(mass.sum())
+            hist += np.histogram(np.clip(mass, 0.0, 1.0), bins=mass_bins, range=(0.0, 1.0))[0]
+    m = st.meta
+    return {
+        "url": st.url,
+        "store_key": store_key(m),
+        "schema_version": st.schema_version,
+        "complete": st.complete,
+        "meta": {
+            "k": m.k,
+            "betas": m.betas,
+            "fields": m.fields,
+            "models": m.models,
+            "tokenizer": m.tokenizer,
+            "dataset": m.dataset,
+            "options": m.options,
+            "code_version": m.code_version,
+        },
+        "n_shards": len(st.shards),
+        "n_sequences": len(st),
+        "n_groups": st.num_groups,
+        "n_tokens": n_tok,
+        "bytes_total": sum(field_bytes.values()) + zarr_meta,
+        "bytes_per_token": {k: v / denom for k, v in field_bytes.items()},
+        "topk_mass_mean": (mass_sum / n_tok) if has_topk and n_tok else None,
+        "topk_mass_hist": {
+            "edges": np.linspace(0.0, 1.0, mass_bins + 1).round(6).tolist(),
+            "counts": hist.tolist(),
+        } if has_topk else None,
+        "roles": dict(sorted(roles.items())),
+    }

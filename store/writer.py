@@ -1,0 +1,452 @@
+"""StoreWriter: validate records, cut them into shards, commit shards through the manifest.
+
+Commit protocol (see docs/STORE_FORMAT.md): a shard's files are written first, under
+`shards/shard-NNNNN/`; only then is `manifest.json` replaced atomically with a version that
+lists the shard.  Readers trust the manifest alone, so a crash at any point leaves either
+the previous or the next consistent store — never a half shard.  Shard names come from the
+shard's position, and shards are cut by a rule that only depends on the sequence of groups,
+so an uninterrupted run and a killed-then-resumed run produce the same shards, byte for
+byte, and the same manifest apart from its timestamps.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._io import MANIFEST, SHARDS_DIR, atomic_write, join, open_fs, read_manifest, write_files
+from .codecs import MAX_ABS, CodecSpec, resolve_codec
+from .fingerprint import hash_bytes, hash_json, store_key
+from .format import (
+    ROLES,
+    SCHEMA_VERSION,
+    SEQUENCE_FIELDS,
+    TOKEN_FIELDS,
+    StoreMeta,
+    token_shape,
+)
+
+__all__ = ["StoreWriter", "CHUNK_ROWS", "check_schema_version", "NoStoreError"]
+
+#: Rows per Zarr chunk along the token axis (a few MB per chunk at K=50).
+CHUNK_ROWS = 16384
+_INT32_MAX = 2**31 - 1
+
+
+class NoStoreError(FileNotFoundError):
+    """Raised when a URL holds no kdcache store."""
+
+
+def check_schema_version(manifest: dict[str, Any], url: str) -> int:
+    """Refuse manifests written by a newer (unknown) schema version with a clear message."""
+    from .format import SUPPORTED_SCHEMA_VERSIONS
+
+    v = manifest.get("schema_version")
+    if not isinstance(v, int) or v not in SUPPORTED_SCHEMA_VERSIONS:
+        newest = max(SUPPORTED_SCHEMA_VERSIONS)
+        hint = (
+            "it was written by a newer kdcache: upgrade kdcache to read it"
+            if isinstance(v, int) and v > newest
+            else "the manifest is not a kdcache manifest or is corrupt"
+        )
+        raise ValueError(
+            f"store at {url} has schema_version={v!r}; this kdcache reads versions "
+            f"{list(SUPPORTED_SCHEMA_VERSIONS)} — {hint}"
+        )
+    return v
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    """numpy view of a list / numpy array / torch tensor (half precision widened)."""
+    if hasattr(v, "detach") and hasattr(v, "cpu"):  # torch.Tensor, without importing torch
+        t = v.detach().cpu()
+        if str(t.dtype) in ("torch.bfloat16", "torch.float16"):
+            t = t.float()
+        return t.numpy()
+    return np.asarray(v)
+
+
+def field_layout(meta: StoreMeta, codec: CodecSpec) -> dict[str, Any]:
+    """The manifest's `fields` section: logical dtype, shape, row rule and codec per field."""
+    out: dict[str, Any] = {}
+    for name in meta.fields:
+        f = TOKEN_FIELDS[name]
+        trailing = {"k": ["K"], "b": ["B"], "": []}[f.trailing]
+        out[name] = {
+            "dtype": f.dtype,
+            "shape": ["T+1" if f.extra_row else "T", *trailing],
+            "rows": "T+1" if f.extra_row else "T",
+            "codec": codec.describe(name),
+        }
+    return out
+
+
+class StoreWriter:
+    """Append groups of records to a store at `url` (any fsspec URL).
+
+    `shard_records` is a target: a shard is cut before a group that would push it past the
+    target (a group never spans shards) and as soon as it reaches the target.  With
+    `resume=True` an existing store with the same meta is continued after its last committed
+    shard (`done_example_ids` tells the caller what to skip); with `resume=False` an existing
+    store is an error.
+    """
+
+    def __init__(
+        self, url: str, meta: StoreMeta, shard_records: int = 1024, resume: bool = True
+    ) -> None:
+        if shard_records < 1:
+            raise ValueError(f"shard_records must be >= 1, got {shard_records}")
+        self.url = str(url)
+        self.meta = meta
+        self.shard_records = int(shard_records)
+        self.codec = resolve_codec(meta.options)
+        self.fs, self.root = open_fs(self.url)
+        self._pending: list[dict[str, Any]] = []
+        self._pending_ids: list[str] = []
+        self._done: set[str] = set()
+        self._closed = False
+        existing = read_manifest(self.fs, self.root)
+        if existing is None:
+            now = _now()
+            self._manifest: dict[str, Any] = {
+                "format": "kdcache-store",
+                "schema_version": SCHEMA_VERSION,
+                "store_key": store_key(meta),
+                "meta": meta.to_dict(),
+                "fields": field_layout(meta, self.codec),
+                "shards": [],
+                "totals": {},
+                "complete": False,
+                "created": now,
+                "updated": now,
+            }
+            self._commit()
+        else:
+            self._open_existing(existing, resume)
+
+    # ------------------------------------------------------------------ opening
+    def _open_existing(self, manifest: dict[str, Any], resume: bool) -> None:
+        if not resume:
+            raise FileExistsError(
+                f"a kdcache store already exists at {self.url}; pass resume=True to continue "
+                f"it, or delete it / choose another URL to start over"
+            )
+        v = check_schema_version(manifest, self.url)
+        if v != SCHEMA_VERSION:
+            raise ValueError(
+                f"store at {self.url} was written with schema_version={v}; this kdcache writes "
+                f"{SCHEMA_VERSION} and will not mix versions in one store: finish it with the "
+                f"kdcache that started it, or write a new store"
+            )
+        old = StoreMeta.from_dict(manifest["meta"])
+        if old.content_dict() != self.meta.content_dict():
+            a, b = old.content_dict(), self.meta.content_dict()
+            diff = sorted(k for k in a if a[k] != b.get(k))
+            raise ValueError(
+                f"cannot resume store at {self.url}: its meta differs in {diff} "
+                f"(stored {[a[k] for k in diff]!r}, given {[b[k] for k in diff]!r}); "
+                f"use the original settings, or write to a new URL"
+            )
+        self._manifest = manifest
+        self._manifest["meta"] = self.meta.to_dict()  # code_version may legitimately move on
+        for shard in manifest["shards"]:
+            path = join(self.root, SHARDS_DIR, shard["name"], "records.parquet")
+            with self.fs.open(path, "rb") as f:
+                ids = pq.read_table(f, columns=["example_id"]).column(0).to_pylist()
+            self._done.update(ids)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def done_example_ids(self) -> set[str]:
+        """Example ids whose groups are committed (skip them when resuming)."""
+        return set(self._done)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    def add_group(self, records: list[dict[str, Any]]) -> None:
+        """Validate and buffer one group (all records of one example_id, in order)."""
+        if self._closed:
+            raise RuntimeError(f"StoreWriter for {self.url} is closed")
+        if not records:
+            raise ValueError("add_group got an empty list: a group needs at least one record")
+        eid = records[0].get("example_id")
+        for i, r in enumerate(records):
+            if r.get("example_id") != eid:
+                raise ValueError(
+                    f"add_group: record {i} has example_id={r.get('example_id')!r} but record 0 "
+                    f"has {eid!r}; a group is all records of one example — call add_group once "
+                    f"per example_id"
+                )
+        if eid in self._done or eid in self._pending_ids:
+            raise ValueError(
+                f"example_id {eid!r} was already added to {self.url}; skip ids in "
+                f"writer.done_example_ids when resuming"
+            )
+        norm = [self._validate(r, i, str(eid)) for i, r in enumerate(records)]
+        if self._pending and len(self._pending) + len(norm) > self.shard_records:
+            self._flush()
+        self._pending.extend(norm)
+        self._pending_ids.append(str(eid))
+        if len(self._pending) >= self.shard_records:
+            self._flush()
+
+    def close(self) -> None:
+        """Commit the last partial shard and mark the store complete."""
+        if self._closed:
+            return
+        if self._pending:
+            self._flush()
+        self._manifest["complete"] = True
+        self._commit()
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop buffered records without committing them (the store stays incomplete)."""
+        self._pending.clear()
+        self._pending_ids.clear()
+        self._closed = True
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, r: dict[str, Any], i: int, eid: str) -> dict[str, Any]:
+        where = f"record {i} of group {eid!r}"
+        keys = set(r)
+        unknown = keys - set(SEQUENCE_FIELDS) - set(TOKEN_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {sorted(unknown)}; allowed per-sequence keys are "
+                f"{sorted(SEQUENCE_FIELDS)} and per-token keys {sorted(TOKEN_FIELDS)}"
+            )
+        undeclared = (keys & set(TOKEN_FIELDS)) - set(self.meta.fields)
+        if undeclared:
+            raise ValueError(
+                f"{where}: per-token field(s) {sorted(undeclared)} are not in StoreMeta.fields "
+                f"{self.meta.fields}; add them to meta.fields or drop them from the record"
+            )
+        missing = [f for f in self.meta.fields if f not in r] + [
+            n for n, f in SEQUENCE_FIELDS.items() if f.required and n not in r
+        ]
+        if missing:
+            raise ValueError(f"{where}: missing required key(s) {missing}")
+
+        out: dict[str, Any] = {"example_id": eid}
+        role = r["role"]
+        if role not in ROLES:
+            raise ValueError(f"{where}: role={role!r} is not one of {list(ROLES)}")
+        out["role"] = str(role)
+        out["group"] = int(r.get("group", 0))
+        if out["group"] < 0:
+            raise ValueError(f"{where}: group={out['group']} must be >= 0 (rollout index)")
+        for name in ("prompt_ids", "response_ids", "teacher_prompt_ids"):
+            v = r.get(name)
+            if v is None:
+                if name == "teacher_prompt_ids":
+                    out[name] = None
+                    continue
+                raise ValueError(f"{where}: {name} is None; pass a 1-D list/array of token ids")
+            out[name] = self._ids(v, f"{where}: {name}", ndim=1)
+        T = len(out["response_ids"])
+        if "n_tokens" in r and int(r["n_tokens"]) != T:
+            raise ValueError(
+                f"{where}: n_tokens={r['n_tokens']} but len(response_ids)={T}; n_tokens must be "
+                f"T (or leave it out and it is filled in)"
+            )
+        out["n_tokens"] = T
+        term = r["is_terminal"]
+        if not isinstance(term, (bool, np.bool_)):
+            raise ValueError(f"{where}: is_terminal must be a bool, got {type(term).__name__}")
+        out["is_terminal"] = bool(term)
+        rew = r.get("reward")
+        if rew is not None:
+            rew = float(rew)
+            if not np.isfinite(rew):
+                raise ValueError(f"{where}: reward={rew} is not finite; use None for 'no reward'")
+        out["reward"] = rew
+
+        k, nb = self.meta.k, len(self.meta.betas)
+        for name in self.meta.fields:
+            f = TOKEN_FIELDS[name]
+            exp = token_shape(name, T, k, nb)
+            arr = _to_numpy(r[name])
+            symbolic = {"k": "[T, K]", "b": "[T+1, B]", "": "[T]"}[f.trailing]
+            if arr.shape != exp:
+                raise ValueError(
+                    f"{where}: field {name!r} has shape {tuple(arr.shape)}, expected {exp} = "
+                    f"{symbolic} with T=len(response_ids)={T}, K=meta.k={k}, "
+                    f"B=len(meta.betas)={nb}; fix: {_shape_hint(name)}"
+                )
+            if f.kind == "ids":
+                out[name] = self._ids(arr, f"{where}: {name}", ndim=2)
+            else:
+                if arr.dtype.kind != "f":
+                    raise ValueError(
+                        f"{where}: field {name!r} has dtype {arr.dtype}, expected a float array "
+                        f"(stored as {f.dtype}); pass log-probs/values as floats"
+                    )
+                if np.isnan(arr).any():
+                    raise ValueError(f"{where}: field {name!r} contains NaN; the teacher scoring "
+                                     f"produced invalid numbers for this sequence")
+                if self.codec.quantises(name):
+                    bad = ~np.isfinite(arr) | (np.abs(arr) > MAX_ABS)
+                    if bad.any():
+                        raise ValueError(
+                            f"{where}: field {name!r} has value {arr[bad].flat[0]} outside "
+                            f"±{MAX_ABS} (codec 'compact' quantises finite values only); "
+                            f"check for masked (-inf) logits or set options codec='lossless'"
+                        )
+                    # keep float64 input for exact snapping; float32 is copied below anyway
+                    out[name] = arr if arr.dtype == np.float64 else arr.astype(np.float32)
+                else:
+                    out[name] = arr.astype(np.float32)
+        return out
+
+    @staticmethod
+    def _ids(v: Any, where: str, ndim: int) -> np.ndarray:
+        arr = _to_numpy(v)
+        if arr.size == 0:
+            return arr.astype(np.int32).reshape(arr.shape if arr.ndim else (0,))
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"{where}: dtype {arr.dtype} is not an integer type; pass token ids "
+                             f"as ints (int32/int64)")
+        if ndim == 1 and arr.ndim != 1:
+            raise ValueError(f"{where}: expected a 1-D sequence of ids, got shape {arr.shape}")
+        if arr.min() < 0 or arr.max() > _INT32_MAX:
+            raise ValueError(f"{where}: ids must lie in [0, 2^31), got min {arr.min()} "
+                             f"max {arr.max()}")
+        return arr.astype(np.int32)
+
+    # ------------------------------------------------------------------ commit
+    def _flush(self) -> None:
+        recs, ids = self._pending, self._pending_ids
+        index = len(self._manifest["shards"])
+        name = f"shard-{index:05d}"
+        shard_dir = join(self.root, SHARDS_DIR, name)
+        files = build_shard_files(recs, self.meta, self.codec, name)
+        # Anything already at this name is an uncommitted leftover of a killed run.
+        if self.fs.exists(shard_dir):
+            self.fs.rm(shard_dir, recursive=True)
+        write_files(self.fs, {join(shard_dir, rel): data for rel, data in files.items()})
+        entry = shard_entry(name, recs, len(ids), files)
+        self._manifest["shards"].append(entry)
+        self._manifest["complete"] = False
+        self._commit()
+        self._done.update(ids)
+        self._pending, self._pending_ids = [], []
+
+    def _commit(self) -> None:
+        m = self._manifest
+        shards = m["shards"]
+        m["totals"] = {
+            "n_shards": len(shards),
+            "n_records": sum(s["n_records"] for s in shards),
+            "n_groups": sum(s["n_groups"] for s in shards),
+            "n_tokens": sum(s["n_tokens"] for s in shards),
+            "n_bytes": sum(f["bytes"] for s in shards for f in s["files"].values()),
+        }
+        m["checksum"] = hash_json([s["checksum"] for s in shards])
+        m["updated"] = _now()
+        data = (json_dumps(m) + "\n").encode("utf-8")
+        atomic_write(self.fs, join(self.root, MANIFEST), data)
+
+
+def json_dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=1, sort_keys=True)
+
+
+def _shape_hint(name: str) -> str:
+    f = TOKEN_FIELDS[name]
+    if f.trailing == "k":
+        return "one row per response token with the teacher's top-K (K = StoreMeta.k)"
+    if f.trailing == "b":
+        return ("one row per state s_1..s_{T+1} (including the state after the last token), "
+                "one column per β in StoreMeta.betas")
+    return "one value per response token"
+
+
+def build_shard_files(
+    recs: list[dict[str, Any]], meta: StoreMeta, codec: CodecSpec, name: str
+) -> dict[str, bytes]:
+    """Encode validated records into {relative path: bytes} for one shard."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    n_tok = np.array([r["n_tokens"] for r in recs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n_tok)[:-1]]).astype(np.int64)
+    cols: dict[str, pa.Array] = {}
+    for col, f in SEQUENCE_FIELDS.items():
+        cols[col] = pa.array([r[col] for r in recs], type=f.arrow_type)
+    cols["token_offset"] = pa.array(offsets, type=pa.int64())
+    table = pa.table(cols)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", compression_level=9)
+    files = {"records.parquet": buf.getvalue()}
+
+    store_dict: dict[str, Any] = {}
+    group = zarr.open_group(
+        MemoryStore(store_dict),
+        mode="w",
+        zarr_format=3,
+        attributes={"kdcache": {"schema_version": SCHEMA_VERSION, "shard": name,
+                                "n_records": len(recs), "n_tokens": int(n_tok.sum())}},
+    )
+    for field_name in meta.fields:
+        f = TOKEN_FIELDS[field_name]
+        data = np.concatenate([np.asarray(r[field_name]) for r in recs], axis=0)
+        if codec.quantises(field_name):
+            data = codec.snap(data)
+        data = data.astype(f.dtype, copy=False)
+        chunks = (max(1, min(CHUNK_ROWS, data.shape[0])), *data.shape[1:])
+        arr = group.create_array(
+            field_name,
+            shape=data.shape,
+            chunks=chunks,
+            dtype=f.dtype,
+            fill_value=0,
+            **codec.zarr_codecs(field_name),
+        )
+        if data.size:
+            arr[...] = data
+    for key in sorted(store_dict):
+        files[f"tokens.zarr/{key}"] = store_dict[key].to_bytes()
+    return files
+
+
+def shard_entry(
+    name: str, recs: list[dict[str, Any]], n_groups: int, files: dict[str, bytes]
+) -> dict[str, Any]:
+    """Manifest entry for a shard; `checksum` covers counts and per-file hashes, no times."""
+    entry: dict[str, Any] = {
+        "name": name,
+        "n_records": len(recs),
+        "n_groups": n_groups,
+        "n_tokens": int(sum(r["n_tokens"] for r in recs)),
+        "first_example_id": recs[0]["example_id"],
+        "last_example_id": recs[-1]["example_id"],
+        "files": {
+            rel: {"sha256": hash_bytes(data), "bytes": len(data)}
+            for rel, data in sorted(files.items())
+        },
+    }
+    entry["checksum"] = hash_json(entry)
+    return entry
