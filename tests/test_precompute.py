@@ -36,11 +36,13 @@ def _seqs(lengths, seed=0, context=False):
     return out
 
 
-_DOUBLE: dict[int, torch.nn.Module] = {}
+_DOUBLE: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
 
 
 def _float64_fields(model, seq: Sequence, k: int, betas):
-    m = _DOUBLE.setdefault(id(model), copy.deepcopy(model).double())
+    if id(model) not in _DOUBLE or _DOUBLE[id(model)][0] is not model:
+        _DOUBLE[id(model)] = (model, copy.deepcopy(model).double())
+    m = _DOUBLE[id(model)][1]
     ids = torch.tensor([seq.scored_prompt + seq.response_ids])
     with torch.no_grad():
         z = m(input_ids=ids).logits[0].double()

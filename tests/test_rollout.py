@@ -1,0 +1,142 @@
+"""Rollouts: behavior log-probs equal a recomputation under the same sampling processing."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from kdcache.precompute.data import DataError
+from kdcache.precompute.rollout import RolloutConfig, resolve_callable, run_rollout, sample_hf
+from kdcache.store import open_store
+from kdcache.train.tiny import build_model, build_tokenizer, save_tiny
+
+TOK = build_tokenizer()
+V = len(TOK)
+EOS, PAD = TOK.eos_token_id, TOK.pad_token_id
+
+
+def _processed_logprobs(z: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Independent float64 temperature -> top-k -> nucleus, then log_softmax."""
+    z = z.double() / temperature
+    if top_k:
+        kth = z.topk(top_k, -1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        p = torch.softmax(z, -1)
+        sp, order = p.sort(-1, descending=True)
+        mass_above = sp.cumsum(-1) - sp  # mass of strictly more probable tokens
+        keep_sorted = mass_above < top_p
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        z = z.masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(z, -1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 10, 1.0)])
+def test_behavior_logprobs_match_recomputation(arch, temperature, top_k, top_p):
+    model = build_model(V, arch=arch, seed=3).eval()
+    prompts = [[1, 7, 8, 9], [1, 10], [1, 11, 12, 13, 14, 15, 16]]  # left padding in the batch
+    out = sample_hf(model, prompts, PAD, EOS, temperature, top_p, top_k, max_new_tokens=8, seed=0)
+    n_checked = 0
+    for p, (resp, lps) in zip(prompts, out, strict=True):
+        assert 1 <= len(resp) <= 8 and len(lps) == len(resp)
+        assert EOS not in resp[:-1]
+        with torch.no_grad():
+            z = model(input_ids=torch.tensor([p + resp])).logits[0, len(p) - 1: -1]
+        want = _processed_logprobs(z, temperature, top_k, top_p)
+        want = want.gather(1, torch.tensor(resp)[:, None])[:, 0]
+        assert torch.isfinite(want).all(), "a sampled token lies outside the recomputed support"
+        np.testing.assert_allclose(np.array(lps), want.numpy(), atol=1e-4)
+        n_checked += len(resp)
+    assert n_checked > 3
+
+
+def test_sampling_is_seeded():
+    model = build_model(V, seed=4).eval()
+    a = sample_hf(model, [[1, 7, 8]] * 2, PAD, EOS, 1.0, 1.0, 0, 6, seed=5)
+    b = sample_hf(model, [[1, 7, 8]] * 2, PAD, EOS, 1.0, 1.0, 0, 6, seed=5)
+    assert a == b
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rollout")
+    save_tiny(d / "student", seed=5)
+    rows = [
+        {"id": "p0", "prompt": "sort 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1",
+         "context": "the answer is 1 2 3"},
+        {"id": "p1", "prompt": [{"role": "user", "content": "a b"}], "chosen": "b a",
+         "rejected": "a"},
+    ]
+    (d / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (d / "kd_test_reward.py").write_text(
+        "def n_words(prompt, response, row):\n    return float(len(response.split()))\n")
+    sys.path.insert(0, str(d))
+    yield d
+    sys.path.remove(str(d))
+
+
+def test_run_rollout_store(workdir):
+    cfg = RolloutConfig(model=str(workdir / "student"), data=str(workdir / "data.jsonl"), n=3,
+                        max_new_tokens=5, temperature=0.9, top_p=0.95, include_chosen=True,
+                        reward="kd_test_reward:n_words", use_context=True, role="teacher_rollout",
+                        out_root=str(workdir / "stores"), progress=False, codec="lossless")
+    url = run_rollout(cfg)
+    store = open_store(url)
+    assert store.complete and store.fields == ["behavior_logprob"]
+    assert store.meta.options["sampling"]["temperature"] == 0.9
+    groups = {g[0]["example_id"]: g for g in store.groups()}
+    assert set(groups) == {"p0", "p1"}
+    for eid, g in groups.items():
+        assert [r["role"] for r in g] == ["chosen"] + ["teacher_rollout"] * 3
+        assert [r["group"] for r in g] == [0, 0, 1, 2]
+        for r in g:
+            assert len(r["behavior_logprob"]) == len(r["response_ids"]) == r["n_tokens"]
+            assert np.all(r["behavior_logprob"] <= 0)
+            assert r["is_terminal"] == (r["response_ids"][-1] == EOS)
+            assert r["reward"] == len(TOK.decode(r["response_ids"], skip_special_tokens=True).split())
+        has_ctx = eid == "p0"
+        assert (g[0]["teacher_prompt_ids"] is not None) == has_ctx
+    # PBSD: the teacher sampled with the context, prompt_ids stay context-free
+    p0 = groups["p0"][1]
+    assert len(p0["teacher_prompt_ids"]) > len(p0["prompt_ids"])
+    assert run_rollout(cfg) == url  # identical inputs: a no-op on the same content address
+
+
+def test_reward_resolution_errors():
+    assert resolve_callable("math:sqrt")(4.0) == 2.0
+    with pytest.raises(ValueError, match="module:function"):
+        resolve_callable("nocolon")
+    with pytest.raises(ValueError, match="cannot import"):
+        resolve_callable("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="no attribute"):
+        resolve_callable("math:nope")
+
+
+def test_include_chosen_needs_a_response_column(workdir):
+    (workdir / "prompts.jsonl").write_text(json.dumps({"prompt": "a b"}))
+    cfg = RolloutConfig(model=str(workdir / "student"), data=str(workdir / "prompts.jsonl"),
+                        include_chosen=True, out_root=str(workdir / "s2"), progress=False)
+    with pytest.raises(DataError, match="include_chosen"):
+        run_rollout(cfg)
+
+
+def test_vllm_backend_where_available(tmp_path):
+    pytest.importorskip("vllm")  # GPU boxes with kdcache[vllm] only
+    if not torch.cuda.is_available():
+        pytest.skip("vllm needs CUDA")
+    from kdcache.precompute.vllm_backend import VLLMSampler
+
+    path = save_tiny(tmp_path / "m", seed=6)
+    sampler = VLLMSampler(str(path), dtype="float32", gpu_memory_utilization=0.2)
+    prompts = [[1, 7, 8, 9], [1, 10]]
+    out = sampler.sample(prompts, EOS, 0.8, 0.9, 0, 6, seed=0)
+    model = build_model(V, seed=6).eval()
+    for p, (resp, lps) in zip(prompts, out, strict=True):
+        with torch.no_grad():
+            z = model(input_ids=torch.tensor([p + resp])).logits[0, len(p) - 1: -1]
+        want = _processed_logprobs(z, 0.8, 0, 0.9).gather(1, torch.tensor(resp)[:, None])[:, 0]
+        np.testing.assert_allclose(np.array(lps), want.numpy(), atol=1e-3)
