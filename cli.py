@@ -1,12 +1,413 @@
-import typer
+"""`kdcache` command line. Commands whose options are a config dataclass (precompute,
+rollout, train, eval) get one flag per field, generated from the dataclass, so a YAML
+config file, the dataclass and the flags never drift apart: `--config FILE` loads the file
+and any flag given on the command line overrides it."""
 
-app = typer.Typer()
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+import yaml
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Precompute teacher signals once; train small students from them on a small GPU.",
+)
+store_app = typer.Typer(no_args_is_help=True, help="Manage stores: ls, verify, gc, merge.")
+app.add_typer(store_app, name="store")
+log = logging.getLogger("kdcache")
+
+
+# --------------------------------------------------------------------------- config plumbing
+def _flag_type(tp):
+    """The typer-facing type of a dataclass field: Optional[X] -> X, lists/tuples -> str."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _flag_type(args[0]) if len(args) == 1 else str
+    if origin in (list, tuple) or tp in (list, tuple):
+        return str  # comma-separated on the command line
+    if tp in (str, int, float, bool):
+        return tp
+    return str
+
+
+def _coerce(tp, value):
+    """Parse a command-line string for list/tuple fields (`1,2` or `i/N` partitions)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(args[0], value) if len(args) == 1 else value
+    if origin is list and isinstance(value, str):
+        (item,) = typing.get_args(tp) or (str,)
+        return [item(v.strip()) for v in value.split(",") if v.strip()]
+    if origin is tuple and isinstance(value, str):
+        parts = value.replace("/", ",").split(",")
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError:
+            raise typer.BadParameter(f"expected i/N, got {value!r}") from None
+    return value
+
+
+def config_command(name: str, cls, run: Callable, help: str, extra: dict | None = None):
+    """Register `kdcache NAME` with one --flag per field of dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                                default=typer.Option(None, "--config", "-c", help="YAML file of these options"))]
+    for f in dataclasses.fields(cls):
+        tp = _flag_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        decl = f"{flag}/--no-{f.name.replace('_', '-')}" if tp is bool else flag
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
+                                        default=typer.Option(None, decl, show_default=False)))
+
+    def command(**kwargs):
+        path = kwargs.pop("config")
+        values = yaml.safe_load(path.read_text()) if path else {}
+        if values is not None and not isinstance(values, dict):
+            raise typer.BadParameter(f"{path}: expected a YAML mapping of {cls.__name__} fields")
+        values = values or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise typer.BadParameter(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
+        values.update({k: _coerce(hints[k], v) for k, v in kwargs.items() if v is not None})
+        values = {k: _coerce(hints[k], v) for k, v in values.items()}
+        try:
+            cfg = cls(**values)
+        except TypeError as e:
+            raise typer.BadParameter(f"{e}: see `kdcache {name} --help`") from None
+        _friendly(run, cfg)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__name__ = name.replace("-", "_")
+    command.__doc__ = help
+    app.command(name, help=help)(command)
+
+
+def _friendly(fn: Callable, *args):
+    """Run fn; user errors (bad input, missing files) print one clear line, not a traceback."""
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError) as e:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- stage commands
+def _precompute(cfg) -> None:
+    from kdcache.precompute.run import run_precompute
+
+    typer.echo(run_precompute(cfg))
+
+
+def _rollout(cfg) -> None:
+    from kdcache.precompute.rollout import run_rollout
+
+    typer.echo(run_rollout(cfg))
+
+
+def _train(cfg) -> None:
+    from kdcache.train.trainer import train
+
+    res = train(cfg)
+    typer.echo(f"{res.steps} steps, {res.tokens} tokens, {res.seconds:.1f}s, "
+               f"final loss {res.final_loss:.4f} -> {res.out}/model")
+
+
+def _eval(cfg) -> None:
+    from kdcache.train.eval import evaluate
+
+    _echo_json(evaluate(cfg))
+
+
+def _register() -> None:
+    from kdcache.precompute.rollout import RolloutConfig
+    from kdcache.precompute.run import PrecomputeConfig
+    from kdcache.train.config import TrainConfig
+    from kdcache.train.eval import EvalConfig
+
+    config_command("precompute", PrecomputeConfig, _precompute,
+                   "Score a dataset or a rollout store with the DPO teacher and its reference; write a store.")
+    config_command("rollout", RolloutConfig, _rollout,
+                   "Sample N responses per prompt with behavior log-probs (and rewards); write a store.")
+    config_command("train", TrainConfig, _train,
+                   "Train a student from a store (sft, seqkd, kd, dckd, adpa, tvkd, dpo, tgpo, pbsd).")
+    config_command("eval", EvalConfig, _eval,
+                   "Reward accuracy, top-K KL to the teacher and a rule reward on an eval store.")
 
 
 @app.command()
-def demo() -> None:
-    print("demo")
+def inspect_(url: str = typer.Argument(..., help="store URL or path"),
+             as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
+    """Manifest summary, sequences and tokens, bytes/token per field, top-K mass."""
+    from kdcache.store import open_store, summarize
+
+    summary = _friendly(lambda: summarize(open_store(url)))
+    if as_json:
+        _echo_json(summary)
+        return
+    from kdcache.store.summary import format_summary
+
+    typer.echo(format_summary(summary))
+
+
+app.registered_commands[-1].name = "inspect"
+
+
+@store_app.command("ls")
+def store_ls(root: str = typer.Argument(..., help="directory or URL holding stores")) -> None:
+    """Stores under ROOT with their provenance."""
+    from kdcache.store.admin import list_stores
+
+    for row in _friendly(list_stores, root):
+        typer.echo(json.dumps(row, default=str))
+
+
+@store_app.command("verify")
+def store_verify(url: str) -> None:
+    """Check every shard's checksum; exit 1 and name the shard on any mismatch."""
+    from kdcache.store.verify import verify
+
+    problems = _friendly(verify, url)
+    for p in problems:
+        typer.secho(str(p), fg=typer.colors.RED)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("ok")
+
+
+@store_app.command("gc")
+def store_gc(root: str, dry_run: bool = typer.Option(False, "--dry-run")) -> None:
+    """Remove shards no manifest references and uncommitted temporary files."""
+    from kdcache.store.admin import gc
+
+    _echo_json(_friendly(gc, root, dry_run))
+
+
+@store_app.command("merge")
+def store_merge(out: str, parts: list[str]) -> None:
+    """Merge partition stores (same meta) into OUT: equal to one run over all partitions."""
+    from kdcache.store.admin import merge
+
+    typer.echo(_friendly(merge, parts, out))
+
+
+@app.command()
+def plot(run_dirs: list[Path] = typer.Argument(..., help="training output directories"),
+         out: Path = typer.Option(Path("plot.png"), "--out", "-o"),
+         table: Path | None = typer.Option(None, "--table", help="a demo results.json to draw as a table")) -> None:
+    """Loss curves of training runs (metrics.jsonl), and optionally the eval table."""
+    from kdcache.train.plot import plot_runs
+
+    typer.echo(_friendly(plot_runs, run_dirs, out, table))
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("kdcache-demo"), "--out", "-o", help="artefact directory"),
+         quick: bool = typer.Option(False, "--quick", help="a smaller run (CI smoke test)"),
+         methods: str = typer.Option("", help="comma-separated subset of the table rows"),
+         seed: int = typer.Option(0)) -> None:
+    """Train a tiny teacher (SFT, then DPO), precompute its signals, distil students with
+    every method, and print the table: rule preference rate, reward accuracy, time, store size."""
+    _friendly(run_demo, out, quick, [m for m in methods.split(",") if m], seed)
+
+
+# --------------------------------------------------------------------------- the demo
+DEMO_METHODS = ("sft", "seqkd", "dckd", "adpa", "adpa+", "tvkd", "dpo", "tgpo", "pbsd")
+
+
+def _dir_bytes(url: str) -> int:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return sum(fs.du(root, total=False).values()) if fs.exists(root) else 0
+
+
+class Demo:
+    """The embedded default: every stage of the product on a tiny sorting task, on CPU.
+
+    Teacher: SFT on a corpus where 30% of answers are sorted, then DPO (+ length-normalised
+    NLL on y_w, as in RPO) on sorted-vs-near-miss pairs; the SFT model is its reference.
+    Student: a smaller model, SFT'd on the same corpus, then trained by each method with the
+    same step budget. Everything goes through stores, exactly as on a real cluster.
+    """
+
+    def __init__(self, out: Path, quick: bool, seed: int) -> None:
+        from kdcache.train.tasks import make_demo_data
+        from kdcache.train.tiny import build_tokenizer
+
+        self.out, self.quick, self.seed = out, quick, seed
+        self.tok = build_tokenizer()
+        n = (lambda full, small: small if quick else full)  # noqa: E731
+        self.steps = {"teacher_sft": n(600, 120), "teacher_dpo": n(200, 40),
+                      "student_sft": n(300, 60), "student": n(150, 30)}
+        self.k, self.betas = 16, [1.0, 2.0]
+        self.data = make_demo_data(out / "data", seed=seed, n_sft=n(4000, 800), n_pref=n(1500, 300),
+                                   n_rollout_prompts=n(600, 120), n_eval=n(200, 60))
+        self.store_root = str(out / "stores")
+        self.timings: dict[str, float] = {}
+
+    # each stage is one call of the public API of precompute/ or train/
+    def precompute(self, **kw) -> str:
+        from kdcache.precompute.run import PrecomputeConfig, run_precompute
+
+        base = dict(out_root=self.store_root, k=self.k, betas=self.betas, progress=False,
+                    codec="compact", max_length=64)
+        return run_precompute(PrecomputeConfig(**{**base, **kw}))
+
+    def rollout(self, **kw) -> str:
+        from kdcache.precompute.rollout import RolloutConfig, run_rollout
+
+        base = dict(out_root=self.store_root, max_new_tokens=12, progress=False, seed=self.seed,
+                    batch_prompts=64)
+        return run_rollout(RolloutConfig(**{**base, **kw}))
+
+    def train(self, name: str, model: str, store: str, objective: str, steps: int, **kw) -> str:
+        import time
+
+        from kdcache.train.config import TrainConfig
+        from kdcache.train.trainer import train
+
+        cfg = TrainConfig(model=str(model), store=store, out=str(self.out / "runs" / name),
+                          objective=objective, max_steps=steps, seed=self.seed, progress=False,
+                          **{"batch_groups": 16, "lr": 1e-3, **kw})
+        t0 = time.perf_counter()
+        train(cfg)
+        self.timings[name] = time.perf_counter() - t0
+        return str(self.out / "runs" / name / "model")
+
+    def evaluate(self, model: str, eval_store: str) -> dict:
+        from kdcache.train.eval import EvalConfig, evaluate
+
+        return evaluate(EvalConfig(model=str(model), store=eval_store, reward="sort_rule",
+                                   samples=4, max_new_tokens=12, seed=self.seed))
+
+
+def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, seed: int = 0) -> dict:
+    import time
+
+    from kdcache.train.tiny import save_tiny
+
+    unknown = sorted(set(methods or []) - set(DEMO_METHODS))
+    if unknown:
+        raise ValueError(f"unknown demo methods {unknown}: choose from {', '.join(DEMO_METHODS)}")
+    methods = list(methods or DEMO_METHODS)
+    t_all = time.perf_counter()
+    d = Demo(out, quick, seed)
+    typer.echo(f"kdcache demo -> {out}  ({'quick' if quick else 'full'} run)")
+
+    typer.echo("[1/5] teacher: SFT from scratch, then DPO (reference = the SFT model)")
+    sft_store = d.precompute(data=str(d.data["sft"]), teacher=None)
+    t_init = save_tiny(out / "models" / "teacher-init", d.tok, hidden=128, layers=4, heads=4, seed=seed)
+    ref = d.train("teacher-sft", t_init, sft_store, "sft", d.steps["teacher_sft"], batch_groups=64, lr=3e-3)
+    dpo_store = d.precompute(data=str(d.data["pref"]), teacher=ref, reference=ref)
+    teacher = d.train("teacher-dpo", ref, dpo_store, "dpo", d.steps["teacher_dpo"], batch_groups=32,
+                      lr=5e-4, dpo_beta=0.1, dpo_nll=1.0)
+
+    typer.echo("[2/5] student: SFT on the same corpus (every method starts here)")
+    s_init = save_tiny(out / "models" / "student-init", d.tok, hidden=64, layers=2, heads=4, seed=seed + 1)
+    student0 = d.train("student-sft-init", s_init, sft_store, "sft", d.steps["student_sft"], batch_groups=64, lr=3e-3)
+
+    typer.echo("[3/5] precompute the teacher's signals once (top-K, reference, soft values)")
+    pref = d.precompute(data=str(d.data["pref"]), teacher=teacher, reference=ref)
+    evals = d.precompute(data=str(d.data["eval"]), teacher=teacher, reference=ref)
+
+    typer.echo(f"[4/5] distil students: {', '.join(methods)}")
+    steps = d.steps["student"]
+    stores: dict[str, list[str]] = {}
+    models: dict[str, str] = {}
+
+    def adpa_from(start: str, name: str) -> str:
+        roll = d.rollout(model=start, data=str(d.data["prompts"]), n=2, include_chosen=True)
+        scored = d.precompute(input_store=roll, teacher=teacher, reference=ref)
+        stores[name] = [roll, scored]
+        return d.train(name, start, scored, "adpa", steps, adpa_gamma=1.0)
+
+    for m in methods:
+        if m == "sft":
+            stores[m], models[m] = [pref], d.train(m, student0, pref, "sft", steps)
+        elif m == "seqkd":
+            roll = d.rollout(model=teacher, data=str(d.data["prompts"]), n=2, role="teacher_rollout")
+            stores[m], models[m] = [roll], d.train(m, student0, roll, "seqkd", steps)
+        elif m == "dckd" or (m == "adpa+" and "dckd" not in models):
+            models["dckd"] = d.train("dckd", student0, pref, "dckd", steps, dckd_alpha=0.2)
+            stores["dckd"] = [pref]
+        if m == "adpa":
+            models[m] = adpa_from(student0, m)
+        elif m == "adpa+":
+            models[m] = adpa_from(models["dckd"], m)
+        elif m == "tvkd":
+            stores[m], models[m] = [pref], d.train(m, student0, pref, "tvkd", steps, tvkd_beta=2.0, tvkd_alpha=0.7)
+        elif m == "dpo":
+            own = d.precompute(data=str(d.data["pref"]), teacher=student0, reference=student0)
+            stores[m], models[m] = [own], d.train(m, student0, own, "dpo", steps, dpo_beta=0.1)
+        elif m == "tgpo":
+            roll = d.rollout(model=student0, data=str(d.data["prompts"]), n=4, reward="sort_rule")
+            scored = d.precompute(input_store=roll, teacher=teacher, reference=None)
+            stores[m], models[m] = [roll, scored], d.train(m, student0, scored, "tgpo", steps)
+        elif m == "pbsd":
+            scored = _pbsd_store(d, student0)
+            stores[m], models[m] = [scored], d.train(m, student0, scored, "pbsd", steps, pbsd_beta=0.1)
+
+    typer.echo("[5/5] evaluate on held-out pairs (rule-judged preference rate on samples)")
+    rows = [{"method": "teacher (DPO)", **d.evaluate(teacher, evals), "train_s": d.timings["teacher-dpo"], "store_mb": None},
+            {"method": "student init (SFT corpus)", **d.evaluate(student0, evals), "train_s": None, "store_mb": None}]
+    for m in methods:
+        rows.append({"method": m, **d.evaluate(models[m], evals), "train_s": d.timings[m],
+                     "store_mb": sum(_dir_bytes(u) for u in stores.get(m, [])) / 2**20})
+    result = {"rows": rows, "seconds": time.perf_counter() - t_all, "quick": quick, "seed": seed,
+              "steps": d.steps}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    typer.echo(_demo_table(rows))
+    typer.echo(f"total {result['seconds']:.0f}s; results in {out / 'results.json'}; "
+               f"`kdcache plot {out}/runs/* --table {out}/results.json` draws them")
+    return result
+
+
+def _pbsd_store(d: Demo, student0: str) -> str:
+    raise NotImplementedError
+
+
+def _demo_table(rows: list[dict]) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="kdcache demo: sort digits ascending (rule-judged)")
+    for col in ("method", "pref rate", "reward acc", "KL top-K", "train s", "store MB"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        t.add_row(r["method"], fmt(r.get("reward_mean"), ".3f"), fmt(r.get("reward_accuracy"), ".3f"),
+                  fmt(r.get("kl_topk"), ".3f"), fmt(r.get("train_s"), ".1f"), fmt(r.get("store_mb"), ".2f"))
+    console = Console(record=True, width=100)
+    with console.capture() as cap:
+        console.print(t)
+    return cap.get()
 
 
 def main() -> None:
-    app()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _register()
+    app(prog_name="kdcache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,6 +52,7 @@ class TrainConfig:
     tvkd_beta_s: float = 1.0
     tvkd_maxent: bool = False
     dpo_beta: float = 0.1
+    dpo_nll: float = 0.0  # >0: add w·NLL(y_w)/|y_w| (RPO, Pang et al. 2024); keeps DPO from only pushing y_l down
     pbsd_beta: float = 0.1
     tgpo_w_init: float = 2e-3
     tgpo_delta: float = 1e-5

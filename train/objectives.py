@@ -69,11 +69,16 @@ def _adpa(student, batch, cfg, step):
 def _dpo(student, batch, cfg, step):
     w, r = _rows(batch, 0), _rows(batch, 1)
     ref = batch.stored["ref_token_logprob"]
-    return L.dpo_loss(
+    out = L.dpo_loss(
         _take(student.token_logprobs, w), _take(ref, w), _take(batch.mask, w),
         _take(student.token_logprobs, r), _take(ref, r), _take(batch.mask, r),
         beta=cfg.dpo_beta,
     )
+    if cfg.dpo_nll <= 0:
+        return out
+    lp, m = _take(student.token_logprobs, w), _take(batch.mask, w).float()
+    nll = (-(lp * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()  # length-normalised, as in RPO
+    return out.loss + cfg.dpo_nll * nll, {**out.metrics, "nll": nll.detach()}
 
 
 def _tvkd(student, batch, cfg, step):
