@@ -17,8 +17,10 @@ into each array's `zarr.json`, so a reader (ours or plain zarr) decodes without 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +38,20 @@ _SPACING = float(np.spacing(np.float32(MAX_ABS)))  # float32 ulp at MAX_ABS
 MIN_ERROR_BOUND = 1e-4
 DEFAULT_CODEC = "compact"
 
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+
+# Module-wide as well: catch_warnings is not thread-safe and shards decode in threads.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
+
+
+@contextlib.contextmanager
+def quiet_numcodecs() -> Iterator[None]:
+    """Silence zarr's "numcodecs codecs are not in the v3 spec" warning.
+
+    We use them knowingly: they are registered zarr codecs and declared in zarr.json.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
+        yield
 
 
 @dataclass(frozen=True)
@@ -77,14 +92,15 @@ class CodecSpec:
                 "filters": [],
                 "compressors": [BloscCodec(cname="zstd", clevel=self.clevel, shuffle=shuffle)],
             }
-        filters: list[Any] = [
-            znc.FixedScaleOffset(offset=0, scale=1.0 / self.step, dtype="<f4", astype="<i4")
-        ]
-        if f.trailing == "k":
-            # Along K the values of one row are (nearly) sorted: consecutive differences
-            # are small.  Delta runs over the flattened chunk, i.e. along K with one jump
-            # per row, which is what we want.
-            filters.append(znc.Delta(dtype="<i4"))
+        with quiet_numcodecs():
+            filters: list[Any] = [
+                znc.FixedScaleOffset(offset=0, scale=1.0 / self.step, dtype="<f4", astype="<i4")
+            ]
+            if f.trailing == "k":
+                # Along K the values of one row are (nearly) sorted: consecutive differences
+                # are small.  Delta runs over the flattened chunk, i.e. along K with one jump
+                # per row, which is what we want.
+                filters.append(znc.Delta(dtype="<i4"))
         return {
             "filters": filters,
             "compressors": [BloscCodec(cname="zstd", clevel=self.clevel, shuffle="bitshuffle")],

@@ -26,8 +26,11 @@ __all__ = [
 
 #: Version written by this code.  Readers accept every version in SUPPORTED_SCHEMA_VERSIONS
 #: and refuse newer ones (a newer writer may have added fields we would silently drop).
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+#:   1 — lossless float32/int32 + blosc only; manifest `fields` entries carry no `codec`.
+#:   2 — adds the compact bounded-error codecs (declared in each array's zarr.json) and the
+#:       manifest's per-field `codec` description and `shard_records`.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 
 ROLES = ("chosen", "rejected", "sft", "student_rollout", "teacher_rollout")
 

@@ -105,15 +105,16 @@ def decode_shard(
     import zarr
     from zarr.storage import MemoryStore
 
-    from . import codecs  # noqa: F401  (silences the numcodecs-in-zarr3 warning)
+    from .codecs import quiet_numcodecs
 
     table = pq.read_table(io.BytesIO(raw["records.parquet"]))
     zfiles = {k[len("tokens.zarr/") :]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
     tokens: dict[str, np.ndarray] = {}
     if fields:
-        group = zarr.open_group(MemoryStore(_buffers(zfiles), read_only=True), mode="r")
-        for f in fields:
-            tokens[f] = group[f][...]
+        with quiet_numcodecs():
+            group = zarr.open_group(MemoryStore(_buffers(zfiles), read_only=True), mode="r")
+            for f in fields:
+                tokens[f] = group[f][...]
     return Shard(name, table, tokens)
 
 

@@ -123,6 +123,7 @@ class StoreWriter:
                 "store_key": store_key(meta),
                 "meta": meta.to_dict(),
                 "fields": field_layout(meta, self.codec),
+                "shard_records": self.shard_records,
                 "shards": [],
                 "totals": {},
                 "complete": False,

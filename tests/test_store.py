@@ -13,6 +13,8 @@ import uuid
 
 import numpy as np
 import pytest
+from test_store_util import ALL_FIELDS, make_groups, make_meta, write_store
+
 from kdcache.store import (
     SCHEMA_VERSION,
     NoStoreError,
@@ -24,7 +26,6 @@ from kdcache.store import (
     store_key,
     summarize,
 )
-from test_store_util import ALL_FIELDS, make_groups, make_meta, write_store
 
 HERE = os.path.dirname(__file__)
 
