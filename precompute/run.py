@@ -48,13 +48,14 @@ def code_version() -> str:
 class PrecomputeConfig:
     """Everything `run_precompute` needs. Models are local HF dirs or cached hub ids."""
 
-    teacher: str  # the preference-aligned (DPO) teacher
+    teacher: str | None  # the preference-aligned (DPO) teacher; None -> tokenized-only store
     reference: str | None = None  # pi_ref (the pre-DPO SFT model); None -> no ref_* fields
     data: str | None = None  # JSONL/Parquet URL (or glob) ...
     input_store: str | None = None  # ... or a rollout store to score (exactly one of the two)
     out: str | None = None  # store URL; default <out_root>/<store_key>
     out_root: str = "stores"
     student: str | None = None  # only checked to share the teacher's tokenizer
+    tokenizer: str | None = None  # tokenizer dir; default: the teacher's (needed if teacher=None)
     k: int = 50
     betas: list[float] = field(default_factory=lambda: [1.0])
     ref_mode: str = "exact"  # "exact" (gather at DPO ids) | "paper" (ADPA's approximation)
@@ -88,6 +89,12 @@ class PrecomputeConfig:
         if (self.data is None) == (self.input_store is None):
             raise ValueError("PrecomputeConfig: set exactly one of data (a dataset URL) or "
                              "input_store (a rollout store URL)")
+        if self.teacher is None and self.reference is not None:
+            raise ValueError("PrecomputeConfig: a reference needs a teacher (teacher=None writes "
+                             "a tokenized-only store without teacher signals)")
+        if self.teacher is None and self.tokenizer is None:
+            raise ValueError("PrecomputeConfig: teacher=None (tokenized-only store) needs "
+                             "tokenizer=<a model or tokenizer directory>")
         if self.k < 1:
             raise ValueError(f"PrecomputeConfig.k must be >= 1, got {self.k}")
         if self.partition is not None:
@@ -136,12 +143,16 @@ def _data_options(cfg: PrecomputeConfig) -> DataOptions:
 def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any, DataStats]:
     """Tokenize and fingerprint everything (no model weights loaded): meta, groups, tokenizer."""
     cfg.validate()
-    tok = load_tokenizer(cfg.teacher, cfg.trust_remote_code, role="teacher")
-    t_vocab = model_vocab_size(cfg.teacher)
-    for name, role in ((cfg.reference, "reference"), (cfg.student, "student")):
+    main_role = "teacher" if cfg.teacher else "tokenizer"
+    tok = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code, role=main_role)
+    t_vocab = model_vocab_size(cfg.teacher) if cfg.teacher else None
+    checks = [(cfg.reference, "reference"), (cfg.student, "student")]
+    if cfg.tokenizer and cfg.teacher:
+        checks.append((cfg.teacher, "teacher"))
+    for name, role in checks:
         if name:
             other = load_tokenizer(name, cfg.trust_remote_code, role=role)
-            check_same_tokenizer(tok, other, "teacher", role, t_vocab, model_vocab_size(name))
+            check_same_tokenizer(tok, other, main_role, role, t_vocab, model_vocab_size(name))
     tok_fp = tokenizer_fingerprint(tok)
     stats = DataStats()
     has_behavior = False
@@ -158,8 +169,10 @@ def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any
         ds_fp = dict(ds_fp, limit=cfg.limit)
     groups = [g for g in groups if _in_partition(g[0].example_id, cfg.partition)]
 
-    fields = ["topk_ids", "topk_logprobs", "token_logprob", "soft_value"]
-    models = {"dpo": model_fingerprint(cfg.teacher, trust_remote_code=cfg.trust_remote_code)}
+    fields, models = [], {}
+    if cfg.teacher:
+        fields = ["topk_ids", "topk_logprobs", "token_logprob", "soft_value"]
+        models["dpo"] = model_fingerprint(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     if cfg.reference:
         fields += ["ref_topk_logprobs", "ref_token_logprob"]
         models["ref"] = model_fingerprint(cfg.reference, trust_remote_code=cfg.trust_remote_code)
@@ -170,7 +183,7 @@ def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any
         "codec": cfg.codec,
         "ref_mode": cfg.ref_mode if cfg.reference else None,
         # the teacher's numeric precision changes the stored numbers, so it is in the key
-        "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", ""),
+        "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.teacher else None,
         "partition": list(cfg.partition) if cfg.partition else None,
     }
     if cfg.error_bound is not None:
@@ -212,7 +225,9 @@ def run_precompute(cfg: PrecomputeConfig) -> str:
     with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=cfg.resume) as writer:
         done = writer.done_example_ids
         todo = [g for g in groups if g[0].example_id not in done]
-        if todo:
+        if todo and cfg.teacher is None:
+            _tokenized_into(writer, todo, tok.eos_token_id)
+        elif todo:
             _score_into(cfg, writer, todo, tok)
         report = writer.manifest.setdefault("precompute_report", {})
         report.update(rows=stats.rows, truncated=stats.truncated, skipped=stats.skipped)
@@ -259,6 +274,26 @@ def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, todo: list[list[Sequ
             bar.update(task, advance=len(seqs), tps=f"{rate:,.0f}")
             _write_report(report, acc)
     _write_report(report, acc)
+
+
+def _tokenized_into(writer: StoreWriter, todo: list[list[Sequence]], eos_id: int) -> None:
+    """No teacher: records carry only token ids (and carried rollout fields), e.g. for SFT."""
+    for g in todo:
+        recs = []
+        for s in g:
+            rec: dict[str, Any] = {
+                "example_id": s.example_id, "role": s.role, "group": int(s.group),
+                "prompt_ids": np.asarray(s.prompt_ids, np.int32),
+                "response_ids": np.asarray(s.response_ids, np.int32),
+                "teacher_prompt_ids": (None if s.teacher_prompt_ids is None
+                                       else np.asarray(s.teacher_prompt_ids, np.int32)),
+                "is_terminal": bool(s.response_ids and s.response_ids[-1] == eos_id),
+                "reward": s.extra.get("reward"), "n_tokens": len(s.response_ids),
+            }
+            if s.extra.get("behavior_logprob") is not None:
+                rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], np.float32)
+            recs.append(rec)
+        writer.add_group(recs)
 
 
 def _clamp(recs: list[dict], floor: float) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from kdcache.precompute import engine
 from kdcache.precompute.data import DataError, DataOptions, read_rows, tokenize_rows
 from kdcache.precompute.models import (
@@ -102,6 +103,16 @@ def test_resume_after_crash_gives_the_same_store(work, monkeypatch):
     a = {(r["example_id"], r["role"]): r for r in full}
     for r in resumed:
         np.testing.assert_array_equal(r["topk_ids"], a[(r["example_id"], r["role"])]["topk_ids"])
+
+
+def test_tokenized_only_store_without_teacher(work):
+    url = run_precompute(_cfg(work, teacher=None, reference=None, tokenizer=str(work / "dpo")))
+    store = open_store(url)
+    assert store.fields == [] and store.meta.models == {} and len(store) == 2 * len(ROWS)
+    r = store[0]
+    assert r["is_terminal"] and len(r["response_ids"]) == r["n_tokens"] > 0
+    with pytest.raises(ValueError, match="needs tokenizer="):
+        run_precompute(_cfg(work, teacher=None, reference=None))
 
 
 def test_partitions_cover_the_dataset(work):
