@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from kdcache.precompute.data import Sequence
 from kdcache.precompute.engine import Scorer, bucket_batches, score_sequences
 from kdcache.train.tiny import build_model, build_tokenizer

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from kdcache.precompute.scoring import LMHead, auto_chunk, reference_fields_float64, score_chunked
 
 TOL = dict(rtol=0, atol=2e-5)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from kdcache.precompute.data import DataError
 from kdcache.precompute.rollout import RolloutConfig, resolve_callable, run_rollout, sample_hf
 from kdcache.store import open_store
