@@ -106,15 +106,22 @@ def decode_shard(
     from zarr.storage import MemoryStore
 
     from .codecs import quiet_numcodecs
+    from .fastdecode import decode_array
 
     table = pq.read_table(io.BytesIO(raw["records.parquet"]))
     zfiles = {k[len("tokens.zarr/") :]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
     tokens: dict[str, np.ndarray] = {}
-    if fields:
-        with quiet_numcodecs():
-            group = zarr.open_group(MemoryStore(_buffers(zfiles), read_only=True), mode="r")
-            for f in fields:
-                tokens[f] = group[f][...]
+    group = None
+    for f in fields:
+        arr = decode_array(zfiles, f)  # fast path for the subset of zarr we write
+        if arr is None:
+            if group is None:
+                with quiet_numcodecs():
+                    group = zarr.open_group(MemoryStore(_buffers(zfiles), read_only=True),
+                                            mode="r")
+            with quiet_numcodecs():
+                arr = group[f][...]
+        tokens[f] = arr
     return Shard(name, table, tokens)
 
 
