@@ -51,7 +51,7 @@ class PrecomputeConfig:
     teacher: str | None  # the preference-aligned (DPO) teacher; None -> tokenized-only store
     reference: str | None = None  # pi_ref (the pre-DPO SFT model); None -> no ref_* fields
     data: str | None = None  # JSONL/Parquet URL (or glob) ...
-    input_store: str | None = None  # ... or a rollout store to score (exactly one of the two)
+    input_store: str | None = None  # ... or rollout store(s) to score, comma-separated (joined by example id)
     out: str | None = None  # store URL; default <out_root>/<store_key>
     out_root: str = "stores"
     student: str | None = None  # only checked to share the teacher's tokenizer
@@ -112,26 +112,30 @@ def _in_partition(example_id: str, partition: tuple[int, int] | None) -> bool:
     return h % partition[1] == partition[0]
 
 
-def _groups_from_store(url: str) -> tuple[list[list[Sequence]], dict[str, Any], bool]:
-    store = open_store(url)
-    if not store.complete:
-        raise ValueError(f"input store {url} is incomplete; finish the rollout run first")
-    groups: list[list[Sequence]] = []
-    has_behavior = "behavior_logprob" in store.fields
-    for recs in store.groups():
-        group = []
-        for r in recs:
-            extra: dict[str, Any] = {"reward": r.get("reward")}
-            if has_behavior:
-                extra["behavior_logprob"] = np.asarray(r["behavior_logprob"], np.float32)
-            tp = r.get("teacher_prompt_ids")
-            group.append(Sequence(
-                str(r["example_id"]), str(r["role"]), int(r.get("group", 0)),
-                [int(t) for t in r["prompt_ids"]], [int(t) for t in r["response_ids"]],
-                None if tp is None else [int(t) for t in tp], extra))
-        groups.append(group)
-    fp = {"input_store": store.manifest.get("store_key"), "checksum": store.manifest.get("checksum")}
-    return groups, fp, has_behavior
+def _groups_from_store(urls: str) -> tuple[list[list[Sequence]], dict[str, Any], bool]:
+    """Groups of one rollout store, or of several (comma-separated) joined by example id:
+    e.g. PBSD's teacher-with-context rollouts (y+) and student rollouts (y-) of one prompt
+    become one group, scored together."""
+    stores = [open_store(u.strip()) for u in urls.split(",") if u.strip()]
+    for st in stores:
+        if not st.complete:
+            raise ValueError(f"input store {st.url} is incomplete; finish the rollout run first")
+    has_behavior = all("behavior_logprob" in st.fields for st in stores)
+    joined: dict[str, list[Sequence]] = {}
+    for store in stores:
+        for recs in store.groups():
+            for r in recs:
+                extra: dict[str, Any] = {"reward": r.get("reward")}
+                if has_behavior:
+                    extra["behavior_logprob"] = np.asarray(r["behavior_logprob"], np.float32)
+                tp = r.get("teacher_prompt_ids")
+                joined.setdefault(str(r["example_id"]), []).append(Sequence(
+                    str(r["example_id"]), str(r["role"]), int(r.get("group", 0)),
+                    [int(t) for t in r["prompt_ids"]], [int(t) for t in r["response_ids"]],
+                    None if tp is None else [int(t) for t in tp], extra))
+    fps = [{"input_store": st.manifest.get("store_key"), "checksum": st.manifest.get("checksum")}
+           for st in stores]
+    return list(joined.values()), (fps[0] if len(fps) == 1 else {"input_stores": fps}), has_behavior
 
 
 def _data_options(cfg: PrecomputeConfig) -> DataOptions:

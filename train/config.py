@@ -35,6 +35,9 @@ class TrainConfig:
     chunk_size: int = 1024  # positions per lm_head chunk in the loss
     grad_checkpointing: bool = False
     bf16: bool | None = None  # None: on when CUDA is available
+    # weights: fp32 | bf16 | auto (bf16 for a frozen LoRA base under bf16, else fp32: plain
+    # AdamW on bf16 weights rounds small updates away, so full fine-tunes keep fp32 masters)
+    weights_dtype: str = "auto"
     lora_r: int = 0  # 0: full fine-tune
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -76,6 +79,8 @@ class TrainConfig:
             raise ValueError("no student model: pass --model DIR (a local HF directory)")
         if not self.store:
             raise ValueError("no store: pass --store URL (from `kdcache precompute`)")
+        if self.weights_dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--weights-dtype {self.weights_dtype!r}: use auto, fp32 or bf16")
         if self.batch_groups < 1 or self.grad_accum < 1:
             raise ValueError("--batch-groups and --grad-accum must be >= 1")
 

@@ -14,8 +14,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from kdcache.store import open_store
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kdcache.store import open_store
 
 from . import losses as L
 from .batch import collate
@@ -124,7 +125,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         for j, resp in enumerate(responses):
             rec = prompts[j // cfg.samples]
             prompt_text = tok.decode(rec["prompt_ids"], skip_special_tokens=True)
-            scores.append(float(fn(prompt_text, tok.decode(resp, skip_special_tokens=True))))
+            scores.append(float(fn(prompt_text, tok.decode(resp, skip_special_tokens=True), None)))
         result["reward_mean"] = sum(scores) / max(1, len(scores))
         result["samples"] = len(scores)
     return result

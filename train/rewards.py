@@ -1,9 +1,9 @@
 """Reward callables named as `module:function` (TGPO rewards, eval rule rewards).
 
-A reward is `fn(prompt: str, response: str) -> float`. Built in:
-`kdcache.train.rewards:sort_rule` (the demo task) and
-`kdcache.train.rewards:numeric_exact_match` (the final number in the response equals the
-final number of the reference answer passed as `answer=`).
+A reward is `fn(prompt: str, response: str, row: dict | None) -> float`, where `row` is the
+dataset row the prompt came from (None where there is none, e.g. in eval). Built in:
+`sort_rule` (the demo task) and `numeric_exact_match` (the last number of the response
+equals the last number of the row's `answer`, `completion` or `chosen`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 BUILTIN = {"sort_rule": sort_rule}
 
 
-def numeric_exact_match(prompt: str, response: str, answer: str | None = None) -> float:
+def numeric_exact_match(prompt: str, response: str, row: dict | None = None) -> float:
     """1.0 when the response's last number equals the reference answer's last number."""
+    row = row or {}
+    answer = next((row[k] for k in ("answer", "completion", "chosen") if isinstance(row.get(k), str)), None)
     if answer is None:
         return 0.0
     got, want = _NUMBER.findall(response), _NUMBER.findall(answer)

@@ -26,6 +26,13 @@ class StudentOut:
     topk_logprobs: torch.Tensor | None  # [S, T, K] log π_θ(topk_ids|s_t), full-vocab normalised
 
 
+def weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    if cfg.weights_dtype == "bf16" or (cfg.weights_dtype == "auto" and cfg.lora_r > 0 and bf16):
+        return torch.bfloat16
+    return torch.float32
+
+
 def load_student(cfg: TrainConfig, device: torch.device):
     """The student model (LoRA-wrapped when cfg.lora_r > 0) and its tokenizer."""
     try:
@@ -35,7 +42,7 @@ def load_student(cfg: TrainConfig, device: torch.device):
             f"cannot load the student tokenizer from {cfg.model!r}: {e.__class__.__name__}: "
             f"pass --model a local HF model directory"
         ) from e
-    kwargs: dict = {"trust_remote_code": False, "dtype": torch.float32}
+    kwargs: dict = {"trust_remote_code": False, "dtype": weights_dtype(cfg, device)}
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -80,7 +87,9 @@ def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:
     """Student log-probs at the response tokens and at the stored teacher top-K ids."""
     lm = base_causal_lm(model)
     decoder = lm.get_decoder()
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
     head = lm.get_output_embeddings()
     rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)
     gathered = gather_logprobs(rows_h, head.weight, batch.index, chunk_size=chunk_size, bias=head.bias)

@@ -19,9 +19,9 @@ def _digits(text: str) -> list[str]:
     return _DIGITS.findall(text)
 
 
-def sort_rule(prompt: str, response: str) -> float:
+def sort_rule(prompt: str, response: str, row: dict | None = None) -> float:
     """1.0 when the response is exactly the prompt's digits in ascending order."""
-    body = prompt.split(":", 1)[-1]
+    body = prompt.rsplit("sort", 1)[-1]  # a privileged-context hint may precede the task
     return float(_digits(response) == sorted(_digits(body)) and len(_digits(response)) > 0
                  and len(response.split()) == len(_digits(body)))
 
@@ -48,6 +48,10 @@ def _near_miss(rng: random.Random, digits: list[int]) -> list[int]:
     return out
 
 
+def _hint(digits: list[int]) -> str:
+    return "answer : " + _text(sorted(digits))
+
+
 def _text(digits: list[int]) -> str:
     return " ".join(map(str, digits))
 
@@ -60,6 +64,7 @@ def make_demo_data(
     n_rollout_prompts: int = 1500,
     n_eval: int = 200,
     p_sorted: float = 0.3,
+    p_hint: float = 0.2,
     min_len: int = 3,
     max_len: int = 6,
 ) -> dict[str, Path]:
@@ -67,7 +72,10 @@ def make_demo_data(
 
     sft.jsonl: prompt/completion, a corpus where only `p_sorted` of answers are sorted.
     pref.jsonl: prompt/chosen/rejected, chosen sorted, rejected a near miss.
-    prompts.jsonl: prompt/chosen for on-policy rollouts (ADPA, TGPO).
+    prompts.jsonl: prompt/chosen/context for on-policy rollouts (ADPA, TGPO, PBSD); `context`
+    is privileged information (the answer) that only PBSD's teacher sees.
+    A fraction `p_hint` of the SFT corpus shows such a hint before the task, so the SFT
+    model can use one when given it.
     eval.jsonl: held-out preference pairs (reward accuracy, rule preference rate).
     """
     rng = random.Random(seed)
@@ -76,6 +84,8 @@ def make_demo_data(
 
     def sft_row():
         p, d = _prompt(rng, min_len, max_len)
+        if rng.random() < p_hint:
+            return {"prompt": f"{_hint(d)} {p}", "completion": _text(sorted(d))}
         y = sorted(d) if rng.random() < p_sorted else _near_miss(rng, d)
         return {"prompt": p, "completion": _text(y)}
 
@@ -83,10 +93,15 @@ def make_demo_data(
         p, d = _prompt(rng, min_len, max_len)
         return {"prompt": p, "chosen": _text(sorted(d)), "rejected": _text(_near_miss(rng, d))}
 
+    def prompt_row():
+        row = pref_row()
+        row["context"] = _hint([int(c) for c in row["prompt"].split()[2:]])
+        return row
+
     files = {
         "sft": [sft_row() for _ in range(n_sft)],
         "pref": [pref_row() for _ in range(n_pref)],
-        "prompts": [pref_row() for _ in range(n_rollout_prompts)],
+        "prompts": [prompt_row() for _ in range(n_rollout_prompts)],
         "eval": [pref_row() for _ in range(n_eval)],
     }
     paths = {}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from kdcache.store import StreamReader, open_store
 
 from .batch import collate
@@ -228,7 +229,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
             batch = collate(records, pad_id=tokenizer.pad_token_id or 0)
             batch.block_ids, batch.betas = block_ids, tuple(store.meta.betas)
             batch = batch.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            # with checkpointing, autocast's cache of bf16 weight copies would outlive the
+            # forward for nothing (the recompute casts again): keep it off then
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16,
+                                cache_enabled=not cfg.grad_checkpointing):
                 student = student_forward(model, batch, cfg.chunk_size)
             loss, metrics = spec.loss(student, batch, cfg, step)
             (loss / cfg.grad_accum).backward()
