@@ -244,7 +244,158 @@ def _dir_bytes(url: str) -> int:
     return sum(fs.du(root, total=False).values()) if fs.exists(root) else 0
 
 
-class Demo:
+class Stages:
+    """Chains the stages through their public APIs with shared defaults; every intermediate
+    store is content-addressed under `store_root`, so unchanged inputs are never recomputed,
+    and every training run resumes (or is skipped when finished) in `runs/<name>`."""
+
+    def __init__(self, out: Path, seed: int = 0, precompute: dict | None = None,
+                 rollout: dict | None = None, train: dict | None = None) -> None:
+        self.out, self.seed = Path(out), seed
+        self.store_root = str(self.out / "stores")
+        self.defaults = {"precompute": precompute or {}, "rollout": rollout or {}, "train": train or {}}
+        self.timings: dict[str, float] = {}
+
+    def precompute(self, **kw) -> str:
+        from kdcache.precompute.run import PrecomputeConfig, run_precompute
+
+        base = {"out_root": self.store_root, **self.defaults["precompute"]}
+        return run_precompute(PrecomputeConfig(**{**base, **kw}))
+
+    def rollout(self, **kw) -> str:
+        from kdcache.precompute.rollout import RolloutConfig, run_rollout
+        from kdcache.train.rewards import resolve_reward
+
+        if isinstance(kw.get("reward"), str):
+            kw["reward"] = resolve_reward(kw["reward"])
+        base = {"out_root": self.store_root, "seed": self.seed, **self.defaults["rollout"]}
+        return run_rollout(RolloutConfig(**{**base, **kw}))
+
+    def train(self, name: str, model: str, store: str, objective: str, steps: int, **kw) -> str:
+        import time
+
+        from kdcache.train.config import TrainConfig
+        from kdcache.train.trainer import train
+
+        run = self.out / "runs" / name
+        cfg = TrainConfig(**{"seed": self.seed, **self.defaults["train"], "model": str(model),
+                             "store": store, "out": str(run), "objective": objective,
+                             "max_steps": steps, **kw})
+        t0 = time.perf_counter()
+        train(cfg)
+        # accumulated: a pipeline that re-enters a finished run (ADPA+ after DCKD) adds only its load time
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        return str(run / "model")
+
+
+def adpa_plus(st: Stages, student: str, teacher: str, reference: str, pref_data: str,
+              prompts_data: str, dckd_steps: int, adpa_steps: int, n: int = 2,
+              dckd: dict | None = None, adpa: dict | None = None, name: str = "adpa+") -> tuple[str, list[str]]:
+    """ADPA+ (seed 001, Algorithm 2): DCKD, rollouts from the DCKD student, precompute on
+    them, then ADPA from the DCKD student. Returns the model and the stores it used."""
+    pref = st.precompute(data=pref_data, teacher=teacher, reference=reference)
+    dckd_model = st.train("dckd", student, pref, "dckd", dckd_steps, **(dckd or {}))
+    return adpa_from(st, dckd_model, teacher, reference, prompts_data, adpa_steps, n, adpa, name)
+
+
+def adpa_from(st: Stages, start: str, teacher: str, reference: str, prompts_data: str, steps: int,
+              n: int = 2, adpa: dict | None = None, name: str = "adpa") -> tuple[str, list[str]]:
+    """ADPA on the student's own rollouts (with the preferred response for its SFT term)."""
+    roll = st.rollout(model=start, data=prompts_data, n=n, include_chosen=True)
+    scored = st.precompute(input_store=roll, teacher=teacher, reference=reference)
+    return st.train(name, start, scored, "adpa", steps, **(adpa or {})), [roll, scored]
+
+
+def tgpo_rounds(st: Stages, student: str, teacher: str, prompts_data: str, reward, steps: int,
+                rounds: int = 1, n: int = 4, train_kw: dict | None = None,
+                name: str = "tgpo") -> tuple[str, list[str]]:
+    """TGPO offline rounds: rollout (with rewards) -> precompute the teacher's top-K ->
+    train `steps` -> regenerate from the new student. The guidance weight's schedule runs
+    on across rounds."""
+    model, stores = student, []
+    for r in range(rounds):
+        roll = st.rollout(model=model, data=prompts_data, n=n, reward=reward)
+        scored = st.precompute(input_store=roll, teacher=teacher, reference=None)
+        stores += [roll, scored]
+        run = name if rounds == 1 else f"{name}-round{r}"
+        model = st.train(run, model, scored, "tgpo", steps, tgpo_step_offset=r * steps, **(train_kw or {}))
+    return model, stores
+
+
+def pbsd(st: Stages, student: str, prompts_data: str, steps: int, n: int = 1,
+         train_kw: dict | None = None, name: str = "pbsd") -> tuple[str, list[str]]:
+    """PBSD (seed 003): the initial student, given privileged context c (the data's
+    `context` column), is the fixed teacher. y+ is sampled WITH c, y- without; the teacher
+    (with c) scores both; the student (without c) trains on the pair."""
+    pos = st.rollout(model=student, data=prompts_data, n=n, role="teacher_rollout", use_context=True)
+    neg = st.rollout(model=student, data=prompts_data, n=n, role="student_rollout", use_context=True)
+    scored = st.precompute(input_store=f"{pos},{neg}", teacher=student, reference=None)
+    return st.train(name, student, scored, "pbsd", steps, **(train_kw or {})), [pos, neg, scored]
+
+
+pipeline_app = typer.Typer(no_args_is_help=True, help="Multi-stage recipes, one command each.")
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("adpa-plus")
+def pipeline_adpa_plus(
+    student: str = typer.Option(..., help="SFT'd student model dir"),
+    teacher: str = typer.Option(..., help="DPO teacher model dir"),
+    reference: str = typer.Option(..., help="the teacher's pre-DPO reference model dir"),
+    data: str = typer.Option(..., help="preference data (prompt, chosen, rejected)"),
+    prompts: str = typer.Option("", help="prompts for rollouts (default: --data)"),
+    out: Path = typer.Option(Path("runs/adpa-plus")),
+    dckd_steps: int = typer.Option(1000), adpa_steps: int = typer.Option(1000),
+    n: int = typer.Option(2, help="rollouts per prompt"),
+    k: int = typer.Option(50), dckd_alpha: float = typer.Option(0.2), adpa_gamma: float = typer.Option(3.0),
+    lr: float = typer.Option(1e-5), batch_groups: int = typer.Option(8),
+    max_new_tokens: int = typer.Option(256), seed: int = typer.Option(0),
+) -> None:
+    """DCKD -> rollouts -> precompute -> ADPA, one command (ADPA+)."""
+    st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
+                train={"lr": lr, "batch_groups": batch_groups})
+    model, _ = _friendly(adpa_plus, st, student, teacher, reference, data, prompts or data,
+                         dckd_steps, adpa_steps, n, {"dckd_alpha": dckd_alpha}, {"adpa_gamma": adpa_gamma})
+    typer.echo(model)
+
+
+@pipeline_app.command("tgpo")
+def pipeline_tgpo(
+    student: str = typer.Option(...), teacher: str = typer.Option(...),
+    prompts: str = typer.Option(..., help="prompts (+ answer column for numeric rewards)"),
+    reward: str = typer.Option(..., help="module:function, or built in: numeric_exact_match, sort_rule"),
+    out: Path = typer.Option(Path("runs/tgpo")),
+    rounds: int = typer.Option(1), steps: int = typer.Option(200, help="train steps per round"),
+    n: int = typer.Option(8, help="rollouts per prompt (the GRPO group)"),
+    k: int = typer.Option(50), shaping: bool = typer.Option(False, help="TGPO_R reward shaping"),
+    lr: float = typer.Option(1e-6), batch_groups: int = typer.Option(4),
+    max_new_tokens: int = typer.Option(512), seed: int = typer.Option(0),
+) -> None:
+    """TGPO in offline rounds: rollout -> reward -> precompute -> train N steps -> repeat."""
+    st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
+                train={"lr": lr, "batch_groups": batch_groups})
+    model, _ = _friendly(tgpo_rounds, st, student, teacher, prompts, reward, steps, rounds, n,
+                         {"tgpo_shaping": shaping})
+    typer.echo(model)
+
+
+@pipeline_app.command("pbsd")
+def pipeline_pbsd(
+    student: str = typer.Option(..., help="the initial student (also the teacher, given context)"),
+    prompts: str = typer.Option(..., help="prompts with a `context` column (privileged information)"),
+    out: Path = typer.Option(Path("runs/pbsd")), steps: int = typer.Option(500),
+    n: int = typer.Option(1), beta: float = typer.Option(0.1),
+    lr: float = typer.Option(1e-5), batch_groups: int = typer.Option(8),
+    max_new_tokens: int = typer.Option(256), seed: int = typer.Option(0),
+) -> None:
+    """PBSD: teacher-with-context samples y+, student samples y-, precompute, train."""
+    st = Stages(out, seed, rollout={"max_new_tokens": max_new_tokens},
+                train={"lr": lr, "batch_groups": batch_groups})
+    model, _ = _friendly(pbsd, st, student, prompts, steps, n, {"pbsd_beta": beta})
+    typer.echo(model)
+
+
+class Demo(Stages):
     """The embedded default: every stage of the product on a tiny sorting task, on CPU.
 
     Teacher: SFT on a corpus where 30% of answers are sorted, then DPO (+ length-normalised
@@ -257,49 +408,21 @@ class Demo:
         from kdcache.train.tasks import make_demo_data
         from kdcache.train.tiny import build_tokenizer
 
-        self.out, self.quick, self.seed = out, quick, seed
+        self.k, self.betas = 16, [1.0, 2.0]
+        super().__init__(
+            out, seed,
+            precompute={"k": self.k, "betas": self.betas, "progress": False, "codec": "compact",
+                        "max_length": 64},
+            rollout={"max_new_tokens": 12, "progress": False, "batch_prompts": 64},
+            train={"progress": False, "batch_groups": 16, "lr": 1e-3},
+        )
+        self.quick = quick
         self.tok = build_tokenizer()
         n = (lambda full, small: small if quick else full)  # noqa: E731
         self.steps = {"teacher_sft": n(600, 120), "teacher_dpo": n(200, 40),
                       "student_sft": n(300, 60), "student": n(150, 30)}
-        self.k, self.betas = 16, [1.0, 2.0]
         self.data = make_demo_data(out / "data", seed=seed, n_sft=n(4000, 800), n_pref=n(1500, 300),
                                    n_rollout_prompts=n(600, 120), n_eval=n(200, 60))
-        self.store_root = str(out / "stores")
-        self.timings: dict[str, float] = {}
-
-    # each stage is one call of the public API of precompute/ or train/
-    def precompute(self, **kw) -> str:
-        from kdcache.precompute.run import PrecomputeConfig, run_precompute
-
-        base = dict(out_root=self.store_root, k=self.k, betas=self.betas, progress=False,
-                    codec="compact", max_length=64)
-        return run_precompute(PrecomputeConfig(**{**base, **kw}))
-
-    def rollout(self, **kw) -> str:
-        from kdcache.precompute.rollout import RolloutConfig, run_rollout
-
-        base = dict(out_root=self.store_root, max_new_tokens=12, progress=False, seed=self.seed,
-                    batch_prompts=64)
-        from kdcache.train.rewards import resolve_reward
-
-        if isinstance(kw.get("reward"), str):
-            kw["reward"] = resolve_reward(kw["reward"])
-        return run_rollout(RolloutConfig(**{**base, **kw}))
-
-    def train(self, name: str, model: str, store: str, objective: str, steps: int, **kw) -> str:
-        import time
-
-        from kdcache.train.config import TrainConfig
-        from kdcache.train.trainer import train
-
-        cfg = TrainConfig(model=str(model), store=store, out=str(self.out / "runs" / name),
-                          objective=objective, max_steps=steps, seed=self.seed, progress=False,
-                          **{"batch_groups": 16, "lr": 1e-3, **kw})
-        t0 = time.perf_counter()
-        train(cfg)
-        self.timings[name] = time.perf_counter() - t0
-        return str(self.out / "runs" / name / "model")
 
     def evaluate(self, model: str, eval_store: str) -> dict:
         from kdcache.train.eval import EvalConfig, evaluate
@@ -347,37 +470,30 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
     stores: dict[str, list[str]] = {}
     models: dict[str, str] = {}
 
-    def adpa_from(start: str, name: str) -> str:
-        roll = d.rollout(model=start, data=str(d.data["prompts"]), n=2, include_chosen=True)
-        scored = d.precompute(input_store=roll, teacher=teacher, reference=ref)
-        stores[name] = [roll, scored]
-        return d.train(name, start, scored, "adpa", steps, adpa_gamma=1.0)
-
+    prompts = str(d.data["prompts"])
     for m in methods:
         if m == "sft":
             stores[m], models[m] = [pref], d.train(m, student0, pref, "sft", steps)
         elif m == "seqkd":
-            roll = d.rollout(model=teacher, data=str(d.data["prompts"]), n=2, role="teacher_rollout")
+            roll = d.rollout(model=teacher, data=prompts, n=2, role="teacher_rollout")
             stores[m], models[m] = [roll], d.train(m, student0, roll, "seqkd", steps)
-        elif m == "dckd" or (m == "adpa+" and "dckd" not in models):
-            models["dckd"] = d.train("dckd", student0, pref, "dckd", steps, dckd_alpha=0.2)
-            stores["dckd"] = [pref]
-        if m == "adpa":
-            models[m] = adpa_from(student0, m)
+        elif m == "dckd":
+            stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_alpha=0.2)
+        elif m == "adpa":
+            models[m], stores[m] = adpa_from(d, student0, teacher, ref, prompts, steps, 2, {"adpa_gamma": 1.0})
         elif m == "adpa+":
-            models[m] = adpa_from(models["dckd"], m)
+            models[m], stores[m] = adpa_plus(d, student0, teacher, ref, str(d.data["pref"]), prompts,
+                                             steps, steps, 2, {"dckd_alpha": 0.2}, {"adpa_gamma": 1.0})
+            stores[m].insert(0, pref)
         elif m == "tvkd":
             stores[m], models[m] = [pref], d.train(m, student0, pref, "tvkd", steps, tvkd_beta=2.0, tvkd_alpha=0.7)
         elif m == "dpo":
             own = d.precompute(data=str(d.data["pref"]), teacher=student0, reference=student0)
             stores[m], models[m] = [own], d.train(m, student0, own, "dpo", steps, dpo_beta=0.1)
         elif m == "tgpo":
-            roll = d.rollout(model=student0, data=str(d.data["prompts"]), n=4, reward="sort_rule")
-            scored = d.precompute(input_store=roll, teacher=teacher, reference=None)
-            stores[m], models[m] = [roll, scored], d.train(m, student0, scored, "tgpo", steps)
+            models[m], stores[m] = tgpo_rounds(d, student0, teacher, prompts, "sort_rule", steps, 1, 4)
         elif m == "pbsd":
-            stores[m] = _pbsd_stores(d, student0)
-            models[m] = d.train(m, student0, stores[m][-1], "pbsd", steps, pbsd_beta=0.1)
+            models[m], stores[m] = pbsd(d, student0, prompts, steps, 1, {"pbsd_beta": 0.1})
 
     typer.echo("[5/5] evaluate on held-out pairs (rule-judged preference rate on samples)")
     rows = [{"method": "teacher (DPO)", **d.evaluate(teacher, evals), "train_s": d.timings["teacher-dpo"], "store_mb": None},
@@ -394,15 +510,6 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
     typer.echo(f"total {result['seconds']:.0f}s; results in {out / 'results.json'}; "
                f"`kdcache plot {out}/runs/* --table {out}/results.json` draws them")
     return result
-
-
-def _pbsd_stores(d: Demo, student0: str) -> list[str]:
-    """PBSD: the initial student is also the teacher, given the answer as context c.
-    y+ is sampled WITH c, y- without; the teacher (with c) scores both."""
-    prompts = str(d.data["prompts"])
-    pos = d.rollout(model=student0, data=prompts, n=1, role="teacher_rollout", use_context=True)
-    neg = d.rollout(model=student0, data=prompts, n=1, role="student_rollout", use_context=True)
-    return [pos, neg, d.precompute(input_store=f"{pos},{neg}", teacher=student0, reference=None)]
 
 
 def _demo_table(rows: list[dict]) -> str:

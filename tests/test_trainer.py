@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from kdcache.store import StoreMeta, StoreWriter
 from kdcache.train.batch import collate
 from kdcache.train.config import OBJECTIVES, TrainConfig, load_config
 from kdcache.train.student import student_forward
 from kdcache.train.tiny import build_tokenizer, save_tiny
 from kdcache.train.trainer import train
-from transformers import AutoModelForCausalLM
 
 K, BETAS = 4, [1.0, 2.0]
 FIELDS = ["topk_ids", "topk_logprobs", "token_logprob", "ref_topk_logprobs",
@@ -141,3 +142,22 @@ def test_config_file_and_overrides(tmp_path):
     f.write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         load_config(f, {})
+
+
+def test_resume_refuses_a_different_run(setup, tmp_path):
+    train(_cfg(setup, "sft", tmp_path / "r", max_steps=2))
+    with pytest.raises(ValueError, match="different settings \\(lr\\)"):
+        train(_cfg(setup, "sft", tmp_path / "r", max_steps=2, lr=0.5))
+    res = train(_cfg(setup, "sft", tmp_path / "r", max_steps=2, lr=0.5, resume=False))
+    assert res.steps == 2
+
+
+def test_tgpo_guidance_schedule_continues_across_rounds(setup, tmp_path):
+    from kdcache.train.losses import guidance_weight
+
+    out = tmp_path / "tg"
+    train(_cfg(setup, "tgpo", out, max_steps=1, tgpo_step_offset=150, tgpo_w_init=2e-3, tgpo_delta=1e-5))
+    import json
+
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["w"] == pytest.approx(guidance_weight(150))

@@ -62,6 +62,7 @@ class TrainConfig:
     tgpo_clip: float = 0.2
     tgpo_shaping: bool = False  # TGPO_R: reward shaping instead of the guidance loss
     tgpo_lambda: float = 0.1
+    tgpo_step_offset: int = 0  # global step at which this run starts (TGPO rounds continue the w schedule)
 
     # bookkeeping
     log_every: int = 10

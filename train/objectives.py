@@ -103,7 +103,7 @@ def _tgpo(student, batch, cfg, step):
     guide = student.topk_logprobs[..., 0]
     return L.tgpo_loss(
         student.token_logprobs, batch.stored["behavior_logprob"], guide, batch.reward, group_ids,
-        batch.mask, step, w_init=cfg.tgpo_w_init, delta=cfg.tgpo_delta, clip=cfg.tgpo_clip,
+        batch.mask, step + cfg.tgpo_step_offset, w_init=cfg.tgpo_w_init, delta=cfg.tgpo_delta, clip=cfg.tgpo_clip,
         shaping=cfg.tgpo_shaping, lam=cfg.tgpo_lambda,
     )
 

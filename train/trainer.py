@@ -70,6 +70,24 @@ def _check_store(cfg: TrainConfig, store, vocab_size: int) -> None:
         )
 
 
+# options that may change between a run and its resumption without changing what it computes
+_RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard"}
+
+
+def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
+    """Refuse to resume a run whose saved config differs: it would silently mix two runs."""
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = cfg.to_dict()
+    diff = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k, now[k]) != now[k])
+    if diff:
+        raise ValueError(
+            f"{cfg.out} holds a run with different settings ({', '.join(diff)}): "
+            f"use a new --out, or --no-resume to start over"
+        )
+
+
 def _check_blocks(objective: str, block_ids: list[int]) -> None:
     blocks = OBJECTIVE_SPECS[objective].blocks
     for b, roles in enumerate(blocks):
@@ -185,6 +203,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
     store = resolve_store(cfg)
     resume_dir = out / "last"
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
+    if resuming:
+        _check_same_run(cfg, resume_dir / "config.yaml")
     if resuming:
         model_cfg = TrainConfig(**{**cfg.to_dict(), "model": str(resume_dir)})
         model, tokenizer = _load_resumed(model_cfg, cfg, device)
