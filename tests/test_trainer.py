@@ -80,6 +80,12 @@ def test_every_objective_trains_and_exports(setup, objective, tmp_path):
     assert (tmp_path / objective / "config.yaml").exists()
 
 
+def test_packed_training_matches_padded(setup, tmp_path):
+    a = train(_cfg(setup, "dckd", tmp_path / "pad"))
+    b = train(_cfg(setup, "dckd", tmp_path / "pack", packing=True))
+    assert a.final_loss == pytest.approx(b.final_loss, rel=1e-4)
+
+
 def test_lora_and_grad_checkpointing(setup, tmp_path):
     res = train(_cfg(setup, "adpa", tmp_path / "lora", lora_r=4, lora_targets=["q_proj", "v_proj"],
                      grad_checkpointing=True))
@@ -87,24 +93,25 @@ def test_lora_and_grad_checkpointing(setup, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged, plain HF
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_student_forward_equals_full_logits(setup, dtype):
+def test_student_forward_equals_full_logits(setup, dtype, packed):
     model_dir, url, _ = setup
     from kdcache.store import open_store
 
     records = next(open_store(url).groups())[:4]
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(dtype)
-    batch = collate(records)
-    out = student_forward(model, batch, chunk_size=3)
+    out = student_forward(model, collate(records, packed=packed), chunk_size=3)
+    batch = collate(records)  # the reference: each sequence in its own padded row
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
     lp = logits.log_softmax(-1)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     for s, r in enumerate(records):
         P, T = len(r["prompt_ids"]), len(r["response_ids"])
         ref = lp[s, P - 1 : P - 1 + T]
-        ids = torch.as_tensor(np.asarray(r["response_ids"]), dtype=torch.long)
+        ids = torch.tensor(np.array(r["response_ids"]), dtype=torch.long)
         torch.testing.assert_close(out.token_logprobs[s, :T].double(), ref.gather(-1, ids[:, None])[:, 0], atol=tol, rtol=0)
-        topk = torch.as_tensor(np.asarray(r["topk_ids"]), dtype=torch.long)
+        topk = torch.tensor(np.array(r["topk_ids"]), dtype=torch.long)
         torch.testing.assert_close(out.topk_logprobs[s, :T].double(), ref.gather(-1, topk), atol=tol, rtol=0)
 
 

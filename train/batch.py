@@ -27,12 +27,13 @@ TOKEN_FIELDS = (
 
 @dataclass
 class SeqBatch:
-    input_ids: torch.Tensor  # [S, L]
-    attention_mask: torch.Tensor  # [S, L]
-    rows: torch.Tensor  # [N] flat positions of response-predicting hidden states
-    index: torch.Tensor  # [N, M] vocab ids to gather (col 0: the response token)
-    mask: torch.Tensor  # [S, T] bool, response tokens
-    targets: torch.Tensor  # [S, T] response ids (0 where padded)
+    input_ids: torch.Tensor  # [S, L], or [1, ΣL] when packed
+    attention_mask: torch.Tensor | None  # [S, L]; None when packed
+    position_ids: torch.Tensor | None = None  # packed: restarts at 0 per sequence
+    rows: torch.Tensor = None  # [N] flat positions of response-predicting hidden states
+    index: torch.Tensor = None  # [N, M] vocab ids to gather (col 0: the response token)
+    mask: torch.Tensor = None  # [S, T] bool, response tokens
+    targets: torch.Tensor = None  # [S, T] response ids (0 where padded)
     stored: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher fields, padded
     is_terminal: torch.Tensor | None = None  # [S] bool
     reward: torch.Tensor | None = None  # [S] float
@@ -50,6 +51,7 @@ class SeqBatch:
         return SeqBatch(
             input_ids=move(self.input_ids),
             attention_mask=move(self.attention_mask),
+            position_ids=move(self.position_ids),
             rows=move(self.rows),
             index=move(self.index),
             mask=move(self.mask),
@@ -64,8 +66,15 @@ class SeqBatch:
         )
 
 
-def collate(records: list[dict], pad_id: int = 0, max_length: int | None = None) -> SeqBatch:
-    """Right-padded batch of records; the stored teacher fields travel along, padded."""
+def collate(
+    records: list[dict], pad_id: int = 0, max_length: int | None = None, packed: bool = False
+) -> SeqBatch:
+    """Right-padded batch of records; the stored teacher fields travel along, padded.
+
+    packed=True lays all sequences end to end in ONE row with position_ids restarting at 0
+    per sequence and no attention mask: transformers then attends block-diagonally (varlen
+    kernels under flash_attention_2), so no compute goes to padding. The loss-side tensors
+    ([S, T] masks, stored fields) are the same in both layouts."""
     if not records:
         raise ValueError("collate got no records: the store has no records of the needed roles")
     seqs, prompt_lens, resp_lens = [], [], []
@@ -84,17 +93,27 @@ def collate(records: list[dict], pad_id: int = 0, max_length: int | None = None)
         prompt_lens.append(len(p))
         resp_lens.append(len(y))
     S, L, T = len(seqs), max(map(len, seqs)), max(max(resp_lens), 1)
-    input_ids = torch.full((S, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((S, L), dtype=torch.long)
     mask = torch.zeros((S, T), dtype=torch.bool)
     targets = torch.zeros((S, T), dtype=torch.long)
     rows = []
+    if packed:
+        flat = np.concatenate(seqs)
+        input_ids = torch.from_numpy(flat).unsqueeze(0)
+        position_ids = torch.cat([torch.arange(len(q)) for q in seqs]).unsqueeze(0)
+        attention_mask = None
+        starts = np.concatenate([[0], np.cumsum([len(q) for q in seqs])[:-1]])
+    else:
+        input_ids = torch.full((S, L), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((S, L), dtype=torch.long)
+        position_ids = None
+        starts = np.arange(S) * L
     for s, (seq, P, Ty) in enumerate(zip(seqs, prompt_lens, resp_lens, strict=True)):
-        input_ids[s, : len(seq)] = torch.from_numpy(seq)
-        attention_mask[s, : len(seq)] = 1
+        if not packed:
+            input_ids[s, : len(seq)] = torch.from_numpy(seq)
+            attention_mask[s, : len(seq)] = 1
         mask[s, :Ty] = True
         targets[s, :Ty] = torch.from_numpy(seq[P:])
-        rows.append(s * L + torch.arange(P - 1, P - 1 + Ty))
+        rows.append(int(starts[s]) + torch.arange(P - 1, P - 1 + Ty))
     rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
     stored = {}
@@ -117,6 +136,7 @@ def collate(records: list[dict], pad_id: int = 0, max_length: int | None = None)
     return SeqBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        position_ids=position_ids,
         rows=rows_t,
         index=index,
         mask=mask,

@@ -33,6 +33,7 @@ class TrainConfig:
 
     # memory
     chunk_size: int = 1024  # positions per lm_head chunk in the loss
+    packing: bool = False  # one row per micro-batch, no padding (best with flash_attention_2)
     grad_checkpointing: bool = False
     bf16: bool | None = None  # None: on when CUDA is available
     # weights: fp32 | bf16 | auto (bf16 for a frozen LoRA base under bf16, else fp32: plain

@@ -88,7 +88,8 @@ def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:
     lm = base_causal_lm(model)
     decoder = lm.get_decoder()
     hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids, use_cache=False,
     ).last_hidden_state
     head = lm.get_output_embeddings()
     rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)

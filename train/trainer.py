@@ -246,7 +246,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
         for _ in range(cfg.grad_accum):
             records, block_ids = select_records(cfg.objective, [next(groups) for _ in range(cfg.batch_groups)])
             _check_blocks(cfg.objective, block_ids)
-            batch = collate(records, pad_id=tokenizer.pad_token_id or 0)
+            batch = collate(records, pad_id=tokenizer.pad_token_id or 0, packed=cfg.packing)
             batch.block_ids, batch.betas = block_ids, tuple(store.meta.betas)
             batch = batch.to(device)
             # with checkpointing, autocast's cache of bf16 weight copies would outlive the
