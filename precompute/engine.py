@@ -90,9 +90,11 @@ def score_sequences(
     chunk: int | None = None,
     ref_mode: str = "exact",
     packed: bool = False,
+    per_seq: list[dict[str, float]] | None = None,
 ) -> tuple[list[dict], dict[str, float]]:
     """Score one batch of sequences with the DPO teacher (and reference); returns records and
-    batch sums for the store report (top-K mass, paper-approximation error)."""
+    batch sums for the store report (top-K mass, paper-approximation error). `per_seq`, if
+    given, receives the same sums per sequence (a resumed run writes part of a batch)."""
     pairs = [(s.scored_prompt, s.response_ids) for s in seqs]
     h = dpo.hidden_at_states(pairs, pad_id, packed)
     rh = ref.hidden_at_states(pairs, pad_id, packed) if ref is not None else None
@@ -107,6 +109,8 @@ def score_sequences(
     for s in seqs:
         t = len(s.response_ids)
         sl = slice(start, start + t)  # rows for s_1..s_T; row start+t is s_{T+1}
+        mine = {"tokens": float(t), "topk_mass": float(cpu["topk_mass"][sl].sum()),
+                "ref_paper_abs_err": 0.0}
         rec = {
             "example_id": s.example_id,
             "role": s.role,
@@ -127,11 +131,13 @@ def score_sequences(
             rec["ref_topk_logprobs"] = cpu["ref_topk_logprobs"][sl]
             rec["ref_token_logprob"] = cpu["ref_token_logprob"][sl]
             if "ref_paper_abs_err" in cpu:
-                sums["ref_paper_abs_err"] += float(cpu["ref_paper_abs_err"][sl].sum())
+                mine["ref_paper_abs_err"] = float(cpu["ref_paper_abs_err"][sl].sum())
         if s.extra.get("behavior_logprob") is not None:
             rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], dtype=np.float32)
-        sums["tokens"] += t
-        sums["topk_mass"] += float(cpu["topk_mass"][sl].sum())
+        for key, v in mine.items():
+            sums[key] += v
+        if per_seq is not None:
+            per_seq.append(mine)
         records.append(rec)
         start += t + 1
     return records, sums

@@ -27,8 +27,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _SAMPLE_BLOCKS, _BLOCK = 64, 64 * 1024
 
 
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message names the path and the fix."""
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message names the path and the fix.
+    (A ValueError: bad user input, reported by the CLI as one `error:` line.)"""
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:

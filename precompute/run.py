@@ -12,7 +12,10 @@ precompute one dataset without sharing a writer.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,6 +36,8 @@ from .models import (
     verify_head,
 )
 from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
+
+log = logging.getLogger("kdcache.precompute")
 
 
 def code_version() -> str:
@@ -67,7 +72,12 @@ class PrecomputeConfig:
     use_context: bool = True
     context_template: str = "{context}\n\n{prompt}"
     limit: int | None = None
-    partition: tuple[int, int] | None = None  # (index, count)
+    partition: tuple[int, int] | None = None  # (index, count): this process's share
+    # one box, several devices: one subprocess per device over partitions, then merged
+    # (precompute/launch.py); e.g. ["0", "1", "2", "3"] (CUDA ids), ["all"], ["cpu", "cpu"]
+    devices: list[str] | None = None
+    merge_parts: int | None = None  # merge the N complete partition stores into the full store
+    keep_parts: bool = False  # keep the partition stores after a merge
     # execution
     batch_tokens: int = 16384  # padded tokens per forward (packed: real tokens)
     max_batch_seqs: int = 256
@@ -103,6 +113,15 @@ class PrecomputeConfig:
                 raise ValueError(f"partition {self.partition}: need 0 <= index < count")
         if self.batch_tokens < 1:
             raise ValueError("batch_tokens must be >= 1")
+        if self.truncate not in ("truncate", "skip", "fail"):
+            raise ValueError(f"truncate must be 'truncate', 'skip' or 'fail', got {self.truncate!r}")
+        modes = [name for name, v in (("partition", self.partition), ("devices", self.devices),
+                                      ("merge_parts", self.merge_parts)) if v]
+        if len(modes) > 1:
+            raise ValueError(f"set only one of {' / '.join(modes)}: devices runs every partition "
+                             "itself and merges them; merge_parts merges partitions run elsewhere")
+        if self.merge_parts is not None and self.merge_parts < 1:
+            raise ValueError(f"merge_parts must be >= 1 (the partition count), got {self.merge_parts}")
 
 
 def _in_partition(example_id: str, partition: tuple[int, int] | None) -> bool:
@@ -214,39 +233,106 @@ def _progress(enabled: bool, total: int, label: str = "precompute"):
                     disable=not enabled, transient=False)
 
 
-def run_precompute(cfg: PrecomputeConfig) -> str:
-    """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
+def plan_batches(cfg: PrecomputeConfig, groups: list[list[Sequence]]) -> list[list[list[Sequence]]]:
+    """The forward batches of a run, in write order. They depend only on the groups and the
+    settings (never on what a killed run already committed), so a resumed run recomputes
+    exactly the batches an uninterrupted run computes."""
+    if cfg.teacher is None:
+        return [[g] for g in groups]  # tokenized-only: data order, no forwards
+    from .engine import bucket_batches
 
-    meta, groups, tok, stats = prepare(cfg)
-    url = cfg.out or f"{cfg.out_root.rstrip('/')}/{store_key(meta)}"
+    return bucket_batches(groups, cfg.batch_tokens, cfg.max_batch_seqs, cfg.packed)
+
+
+def default_url(cfg: PrecomputeConfig, meta: StoreMeta) -> str:
+    return cfg.out or f"{cfg.out_root.rstrip('/')}/{store_key(meta)}"
+
+
+def cache_hit(url: str, meta: StoreMeta) -> bool:
+    """A complete store with this content already exists at `url`."""
     try:
         existing = open_store(url)
-        if existing.complete and existing.meta.content_dict() == meta.content_dict():
-            return url  # content-addressed cache hit: nothing to do, no model loaded
     except NoStoreError:
-        pass
+        return False
+    return existing.complete and existing.meta.content_dict() == meta.content_dict()
 
-    with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=cfg.resume) as writer:
-        done = writer.done_example_ids
-        todo = [g for g in groups if g[0].example_id not in done]
-        if todo and cfg.teacher is None:
-            _tokenized_into(writer, todo, tok.eos_token_id)
-        elif todo:
-            _score_into(cfg, writer, todo, tok)
-        report = writer.manifest.setdefault("precompute_report", {})
-        report.update(rows=stats.rows, truncated=stats.truncated, skipped=stats.skipped)
+
+def check_writable(url: str) -> None:
+    """Fail before any model is loaded when a local output location cannot be written."""
+    if "://" in url and not url.startswith("file://"):
+        return  # object stores: the first write reports its own error
+    path = url[len("file://"):] if url.startswith("file://") else url
+    probe = os.path.join(path, f".kdcache-write-probe-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"output directory {path!r} is not writable ({e.strerror or e}); pass a "
+                      "writable --out / --out-root, or fix its permissions") from None
+
+
+def run_precompute(cfg: PrecomputeConfig) -> str:
+    """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
+    if cfg.devices:
+        from .launch import launch
+
+        return launch(cfg)
+    if cfg.merge_parts:
+        from .launch import merge_parts
+
+        return merge_parts(cfg)
+    meta, groups, tok, stats = prepare(cfg)
+    url = default_url(cfg, meta)
+    if cache_hit(url, meta):
+        log.info("%s: complete store with these inputs already exists; nothing to do", url)
+        return url  # content-addressed cache hit: nothing to do, no model loaded
+    check_writable(url)
+    _report_data(cfg, stats)
+    try:
+        with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=cfg.resume) as writer:
+            done = writer.done_example_ids
+            if done:
+                log.info("%s: resuming, %d of %d groups already committed", url,
+                            len(done & {g[0].example_id for g in groups}), len(groups))
+            if cfg.teacher is None:
+                _tokenized_into(writer, [g for g in groups if g[0].example_id not in done],
+                                tok.eos_token_id)
+            elif len(done) < len(groups):
+                _score_into(cfg, writer, groups, done, tok)
+            report = writer.manifest.setdefault("precompute_report", {})
+            report.update(rows=stats.rows, truncated=stats.truncated, skipped=stats.skipped)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(f"no space left on the device writing {url} ({e.strerror or e}); the "
+                          "shards committed so far are kept: free space (`kdcache store gc` "
+                          "removes uncommitted leftovers) and re-run the same command to "
+                          "resume") from None
+        raise
     return url
 
 
-def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, todo: list[list[Sequence]],
-                tok: Any) -> None:
-    from .engine import Scorer, bucket_batches, score_sequences
+def _report_data(cfg: PrecomputeConfig, stats: DataStats) -> None:
+    if stats.truncated:
+        log.warning("truncated %d of %d sequences to max_length %s (responses cut, not terminal;"
+                    " counted in the manifest's precompute_report; truncate='fail' refuses "
+                    "instead)", stats.truncated, stats.sequences, cfg.max_length)
+    if stats.skipped:
+        log.warning("skipped %d of %d rows longer than max_length %s", stats.skipped,
+                    stats.rows, cfg.max_length)
+
+
+def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, groups: list[list[Sequence]],
+                done: set[str], tok: Any) -> None:
+    from . import engine
 
     dev = resolve_device(cfg.device)
     kw = dict(device=dev, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
               attn_implementation=cfg.attn_implementation)
-    dpo = Scorer.from_model(load_model(cfg.teacher, "teacher", **kw))
-    ref = Scorer.from_model(load_model(cfg.reference, "reference", **kw)) if cfg.reference else None
+    dpo = engine.Scorer.from_model(load_model(cfg.teacher, "teacher", **kw))
+    ref = (engine.Scorer.from_model(load_model(cfg.reference, "reference", **kw))
+           if cfg.reference else None)
     if cfg.verify_head:
         verify_head(dpo.model, dpo.head)
         if ref is not None:
@@ -257,25 +343,36 @@ def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, todo: list[list[Sequ
     acc = {"tokens": 0.0, "topk_mass": 0.0, "ref_paper_abs_err": 0.0}
     for key in acc:  # accumulate over resumed runs
         acc[key] = float(report.get(f"sum_{key}", 0.0))
-    n_seqs = sum(len(g) for g in todo)
-    batches = bucket_batches(todo, cfg.batch_tokens, cfg.max_batch_seqs, cfg.packed)
+    # The batches of the WHOLE run: a batch a killed run half committed is scored again in
+    # full (same batch -> same numbers on every backend) and only its missing groups written.
+    batches = [b for b in plan_batches(cfg, groups)
+               if any(g[0].example_id not in done for g in b)]
+    n_seqs = sum(len(g) for b in batches for g in b if g[0].example_id not in done)
     t0, toks = time.perf_counter(), 0
     with _progress(cfg.progress, n_seqs) as bar:
         task = bar.add_task("precompute", total=n_seqs, tps="-")
         for batch in batches:
             seqs = [s for g in batch for s in g]
-            recs, sums = score_sequences(seqs, dpo, ref, cfg.k, cfg.betas, pad, tok.eos_token_id,
-                                         cfg.chunk_size, cfg.ref_mode, cfg.packed)
+            per_seq: list[dict[str, float]] = []
+            recs, _ = engine.score_sequences(seqs, dpo, ref, cfg.k, cfg.betas, pad,
+                                             tok.eos_token_id, cfg.chunk_size, cfg.ref_mode,
+                                             cfg.packed, per_seq=per_seq)
             if floor is not None:
                 _clamp(recs, floor)
-            it: Iterator[dict] = iter(recs)
+            it: Iterator[tuple[dict, dict]] = iter(zip(recs, per_seq, strict=True))
+            n_new = 0
             for g in batch:
-                writer.add_group([next(it) for _ in g])
-            for key in acc:
-                acc[key] += sums[key]
-            toks += sum(s.length for s in seqs)
+                pairs = [next(it) for _ in g]
+                if g[0].example_id in done:
+                    continue
+                writer.add_group([r for r, _ in pairs])
+                for _, st in pairs:
+                    for key in acc:
+                        acc[key] += st[key]
+                n_new += len(g)
+                toks += sum(s.length for s in g)
             rate = toks / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=len(seqs), tps=f"{rate:,.0f}")
+            bar.update(task, advance=n_new, tps=f"{rate:,.0f}")
             _write_report(report, acc)
     _write_report(report, acc)
 

@@ -1,0 +1,298 @@
+"""One box, several devices: one precompute process per device over partitions, then a merge.
+
+`launch(cfg)` (what `kdcache precompute --devices 0,1,2,3` runs) starts one subprocess per
+device with `CUDA_VISIBLE_DEVICES=<id>` and `partition=(i, N)`, waits for all of them, and
+merges the N partition stores with `merge_parts` into the store an unpartitioned run writes:
+same key (`<out_root>/<store_key>`, no partition in its meta), same records in the same order.
+Why processes and not threads or torchrun: a teacher per GPU needs no communication, a
+process per device isolates CUDA contexts and memory, and a failed device only loses its own
+partition (every partition resumes from its last committed shard on the next launch).
+
+`merge_parts(cfg)` (`kdcache precompute ... --merge-parts N`) is also the last step after
+partitions ran elsewhere (a Slurm array, torchrun). It needs no GPU and loads no model: it
+tokenizes the dataset to recompute the keys and the single run's write order, checks that all
+N partition stores are complete, and interleaves their groups in that order (each partition is
+written in the same order restricted to its examples), so the merged shards are cut exactly
+where the single run cuts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .data import DataStats
+from .models import resolve_device
+from .run import (
+    PrecomputeConfig,
+    _report_data,
+    cache_hit,
+    check_writable,
+    default_url,
+    log,
+    plan_batches,
+    prepare,
+)
+from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
+
+__all__ = ["launch", "merge_parts", "parse_devices"]
+
+
+def parse_devices(devices: list[str]) -> list[str]:
+    """["0", "cuda:1", "all", "cpu"] -> CUDA ordinals as strings, or "cpu" entries."""
+    out: list[str] = []
+    for d in devices:
+        d = str(d).strip().lower()
+        if d == "all":
+            import torch
+
+            n = torch.cuda.device_count()
+            if n == 0:
+                raise ValueError("devices=all: no CUDA device is visible; list devices "
+                                 "explicitly (e.g. cpu,cpu) or check CUDA_VISIBLE_DEVICES")
+            out += [str(i) for i in range(n)]
+        elif d == "cpu":
+            out.append("cpu")
+        elif d.removeprefix("cuda:").isdigit():
+            out.append(d.removeprefix("cuda:"))
+        else:
+            raise ValueError(f"devices: cannot parse {d!r}; use CUDA ordinals (0,1,2,3), "
+                             "cuda:N, all, or cpu")
+    kinds = {d == "cpu" for d in out}
+    if len(kinds) > 1:
+        raise ValueError(f"devices {devices}: mix of cpu and CUDA devices; the teacher's dtype "
+                         "(part of the store key) would differ between partitions")
+    if not out:
+        raise ValueError("devices: empty list")
+    return out
+
+
+def _with_partition(meta: StoreMeta, part: tuple[int, int] | None) -> StoreMeta:
+    """The meta the run with `partition=part` writes (prepare() differs only there)."""
+    d = meta.to_dict()
+    d["options"] = dict(d["options"], partition=list(part) if part else None)
+    return StoreMeta.from_dict(d)
+
+
+def _worker_cfg(cfg: PrecomputeConfig, i: int, n: int, device: str) -> PrecomputeConfig:
+    return dataclasses.replace(cfg, partition=(i, n), devices=None, merge_parts=None, out=None,
+                               device="cpu" if device == "cpu" else "cuda", progress=False)
+
+
+def launch(cfg: PrecomputeConfig) -> str:
+    """Run one partition per device in its own process, then merge; returns the store URL."""
+    cfg.validate()
+    devices = parse_devices(cfg.devices or [])
+    n = len(devices)
+    # the dtype in the key follows the device the workers use, not this process's device
+    base = dataclasses.replace(cfg, devices=None, device="cpu" if devices[0] == "cpu" else "cuda")
+    meta, _, _, stats = prepare(base)
+    url = default_url(cfg, meta)
+    if cache_hit(url, meta):
+        log.info("%s: complete store with these inputs already exists; nothing to do", url)
+        return url
+    check_writable(url)
+    check_writable(cfg.out_root)
+    _report_data(base, stats)
+    logdir = _logdir(cfg, meta)
+    procs: list[tuple[int, str, subprocess.Popen, str]] = []
+    try:
+        for i, dev in enumerate(devices):
+            wcfg = _worker_cfg(base, i, n, dev)
+            if cache_hit(default_url(wcfg, _with_partition(meta, (i, n))), _with_partition(meta, (i, n))):
+                continue  # this partition finished in an earlier launch
+            spec = os.path.join(logdir, f"part-{i}-of-{n}.json")
+            with open(spec, "w") as f:
+                json.dump(dataclasses.asdict(wcfg), f)
+            env = dict(os.environ)
+            if dev == "cpu":
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+            else:
+                env["CUDA_VISIBLE_DEVICES"] = dev
+            logf = os.path.join(logdir, f"part-{i}-of-{n}.log")
+            with open(logf, "wb") as out:
+                p = subprocess.Popen([sys.executable, "-m", "kdcache.precompute.launch", spec],
+                                     stdout=out, stderr=subprocess.STDOUT, env=env)
+            procs.append((i, dev, p, logf))
+            log.info("partition %d/%d on device %s: pid %d, log %s", i, n, dev, p.pid, logf)
+        failed = []
+        for i, dev, p, logf in procs:
+            rc = p.wait()
+            if rc != 0:
+                failed.append(f"partition {i}/{n} on device {dev} exited {rc} "
+                              f"({_last_line(logf)}; log {logf})")
+    finally:  # interrupted (Ctrl-C, an error above): stop the workers we started
+        for _, _, p, _ in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    if not failed:
+        import shutil
+
+        shutil.rmtree(logdir, ignore_errors=True)
+    if failed:
+        raise ValueError("; ".join(failed) + "; committed shards are kept: fix the cause and "
+                         "re-run the same command to resume")
+    return merge_parts(dataclasses.replace(base, merge_parts=n))
+
+
+def _logdir(cfg: PrecomputeConfig, meta: StoreMeta) -> str:
+    root = cfg.out_root
+    if "://" in root and not root.startswith("file://"):
+        return tempfile.mkdtemp(prefix="kdcache-launch-")
+    d = os.path.join(root.removeprefix("file://"), f".launch-{store_key(meta)}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines()]
+    except OSError:
+        return "no log"
+    lines = [ln for ln in lines if ln]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _candidates(cfg: PrecomputeConfig, meta: StoreMeta) -> list[StoreMeta]:
+    """With dtype="auto" the dtype in the key depends on the machine (bf16 on GPU, fp32 on CPU),
+    and a merge usually runs on a CPU node: the partitions' dtype is taken from what exists."""
+    candidates = [meta]
+    if cfg.dtype == "auto" and meta.options.get("dtype") is not None:
+        for dt in ("bfloat16", "float32", "float16"):
+            if dt != meta.options["dtype"]:
+                m = meta.to_dict()
+                m["options"] = dict(m["options"], dtype=dt)
+                candidates.append(StoreMeta.from_dict(m))
+    return candidates
+
+
+def _find_parts(cfg: PrecomputeConfig, meta: StoreMeta, n: int) -> tuple[StoreMeta, list[Any]]:
+    """The N complete partition stores (default URLs under out_root) and the full meta."""
+    root = cfg.out_root.rstrip("/")
+    for full in _candidates(cfg, meta):
+        urls = [f"{root}/{store_key(_with_partition(full, (i, n)))}" for i in range(n)]
+        stores: list[Any] = []
+        for u in urls:
+            try:
+                stores.append(open_store(u))
+            except NoStoreError:
+                stores.append(None)
+        if all(s is None for s in stores):
+            continue
+        problems = []
+        for i, (u, st) in enumerate(zip(urls, stores, strict=True)):
+            if st is None:
+                problems.append(f"partition {i}/{n} has no store at {u}")
+            elif not st.complete:
+                problems.append(f"partition {i}/{n} at {u} is incomplete")
+        if problems:
+            raise ValueError("; ".join(problems) + f"; run (or resume) `kdcache precompute` with "
+                             f"the same settings and --partition i/{n} for those, then merge again")
+        return full, stores
+    raise ValueError(f"no partition store of this run under {root} (looked for --partition i/{n} "
+                     f"of these exact settings); run the partitions first, with the same config "
+                     f"and --out-root")
+
+
+def merge_parts(cfg: PrecomputeConfig) -> str:
+    """Merge the complete partition stores i/N (N = cfg.merge_parts) into the full store."""
+    n = int(cfg.merge_parts or 0)
+    base = dataclasses.replace(cfg, merge_parts=None, devices=None, partition=None)
+    meta, groups, _, stats = prepare(base)
+    for cand in _candidates(base, meta):
+        if cache_hit(default_url(cfg, cand), cand):
+            log.info("%s: already merged; nothing to do", default_url(cfg, cand))
+            return default_url(cfg, cand)
+    meta, parts = _find_parts(base, meta, n)
+    url = default_url(cfg, meta)
+    check_writable(url)
+    rank = {g[0].example_id: r for r, g in
+            enumerate(g for b in plan_batches(base, groups) for g in b)}
+    def keyed(st: Any) -> Iterator[tuple[int, list[dict]]]:
+        for g in st.groups():
+            eid = str(g[0]["example_id"])
+            if eid not in rank:
+                raise ValueError(f"{st.url}: example {eid!r} is not in this dataset; the partition "
+                                 "stores belong to another run")
+            yield rank[eid], g
+
+    t0 = time.perf_counter()
+    with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=True) as w:
+        done = w.done_example_ids
+        seen = 0
+        for _, g in heapq.merge(*(keyed(st) for st in parts), key=lambda x: x[0]):
+            seen += 1
+            if str(g[0]["example_id"]) not in done:
+                w.add_group(g)
+        if seen != len(rank):
+            raise ValueError(f"the {n} partitions hold {seen} groups, the dataset {len(rank)}; "
+                             "they are not the partitions of this run")
+        w.manifest["precompute_report"] = _merged_report(parts, stats, n)
+    log.info("merged %d partitions into %s in %.1fs", n, url, time.perf_counter() - t0)
+    if not cfg.keep_parts:
+        for st in parts:
+            _remove_store(st.url)
+    return url
+
+
+def _merged_report(parts: list[Any], stats: DataStats, n: int) -> dict[str, Any]:
+    rep: dict[str, Any] = {"rows": stats.rows, "truncated": stats.truncated,
+                           "skipped": stats.skipped, "merged_partitions": n}
+    for key in ("tokens", "topk_mass", "ref_paper_abs_err"):
+        rep[f"sum_{key}"] = sum(float(st.manifest.get("precompute_report", {}).get(f"sum_{key}", 0.0))
+                                for st in parts)
+    if any("sum_tokens" in st.manifest.get("precompute_report", {}) for st in parts):
+        tokens = max(rep["sum_tokens"], 1.0)
+        rep["mean_topk_mass"] = rep["sum_topk_mass"] / tokens
+        rep["mean_ref_paper_abs_err"] = rep["sum_ref_paper_abs_err"] / tokens
+    return rep
+
+
+def _remove_store(url: str) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs.rm(path, recursive=True)
+    except OSError as e:  # the merged store is complete; a leftover part only costs disk
+        log.warning("could not remove partition store %s (%s)", url, e)
+
+
+def _worker(spec_path: str) -> int:
+    """Subprocess entry: run one partition from a JSON PrecomputeConfig."""
+    import torch
+
+    with open(spec_path) as f:
+        d = json.load(f)
+    if d.get("partition") is not None:
+        d["partition"] = tuple(d["partition"])
+    cfg = PrecomputeConfig(**d)
+    if resolve_device(cfg.device).type == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        from .run import run_precompute
+
+        print(run_precompute(cfg), flush=True)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))
