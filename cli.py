@@ -235,6 +235,9 @@ def demo(out: Path = typer.Option(Path("kdcache-demo"), "--out", "-o", help="art
 
 # --------------------------------------------------------------------------- the demo
 DEMO_METHODS = ("sft", "seqkd", "dckd", "adpa", "adpa+", "tvkd", "dpo", "tgpo", "pbsd")
+# Sequence-margin objectives (DPO, TVKD, PBSD) are run at a lower learning rate than the
+# token-level ones, as is customary: at 1e-3 they push y_l's likelihood down without bound.
+PREF_LR = 2e-4
 
 
 def _dir_bytes(url: str) -> int:
@@ -419,8 +422,8 @@ class Demo(Stages):
         self.quick = quick
         self.tok = build_tokenizer()
         n = (lambda full, small: small if quick else full)  # noqa: E731
-        self.steps = {"teacher_sft": n(600, 120), "teacher_dpo": n(200, 40),
-                      "student_sft": n(300, 60), "student": n(150, 30)}
+        self.steps = {"teacher_sft": n(600, 120), "teacher_dpo": n(400, 40),
+                      "student_sft": n(300, 60), "student": n(300, 30)}
         self.data = make_demo_data(out / "data", seed=seed, n_sft=n(4000, 800), n_pref=n(1500, 300),
                                    n_rollout_prompts=n(600, 120), n_eval=n(200, 60))
 
@@ -480,20 +483,21 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
         elif m == "dckd":
             stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_alpha=0.2)
         elif m == "adpa":
-            models[m], stores[m] = adpa_from(d, student0, teacher, ref, prompts, steps, 2, {"adpa_gamma": 1.0})
+            models[m], stores[m] = adpa_from(d, student0, teacher, ref, prompts, steps, 2)
         elif m == "adpa+":
             models[m], stores[m] = adpa_plus(d, student0, teacher, ref, str(d.data["pref"]), prompts,
-                                             steps, steps, 2, {"dckd_alpha": 0.2}, {"adpa_gamma": 1.0})
+                                             steps, steps, 2, {"dckd_alpha": 0.2})
             stores[m].insert(0, pref)
         elif m == "tvkd":
-            stores[m], models[m] = [pref], d.train(m, student0, pref, "tvkd", steps, tvkd_beta=2.0, tvkd_alpha=0.7)
+            stores[m], models[m] = [pref], d.train(m, student0, pref, "tvkd", steps, tvkd_beta=2.0,
+                                                   tvkd_alpha=0.7, lr=PREF_LR)
         elif m == "dpo":
             own = d.precompute(data=str(d.data["pref"]), teacher=student0, reference=student0)
-            stores[m], models[m] = [own], d.train(m, student0, own, "dpo", steps, dpo_beta=0.1)
+            stores[m], models[m] = [own], d.train(m, student0, own, "dpo", steps, dpo_beta=0.1, lr=PREF_LR)
         elif m == "tgpo":
             models[m], stores[m] = tgpo_rounds(d, student0, teacher, prompts, "sort_rule", steps, 1, 4)
         elif m == "pbsd":
-            models[m], stores[m] = pbsd(d, student0, prompts, steps, 1, {"pbsd_beta": 0.1})
+            models[m], stores[m] = pbsd(d, student0, prompts, steps, 1, {"pbsd_beta": 0.1, "lr": PREF_LR})
 
     typer.echo("[5/5] evaluate on held-out pairs (rule-judged preference rate on samples)")
     rows = [{"method": "teacher (DPO)", **d.evaluate(teacher, evals), "train_s": d.timings["teacher-dpo"], "store_mb": None},

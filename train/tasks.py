@@ -48,6 +48,10 @@ def _near_miss(rng: random.Random, digits: list[int]) -> list[int]:
     return out
 
 
+def _inversions(seq: list[int]) -> int:
+    return sum(a > b for i, a in enumerate(seq) for b in seq[i + 1 :])
+
+
 def _hint(digits: list[int]) -> str:
     return "answer : " + _text(sorted(digits))
 
@@ -71,7 +75,8 @@ def make_demo_data(
     """Write the demo's datasets as JSONL (TRL column names) and return their paths.
 
     sft.jsonl: prompt/completion, a corpus where only `p_sorted` of answers are sorted.
-    pref.jsonl: prompt/chosen/rejected, chosen sorted, rejected a near miss.
+    pref.jsonl: prompt/chosen/rejected, two answers of the corpus's writer, chosen the one
+    with fewer inversions (sorted in about half the pairs).
     prompts.jsonl: prompt/chosen/context for on-policy rollouts (ADPA, TGPO, PBSD); `context`
     is privileged information (the answer) that only PBSD's teacher sees.
     A fraction `p_hint` of the SFT corpus shows such a hint before the task, so the SFT
@@ -89,9 +94,22 @@ def make_demo_data(
         y = sorted(d) if rng.random() < p_sorted else _near_miss(rng, d)
         return {"prompt": p, "completion": _text(y)}
 
+    def noisy(d):  # one answer as the SFT corpus would give it
+        return sorted(d) if rng.random() < p_sorted else _near_miss(rng, d)
+
     def pref_row():
+        # As in real preference data, both answers come from the same imperfect writer and
+        # `chosen` is only the BETTER one (fewer inversions), often not sorted itself: copying
+        # chosen caps a student at chosen's quality; the preference points beyond it.
         p, d = _prompt(rng, min_len, max_len)
-        return {"prompt": p, "chosen": _text(sorted(d)), "rejected": _text(_near_miss(rng, d))}
+        for _ in range(50):
+            a, b = noisy(d), noisy(d)
+            if _inversions(a) != _inversions(b):
+                break
+        else:  # e.g. all digits equal: every answer is sorted
+            a, b = sorted(d), _near_miss(rng, d)
+        chosen, rejected = (a, b) if _inversions(a) < _inversions(b) else (b, a)
+        return {"prompt": p, "chosen": _text(chosen), "rejected": _text(rejected)}
 
     def prompt_row():
         row = pref_row()
