@@ -167,12 +167,38 @@ def inspect_(url: str = typer.Argument(..., help="store URL or path"),
     if as_json:
         _echo_json(summary)
         return
-    from kdcache.store.summary import format_summary
-
-    typer.echo(format_summary(summary))
+    typer.echo(_format_summary(summary))
 
 
 app.registered_commands[-1].name = "inspect"
+
+
+def _format_summary(s: dict) -> str:
+    """`kdcache inspect` as a person reads it: provenance, sizes, bytes/token, top-K mass."""
+    meta = s.get("meta", {})
+    lines = [
+        f"store      {s.get('url')}  (key {s.get('store_key')}, schema v{s.get('schema_version')}, "
+        f"{'complete' if s.get('complete') else 'INCOMPLETE'})",
+        "models     " + (", ".join(f"{role}:{str((m or {}).get('weights_sha256', '?'))[:12]}"
+                                   for role, m in meta.get("models", {}).items()) or "-"),
+        f"K / betas  {meta.get('k')} / {meta.get('betas')}   codec {meta.get('options', {}).get('codec')}",
+        f"records    {s.get('n_sequences')} sequences in {s.get('n_groups')} groups, "
+        f"{s.get('n_tokens')} tokens, {s.get('n_shards')} shards, {s.get('bytes_total', 0) / 2**20:.2f} MiB",
+        f"roles      {', '.join(f'{k}={v}' for k, v in (s.get('roles') or {}).items())}",
+        "bytes/token per field:",
+    ]
+    per = s.get("bytes_per_token") or {}
+    lines += [f"  {k:<22} {v:8.2f}" for k, v in per.items()]
+    lines.append(f"  {'total':<22} {sum(per.values()):8.2f}")
+    if s.get("topk_mass_mean") is not None:
+        lines.append(f"mean top-K mass  {s['topk_mass_mean']:.4f}  (what K keeps of the teacher's probability)")
+        hist = s.get("topk_mass_hist") or {}
+        counts, edges = hist.get("counts", []), hist.get("edges", [])
+        top = max(counts) if counts else 0
+        for i, c in enumerate(counts):
+            bar = "#" * (round(30 * c / top) if top else 0)
+            lines.append(f"  [{edges[i]:.1f}, {edges[i + 1]:.1f})  {bar} {c}")
+    return "\n".join(lines)
 
 
 @store_app.command("ls")
@@ -202,7 +228,7 @@ def store_gc(root: str, dry_run: bool = typer.Option(False, "--dry-run")) -> Non
     """Remove shards no manifest references and uncommitted temporary files."""
     from kdcache.store.admin import gc
 
-    _echo_json(_friendly(gc, root, dry_run))
+    _echo_json(_friendly(lambda: gc(root, dry_run=dry_run)))
 
 
 @store_app.command("merge")
@@ -402,9 +428,11 @@ class Demo(Stages):
     """The embedded default: every stage of the product on a tiny sorting task, on CPU.
 
     Teacher: SFT on a corpus where 30% of answers are sorted, then DPO (+ length-normalised
-    NLL on y_w, as in RPO) on sorted-vs-near-miss pairs; the SFT model is its reference.
-    Student: a smaller model, SFT'd on the same corpus, then trained by each method with the
-    same step budget. Everything goes through stores, exactly as on a real cluster.
+    NLL on y_w, as in RPO) on its own clean pairs (sorted vs near miss); the SFT model is its
+    reference. Student: a smaller model, SFT'd on the same corpus, then trained by each
+    method with the same step budget on the students' noisier preference set (chosen is only
+    the better of two answers) and the teacher's precomputed signals. Everything goes
+    through stores, exactly as on a real cluster.
     """
 
     def __init__(self, out: Path, quick: bool, seed: int) -> None:
@@ -422,7 +450,7 @@ class Demo(Stages):
         self.quick = quick
         self.tok = build_tokenizer()
         n = (lambda full, small: small if quick else full)  # noqa: E731
-        self.steps = {"teacher_sft": n(600, 120), "teacher_dpo": n(400, 40),
+        self.steps = {"teacher_sft": n(600, 120), "teacher_dpo": n(250, 40),
                       "student_sft": n(300, 60), "student": n(300, 30)}
         self.data = make_demo_data(out / "data", seed=seed, n_sft=n(4000, 800), n_pref=n(1500, 300),
                                    n_rollout_prompts=n(600, 120), n_eval=n(200, 60))
@@ -456,7 +484,7 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
     t_init = save_tiny(out / "models" / "teacher-init", d.tok, hidden=128, layers=4, heads=4, seed=seed)
     sft_store = d.precompute(data=str(d.data["sft"]), teacher=None, tokenizer=str(t_init))
     ref = d.train("teacher-sft", t_init, sft_store, "sft", d.steps["teacher_sft"], batch_groups=64, lr=3e-3)
-    dpo_store = d.precompute(data=str(d.data["pref"]), teacher=ref, reference=ref)
+    dpo_store = d.precompute(data=str(d.data["teacher_pref"]), teacher=ref, reference=ref)
     teacher = d.train("teacher-dpo", ref, dpo_store, "dpo", d.steps["teacher_dpo"], batch_groups=32,
                       lr=5e-4, dpo_beta=0.1, dpo_nll=1.0)
 

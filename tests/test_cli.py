@@ -59,3 +59,33 @@ def test_unknown_yaml_key(tmp_path):
     f.write_text("learning_rate: 1\n")
     res = runner.invoke(cli.app, ["train", "-c", str(f)])
     assert res.exit_code != 0 and "unknown keys" in res.output
+
+
+def _tiny_store(url):
+    import numpy as np
+
+    from kdcache.store import StoreMeta, StoreWriter
+
+    meta = StoreMeta(k=2, betas=[1.0], fields=["topk_ids", "topk_logprobs"], options={"codec": "lossless"})
+    with StoreWriter(url, meta) as w:
+        for e in range(3):
+            w.add_group([{"example_id": f"e{e}", "role": "chosen", "group": 0,
+                          "prompt_ids": np.array([4, 5], np.int32), "response_ids": np.array([7, 2], np.int32),
+                          "is_terminal": True, "topk_ids": np.array([[7, 8], [2, 9]], np.int32),
+                          "topk_logprobs": np.log(np.array([[0.6, 0.3], [0.9, 0.05]], np.float32))}])
+
+
+def test_inspect_verify_gc(tmp_path):
+    url = str(tmp_path / "s")
+    _tiny_store(url)
+    out = runner.invoke(cli.app, ["inspect", url]).output
+    assert "bytes/token per field" in out and "mean top-K mass  0.9250" in out and "chosen=3" in out
+    assert runner.invoke(cli.app, ["store", "verify", url]).output.strip() == "ok"
+    stray = tmp_path / "s" / "shards" / "orphan"
+    stray.mkdir(parents=True)
+    (stray / "x.bin").write_bytes(b"0" * 10)
+    res = runner.invoke(cli.app, ["store", "gc", str(tmp_path), "--dry-run"])
+    assert res.exit_code == 0 and '"dry_run": true' in res.output
+    assert stray.exists()  # a dry run removes nothing
+    res = runner.invoke(cli.app, ["inspect", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "error:" in res.output

@@ -95,6 +95,8 @@ def test_demo_data_poses_a_preference(tmp_path):
     rejected = np.mean([sort_rule(r["prompt"], r["rejected"]) for r in rows])
     assert 0.3 < chosen < 0.9 and rejected < 0.05  # chosen is only the better answer
     assert all("context" in json.loads(line) for line in paths["prompts"].read_text().splitlines())
+    clean = [json.loads(line) for line in paths["teacher_pref"].read_text().splitlines()]
+    assert np.mean([sort_rule(r["prompt"], r["chosen"]) for r in clean]) == 1.0
 
 
 def test_plot(tmp_path):

@@ -75,8 +75,11 @@ def make_demo_data(
     """Write the demo's datasets as JSONL (TRL column names) and return their paths.
 
     sft.jsonl: prompt/completion, a corpus where only `p_sorted` of answers are sorted.
-    pref.jsonl: prompt/chosen/rejected, two answers of the corpus's writer, chosen the one
-    with fewer inversions (sorted in about half the pairs).
+    teacher_pref.jsonl: the teacher's own alignment data, clean pairs (chosen sorted,
+    rejected a near miss): real DPO teachers are aligned on larger, better preference sets
+    than a student's distillation budget affords.
+    pref.jsonl: the students' preference set: two answers of the corpus's writer, chosen
+    the one with fewer inversions (sorted in about 60% of pairs), as in real data.
     prompts.jsonl: prompt/chosen/context for on-policy rollouts (ADPA, TGPO, PBSD); `context`
     is privileged information (the answer) that only PBSD's teacher sees.
     A fraction `p_hint` of the SFT corpus shows such a hint before the task, so the SFT
@@ -116,8 +119,13 @@ def make_demo_data(
         row["context"] = _hint([int(c) for c in row["prompt"].split()[2:]])
         return row
 
+    def teacher_pref_row():
+        p, d = _prompt(rng, min_len, max_len)
+        return {"prompt": p, "chosen": _text(sorted(d)), "rejected": _text(_near_miss(rng, d))}
+
     files = {
         "sft": [sft_row() for _ in range(n_sft)],
+        "teacher_pref": [teacher_pref_row() for _ in range(n_pref)],
         "pref": [pref_row() for _ in range(n_pref)],
         "prompts": [prompt_row() for _ in range(n_rollout_prompts)],
         "eval": [pref_row() for _ in range(n_eval)],
