@@ -76,10 +76,15 @@ def parse_devices(devices: list[str]) -> list[str]:
     return out
 
 
-def _with_partition(meta: StoreMeta, part: tuple[int, int] | None) -> StoreMeta:
+def _with_partition(meta: StoreMeta, part: tuple[int, int] | None,
+                    cfg: PrecomputeConfig) -> StoreMeta:
     """The meta the run with `partition=part` writes (prepare() differs only there)."""
     d = meta.to_dict()
     d["options"] = dict(d["options"], partition=list(part) if part else None)
+    d["options"].pop("partition_plan", None)
+    if part:
+        d["options"]["partition_plan"] = {"batch_tokens": cfg.batch_tokens, "packed": cfg.packed,
+                                          "max_batch_seqs": cfg.max_batch_seqs}
     return StoreMeta.from_dict(d)
 
 
@@ -108,7 +113,8 @@ def launch(cfg: PrecomputeConfig) -> str:
     try:
         for i, dev in enumerate(devices):
             wcfg = _worker_cfg(base, i, n, dev)
-            if cache_hit(default_url(wcfg, _with_partition(meta, (i, n))), _with_partition(meta, (i, n))):
+            pmeta = _with_partition(meta, (i, n), base)
+            if cache_hit(default_url(wcfg, pmeta), pmeta):
                 continue  # this partition finished in an earlier launch
             spec = os.path.join(logdir, f"part-{i}-of-{n}.json")
             with open(spec, "w") as f:
@@ -184,7 +190,7 @@ def _find_parts(cfg: PrecomputeConfig, meta: StoreMeta, n: int) -> tuple[StoreMe
     """The N complete partition stores (default URLs under out_root) and the full meta."""
     root = cfg.out_root.rstrip("/")
     for full in _candidates(cfg, meta):
-        urls = [f"{root}/{store_key(_with_partition(full, (i, n)))}" for i in range(n)]
+        urls = [f"{root}/{store_key(_with_partition(full, (i, n), cfg))}" for i in range(n)]
         stores: list[Any] = []
         for u in urls:
             try:

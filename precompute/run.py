@@ -5,15 +5,17 @@ Flow: tokenize -> fingerprints -> StoreMeta -> (no-op if that store is already c
 load models -> length-bucketed batches -> engine.score_sequences -> StoreWriter.add_group.
 Resume: groups already committed (writer.done_example_ids) are skipped, so a killed run
 continues where its last committed shard ended and produces the same store.
-Partition: `partition=(i, n)` keeps only examples whose stable id hash is i mod n; each part is
-its own store (the partition is part of the options, hence of the key), so n machines can
-precompute one dataset without sharing a writer.
+Partition: `partition=(i, n)` keeps batches i, i+n, ... of the run's batch plan (length-sorted,
+so every part gets a similar mix of lengths); each part is its own store (the partition and
+the batch settings are in the options, hence in the key), so n machines can precompute one
+dataset without sharing a writer, and `launch.merge_parts` interleaves the parts back into the
+single run's order: a part's forwards are the single run's forwards, so the merged store
+equals the single run's shard for shard (on one deterministic backend).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import time
@@ -124,13 +126,6 @@ class PrecomputeConfig:
             raise ValueError(f"merge_parts must be >= 1 (the partition count), got {self.merge_parts}")
 
 
-def _in_partition(example_id: str, partition: tuple[int, int] | None) -> bool:
-    if partition is None:
-        return True
-    h = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "little")
-    return h % partition[1] == partition[0]
-
-
 def _groups_from_store(urls: str) -> tuple[list[list[Sequence]], dict[str, Any], bool]:
     """Groups of one rollout store, or of several (comma-separated) joined by example id:
     e.g. PBSD's teacher-with-context rollouts (y+) and student rollouts (y-) of one prompt
@@ -164,7 +159,8 @@ def _data_options(cfg: PrecomputeConfig) -> DataOptions:
 
 
 def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any, DataStats]:
-    """Tokenize and fingerprint everything (no model weights loaded): meta, groups, tokenizer."""
+    """Tokenize and fingerprint everything (no model weights loaded): meta, ALL groups of the
+    dataset (a partition's share is chosen from the batch plan by run_precompute), tokenizer."""
     cfg.validate()
     main_role = "teacher" if cfg.teacher else "tokenizer"
     tok = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code, role=main_role)
@@ -190,7 +186,6 @@ def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any
         stats.rows = len(groups)
         stats.sequences = sum(len(g) for g in groups)
         ds_fp = dict(ds_fp, limit=cfg.limit)
-    groups = [g for g in groups if _in_partition(g[0].example_id, cfg.partition)]
 
     fields, models = [], {}
     if cfg.teacher:
@@ -209,6 +204,9 @@ def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any
         "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.teacher else None,
         "partition": list(cfg.partition) if cfg.partition else None,
     }
+    if cfg.partition is not None:  # which examples a part holds depends on the batch plan
+        options["partition_plan"] = {"batch_tokens": cfg.batch_tokens, "packed": cfg.packed,
+                                     "max_batch_seqs": cfg.max_batch_seqs}
     if cfg.error_bound is not None:
         options["error_bound"] = cfg.error_bound
     meta = StoreMeta(k=cfg.k, betas=list(cfg.betas), fields=fields, models=models,
@@ -236,7 +234,8 @@ def _progress(enabled: bool, total: int, label: str = "precompute"):
 def plan_batches(cfg: PrecomputeConfig, groups: list[list[Sequence]]) -> list[list[list[Sequence]]]:
     """The forward batches of a run, in write order. They depend only on the groups and the
     settings (never on what a killed run already committed), so a resumed run recomputes
-    exactly the batches an uninterrupted run computes."""
+    exactly the batches an uninterrupted run computes. A partition (i, n) is batches i, i+n,
+    ... of the full plan, so its forwards are the single run's forwards, number for number."""
     if cfg.teacher is None:
         return [[g] for g in groups]  # tokenized-only: data order, no forwards
     from .engine import bucket_batches
@@ -284,6 +283,10 @@ def run_precompute(cfg: PrecomputeConfig) -> str:
 
         return merge_parts(cfg)
     meta, groups, tok, stats = prepare(cfg)
+    plan = plan_batches(cfg, groups)
+    if cfg.partition is not None:  # this process's share: every n-th batch of the full plan
+        plan = plan[cfg.partition[0]::cfg.partition[1]]
+    groups = [g for b in plan for g in b]
     url = default_url(cfg, meta)
     if cache_hit(url, meta):
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
@@ -300,7 +303,7 @@ def run_precompute(cfg: PrecomputeConfig) -> str:
                 _tokenized_into(writer, [g for g in groups if g[0].example_id not in done],
                                 tok.eos_token_id)
             elif len(done) < len(groups):
-                _score_into(cfg, writer, groups, done, tok)
+                _score_into(cfg, writer, plan, done, tok)
             report = writer.manifest.setdefault("precompute_report", {})
             report.update(rows=stats.rows, truncated=stats.truncated, skipped=stats.skipped)
     except OSError as e:
@@ -323,7 +326,7 @@ def _report_data(cfg: PrecomputeConfig, stats: DataStats) -> None:
                     stats.rows, cfg.max_length)
 
 
-def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, groups: list[list[Sequence]],
+def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, plan: list[list[list[Sequence]]],
                 done: set[str], tok: Any) -> None:
     from . import engine
 
@@ -345,8 +348,7 @@ def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, groups: list[list[Se
         acc[key] = float(report.get(f"sum_{key}", 0.0))
     # The batches of the WHOLE run: a batch a killed run half committed is scored again in
     # full (same batch -> same numbers on every backend) and only its missing groups written.
-    batches = [b for b in plan_batches(cfg, groups)
-               if any(g[0].example_id not in done for g in b)]
+    batches = [b for b in plan if any(g[0].example_id not in done for g in b)]
     n_seqs = sum(len(g) for b in batches for g in b if g[0].example_id not in done)
     t0, toks = time.perf_counter(), 0
     with _progress(cfg.progress, n_seqs) as bar:
