@@ -138,7 +138,8 @@ def _is_messages(v: Any) -> bool:
 
 def _check_field(v: Any, row: int, col: str) -> None:
     if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
-        raise DataError(f"row {row}: column {col!r} is empty; every row needs a non-empty {col}")
+        raise DataError(f"row {row}: column {col!r} is empty; every row needs a non-empty {col}: "
+                        "fix or drop that row")
     if not isinstance(v, str) and not _is_messages(v):
         raise DataError(
             f"row {row}: column {col!r} must be a string or a list of {{role, content}} messages, "
@@ -244,7 +245,9 @@ def tokenize_rows(
     for i, row in enumerate(rows[: opts.limit] if opts.limit else rows):
         for col in [opts.prompt_column] + [c for c, _ in resp_cols]:
             if col not in row:
-                raise DataError(f"row {i}: missing column {col!r} (has {sorted(row)})")
+                need = ", ".join([opts.prompt_column] + [c for c, _ in resp_cols])
+                raise DataError(f"row {i}: missing column {col!r} (has {sorted(row)}); {kind} data "
+                                f"needs {need} in every row: add it or drop the row")
             _check_field(row[col], i, col)
         ex_id = str(row[opts.id_column]) if row.get(opts.id_column) is not None else str(i)
         if ex_id in seen:

@@ -251,8 +251,8 @@ def cache_hit(url: str, meta: StoreMeta) -> bool:
     """A complete store with this content already exists at `url`."""
     try:
         existing = open_store(url)
-    except NoStoreError:
-        return False
+    except (NoStoreError, NotADirectoryError, PermissionError):
+        return False  # nothing (readable) there; check_writable names a bad location
     return existing.complete and existing.meta.content_dict() == meta.content_dict()
 
 
