@@ -3,7 +3,7 @@
 See docs/ARCHITECTURE.md for the contract and docs/STORE_FORMAT.md for the on-disk format.
 """
 
-from .codecs import CodecSpec, resolve_codec
+from .codecs import CodecSpec, register, resolve_codec
 from .fingerprint import hash_bytes, hash_json, store_key
 from .format import (
     ROLES,
@@ -17,6 +17,8 @@ from .reader import ChecksumError, Store, open_store
 from .stream import StreamReader
 from .summary import summarize
 from .writer import NoStoreError, StoreWriter
+
+register()  # the kdcache.gridq zarr codec: plain zarr reads our shards after this import
 
 __all__ = [
     "CodecSpec",

@@ -11,7 +11,7 @@ from typing import Any
 
 from ._io import MANIFEST, SHARDS_DIR, TMP_MARK, join, open_fs, read_manifest
 from .fingerprint import store_key
-from .format import StoreMeta
+from .format import SCHEMA_VERSION, StoreMeta
 from .reader import open_store
 from .writer import StoreWriter
 
@@ -131,8 +131,16 @@ def merge(urls: list[str], out_url: str, shard_records: int | None = None) -> st
             raise ValueError(f"cannot merge {u}: the store is incomplete (its writer did not "
                              f"close); finish or resume that run first")
     n = shard_records or int(stores[0].manifest.get("shard_records", 1024))
+    # Compact values are on their version's grid; re-encoding them on the same grid is
+    # exact, on another grid it would add a second rounding.  So v2 inputs give a v2 output.
+    versions = {st.schema_version for st in stores}
+    if len(versions) > 1 and meta.options.get("codec", "compact") == "compact":
+        raise ValueError(f"cannot merge compact stores of schema versions {sorted(versions)}: "
+                         f"their grids differ; merge stores of one version")
+    version = 2 if versions == {2} else SCHEMA_VERSION
     seen: set[str] = set()
-    with StoreWriter(out_url, meta, shard_records=n, resume=False) as w:
+    with StoreWriter(out_url, meta, shard_records=n, resume=False,
+                     _schema_version=version) as w:
         for u, st in zip(urls, stores, strict=True):
             for group in st.groups():
                 eid = group[0]["example_id"]

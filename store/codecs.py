@@ -1,18 +1,26 @@
 """Per-field Zarr codec pipelines: a lossless mode and a bounded-error compact mode.
 
-Why these codecs: everything used here is a well-kept, registered codec (zarr's own
-`bytes`/`blosc`, numcodecs' `fixedscaleoffset`/`delta`), and the full pipeline is written
-into each array's `zarr.json`, so a reader (ours or plain zarr) decodes without guesswork.
+Why these codecs: every step is a registered Zarr codec written into each array's
+`zarr.json`, so a reader (ours or plain zarr after `import kdcache.store`) decodes without
+guesswork.  Schema v3 (written now):
 
-* lossless: float32/int32 bytes → blosc(zstd, shuffle).  Bit-exact round trip of the
-  float32 values.
-* compact (error_bound ε, default 2e-3 nats): real-valued fields are snapped, in float64,
-  to a grid of step `2·(ε − spacing32(MAX_ABS))` and stored as int32 grid indices
-  (`fixedscaleoffset`); rows that are descending along K (`topk_logprobs`, and the
-  nearly-descending `ref_topk_logprobs`) are then delta-coded (`delta`) so most stored
-  numbers are small; blosc(zstd, bitshuffle) squeezes out the constant high bits.
-  Guarantee: |decoded − original| ≤ ε for every value with |x| ≤ MAX_ABS (the writer refuses
-  larger or non-finite values in compact mode).  Ids are always exact.
+* ids: `transpose([1, 0])` → `bytes` → blosc(zstd, byte shuffle).  Rank-major order puts
+  ids of one rank together (their distributions differ a lot by rank); exact in every mode.
+* lossless reals: float32 `bytes` → blosc(zstd, shuffle).  Bit-exact.
+* compact (error bound ε, default 2e-3 nats): `kdcache.gridq` (this module) maps float32
+  values to int32 indices on a float32 grid of step `s ≤ 2·(ε − spacing32(MAX_ABS))`:
+  `q = rint(x/s)`, decoded value `float32(q)·s` (one correctly rounded float32 product).
+  Options: `sign` (store −q, so log-probs become ≥ 0), `delta` (differences along the last
+  axis: the descending `topk_logprobs` become small non-negative ints), `zigzag` (signed →
+  non-negative).  Guarantee: |decoded − original| ≤ ε for every finite |x| ≤ MAX_ABS (the
+  writer refuses anything else in compact mode).
+* compact `ref_topk_logprobs` next to `topk_logprobs`: stored as the zarr array `topk_adv`
+  = the integer grid difference q(topk_logprobs) − q(ref_topk_logprobs) (the ADPA
+  advantage, METHODS §1), zigzag-coded; the reader rebuilds ref from the two integer
+  arrays, so ref's error is exactly that of quantising ref itself (≤ ε).
+
+Schema v2 stores (numcodecs `fixedscaleoffset` + `delta`, grid step in float64) are still
+decoded by `fastdecode` / zarr; `CodecSpec(version=2)` still writes them (tests only).
 """
 
 from __future__ import annotations
@@ -21,14 +29,16 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .format import TOKEN_FIELDS
+from .format import SCHEMA_VERSION, TOKEN_FIELDS
 
-__all__ = ["CodecSpec", "resolve_codec", "MAX_ABS", "DEFAULT_ERROR_BOUND", "MIN_ERROR_BOUND"]
+__all__ = ["CodecSpec", "resolve_codec", "MAX_ABS", "DEFAULT_ERROR_BOUND", "MIN_ERROR_BOUND",
+           "GridQuant", "grid_step", "grid_encode", "grid_ints", "ADV_ARRAY", "stored_arrays",
+           "array_field"]
 
 #: Largest |value| the compact mode accepts (nats).  Teacher log-probs of top-K tokens and
 #: soft values of real LMs are far inside this; anything beyond is masked logits or a bug.
@@ -37,6 +47,9 @@ DEFAULT_ERROR_BOUND = 2e-3
 _SPACING = float(np.spacing(np.float32(MAX_ABS)))  # float32 ulp at MAX_ABS
 MIN_ERROR_BOUND = 1e-4
 DEFAULT_CODEC = "compact"
+#: zarr array holding q(topk_logprobs) − q(ref_topk_logprobs) in compact v3 stores.
+ADV_ARRAY = "topk_adv"
+GRIDQ = "kdcache.gridq"
 
 
 # Module-wide as well: catch_warnings is not thread-safe and shards decode in threads.
@@ -54,34 +67,222 @@ def quiet_numcodecs() -> Iterator[None]:
         yield
 
 
+# ----------------------------------------------------------------------------- grid codec
+def grid_step(error_bound: float) -> float:
+    """Largest float32 step s with s/2 + spacing32(MAX_ABS)/2 < error_bound."""
+    target = 2.0 * (error_bound - _SPACING)
+    s = np.float32(target)
+    if float(s) > target:
+        s = np.nextafter(s, np.float32(0))
+    return float(s)
+
+
+def grid_encode(x: np.ndarray, step: float, sign: int = 1, delta: bool = False,
+                zigzag: bool = False) -> np.ndarray:
+    """float → int32 codes: q = sign·rint(x/step) in float64, then delta / zigzag."""
+    q = np.rint(np.asarray(x, dtype=np.float64) / step).astype(np.int64)
+    if sign < 0:
+        q = -q
+    if delta and q.ndim >= 1 and q.shape[-1]:
+        q = np.diff(q, axis=-1, prepend=np.zeros_like(q[..., :1]))
+    if zigzag:
+        q = (q << 1) ^ (q >> 63)
+    return q.astype(np.int32)
+
+
+def grid_ints(codes: np.ndarray, delta: bool = False, zigzag: bool = False) -> np.ndarray:
+    """int32 codes → sign·q (int32); the value is then `result · sign · step`."""
+    e = np.asarray(codes, dtype=np.int32)
+    if zigzag:
+        e = (e >> 1) ^ -(e & 1)
+    if delta and e.ndim >= 1:
+        e = np.cumsum(e, axis=-1, dtype=np.int32)
+    return e
+
+
+def grid_decode(codes: np.ndarray, step: float, sign: int = 1, delta: bool = False,
+                zigzag: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """int32 codes → float32 values `float32(q)·float32(sign·step)` (one rounding)."""
+    q = grid_ints(codes, delta, zigzag)
+    if out is None:
+        out = np.empty(q.shape, dtype=np.float32)
+    # float32(q) is exact (|q| < 2^24) and the product of two 24-bit mantissas is exact in
+    # float64, so whichever loop numpy picks the result is the correctly rounded product.
+    np.multiply(q, np.float32(sign * step), out=out, casting="unsafe")
+    return out
+
+
+def snap(x: np.ndarray, step: float) -> np.ndarray:
+    """Values a v3 grid codec decodes to, computed on the writer side (float32)."""
+    q = np.rint(np.asarray(x, dtype=np.float64) / step)
+    return (q * step).astype(np.float32)  # exact product in float64, one rounding
+
+
+def _gridq_class() -> type:
+    """The zarr ArrayArrayCodec for `kdcache.gridq` (built lazily: zarr imports are slow)."""
+    global _GRIDQ_CLS
+    if _GRIDQ_CLS is not None:
+        return _GRIDQ_CLS
+    from zarr.abc.codec import ArrayArrayCodec
+    from zarr.core.common import parse_named_configuration
+    from zarr.core.dtype import Int32
+    from zarr.registry import register_codec
+
+    @dataclass(frozen=True)
+    class GridQuantCodec(ArrayArrayCodec):
+        """float32 ↔ int32 grid indices (see module docstring); declared as kdcache.gridq."""
+
+        is_fixed_size = True
+        step: float
+        sign: int = 1
+        delta: bool = False
+        zigzag: bool = False
+
+        def __init__(self, *, step: float, sign: int = 1, delta: bool = False,
+                     zigzag: bool = False) -> None:
+            if float(np.float32(step)) != float(step) or not step > 0:
+                raise ValueError(f"{GRIDQ}: step={step} must be a positive float32 number")
+            if sign not in (1, -1):
+                raise ValueError(f"{GRIDQ}: sign={sign} must be 1 or -1")
+            object.__setattr__(self, "step", float(step))
+            object.__setattr__(self, "sign", int(sign))
+            object.__setattr__(self, "delta", bool(delta))
+            object.__setattr__(self, "zigzag", bool(zigzag))
+
+        @classmethod
+        def from_dict(cls, data: dict[str, Any]) -> GridQuantCodec:
+            _, cfg = parse_named_configuration(data, GRIDQ)
+            return cls(**cfg)
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"name": GRIDQ, "configuration": {
+                "step": self.step, "sign": self.sign, "delta": self.delta,
+                "zigzag": self.zigzag}}
+
+        def resolve_metadata(self, chunk_spec: Any) -> Any:
+            return replace(chunk_spec, dtype=Int32(), fill_value=np.int32(0))
+
+        async def _decode_single(self, chunk_array: Any, chunk_spec: Any) -> Any:
+            codes = chunk_array.as_numpy_array()
+            out = grid_decode(codes, self.step, self.sign, self.delta, self.zigzag)
+            return chunk_spec.prototype.nd_buffer.from_numpy_array(out)
+
+        async def _encode_single(self, chunk_array: Any, chunk_spec: Any) -> Any:
+            codes = grid_encode(chunk_array.as_numpy_array(), self.step, self.sign,
+                                self.delta, self.zigzag)
+            return chunk_spec.prototype.nd_buffer.from_numpy_array(codes)
+
+        def compute_encoded_size(self, input_byte_length: int, _spec: Any) -> int:
+            return input_byte_length  # float32 → int32
+
+    register_codec(GRIDQ, GridQuantCodec)
+    _GRIDQ_CLS = GridQuantCodec
+    return GridQuantCodec
+
+
+_GRIDQ_CLS: type | None = None
+
+
+def GridQuant(**config: Any) -> Any:  # noqa: N802 - reads like a class at call sites
+    """A `kdcache.gridq` zarr codec instance (registers the codec with zarr on first use)."""
+    return _gridq_class()(**config)
+
+
+def register() -> None:
+    """Make `kdcache.gridq` known to zarr (done on `import kdcache.store`)."""
+    _gridq_class()
+
+
+# ----------------------------------------------------------------------------- layout
+def stored_arrays(field: str, fields: list[str] | tuple[str, ...], codec: CodecSpec) -> list[str]:
+    """zarr arrays that hold `field` in a store of `fields` written with `codec`."""
+    if codec.ref_as_adv(field, fields):
+        return [ADV_ARRAY, "topk_logprobs"]
+    return [field]
+
+
+def array_field(array: str) -> str:
+    """The store field a zarr array belongs to (for per-field byte counts)."""
+    return "ref_topk_logprobs" if array == ADV_ARRAY else array
+
+
 @dataclass(frozen=True)
 class CodecSpec:
-    """Resolved codec choice of a store (recorded in the manifest's `fields`)."""
+    """Resolved codec choice of a store (recorded in the manifest's `fields`).
+
+    `version` is the schema version whose pipelines are written (2 only for tests of the
+    backward-compatible reader).
+    """
 
     mode: str  # "lossless" | "compact"
     error_bound: float  # 0.0 for lossless
-    clevel: int = 5
+    clevel: int = 0  # 0: the version's default (v2: 5; v3: 6 — zstd 11, ~1 % smaller)
+    version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.clevel:
+            object.__setattr__(self, "clevel", 6 if self.version >= 3 else 5)
 
     @property
     def step(self) -> float:
         """Quantisation grid step; |x − snap(x)| ≤ step/2 and float32 rounding adds ≤ ulp/2."""
+        if self.version >= 3:
+            return grid_step(self.error_bound)
         return 2.0 * (self.error_bound - _SPACING)
 
     def quantises(self, name: str) -> bool:
         return self.mode == "compact" and TOKEN_FIELDS[name].kind != "ids"
 
+    def ref_as_adv(self, name: str, fields: list[str] | tuple[str, ...]) -> bool:
+        """True when compact `ref_topk_logprobs` is stored as the advantage array."""
+        return (self.version >= 3 and self.mode == "compact" and name == "ref_topk_logprobs"
+                and "topk_logprobs" in fields)
+
     def snap(self, x: np.ndarray) -> np.ndarray:
         """Round real values onto the grid in float64 and return float32.
 
-        Done here rather than inside the zarr codec because the codec multiplies in float32,
-        which near |x| = MAX_ABS can move a value by a few hundredths of a step; snapping in
-        float64 first makes the codec's rounding exact and keeps the bound a guarantee.
+        Done on the writer side so that the stored float32 value is exactly what the reader
+        returns (and re-encoding decoded values is exact: the grid is idempotent).
         """
+        if self.version >= 3:
+            return snap(x, self.step)
         scale = 1.0 / self.step
         return (np.rint(np.asarray(x, dtype=np.float64) * scale) / scale).astype(np.float32)
 
+    def gridq_config(self, name: str) -> dict[str, Any]:
+        if name == ADV_ARRAY:
+            return {"step": self.step, "sign": 1, "delta": False, "zigzag": True}
+        f = TOKEN_FIELDS[name]
+        if f.kind == "logprob":
+            # log-probs are ≤ 0: store −q ≥ 0; descending rows → non-negative deltas
+            return {"step": self.step, "sign": -1, "delta": f.descending, "zigzag": False}
+        return {"step": self.step, "sign": 1, "delta": False, "zigzag": True}
+
     def zarr_codecs(self, name: str) -> dict[str, Any]:
-        """`filters`/`compressors` kwargs for `zarr.Group.create_array` for field `name`."""
+        """`filters`/`compressors` kwargs for `zarr.Group.create_array` for zarr array `name`."""
+        from zarr.codecs import BloscCodec, TransposeCodec
+
+        if self.version < 3:
+            return self._zarr_codecs_v2(name)
+        if name == ADV_ARRAY:
+            return {"filters": [GridQuant(**self.gridq_config(name))],
+                    "compressors": [BloscCodec(cname="zstd", clevel=self.clevel,
+                                               shuffle="bitshuffle")]}
+        f = TOKEN_FIELDS[name]
+        if f.kind == "ids":
+            return {"filters": [TransposeCodec(order=(1, 0))] if f.trailing else [],
+                    "compressors": [BloscCodec(cname="zstd", clevel=self.clevel,
+                                               shuffle="shuffle")]}
+        if not self.quantises(name):
+            return {"filters": [],
+                    "compressors": [BloscCodec(cname="zstd", clevel=self.clevel,
+                                               shuffle="shuffle")]}
+        cfg = self.gridq_config(name)
+        return {"filters": [GridQuant(**cfg)],
+                "compressors": [BloscCodec(cname="zstd", clevel=self.clevel,
+                                           shuffle="shuffle" if cfg["delta"] else "bitshuffle")]}
+
+    def _zarr_codecs_v2(self, name: str) -> dict[str, Any]:
         from zarr.codecs import BloscCodec
         from zarr.codecs import numcodecs as znc
 
@@ -97,29 +298,44 @@ class CodecSpec:
                 znc.FixedScaleOffset(offset=0, scale=1.0 / self.step, dtype="<f4", astype="<i4")
             ]
             if f.trailing == "k":
-                # Along K the values of one row are (nearly) sorted: consecutive differences
-                # are small.  Delta runs over the flattened chunk, i.e. along K with one jump
-                # per row, which is what we want.
                 filters.append(znc.Delta(dtype="<i4"))
         return {
             "filters": filters,
             "compressors": [BloscCodec(cname="zstd", clevel=self.clevel, shuffle="bitshuffle")],
         }
 
-    def describe(self, name: str) -> dict[str, Any]:
+    def describe(self, name: str, fields: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
         """Human/manifest description of the pipeline for `name` (zarr.json is authoritative)."""
         d: dict[str, Any] = {"mode": self.mode}
-        if self.quantises(name):
-            d.update(error_bound=self.error_bound, step=self.step, max_abs=MAX_ABS)
-            d["pipeline"] = ["fixedscaleoffset(<f4→<i4)"] + (
-                ["delta(<i4)"] if TOKEN_FIELDS[name].trailing == "k" else []
-            ) + ["bytes", "blosc(zstd, bitshuffle)"]
+        f = TOKEN_FIELDS[name]
+        if self.version < 3:
+            if self.quantises(name):
+                d.update(error_bound=self.error_bound, step=self.step, max_abs=MAX_ABS)
+                d["pipeline"] = ["fixedscaleoffset(<f4→<i4)"] + (
+                    ["delta(<i4)"] if f.trailing == "k" else []
+                ) + ["bytes", "blosc(zstd, bitshuffle)"]
+            else:
+                d["pipeline"] = ["bytes", "blosc(zstd, shuffle)"]
+            return d
+        if f.kind == "ids":
+            d["pipeline"] = (["transpose([1,0])"] if f.trailing else []) + \
+                ["bytes", f"blosc(zstd {self.clevel}, shuffle)"]
+        elif not self.quantises(name):
+            d["pipeline"] = ["bytes", f"blosc(zstd {self.clevel}, shuffle)"]
         else:
-            d["pipeline"] = ["bytes", "blosc(zstd, shuffle)"]
+            d.update(error_bound=self.error_bound, step=self.step, max_abs=MAX_ABS)
+            arr = ADV_ARRAY if self.ref_as_adv(name, fields) else name
+            cfg = self.gridq_config(arr)
+            shuffle = "shuffle" if cfg["delta"] else "bitshuffle"
+            d["pipeline"] = [f"{GRIDQ}({', '.join(f'{k}={v}' for k, v in cfg.items())})",
+                             "bytes", f"blosc(zstd {self.clevel}, {shuffle})"]
+            if arr == ADV_ARRAY:
+                d["stored_as"] = (f"zarr array '{ADV_ARRAY}' = q(topk_logprobs) − "
+                                  f"q(ref_topk_logprobs); ref = (q_topk − adv)·step")
         return d
 
 
-def resolve_codec(options: dict[str, Any]) -> CodecSpec:
+def resolve_codec(options: dict[str, Any], version: int = SCHEMA_VERSION) -> CodecSpec:
     """Read `codec` / `error_bound` from StoreMeta.options (default: compact, 2e-3 nats)."""
     mode = options.get("codec", DEFAULT_CODEC)
     if mode == "lossless":
@@ -128,7 +344,7 @@ def resolve_codec(options: dict[str, Any]) -> CodecSpec:
                 "options has codec='lossless' and a non-zero error_bound; drop error_bound or "
                 "use codec='compact'"
             )
-        return CodecSpec("lossless", 0.0)
+        return CodecSpec("lossless", 0.0, version=version)
     if mode == "compact":
         eps = float(options.get("error_bound", DEFAULT_ERROR_BOUND))
         if not math.isfinite(eps) or eps < MIN_ERROR_BOUND:
@@ -136,5 +352,5 @@ def resolve_codec(options: dict[str, Any]) -> CodecSpec:
                 f"options.error_bound={eps} is below the supported minimum {MIN_ERROR_BOUND} "
                 f"nats for codec='compact'; use a larger bound or codec='lossless'"
             )
-        return CodecSpec("compact", eps)
+        return CodecSpec("compact", eps, version=version)
     raise ValueError(f"options.codec={mode!r} is not a codec; use 'compact' or 'lossless'")

@@ -3,10 +3,17 @@
 Why: zarr's generic read path (asyncio loop thread, per-chunk coroutines, buffer
 prototypes) costs about as much as the actual decompression for our few-MB chunks.  The
 arrays we write use a tiny subset of Zarr v3 — regular chunk grid, default "/" chunk keys,
-`numcodecs.*` array-to-array filters, `bytes`, and `blosc`/`zstd` — so this module decodes
-exactly that subset straight from `zarr.json` and returns None for anything else, in which
-case the caller falls back to zarr.  It never guesses: every step comes from the metadata,
-and the tests check it equals zarr's own decoding.
+`transpose`, `kdcache.gridq` or `numcodecs.*` array-to-array filters, `bytes`, and
+`blosc`/`zstd` — so this module decodes exactly that subset straight from `zarr.json` and
+returns None for anything else, in which case the caller falls back to zarr.  It never
+guesses: every step comes from the metadata, and the tests check it equals zarr's own
+decoding.
+
+Speed: chunks are decompressed straight into place and a `kdcache.gridq` array is
+dequantised by one fused numpy op into a preallocated float32 buffer; `decode_grid` returns
+the integer grid indices instead, which is how `ref_topk_logprobs` is rebuilt exactly from
+the `topk_adv` array.  blosc/zstd and the numpy loops release the GIL, so the reader decodes
+a shard's arrays in threads.
 """
 
 from __future__ import annotations
@@ -17,70 +24,144 @@ from typing import Any
 import numcodecs
 import numpy as np
 
-__all__ = ["decode_array"]
+from .codecs import GRIDQ, grid_ints
+
+__all__ = ["decode_array", "decode_grid", "array_meta"]
 
 _DTYPES = {"float32": "f4", "float64": "f8", "int32": "i4", "int64": "i8", "int16": "i2",
            "uint8": "u1", "uint16": "u2", "uint32": "u4", "bool": "?", "int8": "i1"}
 
 
-def _pipeline(codecs: list[dict[str, Any]], dtype: np.dtype) -> tuple[list, list, str] | None:
-    """Split codecs into (array→array filters, bytes→bytes compressors, endian) or None."""
-    filters, compressors, endian, seen_bytes = [], [], "little", False
-    for c in codecs:
-        name, cfg = c["name"], dict(c.get("configuration", {}))
-        if name == "bytes":
-            endian = cfg.get("endian", "little")
-            seen_bytes = True
-        elif name in ("numcodecs.fixedscaleoffset", "numcodecs.delta") and not seen_bytes:
-            filters.append(numcodecs.get_codec({"id": name.split(".", 1)[1], **cfg}))
-        elif name == "blosc" and seen_bytes:
-            compressors.append(numcodecs.Blosc())  # blosc frames are self-describing
-        elif name == "zstd" and seen_bytes:
-            compressors.append(numcodecs.Zstd())
-        else:
-            return None
-    return (filters, compressors, endian) if seen_bytes else None
+class _Plan:
+    """What decoding one array takes, read from its zarr.json (None-able via `plan`)."""
+
+    def __init__(self, name: str, meta: dict[str, Any]) -> None:
+        self.name = name
+        self.meta = meta
+        self.dtype = np.dtype(_DTYPES[meta["data_type"]])
+        self.shape = tuple(meta["shape"])
+        self.chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        self.fill = meta.get("fill_value", 0)
+        self.filters: list[Any] = []  # numcodecs array→array filters (v2 stores)
+        self.compressors: list[Any] = []
+        self.transpose: tuple[int, ...] | None = None
+        self.gridq: dict[str, Any] | None = None
+        self.endian = "little"
 
 
-def decode_array(files: dict[str, bytes], name: str) -> np.ndarray | None:
-    """Decode array `name` from a {key: bytes} map of a zarr v3 group, or None if unsupported."""
-    meta = json.loads(files[f"{name}/zarr.json"])
+def _plan(name: str, meta: dict[str, Any]) -> _Plan | None:
     if (meta.get("zarr_format") != 3 or meta.get("chunk_grid", {}).get("name") != "regular"
             or meta.get("storage_transformers")
             or meta.get("chunk_key_encoding", {}).get("name") != "default"
             or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/"
             or meta["data_type"] not in _DTYPES):
         return None
-    dtype = np.dtype(_DTYPES[meta["data_type"]])
-    pipe = _pipeline(meta["codecs"], dtype)
-    if pipe is None:
+    p = _Plan(name, meta)
+    if len(p.shape) not in (1, 2) or (len(p.shape) == 2 and p.chunk[1] != p.shape[1]):
         return None
-    filters, compressors, endian = pipe
-    shape = tuple(meta["shape"])
-    chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-    if len(shape) not in (1, 2) or (len(shape) == 2 and chunk[1] != shape[1]):
+    seen_bytes = False
+    for i, c in enumerate(meta["codecs"]):
+        cname, cfg = c["name"], dict(c.get("configuration", {}))
+        if cname == "bytes":
+            p.endian = cfg.get("endian", "little")
+            seen_bytes = True
+        elif seen_bytes and cname == "blosc":
+            p.compressors.append(numcodecs.Blosc())  # blosc frames are self-describing
+        elif seen_bytes and cname == "zstd":
+            p.compressors.append(numcodecs.Zstd())
+        elif seen_bytes:
+            return None
+        elif cname == GRIDQ and i == 0 and p.dtype == np.float32:
+            p.gridq = cfg
+        elif (cname == "transpose" and len(p.shape) == 2 and tuple(cfg["order"]) == (1, 0)
+              and p.transpose is None and not p.filters):
+            p.transpose = (1, 0)
+        elif (cname in ("numcodecs.fixedscaleoffset", "numcodecs.delta") and p.gridq is None
+              and p.transpose is None):
+            p.filters.append(numcodecs.get_codec({"id": cname.split(".", 1)[1], **cfg}))
+        else:
+            return None
+    if not seen_bytes:
         return None
-    out = np.empty(shape, dtype=dtype)
-    fill = meta.get("fill_value", 0)
-    wire = dtype.newbyteorder("<" if endian == "little" else ">")
-    n_chunks = -(-shape[0] // chunk[0]) if shape[0] else 0
+    return p
+
+
+def array_meta(files: dict[str, bytes], name: str) -> dict[str, Any] | None:
+    raw = files.get(f"{name}/zarr.json")
+    return None if raw is None else json.loads(raw)
+
+
+def _chunks(p: _Plan, files: dict[str, bytes]):
+    """Yield (lo, hi, encoded-side array or None for a fill chunk) per chunk."""
+    if p.gridq is not None:
+        inner = np.dtype("i4")
+    elif p.filters:  # the dtype the first filter *produces* is what `bytes` serialised
+        inner = np.dtype(getattr(p.filters[-1], "astype", None) or p.filters[-1].dtype)
+    else:
+        inner = p.dtype
+    inner = inner.newbyteorder("<" if p.endian == "little" else ">")
+    n_chunks = -(-p.shape[0] // p.chunk[0]) if p.shape[0] else 0
+    enc_shape = p.chunk[::-1] if p.transpose else p.chunk
     for i in range(n_chunks):
-        key = f"{name}/c/{i}" + ("/0" if len(shape) == 2 else "")
-        lo, hi = i * chunk[0], min((i + 1) * chunk[0], shape[0])
+        key = f"{p.name}/c/{i}" + ("/0" if len(p.shape) == 2 else "")
+        lo, hi = i * p.chunk[0], min((i + 1) * p.chunk[0], p.shape[0])
         raw = files.get(key)
         if raw is None:
-            out[lo:hi] = fill
+            yield lo, hi, None
             continue
         buf: Any = raw
-        for c in reversed(compressors):
+        for c in reversed(p.compressors):
             buf = c.decode(buf)
-        # the dtype the first filter *produces* is what the bytes codec serialised
-        inner = np.dtype(getattr(filters[-1], "astype", None) or filters[-1].dtype) \
-            if filters else dtype
-        arr = np.frombuffer(buf, dtype=inner.newbyteorder(wire.byteorder))
-        for f in reversed(filters):
-            arr = f.decode(arr)
-        arr = np.asarray(arr).view(dtype) if np.asarray(arr).dtype == dtype else \
-            np.asarray(arr).astype(dtype)
-        out[lo:hi] = arr.reshape(chunk)[: hi - lo]
+        arr = np.frombuffer(buf, dtype=inner)
+        if not p.filters:
+            arr = arr.reshape(enc_shape)
+            if p.transpose:
+                arr = arr.T
+        yield lo, hi, arr
+
+
+def decode_array(files: dict[str, bytes], name: str) -> np.ndarray | None:
+    """Decode array `name` from a {key: bytes} map of a zarr v3 group, or None if unsupported."""
+    meta = array_meta(files, name)
+    p = None if meta is None else _plan(name, meta)
+    if p is None:
+        return None
+    out = np.empty(p.shape, dtype=p.dtype)
+    g = p.gridq
+    scale = None if g is None else np.float32(int(g.get("sign", 1)) * float(g["step"]))
+    for lo, hi, arr in _chunks(p, files):
+        dst = out[lo:hi]
+        if arr is None:
+            dst[...] = p.fill
+        elif g is not None:
+            q = grid_ints(arr[: hi - lo], bool(g.get("delta")), bool(g.get("zigzag")))
+            np.multiply(q, scale, out=dst, casting="unsafe")
+        elif p.filters:
+            for f in reversed(p.filters):
+                arr = f.decode(arr)
+            arr = np.asarray(arr)
+            arr = arr.view(p.dtype) if arr.dtype == p.dtype else arr.astype(p.dtype)
+            dst[...] = arr.reshape(p.chunk)[: hi - lo]
+        else:
+            dst[...] = arr[: hi - lo]
     return out
+
+
+def decode_grid(files: dict[str, bytes], name: str) -> tuple[np.ndarray, float] | None:
+    """(sign·q as int32, sign·step) of a `kdcache.gridq` array; None for anything else.
+
+    The float32 values are `float32(ints) · float32(sign·step)`, exactly what
+    `decode_array` returns.
+    """
+    meta = array_meta(files, name)
+    p = None if meta is None else _plan(name, meta)
+    if p is None or p.gridq is None:
+        return None
+    g = p.gridq
+    out = np.empty(p.shape, dtype=np.int32)
+    for lo, hi, arr in _chunks(p, files):
+        if arr is None:  # the fill value 0.0 is the grid index 0
+            out[lo:hi] = 0
+        else:
+            out[lo:hi] = grid_ints(arr[: hi - lo], bool(g.get("delta")), bool(g.get("zigzag")))
+    return out, int(g.get("sign", 1)) * float(g["step"])

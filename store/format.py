@@ -29,8 +29,11 @@ __all__ = [
 #:   1 — lossless float32/int32 + blosc only; manifest `fields` entries carry no `codec`.
 #:   2 — adds the compact bounded-error codecs (declared in each array's zarr.json) and the
 #:       manifest's per-field `codec` description and `shard_records`.
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+#:   3 — compact reals use the `kdcache.gridq` codec (float32 grid, sign/delta/zigzag);
+#:       compact `ref_topk_logprobs` is stored as the integer advantage array `topk_adv`;
+#:       `topk_ids` are stored rank-major (`transpose`).  Same fields, same reader API.
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
 
 ROLES = ("chosen", "rejected", "sft", "student_rollout", "teacher_rollout")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ._io import SHARDS_DIR, join, open_fs, read_manifest
+from .codecs import ADV_ARRAY
 from .fingerprint import hash_bytes
 from .format import TOKEN_FIELDS, StoreMeta
 from .writer import NoStoreError, check_schema_version
@@ -39,6 +41,7 @@ class Shard:
     def __init__(self, name: str, table: Any, tokens: dict[str, np.ndarray]) -> None:
         self.name = name
         self.n = table.num_rows
+        self.table = table  # the records.parquet Arrow table
         self.tokens = tokens
         self._seq: dict[str, Any] = {}
         for col in ("example_id", "role"):
@@ -98,31 +101,105 @@ def _buffers(raw: dict[str, bytes]) -> dict[str, Any]:
     return {k: proto.buffer.from_bytes(v) for k, v in raw.items()}
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    """Threads that decode one shard's arrays concurrently (blosc and numpy drop the GIL)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                   thread_name_prefix="kdcache-decode")
+    return _POOL
+
+
+def _forget_pool() -> None:  # a forked child (DataLoader worker) has none of our threads
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _needed_arrays(fields: Sequence[str], zarr_keys: Any) -> list[str]:
+    """zarr arrays to decode for `fields` (a compact v3 ref also needs its base array)."""
+    want: list[str] = []
+    for f in fields:
+        if f == "ref_topk_logprobs" and f"{f}/zarr.json" not in zarr_keys \
+                and f"{ADV_ARRAY}/zarr.json" in zarr_keys:
+            want += [ADV_ARRAY, "topk_logprobs"]
+        else:
+            want.append(f)
+    return list(dict.fromkeys(want))
+
+
 def decode_shard(
-    name: str, raw: dict[str, bytes], fields: Sequence[str]
+    name: str, raw: dict[str, bytes], fields: Sequence[str], threads: bool = True
 ) -> Shard:
-    """Decode fetched shard files ({relative path: bytes}) into a `Shard`."""
+    """Decode fetched shard files ({relative path: bytes}) into a `Shard`.
+
+    A shard's arrays are decoded concurrently in a small shared thread pool (`threads`).
+    """
+    from .fastdecode import decode_array, decode_grid
+
+    zfiles = {k[len("tokens.zarr/") :]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
+    arrays = _needed_arrays(fields, zfiles)
+    adv = ADV_ARRAY in arrays
+    zarr_group: list[Any] = []
+
+    def one(a: str) -> Any:
+        if adv and a in (ADV_ARRAY, "topk_logprobs"):
+            got = decode_grid(zfiles, a)
+            if got is not None:
+                return got
+        arr = decode_array(zfiles, a)  # fast path for the subset of zarr we write
+        if arr is None:
+            arr = _zarr_read(zfiles, a, zarr_group)
+        return arr
+
+    if threads and len(arrays) > 1:
+        futs = [_decode_pool().submit(one, a) for a in arrays]
+        table = pq.read_table(io.BytesIO(raw["records.parquet"]))
+        dec = dict(zip(arrays, (f.result() for f in futs), strict=True))
+    else:
+        dec = {a: one(a) for a in arrays}
+        table = pq.read_table(io.BytesIO(raw["records.parquet"]))
+    tokens: dict[str, np.ndarray] = {}
+    if adv:
+        (q_topk, s_topk), (q_adv, s_adv) = dec["topk_logprobs"], dec[ADV_ARRAY]
+        if "topk_logprobs" in fields:
+            tokens["topk_logprobs"] = np.multiply(q_topk, np.float32(s_topk),
+                                                  dtype=np.float32, casting="unsafe")
+        # topk stores sign·q_topk with sign = s_topk/|s|, adv stores q_topk − q_ref:
+        # q_ref = q_topk − q_adv, value = q_ref·|s|
+        step = abs(s_adv)
+        if s_topk < 0:  # ints are −q_topk: ref = (−q_topk + q_adv)·(−step)
+            np.add(q_topk, q_adv, out=q_topk)
+            ref = np.multiply(q_topk, np.float32(-step), dtype=np.float32, casting="unsafe")
+        else:
+            np.subtract(q_topk, q_adv, out=q_topk)
+            ref = np.multiply(q_topk, np.float32(step), dtype=np.float32, casting="unsafe")
+        tokens["ref_topk_logprobs"] = ref
+    for f in fields:
+        if f not in tokens:
+            tokens[f] = dec[f]
+    return Shard(name, table, {f: tokens[f] for f in fields})
+
+
+def _zarr_read(zfiles: dict[str, bytes], a: str, cache: list[Any]) -> np.ndarray:
+    """zarr's generic decoding, for arrays outside the fast decoder's subset."""
     import zarr
     from zarr.storage import MemoryStore
 
-    from .codecs import quiet_numcodecs
-    from .fastdecode import decode_array
+    from .codecs import quiet_numcodecs, register
 
-    table = pq.read_table(io.BytesIO(raw["records.parquet"]))
-    zfiles = {k[len("tokens.zarr/") :]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
-    tokens: dict[str, np.ndarray] = {}
-    group = None
-    for f in fields:
-        arr = decode_array(zfiles, f)  # fast path for the subset of zarr we write
-        if arr is None:
-            if group is None:
-                with quiet_numcodecs():
-                    group = zarr.open_group(MemoryStore(_buffers(zfiles), read_only=True),
-                                            mode="r")
-            with quiet_numcodecs():
-                arr = group[f][...]
-        tokens[f] = arr
-    return Shard(name, table, tokens)
+    register()
+    with quiet_numcodecs():
+        if not cache:
+            cache.append(zarr.open_group(MemoryStore(_buffers(zfiles), read_only=True),
+                                         mode="r"))
+        return cache[0][a][...]
 
 
 class Store:
@@ -169,12 +246,14 @@ class Store:
     def shard_files(self, index: int, fields: Sequence[str] | None = None) -> list[str]:
         """Relative paths of the files needed to decode `fields` of shard `index`."""
         fields = self.fields if fields is None else list(fields)
+        files = self.shards[index]["files"]
+        arrays = set(_needed_arrays(fields, {r[len("tokens.zarr/"):] for r in files}))
         wanted = []
-        for rel in self.shards[index]["files"]:
+        for rel in files:
             parts = rel.split("/")
             if rel == "records.parquet" or rel == "tokens.zarr/zarr.json":
                 wanted.append(rel)
-            elif parts[0] == "tokens.zarr" and parts[1] in fields:
+            elif parts[0] == "tokens.zarr" and parts[1] in arrays:
                 wanted.append(rel)
         return wanted
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._io import MANIFEST, SHARDS_DIR, atomic_write, join, open_fs, read_manifest, write_files
-from .codecs import MAX_ABS, CodecSpec, resolve_codec
+from .codecs import ADV_ARRAY, MAX_ABS, CodecSpec, resolve_codec
 from .fingerprint import hash_bytes, hash_json, store_key
 from .format import (
     ROLES,
@@ -85,7 +85,7 @@ def field_layout(meta: StoreMeta, codec: CodecSpec) -> dict[str, Any]:
             "dtype": f.dtype,
             "shape": ["T+1" if f.extra_row else "T", *trailing],
             "rows": "T+1" if f.extra_row else "T",
-            "codec": codec.describe(name),
+            "codec": codec.describe(name, meta.fields),
         }
     return out
 
@@ -97,18 +97,24 @@ class StoreWriter:
     target (a group never spans shards) and as soon as it reaches the target.  With
     `resume=True` an existing store with the same meta is continued after its last committed
     shard (`done_example_ids` tells the caller what to skip); with `resume=False` an existing
-    store is an error.
+    store is an error.  `_schema_version` writes an older on-disk version (tests of the
+    backward-compatible reader only).
     """
 
     def __init__(
-        self, url: str, meta: StoreMeta, shard_records: int = 1024, resume: bool = True
+        self, url: str, meta: StoreMeta, shard_records: int = 1024, resume: bool = True,
+        _schema_version: int = SCHEMA_VERSION,
     ) -> None:
         if shard_records < 1:
             raise ValueError(f"shard_records must be >= 1, got {shard_records}")
         self.url = str(url)
         self.meta = meta
         self.shard_records = int(shard_records)
-        self.codec = resolve_codec(meta.options)
+        if _schema_version not in (2, SCHEMA_VERSION):
+            raise ValueError(f"can write schema versions 2 and {SCHEMA_VERSION}, "
+                             f"not {_schema_version}")
+        self.schema_version = int(_schema_version)
+        self.codec = resolve_codec(meta.options, version=self.schema_version)
         self.fs, self.root = open_fs(self.url)
         self._pending: list[dict[str, Any]] = []
         self._pending_ids: list[str] = []
@@ -119,7 +125,7 @@ class StoreWriter:
             now = _now()
             self._manifest: dict[str, Any] = {
                 "format": "kdcache-store",
-                "schema_version": SCHEMA_VERSION,
+                "schema_version": self.schema_version,
                 "store_key": store_key(meta),
                 "meta": meta.to_dict(),
                 "fields": field_layout(meta, self.codec),
@@ -142,10 +148,10 @@ class StoreWriter:
                 f"it, or delete it / choose another URL to start over"
             )
         v = check_schema_version(manifest, self.url)
-        if v != SCHEMA_VERSION:
+        if v != self.schema_version:
             raise ValueError(
                 f"store at {self.url} was written with schema_version={v}; this kdcache writes "
-                f"{SCHEMA_VERSION} and will not mix versions in one store: finish it with the "
+                f"{self.schema_version} and will not mix versions in one store: finish it with the "
                 f"kdcache that started it, or write a new store"
             )
         old = StoreMeta.from_dict(manifest["meta"])
@@ -408,23 +414,38 @@ def build_shard_files(
         MemoryStore(store_dict),
         mode="w",
         zarr_format=3,
-        attributes={"kdcache": {"schema_version": SCHEMA_VERSION, "shard": name,
+        attributes={"kdcache": {"schema_version": codec.version, "shard": name,
                                 "n_records": len(recs), "n_tokens": int(n_tok.sum())}},
     )
     for field_name in meta.fields:
         f = TOKEN_FIELDS[field_name]
         data = np.concatenate([np.asarray(r[field_name]) for r in recs], axis=0)
-        if codec.quantises(field_name):
+        attrs: dict[str, Any] = {}
+        array_name = field_name
+        if codec.ref_as_adv(field_name, meta.fields):
+            # ADPA advantage on the grid: q(topk) − q(ref), stored as float32 grid values so
+            # plain zarr reads the advantage; ref is rebuilt from the integers (exact).
+            topk = np.concatenate([np.asarray(r["topk_logprobs"]) for r in recs], axis=0)
+            step = codec.step
+            q_adv = (np.rint(np.asarray(topk, np.float64) / step)
+                     - np.rint(np.asarray(data, np.float64) / step))
+            data = (q_adv * step).astype(np.float32)
+            array_name = ADV_ARRAY
+            attrs = {"kdcache": {"field": field_name, "base": "topk_logprobs",
+                                 "rebuild": f"{field_name} = topk_logprobs - {ADV_ARRAY}",
+                                 "exact": "integer grid indices: q_ref = q_topk - q_adv"}}
+        elif codec.quantises(field_name):
             data = codec.snap(data)
         data = data.astype(f.dtype, copy=False)
         chunks = (max(1, min(CHUNK_ROWS, data.shape[0])), *data.shape[1:])
         arr = group.create_array(
-            field_name,
+            array_name,
             shape=data.shape,
             chunks=chunks,
             dtype=f.dtype,
             fill_value=0,
-            **codec.zarr_codecs(field_name),
+            attributes=attrs or None,
+            **codec.zarr_codecs(array_name),
         )
         if data.size:
             arr[...] = data

@@ -81,16 +81,25 @@ def test_list_stores_and_gc(tmp_path):
 
 
 @pytest.mark.parametrize("codec", ["lossless", "compact"])
-def test_merge_equals_single_run(tmp_path, codec):
+@pytest.mark.parametrize("version", [2, 3])
+def test_merge_equals_single_run(tmp_path, codec, version):
     meta = make_meta(codec=codec)
-    groups = make_groups(23, meta, seed=12)
-    write_store(str(tmp_path / "single"), meta, groups, shard_records=6)
-    write_store(str(tmp_path / "p0"), meta, groups[:9], shard_records=4)
-    write_store(str(tmp_path / "p1"), meta, groups[9:], shard_records=5)
+    groups = make_groups(23, meta, seed=12, dtype=np.float64)
+    v = {"_schema_version": version}
+    write_store(str(tmp_path / "single"), meta, groups, shard_records=6, **v)
+    write_store(str(tmp_path / "p0"), meta, groups[:9], shard_records=4, **v)
+    write_store(str(tmp_path / "p1"), meta, groups[9:], shard_records=5, **v)
     merge([str(tmp_path / "p0"), str(tmp_path / "p1")], str(tmp_path / "m"), shard_records=6)
     a, b = open_store(str(tmp_path / "single")), open_store(str(tmp_path / "m"))
+    assert b.schema_version == version
     assert [s["checksum"] for s in a.shards] == [s["checksum"] for s in b.shards]
     assert a.manifest["checksum"] == b.manifest["checksum"]
+    if version == 3:
+        return
+    if codec == "compact":
+        write_store(str(tmp_path / "p3"), meta, groups[9:], shard_records=5)
+        with pytest.raises(ValueError, match="schema versions"):
+            merge([str(tmp_path / "p0"), str(tmp_path / "p3")], str(tmp_path / "m4"))
     with pytest.raises(ValueError, match="meta differs"):
         other = make_meta(codec=codec)
         other.dataset = {"name": "another"}

@@ -77,9 +77,9 @@ def make_groups(n: int, meta: StoreMeta, seed: int = 0, dtype=np.float32,
     return out
 
 
-def write_store(url: str, meta: StoreMeta, groups, shard_records: int = 7) -> None:
+def write_store(url: str, meta: StoreMeta, groups, shard_records: int = 7, **kw) -> None:
     from kdcache.store import StoreWriter
 
-    with StoreWriter(url, meta, shard_records=shard_records) as w:
+    with StoreWriter(url, meta, shard_records=shard_records, **kw) as w:
         for g in groups:
             w.add_group(g)
