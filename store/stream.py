@@ -6,21 +6,27 @@ I/O, so giving each (rank, DataLoader worker) replica whole shards means every b
 fetched and decoded once per epoch, not once per replica.
 
 Order, for a given (seed, epoch):
-  1. shards are permuted by `rng(seed, epoch)`;
-  2. the permuted shard list is dealt round-robin to the world_size ranks, and each rank's
-     list is dealt round-robin to its DataLoader workers (so a rank's shard set does not
-     depend on num_workers);
-  3. each replica walks its shards in order; inside a shard the groups are permuted by
-     `rng(seed, epoch, shard index)`.
-Steps 1 and 3 do not depend on world_size or num_workers, so the per-shard group order is
-the same whatever the parallelism; each group is yielded exactly once per epoch across all
-replicas.  Per-replica group counts can differ by up to one shard's worth; `len(reader)`
-gives this rank's count so a DDP trainer can agree on a step budget.
+  1. shards are permuted by `rng(seed, epoch)` and cut into consecutive *windows* of
+     `shuffle_window` shards (default 1: a window is a shard);
+  2. the window list is dealt round-robin to the world_size ranks, and each rank's list is
+     dealt round-robin to its DataLoader workers (so a rank's windows do not depend on
+     num_workers);
+  3. each replica walks its windows in order; inside a window the groups of all its shards
+     are permuted jointly — by `rng(seed, epoch, shard index)` for a one-shard window (the
+     pre-window behaviour, unchanged), by `rng(seed, epoch, window index, W)` otherwise.
+     This is the cross-shard shuffle buffer: W shards are held decoded at once.
+Steps 1 and 3 do not depend on world_size or num_workers, so the group order inside every
+window is the same whatever the parallelism; each group is yielded exactly once per epoch
+across all replicas.  (Behind a DataLoader, workers' windows are interleaved group by group,
+which does depend on num_workers — as with any IterableDataset.)  Per-replica group counts
+can differ by up to one window's worth; `len(reader)` gives this rank's count so a DDP
+trainer can agree on a step budget.
 
-Resume: `state_dict()` is `{epoch, seed, consumed}` where `consumed` counts groups this rank
-has taken.  With num_workers = 0 the reader counts them itself; behind a torch DataLoader
-(batch_size=None, in-order) pass the count you took to `state_dict(consumed=n)`: on load,
-each worker recomputes its own skip count by replaying the DataLoader's round-robin.
+Resume: `state_dict()` is `{epoch, seed, consumed}` (plus `shuffle_window` when > 1) where
+`consumed` counts groups this rank has taken.  With num_workers = 0 the reader counts them
+itself; behind a torch DataLoader (batch_size=None, in-order) pass the count you took to
+`state_dict(consumed=n)`: on load, each worker recomputes its own skip count by replaying
+the DataLoader's round-robin.  Whole windows are skipped without fetching them.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class StreamReader(_Base):  # type: ignore[misc,valid-type]
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 2,
+        shuffle_window: int = 1,
     ) -> None:
         self.store = open_store(store) if isinstance(store, str) else store
         self.fields = tuple(self.store.fields if fields is None else fields)
@@ -72,6 +79,9 @@ class StreamReader(_Base):  # type: ignore[misc,valid-type]
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.prefetch = int(prefetch)
+        if int(shuffle_window) < 1:
+            raise ValueError(f"shuffle_window={shuffle_window} must be >= 1 (shards per window)")
+        self.shuffle_window = int(shuffle_window)
         self.consumed = 0  # groups this rank has taken in the current epoch
 
     # -- plan --------------------------------------------------------------------
@@ -90,13 +100,43 @@ class StreamReader(_Base):  # type: ignore[misc,valid-type]
             return np.arange(n)
         return _rng(self.seed, self.epoch, shard).permutation(n)
 
+    def windows(self) -> list[list[int]]:
+        """This epoch's windows: consecutive runs of `shuffle_window` permuted shards."""
+        order = [int(s) for s in self.shard_order()]
+        w = self.shuffle_window
+        return [order[i : i + w] for i in range(0, len(order), w)]
+
+    def _rank_units(self) -> list[int]:
+        """Indices (into `windows()`) of the windows this rank reads this epoch."""
+        return list(range(len(self.windows())))[self.rank :: self.world_size]
+
+    def _replica_units(self, worker: int, num_workers: int) -> list[int]:
+        return self._rank_units()[worker :: max(1, num_workers)]
+
     def rank_shards(self) -> list[int]:
         """Shards this rank reads this epoch, in order (independent of num_workers)."""
-        return [int(s) for s in self.shard_order()[self.rank :: self.world_size]]
+        wins = self.windows()
+        return [s for u in self._rank_units() for s in wins[u]]
 
     def replica_shards(self, worker: int, num_workers: int) -> list[int]:
         """Shards DataLoader worker `worker` of this rank reads this epoch, in order."""
-        return self.rank_shards()[worker :: max(1, num_workers)]
+        wins = self.windows()
+        return [s for u in self._replica_units(worker, num_workers) for s in wins[u]]
+
+    def window_order(self, index: int, window: list[int] | None = None) -> list[tuple[int, int]]:
+        """(shard, group) pairs of window `index` in the order they are yielded."""
+        window = self.windows()[index] if window is None else window
+        if len(window) == 1:
+            s = window[0]
+            return [(s, int(g)) for g in self.group_order(s)]
+        pairs = [(s, g) for s in window for g in range(int(self.store.shards[s]["n_groups"]))]
+        if not self.shuffle:
+            return pairs
+        perm = _rng(self.seed, self.epoch, index, len(window)).permutation(len(pairs))
+        return [pairs[int(i)] for i in perm]
+
+    def _window_len(self, window: list[int]) -> int:
+        return sum(int(self.store.shards[s]["n_groups"]) for s in window)
 
     def _replica_len(self, worker: int, num_workers: int) -> int:
         return sum(int(self.store.shards[s]["n_groups"])
@@ -146,36 +186,51 @@ class StreamReader(_Base):  # type: ignore[misc,valid-type]
                 return
             virtual = polling[worker]
             skip = taken[virtual]
-            shards = self.replica_shards(virtual, num_workers)
+            units = self._replica_units(virtual, num_workers)
         else:
             skip = self.consumed
-            shards = self.rank_shards()
-        # Skip whole shards without fetching them.
-        todo: list[tuple[int, int]] = []  # (shard, first group position to yield)
-        for s in shards:
-            n = int(self.store.shards[s]["n_groups"])
+            units = self._rank_units()
+        wins = self.windows()
+        # Skip whole windows without fetching them.
+        todo: list[tuple[int, int]] = []  # (window index, first position to yield)
+        for u in units:
+            n = self._window_len(wins[u])
             if skip >= n:
                 skip -= n
                 continue
-            todo.append((s, skip))
+            todo.append((u, skip))
             skip = 0
-        starts = dict(todo)
-        for s, shard in self.store.prefetching_shards(
-            [s for s, _ in todo], self.fields, self.prefetch
-        ):
-            for g in self.group_order(s)[starts[s] :]:
+        if not todo:
+            return
+        shards_iter = self.store.prefetching_shards(
+            [s for u, _ in todo for s in wins[u]], self.fields, self.prefetch
+        )
+        for u, start in todo:
+            held = {}
+            for _ in wins[u]:
+                s, shard = next(shards_iter)
+                held[s] = shard
+            for s, g in self.window_order(u, wins[u])[start:]:
                 self.consumed += 1
-                yield shard.group(int(g))
+                yield held[s].group(g)
+            del held
 
     # -- state ---------------------------------------------------------------------
     def state_dict(self, consumed: int | None = None) -> dict[str, int]:
         """Position for mid-epoch resume; pass `consumed` when iterating through workers."""
-        return {"epoch": self.epoch, "seed": self.seed,
-                "consumed": self.consumed if consumed is None else int(consumed)}
+        state = {"epoch": self.epoch, "seed": self.seed,
+                 "consumed": self.consumed if consumed is None else int(consumed)}
+        if self.shuffle_window != 1:
+            state["shuffle_window"] = self.shuffle_window
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"state_dict has seed={state['seed']} but this reader has "
                              f"seed={self.seed}; construct the reader with the saved seed")
+        if int(state.get("shuffle_window", 1)) != self.shuffle_window:
+            raise ValueError(f"state_dict has shuffle_window={state.get('shuffle_window', 1)} "
+                             f"but this reader has shuffle_window={self.shuffle_window}; "
+                             f"construct the reader with the saved shuffle_window")
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])

@@ -3,7 +3,7 @@
 Why these: bytes/token per field tells users what each signal costs on disk, and the top-K
 mass (Σ_k exp(topk_logprobs)) tells them what truncating to K loses (METHODS.md §1).
 Sizes come from the manifest (stored file sizes), so only `topk_logprobs` is decoded, one
-shard at a time.
+shard at a time; roles are counted on the Arrow `role` column (no record dicts are built).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
+from .codecs import array_field
 from .fingerprint import store_key
 from .reader import Store, open_store
 
-__all__ = ["summarize"]
+__all__ = ["summarize", "format_summary"]
 
 
 def summarize(store: Store | str, mass_bins: int = 10) -> dict[str, Any]:
@@ -31,8 +33,8 @@ def summarize(store: Store | str, mass_bins: int = 10) -> dict[str, Any]:
             parts = rel.split("/")
             if rel == "records.parquet":
                 field_bytes[rel] += info["bytes"]
-            elif len(parts) > 2 and parts[1] in field_bytes:
-                field_bytes[parts[1]] += info["bytes"]
+            elif len(parts) > 2 and array_field(parts[1]) in field_bytes:
+                field_bytes[array_field(parts[1])] += info["bytes"]
             else:
                 zarr_meta += info["bytes"]
     denom = max(n_tok, 1)
@@ -42,7 +44,8 @@ def summarize(store: Store | str, mass_bins: int = 10) -> dict[str, Any]:
     has_topk = "topk_logprobs" in st.fields
     for s in range(len(st.shards)):
         shard = st.load_shard(s, ["topk_logprobs"] if has_topk else [])
-        roles.update(shard.record(i)["role"] for i in range(len(shard)))
+        vc = pc.value_counts(shard.table.column("role"))
+        roles.update({str(v["values"]): int(v["counts"]) for v in vc.to_pylist()})
         if has_topk:
             mass = np.exp(shard.tokens["topk_logprobs"].astype(np.float64)).sum(axis=1)
             mass_sum += float(mass.sum())
@@ -76,3 +79,25 @@ def summarize(store: Store | str, mass_bins: int = 10) -> dict[str, Any]:
         } if has_topk else None,
         "roles": dict(sorted(roles.items())),
     }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Human-readable text of a `summarize` result (what `kdcache inspect` prints)."""
+    m = s["meta"]
+    lines = [
+        f"store        {s['url']}",
+        f"key          {s['store_key']}  (schema v{s['schema_version']}, "
+        f"{'complete' if s['complete'] else 'INCOMPLETE'})",
+        f"models       {m['models']}",
+        f"dataset      {m['dataset']}",
+        f"K / betas    {m['k']} / {m['betas']}",
+        f"options      {m['options']}",
+        f"size         {s['n_shards']} shards, {s['n_groups']} groups, {s['n_sequences']} "
+        f"sequences, {s['n_tokens']} tokens, {s['bytes_total']} bytes",
+        "bytes/token  " + ", ".join(f"{k} {v:.2f}" for k, v in s["bytes_per_token"].items()),
+        "roles        " + ", ".join(f"{k} {v}" for k, v in s["roles"].items()),
+    ]
+    if s["topk_mass_mean"] is not None:
+        lines.append(f"top-K mass   mean {s['topk_mass_mean']:.4f}; histogram "
+                     f"{s['topk_mass_hist']['counts']} over [0, 1]")
+    return "\n".join(lines)

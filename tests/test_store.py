@@ -448,3 +448,74 @@ def test_stream_throughput_smoke(stream_store):
     t = time.perf_counter()
     n = sum(1 for _ in StreamReader(url, prefetch=2))
     assert n == 47 and time.perf_counter() - t < 10
+
+
+# --------------------------------------------------------------------------- shuffle window
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_window_each_group_once_and_mixes_shards(stream_store, workers):
+    url, all_ids = stream_store
+    st = open_store(url)
+    seen: list[str] = []
+    for rank in range(2):
+        r = StreamReader(st, seed=3, epoch=1, rank=rank, world_size=2, prefetch=1,
+                         shuffle_window=3)
+        got = _ids(_loader(r, workers))
+        assert len(got) == len(r)
+        seen += got
+    assert sorted(seen) == sorted(all_ids)
+    # a window's groups come from several shards, interleaved
+    r = StreamReader(st, seed=3, epoch=1, shuffle_window=3)
+    order = r.window_order(0)
+    first = [s for s, _ in order[:6]]
+    assert len(set(s for s, _ in order)) == 3 and len(set(first)) > 1
+
+
+def test_stream_window_independent_of_parallelism_and_deterministic(stream_store):
+    url, all_ids = stream_store
+    st = open_store(url)
+    one = StreamReader(st, seed=4, epoch=0, shuffle_window=4)
+    two = StreamReader(st, seed=4, epoch=0, rank=1, world_size=2, shuffle_window=4)
+    assert one.windows() == two.windows()
+    assert all(one.window_order(i) == two.window_order(i) for i in range(len(one.windows())))
+    a = _ids(one)
+    assert a == _ids(StreamReader(st, seed=4, epoch=0, shuffle_window=4, prefetch=0))
+    assert a != _ids(StreamReader(st, seed=4, epoch=1, shuffle_window=4))
+    assert sorted(a) == sorted(all_ids)
+    # window 1 reproduces the per-shard shuffle exactly; shuffle=False keeps stored order
+    assert _ids(StreamReader(st, seed=4, shuffle_window=1)) == _ids(StreamReader(st, seed=4))
+    assert _ids(StreamReader(st, shuffle=False, shuffle_window=3)) == all_ids
+    with pytest.raises(ValueError, match="shuffle_window"):
+        StreamReader(st, shuffle_window=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_window_state_dict_resume(stream_store, workers):
+    url, _ = stream_store
+    st = open_store(url)
+    full = _ids(_loader(StreamReader(st, seed=5, epoch=2, shuffle_window=3), workers))
+    for cut in (0, 7, 23, len(full)):
+        r = StreamReader(st, seed=5, epoch=2, shuffle_window=3)
+        it = iter(_loader(r, workers))
+        taken = [next(it)[0]["example_id"] for _ in range(cut)]
+        del it
+        state = r.state_dict(consumed=len(taken) if workers else None)
+        assert state["shuffle_window"] == 3
+        r2 = StreamReader(st, seed=5, shuffle_window=3)
+        r2.load_state_dict(state)
+        assert taken + _ids(_loader(r2, workers)) == full, cut
+    with pytest.raises(ValueError, match="shuffle_window"):
+        StreamReader(st, seed=5).load_state_dict(state)
+
+
+def test_summary_roles_from_arrow_column(tmp_path):
+    meta = make_meta(fields=["token_logprob"])
+    groups = make_groups(15, meta, seed=8)
+    write_store(str(tmp_path / "s"), meta, groups, shard_records=4)
+    from collections import Counter
+
+    from kdcache.store.summary import format_summary
+
+    s = summarize(str(tmp_path / "s"))
+    assert s["roles"] == dict(sorted(Counter(r["role"] for g in groups for r in g).items()))
+    assert s["topk_mass_mean"] is None
+    assert "roles" in format_summary(s)
