@@ -90,13 +90,19 @@ def grid_encode(x: np.ndarray, step: float, sign: int = 1, delta: bool = False,
     return q.astype(np.int32)
 
 
-def grid_ints(codes: np.ndarray, delta: bool = False, zigzag: bool = False) -> np.ndarray:
-    """int32 codes → sign·q (int32); the value is then `result · sign · step`."""
+def grid_ints(codes: np.ndarray, delta: bool = False, zigzag: bool = False,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """int32 codes → sign·q (int32, into `out` if given); the value is `result·sign·step`."""
     e = np.asarray(codes, dtype=np.int32)
     if zigzag:
-        e = (e >> 1) ^ -(e & 1)
+        low = np.bitwise_and(e, 1)
+        np.negative(low, out=low)
+        e = np.bitwise_xor(np.right_shift(e, 1, out=out), low, out=out)
     if delta and e.ndim >= 1:
-        e = np.cumsum(e, axis=-1, dtype=np.int32)
+        e = np.cumsum(e, axis=-1, dtype=np.int32, out=out)
+    if out is not None and e is not out:
+        out[...] = e
+        e = out
     return e
 
 

@@ -163,5 +163,5 @@ def decode_grid(files: dict[str, bytes], name: str) -> tuple[np.ndarray, float] 
         if arr is None:  # the fill value 0.0 is the grid index 0
             out[lo:hi] = 0
         else:
-            out[lo:hi] = grid_ints(arr[: hi - lo], bool(g.get("delta")), bool(g.get("zigzag")))
+            grid_ints(arr[: hi - lo], bool(g.get("delta")), bool(g.get("zigzag")), out[lo:hi])
     return out, int(g.get("sign", 1)) * float(g["step"])

@@ -151,8 +151,11 @@ def decode_shard(
     def one(a: str) -> Any:
         if adv and a in (ADV_ARRAY, "topk_logprobs"):
             got = decode_grid(zfiles, a)
-            if got is not None:
-                return got
+            if got is None:
+                raise ValueError(f"shard {name}: array {a!r} is not a kdcache.gridq array, so "
+                                 f"ref_topk_logprobs cannot be rebuilt from {ADV_ARRAY}; the "
+                                 f"shard was not written by kdcache (or is corrupt)")
+            return got
         arr = decode_array(zfiles, a)  # fast path for the subset of zarr we write
         if arr is None:
             arr = _zarr_read(zfiles, a, zarr_group)
@@ -168,19 +171,28 @@ def decode_shard(
     tokens: dict[str, np.ndarray] = {}
     if adv:
         (q_topk, s_topk), (q_adv, s_adv) = dec["topk_logprobs"], dec[ADV_ARRAY]
-        if "topk_logprobs" in fields:
-            tokens["topk_logprobs"] = np.multiply(q_topk, np.float32(s_topk),
-                                                  dtype=np.float32, casting="unsafe")
-        # topk stores sign·q_topk with sign = s_topk/|s|, adv stores q_topk − q_ref:
-        # q_ref = q_topk − q_adv, value = q_ref·|s|
-        step = abs(s_adv)
-        if s_topk < 0:  # ints are −q_topk: ref = (−q_topk + q_adv)·(−step)
-            np.add(q_topk, q_adv, out=q_topk)
-            ref = np.multiply(q_topk, np.float32(-step), dtype=np.float32, casting="unsafe")
+        if abs(s_adv) != abs(s_topk):
+            raise ValueError(f"shard {name}: {ADV_ARRAY} step {abs(s_adv)} differs from "
+                             f"topk_logprobs step {abs(s_topk)}; the shard is corrupt")
+
+        def topk_values() -> np.ndarray:
+            return np.multiply(q_topk, np.float32(s_topk), dtype=np.float32, casting="unsafe")
+
+        def ref_values() -> np.ndarray:
+            # topk holds sign·q_topk (sign = s_topk/step), adv holds q_topk − q_ref:
+            # sign·q_ref = sign·q_topk − sign·q_adv, value = (sign·q_ref)·(sign·step)
+            sq = np.add(q_topk, q_adv) if s_topk < 0 else np.subtract(q_topk, q_adv)
+            return np.multiply(sq, np.float32(s_topk), out=sq.view(np.float32),
+                               casting="unsafe")
+
+        if "topk_logprobs" in fields and threads:
+            fut = _decode_pool().submit(topk_values)
+            tokens["ref_topk_logprobs"] = ref_values()
+            tokens["topk_logprobs"] = fut.result()
         else:
-            np.subtract(q_topk, q_adv, out=q_topk)
-            ref = np.multiply(q_topk, np.float32(step), dtype=np.float32, casting="unsafe")
-        tokens["ref_topk_logprobs"] = ref
+            if "topk_logprobs" in fields:
+                tokens["topk_logprobs"] = topk_values()
+            tokens["ref_topk_logprobs"] = ref_values()
     for f in fields:
         if f not in tokens:
             tokens[f] = dec[f]
