@@ -167,38 +167,12 @@ def inspect_(url: str = typer.Argument(..., help="store URL or path"),
     if as_json:
         _echo_json(summary)
         return
-    typer.echo(_format_summary(summary))
+    from kdcache.store.summary import format_summary
+
+    typer.echo(format_summary(summary))
 
 
 app.registered_commands[-1].name = "inspect"
-
-
-def _format_summary(s: dict) -> str:
-    """`kdcache inspect` as a person reads it: provenance, sizes, bytes/token, top-K mass."""
-    meta = s.get("meta", {})
-    lines = [
-        f"store      {s.get('url')}  (key {s.get('store_key')}, schema v{s.get('schema_version')}, "
-        f"{'complete' if s.get('complete') else 'INCOMPLETE'})",
-        "models     " + (", ".join(f"{role}:{str((m or {}).get('weights_sha256', '?'))[:12]}"
-                                   for role, m in meta.get("models", {}).items()) or "-"),
-        f"K / betas  {meta.get('k')} / {meta.get('betas')}   codec {meta.get('options', {}).get('codec')}",
-        f"records    {s.get('n_sequences')} sequences in {s.get('n_groups')} groups, "
-        f"{s.get('n_tokens')} tokens, {s.get('n_shards')} shards, {s.get('bytes_total', 0) / 2**20:.2f} MiB",
-        f"roles      {', '.join(f'{k}={v}' for k, v in (s.get('roles') or {}).items())}",
-        "bytes/token per field:",
-    ]
-    per = s.get("bytes_per_token") or {}
-    lines += [f"  {k:<22} {v:8.2f}" for k, v in per.items()]
-    lines.append(f"  {'total':<22} {sum(per.values()):8.2f}")
-    if s.get("topk_mass_mean") is not None:
-        lines.append(f"mean top-K mass  {s['topk_mass_mean']:.4f}  (what K keeps of the teacher's probability)")
-        hist = s.get("topk_mass_hist") or {}
-        counts, edges = hist.get("counts", []), hist.get("edges", [])
-        top = max(counts) if counts else 0
-        for i, c in enumerate(counts):
-            bar = "#" * (round(30 * c / top) if top else 0)
-            lines.append(f"  [{edges[i]:.1f}, {edges[i + 1]:.1f})  {bar} {c}")
-    return "\n".join(lines)
 
 
 @store_app.command("ls")

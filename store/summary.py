@@ -82,22 +82,28 @@ def summarize(store: Store | str, mass_bins: int = 10) -> dict[str, Any]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    """Human-readable text of a `summarize` result (what `kdcache inspect` prints)."""
-    m = s["meta"]
+    """`kdcache inspect` as a person reads it: provenance, sizes, bytes/token, top-K mass."""
+    meta = s.get("meta", {})
     lines = [
-        f"store        {s['url']}",
-        f"key          {s['store_key']}  (schema v{s['schema_version']}, "
-        f"{'complete' if s['complete'] else 'INCOMPLETE'})",
-        f"models       {m['models']}",
-        f"dataset      {m['dataset']}",
-        f"K / betas    {m['k']} / {m['betas']}",
-        f"options      {m['options']}",
-        f"size         {s['n_shards']} shards, {s['n_groups']} groups, {s['n_sequences']} "
-        f"sequences, {s['n_tokens']} tokens, {s['bytes_total']} bytes",
-        "bytes/token  " + ", ".join(f"{k} {v:.2f}" for k, v in s["bytes_per_token"].items()),
-        "roles        " + ", ".join(f"{k} {v}" for k, v in s["roles"].items()),
+        f"store      {s.get('url')}  (key {s.get('store_key')}, schema v{s.get('schema_version')}, "
+        f"{'complete' if s.get('complete') else 'INCOMPLETE'})",
+        "models     " + (", ".join(f"{role}:{str((m or {}).get('weights_sha256', '?'))[:12]}"
+                                   for role, m in meta.get("models", {}).items()) or "-"),
+        f"K / betas  {meta.get('k')} / {meta.get('betas')}   codec {meta.get('options', {}).get('codec')}",
+        f"records    {s.get('n_sequences')} sequences in {s.get('n_groups')} groups, "
+        f"{s.get('n_tokens')} tokens, {s.get('n_shards')} shards, {s.get('bytes_total', 0) / 2**20:.2f} MiB",
+        f"roles      {', '.join(f'{k}={v}' for k, v in (s.get('roles') or {}).items())}",
+        "bytes/token per field:",
     ]
-    if s["topk_mass_mean"] is not None:
-        lines.append(f"top-K mass   mean {s['topk_mass_mean']:.4f}; histogram "
-                     f"{s['topk_mass_hist']['counts']} over [0, 1]")
+    per = s.get("bytes_per_token") or {}
+    lines += [f"  {k:<22} {v:8.2f}" for k, v in per.items()]
+    lines.append(f"  {'total':<22} {sum(per.values()):8.2f}")
+    if s.get("topk_mass_mean") is not None:
+        lines.append(f"mean top-K mass  {s['topk_mass_mean']:.4f}  (what K keeps of the teacher's probability)")
+        hist = s.get("topk_mass_hist") or {}
+        counts, edges = hist.get("counts", []), hist.get("edges", [])
+        top = max(counts) if counts else 0
+        for i, c in enumerate(counts):
+            bar = "#" * (round(30 * c / top) if top else 0)
+            lines.append(f"  [{edges[i]:.1f}, {edges[i + 1]:.1f})  {bar} {c}")
     return "\n".join(lines)
