@@ -109,8 +109,48 @@ def gc(root: str, min_age_s: float = 3600.0, dry_run: bool = False) -> dict[str,
     return {"removed": removed, "bytes_freed": freed, "dry_run": dry_run}
 
 
+_PARTITION_KEYS = ("partition", "partition_plan")
+
+
+def _without_partition(meta: StoreMeta) -> StoreMeta:
+    """The meta an unpartitioned run of the same inputs writes (partition: None)."""
+    d = meta.to_dict()
+    opts = {k: v for k, v in d.get("options", {}).items() if k != "partition_plan"}
+    if "partition" in opts:
+        opts["partition"] = None
+    return StoreMeta.from_dict({**d, "options": opts})
+
+
+def _unpartitioned(urls: list[str], stores: list) -> tuple[list, StoreMeta]:
+    """Partition stores i/N of one run, ordered by i, and the meta of the whole run; other
+    stores unchanged. A missing or repeated part is named."""
+    parts = [st.meta.options.get("partition") for st in stores]
+    if not any(parts):
+        return stores, stores[0].meta
+    if not all(parts):
+        raise ValueError("cannot merge partition stores with unpartitioned ones: pass only the "
+                         "N partition stores of one run")
+    counts = {int(p[1]) for p in parts}
+    if len(counts) != 1:
+        raise ValueError(f"partition stores of different counts {sorted(counts)}: merge the N parts of one run")
+    (n,) = counts
+    index = [int(p[0]) for p in parts]
+    missing = sorted(set(range(n)) - set(index))
+    dup = sorted({i for i in index if index.count(i) > 1})
+    if missing or dup:
+        raise ValueError(f"partitions of {n}: missing {missing}, repeated {dup}; pass each of "
+                         f"0/{n} .. {n - 1}/{n} exactly once")
+    ordered = [st for _, st in sorted(zip(index, stores, strict=True), key=lambda x: x[0])]
+    return ordered, _without_partition(stores[0].meta)
+
+
 def merge(urls: list[str], out_url: str, shard_records: int | None = None) -> str:
     """Concatenate partition stores with identical meta into one store at `out_url`.
+
+    Partition stores of one precompute run (`--partition i/N`, metas equal but for the
+    partition) are accepted as the full set 0..N-1 and merged under the unpartitioned meta,
+    so the result has the single run's key and records; `kdcache precompute --merge-parts N`
+    also reproduces the single run's shard order, from its batch plan.
 
     Groups are re-encoded in `urls` order with the same shard rule a single run uses, so
     merging the partitions of a run equals that run written in one go (same shard
@@ -119,10 +159,11 @@ def merge(urls: list[str], out_url: str, shard_records: int | None = None) -> st
     if not urls:
         raise ValueError("merge needs at least one input store")
     stores = [open_store(u) for u in urls]
-    meta = stores[0].meta
+    stores, meta = _unpartitioned(urls, stores)
+    urls = [st.url for st in stores]
     for u, st in zip(urls[1:], stores[1:], strict=True):
-        if st.meta.content_dict() != meta.content_dict():
-            a, b = meta.content_dict(), st.meta.content_dict()
+        a, b = _without_partition(meta).content_dict(), _without_partition(st.meta).content_dict()
+        if a != b:
             diff = sorted(k for k in a if a[k] != b[k])
             raise ValueError(f"cannot merge {u} into {urls[0]}: meta differs in {diff}; only "
                              f"partitions of one precompute run can be merged")

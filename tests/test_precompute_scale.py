@@ -185,17 +185,17 @@ def test_merge_parts_names_a_missing_partition(work):
     assert res.exit_code == 2 and "partition 1/2 has no store" in res.output
 
 
-@pytest.mark.xfail(reason="needs kdcache.store.admin.merge to accept the partitions of one run "
-                          "(meta equal but options.partition) and write the unpartitioned meta",
-                   strict=False)
 def test_store_merge_cli_accepts_partitions(work, single):
     root = work / "smerge"
-    parts = [_cli(*_args(work, "--out-root", str(root), "--partition", f"{i}/2")).stdout.strip()
+    parts = [_cli(*_args(work, "--out-root", str(root), "--partition", f"{i}/2")).stdout.strip().splitlines()[-1]
              for i in range(2)]
     out = work / "smerged"
-    _cli("store", "merge", str(out), *parts)
-    assert {(r["example_id"], r["role"]) for r in open_store(str(out))} == \
-        {(r["example_id"], r["role"]) for r in open_store(str(work / "stores" / single["store_key"]))}
+    _cli("store", "merge", str(out), *reversed(parts))  # any order of the parts
+    merged, whole = open_store(str(out)), open_store(str(work / "stores" / single["store_key"]))
+    assert {(r["example_id"], r["role"]) for r in merged} == {(r["example_id"], r["role"]) for r in whole}
+    assert merged.manifest["store_key"] == whole.manifest["store_key"]  # the unpartitioned run's key
+    res = runner.invoke(cli.app, ["store", "merge", str(work / "half"), parts[0]])
+    assert res.exit_code == 2 and "missing [1]" in res.output
 
 
 def test_launcher_one_process_per_device(work, single, monkeypatch):
