@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+
 from kdcache.train.chunked import gather_logprobs
 from kdcache.train.losses import (
     adpa_loss,

@@ -11,6 +11,7 @@ import statistics
 
 import pytest
 import torch
+
 from kdcache.train.losses import (
     dpo_loss,
     group_advantages,
