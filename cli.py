@@ -157,6 +157,9 @@ def _register() -> None:
                    "Reward accuracy, top-K KL to the teacher and a rule reward on an eval store.")
 
 
+_register()
+
+
 @app.command()
 def inspect_(url: str = typer.Argument(..., help="store URL or path"),
              as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
@@ -537,7 +540,6 @@ def _demo_table(rows: list[dict]) -> str:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _register()
     app(prog_name="kdcache")
 
 

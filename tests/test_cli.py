@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 from typer.testing import CliRunner
 
 import kdcache.cli as cli
 from kdcache.train.config import TrainConfig
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    if not any(c.name == "train" for c in cli.app.registered_commands):
-        cli._register()
 
 
 def test_help_lists_every_command():

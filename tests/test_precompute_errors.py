@@ -22,12 +22,6 @@ ROWS = [{"id": f"e{i}", "prompt": f"sort {i % 10} 1", "chosen": "1 2 " + "3 " * 
          "rejected": "3 2 1"} for i in range(12)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    if not any(c.name == "precompute" for c in cli.app.registered_commands):
-        cli._register()
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("errs")

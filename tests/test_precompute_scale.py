@@ -27,12 +27,6 @@ WORDS = [str(d) for d in range(10)] + list("abcdef")
 N_ROWS, SHARD = 60, 8  # 120 records -> 15 shards
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    if not any(c.name == "precompute" for c in cli.app.registered_commands):
-        cli._register()
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("scale")
