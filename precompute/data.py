@@ -228,6 +228,24 @@ def _kind(cols: set[str], opts: DataOptions) -> str:
         f"{opts.prompt_column!r}, {opts.completion_column!r}")
 
 
+def example_id(row: dict[str, Any], i: int, opts: DataOptions, seen: set[str]) -> str:
+    """The row's id (its `id` column, else its index), refused if already seen."""
+    ex_id = str(row[opts.id_column]) if row.get(opts.id_column) is not None else str(i)
+    if ex_id in seen:
+        raise DataError(f"row {i}: duplicate {opts.id_column!r} {ex_id!r}; ids must be unique")
+    seen.add(ex_id)
+    return ex_id
+
+
+def row_prompts(row: dict[str, Any], opts: DataOptions, tk: Tokenizing,
+                use_context: bool) -> tuple[list[int], list[int] | None]:
+    """Prompt ids as the student sees them, and as the teacher sees them when the row has
+    a privileged `context` (None otherwise)."""
+    prompt = row[opts.prompt_column]
+    context = row.get(opts.context_column) if use_context else None
+    return tk.prompt(prompt), (tk.prompt(prompt, str(context)) if context not in (None, "") else None)
+
+
 def tokenize_rows(
     rows: list[dict[str, Any]], tokenizer: Any, opts: DataOptions, stats: DataStats | None = None,
 ) -> Iterator[list[Sequence]]:
@@ -249,18 +267,12 @@ def tokenize_rows(
                 raise DataError(f"row {i}: missing column {col!r} (has {sorted(row)}); {kind} data "
                                 f"needs {need} in every row: add it or drop the row")
             _check_field(row[col], i, col)
-        ex_id = str(row[opts.id_column]) if row.get(opts.id_column) is not None else str(i)
-        if ex_id in seen:
-            raise DataError(f"row {i}: duplicate {opts.id_column!r} {ex_id!r}; ids must be unique")
-        seen.add(ex_id)
-        prompt = row[opts.prompt_column]
-        prompt_ids = tk.prompt(prompt)
-        context = row.get(opts.context_column) if opts.use_context else None
-        teacher_prompt = tk.prompt(prompt, str(context)) if context not in (None, "") else None
+        ex_id = example_id(row, i, opts, seen)
+        prompt_ids, teacher_prompt = row_prompts(row, opts, tk, opts.use_context)
         group: list[Sequence] = []
         keep = True
         for col, role in resp_cols:
-            resp = tk.response(prompt, row[col], prompt_ids, i, col)
+            resp = tk.response(row[opts.prompt_column], row[col], prompt_ids, i, col)
             seq = Sequence(ex_id, role, 0, prompt_ids, resp, teacher_prompt)
             keep = keep and _fit(seq, opts, stats, i, col)
             group.append(seq)

@@ -34,7 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import DataError, DataOptions, Tokenizing, _check_field, dataset_fingerprint, read_rows
+from .data import (
+    DataError,
+    DataOptions,
+    Tokenizing,
+    _check_field,
+    dataset_fingerprint,
+    example_id,
+    read_rows,
+    row_prompts,
+)
 from .models import (
     load_model,
     load_tokenizer,
@@ -142,14 +151,8 @@ def load_prompts(cfg: RolloutConfig, tok: Any) -> tuple[list[PromptItem], str, i
         if opts.prompt_column not in row:
             raise DataError(f"row {i}: missing column {opts.prompt_column!r} (has {sorted(row)})")
         _check_field(row[opts.prompt_column], i, opts.prompt_column)
-        ex_id = str(row[opts.id_column]) if row.get(opts.id_column) is not None else str(i)
-        if ex_id in seen:
-            raise DataError(f"row {i}: duplicate id {ex_id!r}; ids must be unique")
-        seen.add(ex_id)
-        prompt = row[opts.prompt_column]
-        p_ids = tk.prompt(prompt)
-        ctx = row.get(opts.context_column) if cfg.use_context else None
-        tp_ids = tk.prompt(prompt, str(ctx)) if ctx not in (None, "") else None
+        ex_id = example_id(row, i, opts, seen)
+        p_ids, tp_ids = row_prompts(row, opts, tk, cfg.use_context)
         chosen = None
         if cfg.include_chosen:
             resp_col = resp_col or next((c for c in (opts.chosen_column, opts.completion_column)
@@ -158,7 +161,7 @@ def load_prompts(cfg: RolloutConfig, tok: Any) -> tuple[list[PromptItem], str, i
                 raise DataError(f"row {i}: include_chosen needs a {opts.chosen_column!r} or "
                                 f"{opts.completion_column!r} column (has {sorted(row)})")
             _check_field(row[resp_col], i, resp_col)
-            chosen = tk.response(prompt, row[resp_col], p_ids, i, resp_col)
+            chosen = tk.response(row[opts.prompt_column], row[resp_col], p_ids, i, resp_col)
         longest = max(len(p_ids), len(tp_ids or []))
         if cfg.max_prompt_length is not None and longest > cfg.max_prompt_length:
             if cfg.truncate == "fail":
