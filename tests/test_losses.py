@@ -250,11 +250,15 @@ def test_dckd_needs_pairs():
 # ---------------------------------------------------------------- ADPA
 
 
-def ref_adpa(y: Batch, roll: Batch, gamma: float, clamp: float = 0.0, full_vocab: bool = False) -> torch.Tensor:
+def ref_adpa(y: Batch, roll: Batch, gamma: float, reference_code: bool = False,
+             full_vocab: bool = False) -> torch.Tensor:
+    """Eq. 10 summed per sequence, averaged over rollouts; or the authors' released code:
+    advantages and student probabilities clamped to [1e-8, 1-1e-8], mean over tokens."""
     sft = ref_sft(y)
-    total = 0.0
+    total, tokens = 0.0, 0
     for b, n in roll.rows():
         for t in range(n):
+            tokens += 1
             pi = torch.softmax(roll.student[b, t], -1)
             adv_full = torch.log_softmax(roll.teacher[b, t], -1) - torch.log_softmax(roll.ref[b, t], -1)
             if full_vocab:  # Σ over the whole action space (Eq. 10 literally)
@@ -262,9 +266,11 @@ def ref_adpa(y: Batch, roll: Batch, gamma: float, clamp: float = 0.0, full_vocab
                 continue
             for k in range(roll.k):
                 a = roll.topk_ids[b, t, k]
-                adv = adv_full[a].clamp(-clamp, clamp) if clamp > 0 else adv_full[a]
-                total = total + pi[a] * adv
-    return sft - gamma * total / len(roll.rows())
+                p, adv = pi[a], adv_full[a]
+                if reference_code:
+                    p, adv = torch.clamp(p, 1e-8, 1 - 1e-8), torch.clamp(adv, 1e-8, 1 - 1e-8)
+                total = total + p * adv
+    return sft - gamma * total / (tokens if reference_code else len(roll.rows()))
 
 
 def adpa_inputs(y: Batch, roll: Batch):
@@ -273,14 +279,25 @@ def adpa_inputs(y: Batch, roll: Batch):
 
 
 @pytest.mark.parametrize("b,t,v,k", SHAPES)
-@pytest.mark.parametrize("gamma,clamp", [(3.0, 0.0), (0.5, 0.0), (3.0, 0.3)])
-def test_adpa(b, t, v, k, gamma, clamp):
+@pytest.mark.parametrize("gamma,reference_code", [(3.0, False), (0.5, False), (3.0, True)])
+def test_adpa(b, t, v, k, gamma, reference_code):
     y, roll = Batch(b, t, v, k, seed=11 * b + t), Batch(b, t + 1, v, k, seed=13 * b + t)
-    out = adpa_loss(*adpa_inputs(y, roll), gamma=gamma, clamp=clamp)
-    ref = ref_adpa(y, roll, gamma, clamp)
+    out = adpa_loss(*adpa_inputs(y, roll), gamma=gamma, reference_code=reference_code)
+    ref = ref_adpa(y, roll, gamma, reference_code)
     torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=1e-8)
     for x in (y.student, roll.student):
         torch.testing.assert_close(grad_of(out.loss, x), grad_of(ref, x), rtol=1e-6, atol=1e-9)
+
+
+def test_adpa_reference_code_ignores_negative_advantages():
+    """In the released code's variant a token with negative advantage is floored at 1e-8:
+    its gradient is ~1e-8·π instead of a push down."""
+    y, roll = Batch(2, 3, 11, 4, seed=5), Batch(2, 3, 11, 4, seed=6)
+    _, _, st, adv, m = adpa_inputs(y, roll)
+    st = st.detach().requires_grad_(True)
+    adpa_loss(y.token_lp(), y.mask, st, adv, m, gamma=1.0, reference_code=True).loss.backward()
+    neg = (adv < 0) & m[..., None]
+    assert neg.any() and st.grad[neg].abs().max() < 1e-7 < st.grad[~neg & m[..., None]].abs().max()
 
 
 def test_adpa_full_vocab_equals_full_sum():

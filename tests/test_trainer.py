@@ -122,6 +122,7 @@ def test_resume_is_bitwise_identical(setup, objective, tmp_path):
     train(part, stop_after=2)
     resumed = train(part)
     assert full.steps == resumed.steps == 4
+    assert resumed.seconds > 0 and train(part).seconds == pytest.approx(resumed.seconds, rel=0.5)  # a finished run reports its own time
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "part" / "model").state_dict()
     for k in a:

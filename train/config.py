@@ -50,7 +50,7 @@ class TrainConfig:
     kd_divergence: str = "forward"  # forward | reverse | jsd
     dckd_alpha: float = 0.2
     adpa_gamma: float = 3.0
-    adpa_clamp: float = 0.0  # >0: clamp advantages to ±value (reference code; deviates from Eq. 10)
+    adpa_reference_code: bool = False  # the authors' released code, not Eq. 10: adv clamped to [0,1], token mean
     tvkd_alpha: float = 0.7
     tvkd_beta: float = 2.0  # which stored soft-value β to use
     tvkd_beta_s: float = 1.0

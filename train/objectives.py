@@ -62,7 +62,7 @@ def _adpa(student, batch, cfg, step):
     return L.adpa_loss(
         _take(student.token_logprobs, y), _take(batch.mask, y),
         _take(student.topk_logprobs, roll), _take(adv, roll), _take(batch.mask, roll),
-        gamma=cfg.adpa_gamma, clamp=cfg.adpa_clamp,
+        gamma=cfg.adpa_gamma, reference_code=cfg.adpa_reference_code,
     )
 
 

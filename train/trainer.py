@@ -36,7 +36,7 @@ class TrainResult:
     out: str
     steps: int
     tokens: int
-    seconds: float
+    seconds: float  # training time of the whole run, summed over its resumed segments
     final_loss: float
 
 
@@ -146,7 +146,8 @@ def _make_optimizer(cfg: TrainConfig, params):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg) -> Path:
+def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
+                    seconds: float = 0.0) -> Path:
     """HF-loadable weights + training state, written to a temp dir and renamed into place."""
     final = out / "last"
     tmp = out / f".last-tmp-{step}"
@@ -157,6 +158,7 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, reader, s
     state = {
         "step": step,
         "tokens": tokens,
+        "seconds": seconds,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
@@ -221,14 +223,14 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
-    step, tokens = 0, 0
+    step, tokens, prior_s = 0, 0, 0.0
     if resuming:
         state = torch.load(resume_dir / STATE_FILE, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         reader.load_state_dict(state["reader"])
         _set_rng_state(state["rng"])
-        step, tokens = state["step"], state["tokens"]
+        step, tokens, prior_s = state["step"], state["tokens"], float(state.get("seconds", 0.0))
         log.info("resumed %s at step %d", resume_dir, step)
 
     tb = _tensorboard(out) if cfg.tensorboard else None
@@ -278,13 +280,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
         if progress is not None:
             progress.update(1, loss=last_loss)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg)
+            save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
+                            prior_s + time.perf_counter() - t0)
     if progress is not None:
         progress.close()
-    save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg)
+    seconds = prior_s + time.perf_counter() - t0
+    save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg, seconds)
     if step >= total:
         export_model(out, model, tokenizer)
-    return TrainResult(str(out), step, tokens, time.perf_counter() - t0, last_loss)
+    return TrainResult(str(out), step, tokens, seconds, last_loss)
 
 
 def _load_resumed(model_cfg: TrainConfig, cfg: TrainConfig, device):

@@ -10,8 +10,11 @@ Paper sweep γ ∈ {0.5, 1, 1.5, 2, 3, 5}; best ≈ 3.
 
 Advantages: `exact_advantage` (default; the reference gathered at the DPO ids) or
 `paper_advantage` (the paper's approximation, METHODS §1), `advantage_error` compares them.
-`clamp > 0` clamps adv to [−clamp, clamp] as the authors' reference code does; this
-deviates from Eq. 10 and is off by default.
+`reference_code=True` reproduces the authors' released code instead of Eq. 10 (off by
+default): advantages are clamped to [0, 1] and the student's top-K probabilities to
+[1e-8, 1 − 1e-8] (their `prob_stabilize`, which also stops the gradient of a token the
+student gives < 1e-8), and the term is a mean over rollout tokens, not a per-sequence sum.
+Negative advantages then no longer push tokens down.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def adpa_loss(
     advantage: Tensor,
     rollout_mask: Tensor,
     gamma: float = 3.0,
-    clamp: float = 0.0,
+    reference_code: bool = False,
 ) -> LossOutput:
     """sft_token_logprobs [B, T], sft_mask [B, T]: log π_θ(y_t|s_t) on the preferred response.
     rollout_student_topk [R, T̂, K]: log π_θ(topk_ids|ŝ_t) on the rollout (full-vocab normalised).
@@ -93,13 +96,15 @@ def adpa_loss(
     rm = check_mask(rollout_mask, rollout_student_topk, "rollout_mask")
     check_same("advantage", advantage, rollout_student_topk.shape)
     adv = masked(advantage.to(rollout_student_topk.dtype), rm)
-    if clamp > 0:
-        adv = adv.clamp(-clamp, clamp)  # reference-code variant, not Eq. 10
     # π_θ(a|ŝ_t) = exp(log-prob); the gradient flows through π_θ itself (Eq. 10 -> Eq. 12).
-    per_token = (torch.exp(masked(rollout_student_topk, rm)) * adv).sum(-1)  # [R, T̂]
+    pi = torch.exp(masked(rollout_student_topk, rm))
+    if reference_code:  # the released code's prob_stabilize, applied to both tensors
+        adv, pi = adv.clamp(1e-8, 1 - 1e-8), pi.clamp(1e-8, 1 - 1e-8)
+    per_token = masked((pi * adv).sum(-1), rm)  # [R, T̂]
     sft = seq_sum(-sft_token_logprobs, sm)  # [B]
     reward = seq_sum(per_token, rm)  # [R]
-    loss = sft.mean() - gamma * reward.mean()
+    term = per_token.sum() / rm.sum().clamp(min=1) if reference_code else reward.mean()
+    loss = sft.mean() - gamma * term
     metrics = {
         "sft": sft.mean().detach(),
         "adv_reward": reward.mean().detach(),
