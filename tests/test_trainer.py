@@ -142,6 +142,13 @@ def test_missing_fields_error(setup, tmp_path):
         train(TrainConfig(model=str(model_dir), store=url, out=str(tmp_path / "x"), objective="dckd"))
 
 
+def test_vocab_mismatch_names_both_sizes(setup, tmp_path):
+    _, url, root = setup
+    other = save_tiny(root / "other-vocab", build_tokenizer(words=["x", "y"]), hidden=32, layers=1, heads=2)
+    with pytest.raises(ValueError, match=r"teacher vocab 52 != student vocab 8: .*shares the teachers' tokenizer"):
+        train(TrainConfig(model=str(other), store=url, out=str(tmp_path / "v"), objective="sft", max_steps=1))
+
+
 def test_config_file_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("objective: dckd\nlr: 0.5\ndckd_alpha: 1.0\n")

@@ -48,7 +48,8 @@ def resolve_store(cfg: TrainConfig):
     return open_store(url)
 
 
-def _check_store(cfg: TrainConfig, store, vocab_size: int) -> None:
+def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
+    """Up front: the objective's fields are stored, and the student reads the same ids."""
     spec = OBJECTIVE_SPECS[cfg.objective]
     missing = [f for f in spec.fields if f not in store.fields]
     if missing:
@@ -57,11 +58,18 @@ def _check_store(cfg: TrainConfig, store, vocab_size: int) -> None:
             f"{cfg.store!r} lacks: re-run `kdcache precompute` with a teacher"
             + (" and a --reference" if any(f.startswith("ref_") for f in missing) else "")
         )
-    store_vocab = (store.meta.tokenizer or {}).get("vocab_size") if isinstance(store.meta.tokenizer, dict) else None
-    if store_vocab and int(store_vocab) > vocab_size:
+    tok_meta = store.meta.tokenizer if isinstance(store.meta.tokenizer, dict) else {}
+    store_vocab = tok_meta.get("vocab_size")
+    if store_vocab is not None and int(store_vocab) != len(tokenizer):
         raise ValueError(
-            f"store tokenizer vocab {store_vocab} != student vocab {vocab_size}: the student must "
-            f"share the teachers' tokenizer; use a student from the same model family"
+            f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
+            f"would mean other tokens to this student; use a student that shares the teachers' "
+            f"tokenizer (same model family)"
+        )
+    if store_vocab is not None and int(store_vocab) > head_rows:
+        raise ValueError(
+            f"teacher vocab {store_vocab} > student output rows {head_rows}: the student's "
+            f"lm_head cannot score every stored id; resize its embeddings or pick another student"
         )
     if cfg.objective == "tvkd" and not any(abs(b - cfg.tvkd_beta) < 1e-9 for b in store.meta.betas):
         raise ValueError(
@@ -212,7 +220,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
         model, tokenizer = _load_resumed(model_cfg, cfg, device)
     else:
         model, tokenizer = load_student(cfg, device)
-    _check_store(cfg, store, base_causal_lm(model).get_output_embeddings().weight.shape[0])
+    _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0])
 
     spec = OBJECTIVE_SPECS[cfg.objective]
     reader = StreamReader(store, fields=list(spec.fields), shuffle=True, seed=cfg.seed)
