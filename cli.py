@@ -526,11 +526,12 @@ def _demo_table(rows: list[dict]) -> str:
     from rich.table import Table
 
     t = Table(title="kdcache demo: sort digits ascending (rule-judged)")
-    for col in ("method", "pref rate", "reward acc", "KL top-K", "train s", "store MB"):
+    for col in ("method", "pref rate", "ends </s>", "reward acc", "KL top-K", "train s", "store MB"):
         t.add_column(col, justify="left" if col == "method" else "right")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        t.add_row(r["method"], fmt(r.get("reward_mean"), ".3f"), fmt(r.get("reward_accuracy"), ".3f"),
+        t.add_row(r["method"], fmt(r.get("reward_mean"), ".3f"), fmt(r.get("eos_rate"), ".3f"),
+                  fmt(r.get("reward_accuracy"), ".3f"),
                   fmt(r.get("kl_topk"), ".3f"), fmt(r.get("train_s"), ".1f"), fmt(r.get("store_mb"), ".2f"))
     console = Console(record=True, width=100)
     with console.capture() as cap:

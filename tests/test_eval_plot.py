@@ -73,7 +73,7 @@ def test_reward_accuracy_and_kl_match_direct_computation(model_and_store):
 def test_rule_reward_on_samples(model_and_store):
     model_dir, url = model_and_store
     res = evaluate(EvalConfig(model=str(model_dir), store=url, reward="sort_rule", samples=2, max_new_tokens=4))
-    assert res["samples"] == 24 and 0.0 <= res["reward_mean"] <= 1.0
+    assert res["samples"] == 24 and 0.0 <= res["reward_mean"] <= 1.0 and 0.0 <= res["eos_rate"] <= 1.0
 
 
 def test_sort_rule_and_rewards():

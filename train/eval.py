@@ -5,7 +5,8 @@
 - student-vs-teacher KL on the stored top-K (renormalised forward KL per token), where the
   store holds teacher fields;
 - a rule reward on the student's own samples, where a reward is given: for the demo's
-  binary rule this is the rule-judged preference rate.
+  binary rule this is the rule-judged preference rate; with it, the fraction of samples
+  that end with EOS (`eos_rate`).
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def _score(model, records, pad_id, chunk_size, device) -> tuple[StudentOut, obje
 
 
 @torch.no_grad()
-def _sample(model, tok, prompts: list[list[int]], cfg: EvalConfig, device) -> list[list[int]]:
-    """cfg.samples sampled continuations per prompt (left-padded batched generate)."""
+def _sample(model, tok, prompts: list[list[int]], cfg: EvalConfig, device) -> tuple[list[list[int]], int]:
+    """cfg.samples sampled continuations per prompt (left-padded batched generate), and how
+    many of them ended with EOS within max_new_tokens."""
     out: list[list[int]] = []
+    ended = 0
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = [p for p in prompts[i : i + cfg.batch_size] for _ in range(cfg.samples)]
@@ -76,8 +79,9 @@ def _sample(model, tok, prompts: list[list[int]], cfg: EvalConfig, device) -> li
         for row in gen[:, width:].tolist():
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]
+                ended += 1
             out.append(row)
-    return out
+    return out, ended
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -120,12 +124,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.reward:
         fn = resolve_reward(cfg.reward)
         prompt_ids = [list(map(int, r["prompt_ids"])) for r in prompts]
-        responses = _sample(model, tok, prompt_ids, cfg, device)
+        responses, ended = _sample(model, tok, prompt_ids, cfg, device)
         scores = []
         for j, resp in enumerate(responses):
             rec = prompts[j // cfg.samples]
             prompt_text = tok.decode(rec["prompt_ids"], skip_special_tokens=True)
             scores.append(float(fn(prompt_text, tok.decode(resp, skip_special_tokens=True), None)))
         result["reward_mean"] = sum(scores) / max(1, len(scores))
+        # a student that stops stopping (e.g. ADPA drifting onto tail tokens) shows here first
+        result["eos_rate"] = ended / max(1, len(scores))
         result["samples"] = len(scores)
     return result
