@@ -25,7 +25,6 @@ app = typer.Typer(
 )
 store_app = typer.Typer(no_args_is_help=True, help="Manage stores: ls, verify, gc, merge.")
 app.add_typer(store_app, name="store")
-log = logging.getLogger("kdcache")
 
 
 # --------------------------------------------------------------------------- config plumbing

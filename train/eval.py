@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +22,6 @@ from . import losses as L
 from .batch import collate
 from .rewards import resolve_reward
 from .student import StudentOut, student_forward
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

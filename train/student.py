@@ -7,7 +7,6 @@ batch never exist (forward or backward).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +15,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .batch import SeqBatch, scatter_rows
 from .chunked import gather_logprobs
 from .config import TrainConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -160,8 +160,7 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, reader, s
     final = out / "last"
     tmp = out / f".last-tmp-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    lm = model
-    lm.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     state = {
         "step": step,
