@@ -52,13 +52,13 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 import kdcache.train.student as student_mod
 from kdcache.store import StoreMeta, StoreWriter, StreamReader, open_store
 from kdcache.train.batch import collate, scatter_rows
+from kdcache.train.checkpoint import set_seed as _set_seed
 from kdcache.train.config import TrainConfig
+from kdcache.train.data import group_stream as _group_stream
 from kdcache.train.objectives import OBJECTIVE_SPECS, select_records
+from kdcache.train.optim import lr_lambda as _lr_lambda
+from kdcache.train.optim import make_optimizer as _make_optimizer
 from kdcache.train.student import StudentOut, load_student, student_forward
-
-# Private trainer helpers, imported (not copied) so the benchmark's loop uses the trainer's
-# own stream / optimizer / schedule / seeding. If a rename breaks this import, follow it.
-from kdcache.train.trainer import _group_stream, _lr_lambda, _make_optimizer, _set_seed
 
 GIB = 2**30
 CAP_GIB = 24.0

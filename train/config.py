@@ -85,6 +85,30 @@ class TrainConfig:
             raise ValueError(f"--weights-dtype {self.weights_dtype!r}: use auto, fp32 or bf16")
         if self.batch_groups < 1 or self.grad_accum < 1:
             raise ValueError("--batch-groups and --grad-accum must be >= 1")
+        checks = [
+            ("max-steps", self.max_steps, self.max_steps >= 0, ">= 0 (0: run --epochs epochs)"),
+            ("epochs", self.epochs, self.epochs > 0, "> 0 (or set --max-steps)"),
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("warmup-steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
+            ("max-grad-norm", self.max_grad_norm, self.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
+            ("chunk-size", self.chunk_size, self.chunk_size >= 1, ">= 1"),
+            ("lora-r", self.lora_r, self.lora_r >= 0, ">= 0 (0: full fine-tune)"),
+            ("lora-alpha", self.lora_alpha, self.lora_alpha > 0, "> 0"),
+            ("lora-dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("log-every", self.log_every, self.log_every >= 1, ">= 1"),
+            ("save-every", self.save_every, self.save_every >= 0, ">= 0 (0: only at the end)"),
+        ]
+        for flag, value, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"--{flag} {value}: must be {rule}")
+        for flag, value, allowed in (("optim", self.optim, ("adamw", "adamw8bit")),
+                                     ("kd-mode", self.kd_mode, ("renorm", "tail")),
+                                     ("kd-divergence", self.kd_divergence, ("forward", "reverse", "jsd"))):
+            if value not in allowed:
+                raise ValueError(f"--{flag} {value!r}: use one of {', '.join(allowed)}")
+        if self.load_in_4bit and self.lora_r == 0:
+            raise ValueError("--load-in-4bit trains LoRA adapters on a 4-bit base: also pass --lora-r (e.g. 16)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,9 +1,9 @@
 """The training recipe: one linear loop, read top to bottom.
 
-setup (store, student, optimizer) -> stream groups -> collate -> student forward ->
-objective loss -> accumulate -> step -> log / checkpoint. Resume restores model,
-optimizer, scheduler, RNG and the reader position, so a stopped-and-resumed CPU run
-ends bitwise identical to an uninterrupted one.
+setup (store, student, optimizer) -> stream groups -> `next_batches` -> `train_step`
+(forward, loss, backward, clip, optimizer step: train/step.py) -> log / checkpoint.
+Resume restores model, optimizer, scheduler, RNG and the reader position, so a run stopped
+after ANY step and resumed ends bitwise identical to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
@@ -11,24 +11,36 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kdcache.store import StreamReader, open_store
 
-from .batch import collate
+from .checkpoint import (
+    LAST,
+    MODEL,
+    check_same_run,
+    export_model,
+    has_checkpoint,
+    load_state,
+    save_checkpoint,
+    set_rng_state,
+    set_seed,
+    truncate_metrics,
+)
 from .config import TrainConfig
-from .objectives import OBJECTIVE_SPECS, select_records
-from .student import base_causal_lm, load_student, student_forward
+from .data import group_stream, next_batches
+from .objectives import OBJECTIVE_SPECS
+from .optim import make_optimizer, make_scheduler
+from .step import Precision, train_step
+from .student import base_causal_lm, load_student
 
 log = logging.getLogger(__name__)
-STATE_FILE = "training_state.pt"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -78,207 +90,94 @@ def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
         )
 
 
-# options that may change between a run and its resumption without changing what it computes
-_RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard"}
-
-
-def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
-    """Refuse to resume a run whose saved config differs: it would silently mix two runs."""
-    import yaml
-
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = cfg.to_dict()
-    diff = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k, now[k]) != now[k])
-    if diff:
-        raise ValueError(
-            f"{cfg.out} holds a run with different settings ({', '.join(diff)}): "
-            f"use a new --out, or --no-resume to start over"
-        )
-
-
-def _check_blocks(objective: str, block_ids: list[int]) -> None:
-    blocks = OBJECTIVE_SPECS[objective].blocks
-    for b, roles in enumerate(blocks):
-        if b not in block_ids:
-            raise ValueError(
-                f"objective {objective!r} found no records of role {'/'.join(roles)} in a batch: "
-                + ("it trains on rollouts: run `kdcache rollout`, then `kdcache precompute` on them"
-                   if any("rollout" in r for r in roles) else
-                   "the store needs groups with " + " and ".join("/".join(x) for x in blocks))
-            )
-
-
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _lr_lambda(cfg: TrainConfig, total: int):
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        return max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
-
-    return f
-
-
-def _make_optimizer(cfg: TrainConfig, params):
-    if cfg.optim == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ValueError("--optim adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
-        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optim != "adamw":
-        raise ValueError(f"unknown --optim {cfg.optim!r}: use adamw or adamw8bit")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
-                    seconds: float = 0.0) -> Path:
-    """HF-loadable weights + training state, written to a temp dir and renamed into place."""
-    final = out / "last"
-    tmp = out / f".last-tmp-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    state = {
-        "step": step,
-        "tokens": tokens,
-        "seconds": seconds,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
-        "reader": reader.state_dict(),
-    }
-    torch.save(state, tmp / STATE_FILE)
-    cfg.save(tmp / "config.yaml")
-    old = out / ".last-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def export_model(out: Path, model, tokenizer) -> Path:
-    """The final student as a plain HF directory (LoRA merged), loadable with from_pretrained."""
-    dest = out / "model"
-    tmp = out / ".model-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    to_save = model
-    if hasattr(model, "merge_and_unload"):
-        import copy
-
-        to_save = copy.deepcopy(model).merge_and_unload()
-    to_save.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
+def total_steps(cfg: TrainConfig, n_groups: int) -> int:
+    per_step = cfg.batch_groups * cfg.grad_accum
+    return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n_groups / per_step))
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
-    """Run cfg to completion (or `stop_after` optimizer steps, for resume tests)."""
+    """Run cfg to completion (or `stop_after` optimizer steps, for resume tests).
+
+    Everything that can be refused (options, store, student, their match) is checked before
+    the output directory is touched; a run that fails before its first checkpoint removes
+    what it wrote, so a failed command leaves nothing behind."""
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")  # the resolved config, saved with every run
-    _set_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-
+    resuming = cfg.resume and has_checkpoint(out)
+    if resuming:
+        check_same_run(cfg, out)
     store = resolve_store(cfg)
-    resume_dir = out / "last"
-    resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
+    total = total_steps(cfg, store.num_groups)
+    state = load_state(out) if resuming else None
+    if state is not None:
+        if state["step"] >= total and (out / MODEL).exists():  # finished: nothing to do
+            return TrainResult(str(out), state["step"], state["tokens"], float(state.get("seconds", 0.0)),
+                               float(state.get("loss", float("nan"))))
+    set_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if resuming:
-        _check_same_run(cfg, resume_dir / "config.yaml")
-    if resuming:
-        model_cfg = TrainConfig(**{**cfg.to_dict(), "model": str(resume_dir)})
-        model, tokenizer = _load_resumed(model_cfg, cfg, device)
+        model, tokenizer = _load_resumed(cfg, device)
     else:
         model, tokenizer = load_student(cfg, device)
     _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0])
 
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")  # the resolved config, saved with every run
+        return _loop(cfg, out, store, model, tokenizer, device, total, state, stop_after)
+    except BaseException:
+        if not has_checkpoint(out):  # nothing to resume from: leave nothing behind
+            _remove_run_files(out, created)
+        raise
+
+
+def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: int,
+          state: dict | None, stop_after: int | None) -> TrainResult:
     spec = OBJECTIVE_SPECS[cfg.objective]
     reader = StreamReader(store, fields=list(spec.fields), shuffle=True, seed=cfg.seed)
-    n_groups = store.num_groups
-    per_step = cfg.batch_groups * cfg.grad_accum
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n_groups / per_step))
-
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(cfg, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
-    step, tokens, prior_s = 0, 0, 0.0
-    if resuming:
-        state = torch.load(resume_dir / STATE_FILE, weights_only=True, map_location="cpu")
+    optimizer = make_optimizer(cfg, params)
+    scheduler = make_scheduler(cfg, optimizer, total)
+    precision = Precision.for_run(cfg, device)
+    step, tokens, prior_s, last_loss = 0, 0, 0.0, float("nan")
+    metrics_path = out / METRICS
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         reader.load_state_dict(state["reader"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         step, tokens, prior_s = state["step"], state["tokens"], float(state.get("seconds", 0.0))
-        log.info("resumed %s at step %d", resume_dir, step)
+        last_loss = float(state.get("loss", float("nan")))
+        truncate_metrics(metrics_path, step)
+        log.info("resumed %s at step %d", out / LAST, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
 
     tb = _tensorboard(out) if cfg.tensorboard else None
-    metrics_path = out / "metrics.jsonl"
-    if not resuming and metrics_path.exists():
-        metrics_path.unlink()
+    pad_id = tokenizer.pad_token_id or 0
+    betas = tuple(store.meta.betas)
     model.train()
-    groups = _group_stream(reader)
-    t0, last_loss = time.perf_counter(), float("nan")
+    groups = group_stream(reader)
+    t0, tokens0, saved_at = time.perf_counter(), tokens, step
+    metrics: dict[str, torch.Tensor] = {}
     progress = _progress(cfg, total, step)
+
+    def checkpoint() -> None:
+        save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
+                        prior_s + time.perf_counter() - t0, last_loss)
+
     while step < total and (stop_after is None or step < stop_after):
-        optimizer.zero_grad(set_to_none=True)
-        agg: dict[str, float] = {}
-        step_tokens = 0
-        for _ in range(cfg.grad_accum):
-            records, block_ids = select_records(cfg.objective, [next(groups) for _ in range(cfg.batch_groups)])
-            _check_blocks(cfg.objective, block_ids)
-            batch = collate(records, pad_id=tokenizer.pad_token_id or 0, packed=cfg.packing)
-            batch.block_ids, batch.betas = block_ids, tuple(store.meta.betas)
-            batch = batch.to(device)
-            # with checkpointing, autocast's cache of bf16 weight copies would outlive the
-            # forward for nothing (the recompute casts again): keep it off then
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16,
-                                cache_enabled=not cfg.grad_checkpointing):
-                student = student_forward(model, batch, cfg.chunk_size)
-            loss, metrics = spec.loss(student, batch, cfg, step)
-            (loss / cfg.grad_accum).backward()
-            step_tokens += batch.num_tokens
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                agg[k] = agg.get(k, 0.0) + float(v) / cfg.grad_accum
-        if cfg.max_grad_norm > 0:
-            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
+        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device)
+        metrics = train_step(model, optimizer, scheduler, params, batches, cfg, step, precision)
         step += 1
         tokens += step_tokens
-        last_loss = agg["loss"]
-        elapsed = time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == total:
+            row = {k: float(v) for k, v in metrics.items()}  # the one device sync per log row
+            last_loss = row["loss"]
+            elapsed = time.perf_counter() - t0
             row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                   "tokens_per_s": tokens / max(elapsed, 1e-9), **agg}
+                   "tokens_per_s": (tokens - tokens0) / max(elapsed, 1e-9), **row}
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             if tb is not None:
@@ -287,40 +186,44 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
         if progress is not None:
             progress.update(1, loss=last_loss)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
-                            prior_s + time.perf_counter() - t0)
+            checkpoint()
+            saved_at = step
     if progress is not None:
         progress.close()
+    if metrics:
+        last_loss = float(metrics["loss"])
+    if saved_at != step or not has_checkpoint(out):
+        checkpoint()
     seconds = prior_s + time.perf_counter() - t0
-    save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg, seconds)
     if step >= total:
         export_model(out, model, tokenizer)
     return TrainResult(str(out), step, tokens, seconds, last_loss)
 
 
-def _load_resumed(model_cfg: TrainConfig, cfg: TrainConfig, device):
+def _remove_run_files(out: Path, created: bool) -> None:
+    """Undo a run that failed before its first checkpoint."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in ("config.yaml", METRICS, "tb", ".model-tmp"):
+        p = out / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in out.glob(".last-tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _load_resumed(cfg: TrainConfig, device):
     """Resume from out/last: full weights, or the base model plus the saved LoRA adapter."""
+    last = str(Path(cfg.out) / LAST)
     if cfg.lora_r > 0:
         from peft import PeftModel
 
         base, tokenizer = load_student(TrainConfig(**{**cfg.to_dict(), "lora_r": 0}), device)
         if cfg.grad_checkpointing:
             base.enable_input_require_grads()
-        model = PeftModel.from_pretrained(base, model_cfg.model, is_trainable=True)
+        model = PeftModel.from_pretrained(base, last, is_trainable=True)
         return model, tokenizer
-    return load_student(model_cfg, device)
-
-
-def _group_stream(reader):
-    """Groups forever: epoch after epoch, the reader reshuffling from (seed, epoch)."""
-    while True:
-        produced = False
-        for group in reader:
-            produced = True
-            yield group
-        if not produced:
-            raise ValueError("the store yielded no groups: it is empty or holds no committed shard")
-        reader.set_epoch(reader.epoch + 1)
+    return load_student(TrainConfig(**{**cfg.to_dict(), "model": last}), device)
 
 
 def _tensorboard(out: Path):

@@ -1,0 +1,50 @@
+"""From the store's group stream to the micro-batches of one optimizer step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .batch import SeqBatch, collate
+from .config import TrainConfig
+from .objectives import OBJECTIVE_SPECS, select_records
+
+
+def group_stream(reader) -> Iterator[list[dict]]:
+    """Groups forever: epoch after epoch, the reader reshuffling from (seed, epoch)."""
+    while True:
+        produced = False
+        for group in reader:
+            produced = True
+            yield group
+        if not produced and reader.consumed == 0:
+            raise ValueError("the store yielded no groups: it is empty or holds no committed shard")
+        reader.set_epoch(reader.epoch + 1)
+
+
+def check_blocks(objective: str, block_ids: list[int]) -> None:
+    blocks = OBJECTIVE_SPECS[objective].blocks
+    for b, roles in enumerate(blocks):
+        if b not in block_ids:
+            raise ValueError(
+                f"objective {objective!r} found no records of role {'/'.join(roles)} in a batch: "
+                + ("it trains on rollouts: run `kdcache rollout`, then `kdcache precompute` on them"
+                   if any("rollout" in r for r in roles) else
+                   "the store needs groups with " + " and ".join("/".join(x) for x in blocks))
+            )
+
+
+def next_batches(groups: Iterator[list[dict]], cfg: TrainConfig, pad_id: int,
+                 betas: tuple[float, ...], device: torch.device) -> tuple[list[SeqBatch], int]:
+    """The `grad_accum` micro-batches of one step (each `batch_groups` groups), on `device`,
+    and their response-token count (counted on the host: no device sync)."""
+    batches, tokens = [], 0
+    for _ in range(cfg.grad_accum):
+        records, block_ids = select_records(cfg.objective, [next(groups) for _ in range(cfg.batch_groups)])
+        check_blocks(cfg.objective, block_ids)
+        batch = collate(records, pad_id=pad_id, packed=cfg.packing)
+        batch.block_ids, batch.betas = block_ids, betas
+        tokens += batch.num_tokens
+        batches.append(batch.to(device))
+    return batches, tokens
