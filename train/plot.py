@@ -54,6 +54,15 @@ def read_source(path: Path) -> list[dict]:
     return [row]
 
 
+def _unique_names(pairs: list[tuple[Path, dict]]) -> list[dict]:
+    """Runs of one name from different places (runs/dckd, demo/runs/dckd) get their paths."""
+    names = [r["name"] for _, r in pairs]
+    for path, r in pairs:
+        if names.count(r["name"]) > 1 and not path.is_file():
+            r["name"] = path.as_posix()
+    return [r for _, r in pairs]
+
+
 def format_table(rows: list[dict]) -> str:
     """A Markdown table: run, steps, final loss, then every eval column any row has."""
     cols = ["steps", "final_loss"] + [k for k in EVAL_COLUMNS if any(k in r for r in rows)]
@@ -95,7 +104,7 @@ def draw(sources: list[Path], table: bool = False):
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ValueError("kdcache plot needs matplotlib: pip install 'kdcache[plot]'") from e
-    rows = [r for s in sources for r in read_source(s)]
+    rows = _unique_names([(Path(s), r) for s in sources for r in read_source(s)])
     runs = [r for r in rows if r.get("_metrics")]
     scored = [r for r in rows if r.get("reward_mean") is not None or r.get("reward_accuracy") is not None]
     ncols = 2 if table and scored else 1
