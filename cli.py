@@ -155,6 +155,8 @@ def _parse(where: str, tp, value, about: str = ""):
         (item,) = typing.get_args(tp) or (str,)
         form = _LIST_FORMS.get(item, "comma-separated values, no empty ones" + (f" ({about})" if about else ""))
         items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, int | float) and not isinstance(items, bool):
+            items = [items]  # YAML `betas: 2`
         if not isinstance(items, list) or any(isinstance(v, str) and not v.strip() for v in items):
             raise ValueError(f"{where} {value!r}: expected {form}")
         try:
@@ -567,7 +569,9 @@ def pbsd(st: Stages, student: str, prompts_data: str, steps: int, n: int = 1,
     return st.train(name, student, scored, "pbsd", steps, **(train_kw or {})), [pos, neg, scored]
 
 
-pipeline_app = typer.Typer(no_args_is_help=True, help="Multi-stage recipes, one command each.")
+pipeline_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                           help="Multi-stage recipes, one command each; each prints the final model's directory.")
+_OUT_HELP = "directory of the pipeline's stores (stores/) and runs (runs/); a re-run reuses both"
 app.add_typer(pipeline_app, name="pipeline")
 
 
@@ -578,12 +582,17 @@ def pipeline_adpa_plus(
     reference: str = typer.Option(..., help="the teacher's pre-DPO reference model dir"),
     data: str = typer.Option(..., help="preference data (prompt, chosen, rejected)"),
     prompts: str = typer.Option("", help="prompts for rollouts (default: --data)"),
-    out: Path = typer.Option(Path("runs/adpa-plus")),
-    dckd_steps: int = typer.Option(1000), adpa_steps: int = typer.Option(1000),
+    out: Path = typer.Option(Path("runs/adpa-plus"), help=_OUT_HELP),
+    dckd_steps: int = typer.Option(1000, help="optimizer steps of the DCKD stage"),
+    adpa_steps: int = typer.Option(1000, help="optimizer steps of the ADPA stage"),
     n: int = typer.Option(2, help="rollouts per prompt"),
-    k: int = typer.Option(50), dckd_alpha: float = typer.Option(0.2), adpa_gamma: float = typer.Option(3.0),
-    lr: float = typer.Option(1e-5), batch_groups: int = typer.Option(8),
-    max_new_tokens: int = typer.Option(256), seed: int = typer.Option(0),
+    k: int = typer.Option(50, help="teacher top-K entries stored per token"),
+    dckd_alpha: float = typer.Option(0.2, help="DCKD's alpha (train --dckd-alpha)"),
+    adpa_gamma: float = typer.Option(3.0, help="ADPA's gamma (train --adpa-gamma)"),
+    lr: float = typer.Option(1e-5, help="learning rate of both stages"),
+    batch_groups: int = typer.Option(8, help="example groups per micro-batch"),
+    max_new_tokens: int = typer.Option(256, help="longest rollout in tokens"),
+    seed: int = typer.Option(0, help="seed of rollouts and training"),
 ) -> None:
     """DCKD -> rollouts -> precompute -> ADPA, one command (ADPA+)."""
     st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
@@ -595,15 +604,20 @@ def pipeline_adpa_plus(
 
 @pipeline_app.command("tgpo")
 def pipeline_tgpo(
-    student: str = typer.Option(...), teacher: str = typer.Option(...),
+    student: str = typer.Option(..., help="the student to improve (model dir)"),
+    teacher: str = typer.Option(..., help="the teacher whose top-K guides it (model dir)"),
     prompts: str = typer.Option(..., help="prompts (+ answer column for numeric rewards)"),
     reward: str = typer.Option(..., help="module:function, or built in: numeric_exact_match, sort_rule"),
-    out: Path = typer.Option(Path("runs/tgpo")),
-    rounds: int = typer.Option(1), steps: int = typer.Option(200, help="train steps per round"),
+    out: Path = typer.Option(Path("runs/tgpo"), help=_OUT_HELP),
+    rounds: int = typer.Option(1, help="rollout -> precompute -> train rounds"),
+    steps: int = typer.Option(200, help="train steps per round"),
     n: int = typer.Option(8, help="rollouts per prompt (the GRPO group)"),
-    k: int = typer.Option(50), shaping: bool = typer.Option(False, help="TGPO_R reward shaping"),
-    lr: float = typer.Option(1e-6), batch_groups: int = typer.Option(4),
-    max_new_tokens: int = typer.Option(512), seed: int = typer.Option(0),
+    k: int = typer.Option(50, help="teacher top-K entries stored per token"),
+    shaping: bool = typer.Option(False, help="TGPO_R reward shaping"),
+    lr: float = typer.Option(1e-6, help="learning rate"),
+    batch_groups: int = typer.Option(4, help="prompts (groups of n rollouts) per micro-batch"),
+    max_new_tokens: int = typer.Option(512, help="longest rollout in tokens"),
+    seed: int = typer.Option(0, help="seed of rollouts and training"),
 ) -> None:
     """TGPO in offline rounds: rollout -> reward -> precompute -> train N steps -> repeat."""
     st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
@@ -617,10 +631,14 @@ def pipeline_tgpo(
 def pipeline_pbsd(
     student: str = typer.Option(..., help="the initial student (also the teacher, given context)"),
     prompts: str = typer.Option(..., help="prompts with a `context` column (privileged information)"),
-    out: Path = typer.Option(Path("runs/pbsd")), steps: int = typer.Option(500),
-    n: int = typer.Option(1), beta: float = typer.Option(0.1),
-    lr: float = typer.Option(1e-5), batch_groups: int = typer.Option(8),
-    max_new_tokens: int = typer.Option(256), seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/pbsd"), help=_OUT_HELP),
+    steps: int = typer.Option(500, help="optimizer steps"),
+    n: int = typer.Option(1, help="rollouts per prompt, on each side"),
+    beta: float = typer.Option(0.1, help="PBSD's beta (train --pbsd-beta)"),
+    lr: float = typer.Option(1e-5, help="learning rate"),
+    batch_groups: int = typer.Option(8, help="pairs per micro-batch"),
+    max_new_tokens: int = typer.Option(256, help="longest rollout in tokens"),
+    seed: int = typer.Option(0, help="seed of rollouts and training"),
 ) -> None:
     """PBSD: teacher-with-context samples y+, student samples y-, precompute, train."""
     st = Stages(out, seed, rollout={"max_new_tokens": max_new_tokens},
