@@ -1,108 +1,336 @@
-"""`kdcache` command line. Commands whose options are a config dataclass (precompute,
-rollout, train, eval) get one flag per field, generated from the dataclass, so a YAML
-config file, the dataclass and the flags never drift apart: `--config FILE` loads the file
-and any flag given on the command line overrides it."""
+"""`kdcache` command line.
+
+Commands whose options are a config dataclass (precompute, rollout, train, eval) get one
+flag per field, generated from the dataclass and its fields' `metadata` (one-line help,
+help panel, allowed values), so a YAML config file, the dataclass and the flags never drift
+apart: `--config FILE` loads the file and any flag given on the command line overrides it.
+
+Conventions every command keeps: stdout carries only the result (a URL, a path, a table,
+JSON), so `url=$(kdcache precompute ...)` captures just the URL; progress and logs go to
+stderr. Bad input ends in one `error: ...` line on stderr and exit code 2. Heavy modules
+(torch, transformers) are imported only by the command that runs, so `kdcache --help`
+starts at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import importlib
 import inspect
 import json
 import logging
+import os
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
-import yaml
+from typer.core import TyperCommand, TyperGroup
+
+ESSENTIALS = "Essentials"
+# The config commands: where each one's dataclass lives and what it does. They are built
+# only when invoked: precompute's config module imports torch and transformers.
+CONFIG_COMMANDS = {
+    "precompute": ("kdcache.precompute.run:PrecomputeConfig",
+                   "Score a dataset or a rollout store with the DPO teacher and its reference; "
+                   "write a store and print its URL."),
+    "rollout": ("kdcache.precompute.rollout:RolloutConfig",
+                "Sample N responses per prompt with behavior log-probs (and rewards); write a "
+                "store and print its URL."),
+    "train": ("kdcache.train.config:TrainConfig",
+              "Train a student from a store (sft, seqkd, kd, dckd, adpa, tvkd, dpo, tgpo, pbsd); "
+              "print the trained model's directory."),
+    "eval": ("kdcache.train.eval:EvalConfig",
+             "Reward accuracy, top-K KL to the teacher and a rule reward on an eval store; "
+             "print them as JSON and save eval.json/eval.csv next to the run."),
+}
+
+
+class _Placeholder(TyperCommand):
+    """Lists a config command in `kdcache --help` until the command itself is invoked."""
+
+
+class _Group(TyperGroup):
+    """Swaps a placeholder for the real config command when it is invoked (or asked for
+    --help), so only that command's config module is imported."""
+
+    def resolve_command(self, ctx, args):
+        if args and isinstance(self.commands.get(args[0]), _Placeholder):
+            self.commands[args[0]] = build_config_command(args[0])
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode="rich",
     help="Precompute teacher signals once; train small students from them on a small GPU.",
 )
-store_app = typer.Typer(no_args_is_help=True, help="Manage stores: ls, verify, gc, merge.")
+store_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                        help="Manage stores: ls, verify, gc, merge.")
 app.add_typer(store_app, name="store")
+_verbose = False
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(
+        False, "--verbose", "-v",
+        help="show transformers' warnings and progress bars, debug logs, and a traceback on errors")) -> None:
+    global _verbose
+    _verbose = verbose
+    if verbose:
+        logging.getLogger("kdcache").setLevel(logging.DEBUG)
+        return
+    # Quiet by default: only the CLI's own loads, and only through the environment read when
+    # transformers / huggingface_hub are first imported; a Python user's setup is untouched.
+    for key, value in (("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", module=r"(transformers|huggingface_hub|torch)(\.|$)")
 
 
 # --------------------------------------------------------------------------- config plumbing
+def option_help(f: dataclasses.Field) -> str:
+    """A field's one-line help: its description, then its default (or `required`) and its
+    allowed values, e.g. `loss to train with  [default: sft; one of: sft, seqkd, ...]`."""
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        tags = ["required"]
+    else:
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        tags = [f"default: {_show(default)}"]
+    if f.metadata.get("choices"):
+        tags.append("one of: " + ", ".join(map(str, f.metadata["choices"])))
+    return f"{f.metadata.get('help', '')}  [{'; '.join(tags)}]".strip()
+
+
+def _show(value) -> str:
+    """A default as it would be typed on the command line."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or '""'
+    if isinstance(value, tuple):
+        return "/".join(map(str, value))
+    if isinstance(value, str):
+        return value.encode("unicode_escape").decode() if value else '""'
+    return str(value)
+
+
+def _base_type(tp):
+    """Optional[X] -> X; other unions (e.g. str | Callable) stay as they are."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
 def _flag_type(tp):
-    """The typer-facing type of a dataclass field: Optional[X] -> X, lists/tuples -> str."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _flag_type(args[0]) if len(args) == 1 else str
-    if origin in (list, tuple) or tp in (list, tuple):
-        return str  # comma-separated on the command line
-    if tp in (str, int, float, bool):
-        return tp
-    return str
+    """The type click parses a field's flag as: lists and tuples are strings (`1,2`, `i/N`)."""
+    tp = _base_type(tp)
+    return tp if tp in (str, int, float, bool) else str
 
 
-def _coerce(tp, value):
-    """Parse a command-line string for list/tuple fields (`1,2` or `i/N` partitions)."""
+_LIST_FORMS = {float: "comma-separated numbers, e.g. 1,2", int: "comma-separated integers, e.g. 0,1"}
+
+
+def _parse(where: str, tp, value, about: str = ""):
+    """A flag's string or a YAML value -> the field's type; one clear error otherwise
+    (`about`: the field's help, quoted where the expected form needs it)."""
+    optional = type(None) in typing.get_args(tp)
+    tp = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: a value is required here")
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(args[0], value) if len(args) == 1 else value
-    if origin is list and isinstance(value, str):
+    if origin is list:
         (item,) = typing.get_args(tp) or (str,)
-        return [item(v.strip()) for v in value.split(",") if v.strip()]
-    if origin is tuple and isinstance(value, str):
-        parts = value.replace("/", ",").split(",")
+        form = _LIST_FORMS.get(item, "comma-separated values, no empty ones" + (f" ({about})" if about else ""))
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, int | float) and not isinstance(items, bool):
+            items = [items]  # YAML `betas: 2`
+        if not isinstance(items, list) or any(isinstance(v, str) and not v.strip() for v in items):
+            raise ValueError(f"{where} {value!r}: expected {form}")
         try:
-            return tuple(int(p) for p in parts)
-        except ValueError:
-            raise typer.BadParameter(f"expected i/N, got {value!r}") from None
-    return value
+            return [_scalar(item, v.strip() if isinstance(v, str) else v) for v in items]
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} {value!r}: expected {form}") from None
+    if origin is tuple:  # (index, count) partitions
+        parts = value.split("/") if isinstance(value, str) else value
+        try:
+            if not isinstance(parts, list | tuple) or len(parts) != 2:
+                raise ValueError
+            return tuple(_scalar(int, p.strip() if isinstance(p, str) else p) for p in parts)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} {value!r}: expected i/N (this part, the number of parts), e.g. 0/4") from None
+    if tp in (str, int, float, bool):
+        try:
+            return _scalar(tp, value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value  # e.g. a reward given as `module:function` or a callable
 
 
-def config_command(name: str, cls, run: Callable, help: str, extra: dict | None = None):
-    """Register `kdcache NAME` with one --flag per field of dataclass `cls`."""
+def _scalar(tp, v):
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        raise TypeError
+    if isinstance(v, bool):
+        raise TypeError  # YAML `true` is not a number
+    if tp is str:
+        if isinstance(v, str | int | float):
+            return str(v)  # e.g. YAML `devices: [0, 1]`
+        raise TypeError
+    if tp is int and isinstance(v, float):
+        raise TypeError
+    return tp(v)  # int / float from numbers or command-line strings
+
+
+def _read_config(path: Path, cls) -> dict:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"--config {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a YAML mapping of {cls.__name__} fields "
+                         f"(key: value), got a {type(values).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(map(str, values)) - set(known))
+    if unknown:
+        hints = [f"{k!r} -> {m[0]!r}" for k in unknown if (m := difflib.get_close_matches(k, known, 1))]
+        raise ValueError(f"--config {path}: unknown keys {unknown}"
+                         + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                         + "; the keys are the command's options with underscores, see --help")
+    return values
+
+
+def _refuse_memory(values: dict) -> None:
+    for key, value in values.items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v.startswith("memory://"):
+                raise ValueError(
+                    f"--{key.replace('_', '-')} {v}: a memory:// store lives only inside one Python "
+                    f"process, so a one-shot command would hand out a URL to a store that is gone "
+                    f"when it exits; use a local path, file://, s3:// or gs:// (memory:// is for "
+                    f"the Python API)")
+
+
+def make_config(name: str, cls, path: Path | None, flags: dict):
+    """The config a command runs with: the file's values, then the flags given, parsed and
+    checked (one clear error for anything malformed) before anything runs."""
+    hints = typing.get_type_hints(cls)
+    about = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+    values = {k: _parse(f"--config {path}: {k}", hints[k], v, about[k])
+              for k, v in (_read_config(path, cls) if path else {}).items()}
+    values.update({k: _parse(f"--{k.replace('_', '-')}", hints[k], v, about[k])
+                   for k, v in flags.items() if v is not None})
+    _refuse_memory(values)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing {', '.join('--' + m.replace('_', '-') for m in missing)} "
+                         f"(see `kdcache {name} --help`)")
+    return cls(**values)
+
+
+class _ConfigCommand(TyperCommand):
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:  # with --config, into the first panel instead of a panel of its own
+            opt.rich_help_panel = ESSENTIALS
+        return opt
+
+
+def config_command(name: str, cls, help: str) -> Callable:
+    """The typer function of `kdcache NAME`: --config, then one --flag per field of `cls`
+    (the Essentials panel first), running `_<name>(cfg)` and printing what it returns."""
+    from rich.markup import escape
+
     hints = typing.get_type_hints(cls)
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
-                                default=typer.Option(None, "--config", "-c", help="YAML file of these options"))]
-    for f in dataclasses.fields(cls):
+                                default=typer.Option(None, "--config", "-c", rich_help_panel=ESSENTIALS,
+                                                     help="YAML file whose keys are these options "
+                                                          "(underscored); flags override it"))]
+    fields = dataclasses.fields(cls)
+    # Essentials first; the other panels in the order their last field is declared (so a
+    # panel of bookkeeping options declared at the end comes last)
+    last = {f.metadata.get("panel"): i for i, f in enumerate(fields)}
+    fields = sorted(fields, key=lambda f: -1 if f.metadata.get("panel") == ESSENTIALS else last[f.metadata.get("panel")])
+    for f in fields:
         tp = _flag_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         decl = f"{flag}/--no-{f.name.replace('_', '-')}" if tp is bool else flag
+        metavar = {list: "A,B", tuple: "I/N"}.get(typing.get_origin(_base_type(hints[f.name])))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
-                                        default=typer.Option(None, decl, show_default=False)))
+                                        default=typer.Option(None, decl, show_default=False, metavar=metavar,
+                                                             help=escape(option_help(f)),
+                                                             rich_help_panel=f.metadata.get("panel"))))
 
     def command(**kwargs):
         path = kwargs.pop("config")
-        values = yaml.safe_load(path.read_text()) if path else {}
-        if values is not None and not isinstance(values, dict):
-            raise typer.BadParameter(f"{path}: expected a YAML mapping of {cls.__name__} fields")
-        values = values or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise typer.BadParameter(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
-        values.update({k: _coerce(hints[k], v) for k, v in kwargs.items() if v is not None})
-        values = {k: _coerce(hints[k], v) for k, v in values.items()}
-        try:
-            cfg = cls(**values)
-        except TypeError as e:
-            raise typer.BadParameter(f"{e}: see `kdcache {name} --help`") from None
-        _friendly(run, cfg)
+        result = _friendly(lambda: globals()[f"_{name}"](make_config(name, cls, path, kwargs)))
+        if result is not None:
+            typer.echo(result)
 
     command.__signature__ = inspect.Signature(params)
-    command.__name__ = name.replace("-", "_")
+    command.__name__ = name
     command.__doc__ = help
-    app.command(name, help=help)(command)
+    return command
+
+
+def build_config_command(name: str):
+    """The click command of config command NAME (imports its config module)."""
+    spec, help = CONFIG_COMMANDS[name]
+    module, _, attr = spec.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    sub = typer.Typer(add_completion=False, rich_markup_mode="rich")
+    sub.command(name, help=help, cls=_ConfigCommand)(config_command(name, cls, help))
+    cmd = typer.main.get_command(sub)
+    cmd.name = name
+    return cmd
+
+
+def _placeholder() -> None:  # never runs: _Group swaps in the real command first
+    raise RuntimeError("config command placeholder invoked")
+
+
+for _name, (_, _help) in CONFIG_COMMANDS.items():
+    app.command(_name, help=_help, cls=_Placeholder, add_help_option=False)(_placeholder)
 
 
 def _friendly(fn: Callable, *args):
-    """Run fn; user errors (bad input, missing files) print one clear line, not a traceback."""
+    """Run fn with its stdout sent to stderr (progress bars and stray prints stay out of the
+    result the caller prints); user errors (bad input, missing files) print one line, not a
+    traceback (-v shows the traceback)."""
     try:
-        return fn(*args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError) as e:
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn(*args)
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, PermissionError, ...
+        if _verbose:
             raise
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
 
@@ -111,52 +339,38 @@ def _echo_json(obj) -> None:
 
 
 # --------------------------------------------------------------------------- stage commands
-def _precompute(cfg) -> None:
+def _precompute(cfg) -> str:
     from kdcache.precompute.run import run_precompute
 
-    typer.echo(run_precompute(cfg))
+    return run_precompute(cfg)
 
 
-def _rollout(cfg) -> None:
+def _rollout(cfg) -> str:
     from kdcache.precompute.rollout import run_rollout
     from kdcache.train.rewards import resolve_reward
 
     if isinstance(cfg.reward, str):  # built-in names and module:function, resolved in one place
         cfg = dataclasses.replace(cfg, reward=resolve_reward(cfg.reward))
-    typer.echo(run_rollout(cfg))
+    return run_rollout(cfg)
 
 
-def _train(cfg) -> None:
+def _train(cfg) -> str:
     from kdcache.train.trainer import train
 
     res = train(cfg)
     typer.echo(f"{res.steps} steps, {res.tokens} tokens, {res.seconds:.1f}s, "
-               f"final loss {res.final_loss:.4f} -> {res.out}/model")
+               f"final loss {res.final_loss:.4f}", err=True)
+    return str(Path(res.out) / "model")
 
 
-def _eval(cfg) -> None:
-    from kdcache.train.eval import evaluate
+def _eval(cfg) -> str:
+    from kdcache.train.eval import evaluate, results_dir, save_results
 
-    _echo_json(evaluate(cfg))
-
-
-def _register() -> None:
-    from kdcache.precompute.rollout import RolloutConfig
-    from kdcache.precompute.run import PrecomputeConfig
-    from kdcache.train.config import TrainConfig
-    from kdcache.train.eval import EvalConfig
-
-    config_command("precompute", PrecomputeConfig, _precompute,
-                   "Score a dataset or a rollout store with the DPO teacher and its reference; write a store.")
-    config_command("rollout", RolloutConfig, _rollout,
-                   "Sample N responses per prompt with behavior log-probs (and rewards); write a store.")
-    config_command("train", TrainConfig, _train,
-                   "Train a student from a store (sft, seqkd, kd, dckd, adpa, tvkd, dpo, tgpo, pbsd).")
-    config_command("eval", EvalConfig, _eval,
-                   "Reward accuracy, top-K KL to the teacher and a rule reward on an eval store.")
-
-
-_register()
+    results_dir(cfg)  # nowhere to save: fail before the work
+    result = evaluate(cfg)
+    path = save_results(cfg, result)
+    typer.echo(f"saved {path} and {path.with_suffix('.csv').name}", err=True)
+    return json.dumps(result, indent=2, default=str)
 
 
 @app.command()
@@ -179,7 +393,7 @@ app.registered_commands[-1].name = "inspect"
 
 @store_app.command("ls")
 def store_ls(root: str = typer.Argument(..., help="directory or URL holding stores")) -> None:
-    """Stores under ROOT with their provenance."""
+    """Stores under ROOT with their provenance, one JSON object per line."""
     from kdcache.store.admin import list_stores
 
     for row in _friendly(list_stores, root):
@@ -187,8 +401,8 @@ def store_ls(root: str = typer.Argument(..., help="directory or URL holding stor
 
 
 @store_app.command("verify")
-def store_verify(url: str) -> None:
-    """Check every shard's checksum; exit 1 and name the shard on any mismatch."""
+def store_verify(url: str = typer.Argument(..., help="store URL or path")) -> None:
+    """Check every shard's checksum; print `ok`, or each problem and exit 1."""
     from kdcache.store.verify import verify
 
     problems = _friendly(verify, url)
@@ -200,39 +414,59 @@ def store_verify(url: str) -> None:
 
 
 @store_app.command("gc")
-def store_gc(root: str, dry_run: bool = typer.Option(False, "--dry-run")) -> None:
-    """Remove shards no manifest references and uncommitted temporary files."""
+def store_gc(root: str = typer.Argument(..., help="directory or URL holding stores"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed")) -> None:
+    """Remove shards no manifest references and uncommitted temporary files; print JSON."""
     from kdcache.store.admin import gc
 
     _echo_json(_friendly(lambda: gc(root, dry_run=dry_run)))
 
 
 @store_app.command("merge")
-def store_merge(out: str, parts: list[str]) -> None:
-    """Merge partition stores (same meta) into OUT: equal to one run over all partitions."""
+def store_merge(out: str = typer.Argument(..., help="URL of the merged store"),
+                parts: list[str] = typer.Argument(..., help="the stores to merge, in order")) -> None:
+    """Merge the complete partition stores of one precompute run (`--partition i/N`, all N
+    parts) into OUT, under the unpartitioned run's meta; print OUT. Stores whose meta
+    differs otherwise are refused. (`kdcache precompute ... --merge-parts N` does the same
+    from the config and also restores the single run's shard order.)"""
     from kdcache.store.admin import merge
 
-    typer.echo(_friendly(merge, parts, out))
+    def run() -> str:
+        _refuse_memory({"out": out})
+        return merge(parts, out)
+
+    typer.echo(_friendly(run))
 
 
 @app.command()
-def plot(run_dirs: list[Path] = typer.Argument(..., help="training output directories"),
-         out: Path = typer.Option(Path("plot.png"), "--out", "-o"),
-         table: Path | None = typer.Option(None, "--table", help="a demo results.json to draw as a table")) -> None:
-    """Loss curves of training runs (metrics.jsonl), and optionally the eval table."""
+def plot(sources: list[Path] = typer.Argument(
+             ..., help="training run directories (metrics.jsonl, eval.json) or a demo results.json"),
+         out: Path = typer.Option(Path("plot.png"), "--out", "-o", help="image to write"),
+         table: bool = typer.Option(False, "--table",
+                                    help="also print a table of the runs' eval results and final "
+                                         "loss (stdout) and draw the eval bars")) -> None:
+    """Loss curves of training runs; with --table, their eval results as a table too. Prints
+    the image path (with --table: the table; the path goes to stderr)."""
     from kdcache.train.plot import plot_runs
 
-    typer.echo(_friendly(plot_runs, run_dirs, out, table))
+    path, text = _friendly(plot_runs, sources, out, table)
+    if text is None:
+        typer.echo(path)
+        return
+    typer.echo(text)
+    typer.echo(f"wrote {path}", err=True)
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("kdcache-demo"), "--out", "-o", help="artefact directory"),
          quick: bool = typer.Option(False, "--quick", help="a smaller run (CI smoke test)"),
          methods: str = typer.Option("", help="comma-separated subset of the table rows"),
-         seed: int = typer.Option(0)) -> None:
+         seed: int = typer.Option(0, help="seed of data, models and sampling")) -> None:
     """Train a tiny teacher (SFT, then DPO), precompute its signals, distil students with
-    every method, and print the table: rule preference rate, reward accuracy, time, store size."""
-    _friendly(run_demo, out, quick, [m for m in methods.split(",") if m], seed)
+    every method, and print the table: rule preference rate, reward accuracy, time, store size
+    (stages on stderr, the table on stdout)."""
+    result = _friendly(run_demo, out, quick, [m for m in methods.split(",") if m], seed)
+    typer.echo(_demo_table(result["rows"]))
 
 
 # --------------------------------------------------------------------------- the demo
@@ -335,7 +569,9 @@ def pbsd(st: Stages, student: str, prompts_data: str, steps: int, n: int = 1,
     return st.train(name, student, scored, "pbsd", steps, **(train_kw or {})), [pos, neg, scored]
 
 
-pipeline_app = typer.Typer(no_args_is_help=True, help="Multi-stage recipes, one command each.")
+pipeline_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                           help="Multi-stage recipes, one command each; each prints the final model's directory.")
+_OUT_HELP = "directory of the pipeline's stores (stores/) and runs (runs/); a re-run reuses both"
 app.add_typer(pipeline_app, name="pipeline")
 
 
@@ -346,12 +582,17 @@ def pipeline_adpa_plus(
     reference: str = typer.Option(..., help="the teacher's pre-DPO reference model dir"),
     data: str = typer.Option(..., help="preference data (prompt, chosen, rejected)"),
     prompts: str = typer.Option("", help="prompts for rollouts (default: --data)"),
-    out: Path = typer.Option(Path("runs/adpa-plus")),
-    dckd_steps: int = typer.Option(1000), adpa_steps: int = typer.Option(1000),
+    out: Path = typer.Option(Path("runs/adpa-plus"), help=_OUT_HELP),
+    dckd_steps: int = typer.Option(1000, help="optimizer steps of the DCKD stage"),
+    adpa_steps: int = typer.Option(1000, help="optimizer steps of the ADPA stage"),
     n: int = typer.Option(2, help="rollouts per prompt"),
-    k: int = typer.Option(50), dckd_alpha: float = typer.Option(0.2), adpa_gamma: float = typer.Option(3.0),
-    lr: float = typer.Option(1e-5), batch_groups: int = typer.Option(8),
-    max_new_tokens: int = typer.Option(256), seed: int = typer.Option(0),
+    k: int = typer.Option(50, help="teacher top-K entries stored per token"),
+    dckd_alpha: float = typer.Option(0.2, help="DCKD's alpha (train --dckd-alpha)"),
+    adpa_gamma: float = typer.Option(3.0, help="ADPA's gamma (train --adpa-gamma)"),
+    lr: float = typer.Option(1e-5, help="learning rate of both stages"),
+    batch_groups: int = typer.Option(8, help="example groups per micro-batch"),
+    max_new_tokens: int = typer.Option(256, help="longest rollout in tokens"),
+    seed: int = typer.Option(0, help="seed of rollouts and training"),
 ) -> None:
     """DCKD -> rollouts -> precompute -> ADPA, one command (ADPA+)."""
     st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
@@ -363,15 +604,20 @@ def pipeline_adpa_plus(
 
 @pipeline_app.command("tgpo")
 def pipeline_tgpo(
-    student: str = typer.Option(...), teacher: str = typer.Option(...),
+    student: str = typer.Option(..., help="the student to improve (model dir)"),
+    teacher: str = typer.Option(..., help="the teacher whose top-K guides it (model dir)"),
     prompts: str = typer.Option(..., help="prompts (+ answer column for numeric rewards)"),
     reward: str = typer.Option(..., help="module:function, or built in: numeric_exact_match, sort_rule"),
-    out: Path = typer.Option(Path("runs/tgpo")),
-    rounds: int = typer.Option(1), steps: int = typer.Option(200, help="train steps per round"),
+    out: Path = typer.Option(Path("runs/tgpo"), help=_OUT_HELP),
+    rounds: int = typer.Option(1, help="rollout -> precompute -> train rounds"),
+    steps: int = typer.Option(200, help="train steps per round"),
     n: int = typer.Option(8, help="rollouts per prompt (the GRPO group)"),
-    k: int = typer.Option(50), shaping: bool = typer.Option(False, help="TGPO_R reward shaping"),
-    lr: float = typer.Option(1e-6), batch_groups: int = typer.Option(4),
-    max_new_tokens: int = typer.Option(512), seed: int = typer.Option(0),
+    k: int = typer.Option(50, help="teacher top-K entries stored per token"),
+    shaping: bool = typer.Option(False, help="TGPO_R reward shaping"),
+    lr: float = typer.Option(1e-6, help="learning rate"),
+    batch_groups: int = typer.Option(4, help="prompts (groups of n rollouts) per micro-batch"),
+    max_new_tokens: int = typer.Option(512, help="longest rollout in tokens"),
+    seed: int = typer.Option(0, help="seed of rollouts and training"),
 ) -> None:
     """TGPO in offline rounds: rollout -> reward -> precompute -> train N steps -> repeat."""
     st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
@@ -385,10 +631,14 @@ def pipeline_tgpo(
 def pipeline_pbsd(
     student: str = typer.Option(..., help="the initial student (also the teacher, given context)"),
     prompts: str = typer.Option(..., help="prompts with a `context` column (privileged information)"),
-    out: Path = typer.Option(Path("runs/pbsd")), steps: int = typer.Option(500),
-    n: int = typer.Option(1), beta: float = typer.Option(0.1),
-    lr: float = typer.Option(1e-5), batch_groups: int = typer.Option(8),
-    max_new_tokens: int = typer.Option(256), seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/pbsd"), help=_OUT_HELP),
+    steps: int = typer.Option(500, help="optimizer steps"),
+    n: int = typer.Option(1, help="rollouts per prompt, on each side"),
+    beta: float = typer.Option(0.1, help="PBSD's beta (train --pbsd-beta)"),
+    lr: float = typer.Option(1e-5, help="learning rate"),
+    batch_groups: int = typer.Option(8, help="pairs per micro-batch"),
+    max_new_tokens: int = typer.Option(256, help="longest rollout in tokens"),
+    seed: int = typer.Option(0, help="seed of rollouts and training"),
 ) -> None:
     """PBSD: teacher-with-context samples y+, student samples y-, precompute, train."""
     st = Stages(out, seed, rollout={"max_new_tokens": max_new_tokens},
@@ -514,7 +764,6 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
     result = {"rows": rows, "seconds": time.perf_counter() - t_all, "quick": quick, "seed": seed,
               "steps": d.steps}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    typer.echo(_demo_table(rows))
     typer.echo(f"total {result['seconds']:.0f}s; results in {out / 'results.json'}; "
                f"`kdcache plot {out}/runs/* --table {out}/results.json` draws them")
     return result

@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -81,34 +81,62 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
 class RolloutConfig:
     """Sampling N responses per prompt with the student (or the teacher, for SeqKD/PBSD)."""
 
-    model: str  # the sampler: local HF dir or cached hub id
-    data: str  # JSONL/Parquet with a prompt column (chosen/completion needed for include_chosen)
-    out: str | None = None
-    out_root: str = "stores"
-    role: str = "student_rollout"  # or "teacher_rollout"
-    n: int = 4  # samples per prompt; record `group` = sample index
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    seed: int = 0
-    batch_prompts: int = 16  # prompts per generate call (x n rows)
-    include_chosen: bool = False  # add the dataset's chosen/completion to the group (ADPA)
-    use_context: bool = False  # teacher_rollout sees the `context` column (PBSD teacher)
-    context_template: str = "{context}\n\n{prompt}"
-    chat_template: bool = True
-    max_prompt_length: int | None = None
-    truncate: str = "skip"  # over-long prompts: skip | fail
-    reward: str | Callable[..., float] | None = None  # 'module:function' or a callable
-    backend: str = "hf"  # hf | vllm (GPU only, see vllm_backend.py)
-    limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    shard_records: int = 1024
-    codec: str = "compact"
-    resume: bool = True
-    progress: bool = True
+    model: str = field(
+        metadata={"help": "the sampler: a local HF model dir or cached hub id (the student, or the teacher for SeqKD/PBSD)", "panel": "Essentials"})
+    data: str = field(
+        metadata={"help": "prompts: JSONL/Parquet with a prompt column (chosen/completion for --include-chosen)", "panel": "Essentials"})
+    out: str | None = field(default=None,
+        metadata={"help": "store URL to write; unset: <out-root>/<store key>", "panel": "Store"})
+    out_root: str = field(default="stores",
+        metadata={"help": "directory or URL (s3://, gs://) under which stores are written by content key", "panel": "Essentials"})
+    role: str = field(default="student_rollout",
+        metadata={"help": "role of the sampled records", "panel": "Sampling", "choices": ("student_rollout", "teacher_rollout")})
+    n: int = field(default=4,
+        metadata={"help": "samples per prompt (the record's `group` is the sample index)", "panel": "Essentials"})
+    temperature: float = field(default=1.0,
+        metadata={"help": "sampling temperature (keep 1 for on-policy importance ratios)", "panel": "Sampling"})
+    top_p: float = field(default=1.0,
+        metadata={"help": "nucleus sampling mass; 1: off", "panel": "Sampling"})
+    top_k: int = field(default=0,
+        metadata={"help": "sample among the k most probable tokens; 0: off", "panel": "Sampling"})
+    max_new_tokens: int = field(default=256,
+        metadata={"help": "longest sampled response in tokens", "panel": "Essentials"})
+    seed: int = field(default=0,
+        metadata={"help": "sampling seed (each generate batch is seeded from it and its position)", "panel": "Sampling"})
+    batch_prompts: int = field(default=16,
+        metadata={"help": "prompts per generate call (times --n rows)", "panel": "Sampling"})
+    include_chosen: bool = field(default=False,
+        metadata={"help": "add the dataset's chosen/completion to each group as role chosen (ADPA's SFT term)", "panel": "Groups"})
+    use_context: bool = field(default=False,
+        metadata={"help": "teacher rollouts see the `context` column (PBSD's teacher)", "panel": "Groups"})
+    context_template: str = field(default="{context}\n\n{prompt}",
+        metadata={"help": "how the context joins the prompt ({context}, {prompt})", "panel": "Groups"})
+    chat_template: bool = field(default=True,
+        metadata={"help": "render prompts with the tokenizer's chat template (when it has one)", "panel": "Groups"})
+    max_prompt_length: int | None = field(default=None,
+        metadata={"help": "longest prompt in tokens; unset: no limit", "panel": "Groups"})
+    truncate: str = field(default="skip",
+        metadata={"help": "over-long prompts: drop the row, or fail", "panel": "Groups", "choices": ("skip", "fail")})
+    reward: str | Callable[..., float] | None = field(default=None,
+        metadata={"help": "reward per sample: module:function (a module.py in the current directory works) or built in: sort_rule, numeric_exact_match", "panel": "Groups"})
+    backend: str = field(default="hf",
+        metadata={"help": "sampler; vllm needs a GPU and `pip install kdcache[vllm]`", "panel": "Sampling", "choices": ("hf", "vllm")})
+    limit: int | None = field(default=None,
+        metadata={"help": "sample only the first N prompts; unset: all", "panel": "Groups"})
+    device: str = field(default="auto",
+        metadata={"help": "auto (cuda if available, else cpu), cpu, cuda or cuda:N", "panel": "Execution"})
+    dtype: str = field(default="auto",
+        metadata={"help": "sampler precision; auto: bf16 on GPU, fp32 on CPU", "panel": "Execution", "choices": ("auto", "bf16", "fp16", "fp32")})
+    trust_remote_code: bool = field(default=False,
+        metadata={"help": "allow models' own Python code (off unless you trust the model)", "panel": "Execution"})
+    shard_records: int = field(default=1024,
+        metadata={"help": "records per shard (the unit of resume and of streaming)", "panel": "Store"})
+    codec: str = field(default="compact",
+        metadata={"help": "compact: bounded-error reals; lossless: exact float32", "panel": "Store", "choices": ("compact", "lossless")})
+    resume: bool = field(default=True,
+        metadata={"help": "continue a killed run after its last committed shard", "panel": "Store"})
+    progress: bool = field(default=True,
+        metadata={"help": "progress bar on stderr", "panel": "Store"})
 
     def validate(self) -> None:
         if self.role not in ("student_rollout", "teacher_rollout"):

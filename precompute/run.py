@@ -55,47 +55,83 @@ def code_version() -> str:
 class PrecomputeConfig:
     """Everything `run_precompute` needs. Models are local HF dirs or cached hub ids."""
 
-    teacher: str | None  # the preference-aligned (DPO) teacher; None -> tokenized-only store
-    reference: str | None = None  # pi_ref (the pre-DPO SFT model); None -> no ref_* fields
-    data: str | None = None  # JSONL/Parquet URL (or glob) ...
-    input_store: str | None = None  # ... or rollout store(s) to score, comma-separated (joined by example id)
-    out: str | None = None  # store URL; default <out_root>/<store_key>
-    out_root: str = "stores"
-    student: str | None = None  # only checked to share the teacher's tokenizer
-    tokenizer: str | None = None  # tokenizer dir; default: the teacher's (needed if teacher=None)
-    k: int = 50
-    betas: list[float] = field(default_factory=lambda: [1.0])
-    ref_mode: str = "exact"  # "exact" (gather at DPO ids) | "paper" (ADPA's approximation)
+    teacher: str | None = field(
+        metadata={"help": "the preference-aligned (DPO) teacher: a local HF model dir or cached hub id", "panel": "Essentials"})
+    reference: str | None = field(default=None,
+        metadata={"help": "the teacher's pre-DPO reference (its SFT model); unset: no ref_* fields (no ADPA, DPO, DCKD advantages)", "panel": "Essentials"})
+    data: str | None = field(default=None,
+        metadata={"help": "dataset to score: JSONL/Parquet path, URL or glob (prompt, chosen, rejected | completion)", "panel": "Essentials"})
+    input_store: str | None = field(default=None,
+        metadata={"help": "instead of --data: rollout store URL(s) to score, comma-separated (joined by example id)", "panel": "Inputs and outputs"})
+    out: str | None = field(default=None,
+        metadata={"help": "store URL to write; unset: <out-root>/<store key>", "panel": "Inputs and outputs"})
+    out_root: str = field(default="stores",
+        metadata={"help": "directory or URL (s3://, gs://) under which stores are written by content key", "panel": "Essentials"})
+    student: str | None = field(default=None,
+        metadata={"help": "student model, only checked to share the teacher's tokenizer", "panel": "Inputs and outputs"})
+    tokenizer: str | None = field(default=None,
+        metadata={"help": "tokenizer dir; unset: the teacher's (required when there is no teacher)", "panel": "Inputs and outputs"})
+    k: int = field(default=50,
+        metadata={"help": "teacher top-K entries stored per token", "panel": "Essentials"})
+    betas: list[float] = field(default_factory=lambda: [1.0],
+        metadata={"help": "soft-value temperatures beta (TVKD), comma-separated", "panel": "Signals"})
+    ref_mode: str = field(default="exact",
+        metadata={"help": "reference log-probs at the teacher's top-K: exact gather, or ADPA's paper approximation", "panel": "Signals", "choices": ("exact", "paper")})
     # data (see precompute/data.py)
-    kind: str = "auto"  # preference | sft | auto
-    max_length: int | None = 2048
-    truncate: str = "truncate"  # truncate | skip | fail
-    chat_template: bool = True
-    use_context: bool = True
-    context_template: str = "{context}\n\n{prompt}"
-    limit: int | None = None
-    partition: tuple[int, int] | None = None  # (index, count): this process's share
+    kind: str = field(default="auto",
+        metadata={"help": "dataset kind; auto: preference if it has chosen/rejected, else SFT", "panel": "Data", "choices": ("auto", "preference", "sft")})
+    max_length: int | None = field(default=2048,
+        metadata={"help": "longest prompt + response in tokens, as the teacher sees it; unset: no limit", "panel": "Data"})
+    truncate: str = field(default="truncate",
+        metadata={"help": "over-long sequences: cut the response, drop the row, or fail", "panel": "Data", "choices": ("truncate", "skip", "fail")})
+    chat_template: bool = field(default=True,
+        metadata={"help": "render prompts with the tokenizer's chat template (when it has one)", "panel": "Data"})
+    use_context: bool = field(default=True,
+        metadata={"help": "put a `context` column in front of the teacher's prompt (PBSD)", "panel": "Data"})
+    context_template: str = field(default="{context}\n\n{prompt}",
+        metadata={"help": "how the context joins the prompt ({context}, {prompt})", "panel": "Data"})
+    limit: int | None = field(default=None,
+        metadata={"help": "score only the first N rows; unset: all", "panel": "Data"})
+    partition: tuple[int, int] | None = field(default=None,
+        metadata={"help": "this process's share i/N of the batch plan (merge the N parts with --merge-parts N)", "panel": "Scale-out"})
     # one box, several devices: one subprocess per device over partitions, then merged
     # (precompute/launch.py); e.g. ["0", "1", "2", "3"] (CUDA ids), ["all"], ["cpu", "cpu"]
-    devices: list[str] | None = None
-    merge_parts: int | None = None  # merge the N complete partition stores into the full store
-    keep_parts: bool = False  # keep the partition stores after a merge
+    devices: list[str] | None = field(default=None,
+        metadata={"help": "one process per device, then a merge: CUDA ids (0,1,2,3), all, or cpu,cpu", "panel": "Scale-out"})
+    merge_parts: int | None = field(default=None,
+        metadata={"help": "merge the N complete --partition stores of this config into the full store (no model loaded)", "panel": "Scale-out"})
+    keep_parts: bool = field(default=False,
+        metadata={"help": "keep the partition stores after a merge", "panel": "Scale-out"})
     # execution
-    batch_tokens: int = 16384  # padded tokens per forward (packed: real tokens)
-    max_batch_seqs: int = 256
-    chunk_size: int | None = None  # scored positions per logits chunk; None -> ~1 GiB budget
-    packed: bool = False  # one packed row per batch (position_ids restart per sequence)
-    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
-    device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    trust_remote_code: bool = False
-    verify_head: bool = True  # compare our head with the model's own logits once
+    batch_tokens: int = field(default=16384,
+        metadata={"help": "padded tokens per forward (packed: real tokens)", "panel": "Execution"})
+    max_batch_seqs: int = field(default=256,
+        metadata={"help": "sequences per forward at most", "panel": "Execution"})
+    chunk_size: int | None = field(default=None,
+        metadata={"help": "scored positions per logits chunk; unset: a ~1 GiB budget", "panel": "Execution"})
+    packed: bool = field(default=False,
+        metadata={"help": "one packed row per batch (position_ids restart per sequence)", "panel": "Execution"})
+    attn_implementation: str | None = field(default=None,
+        metadata={"help": "transformers attention backend, e.g. sdpa, flash_attention_2; unset: the model's default", "panel": "Execution"})
+    device: str = field(default="auto",
+        metadata={"help": "auto (cuda if available, else cpu), cpu, cuda or cuda:N", "panel": "Execution"})
+    dtype: str = field(default="auto",
+        metadata={"help": "teacher precision; auto: bf16 on GPU, fp32 on CPU (part of the store key)", "panel": "Execution", "choices": ("auto", "bf16", "fp16", "fp32")})
+    trust_remote_code: bool = field(default=False,
+        metadata={"help": "allow models' own Python code (off unless you trust the model)", "panel": "Execution"})
+    verify_head: bool = field(default=True,
+        metadata={"help": "compare our chunked head with the model's own logits once on load", "panel": "Execution"})
     # store
-    shard_records: int = 1024
-    codec: str = "compact"  # compact (bounded error) | lossless
-    error_bound: float | None = None
-    resume: bool = True
-    progress: bool = True
+    shard_records: int = field(default=1024,
+        metadata={"help": "records per shard (the unit of resume and of streaming)", "panel": "Store"})
+    codec: str = field(default="compact",
+        metadata={"help": "compact: bounded-error reals (~2.3x smaller); lossless: exact float32", "panel": "Store", "choices": ("compact", "lossless")})
+    error_bound: float | None = field(default=None,
+        metadata={"help": "compact codec's absolute error bound in nats; unset: 0.002", "panel": "Store"})
+    resume: bool = field(default=True,
+        metadata={"help": "continue a killed run after its last committed shard", "panel": "Store"})
+    progress: bool = field(default=True,
+        metadata={"help": "progress bar on stderr", "panel": "Store"})
 
     def validate(self) -> None:
         if (self.data is None) == (self.input_store is None):

@@ -26,7 +26,8 @@ def model_and_store(tmp_path_factory):
     tok = build_tokenizer()
     model_dir = save_tiny(root / "m", tok, hidden=32, layers=1, heads=2, seed=3)
     rng = np.random.default_rng(0)
-    meta = StoreMeta(k=K, betas=[1.0], fields=["topk_ids", "topk_logprobs"], options={"codec": "lossless"})
+    meta = StoreMeta(k=K, betas=[1.0], fields=["topk_ids", "topk_logprobs"], options={"codec": "lossless"},
+                     tokenizer={"vocab_size": len(tok)})
     url = str(root / "store")
     prompt = tok("sort : 3 1 2", add_special_tokens=False).input_ids
     with StoreWriter(url, meta) as w:
@@ -99,14 +100,74 @@ def test_demo_data_poses_a_preference(tmp_path):
     assert np.mean([sort_rule(r["prompt"], r["chosen"]) for r in clean]) == 1.0
 
 
+def _run(root, name, losses):
+    run = root / name
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v}) + "\n"
+                                               for s, v in enumerate(losses, 1)))
+    return run
+
+
 def test_plot(tmp_path):
-    for name in ("a", "b"):
-        run = tmp_path / name
-        run.mkdir()
-        (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 5)))
+    a, b = _run(tmp_path, "a", [1.0, 0.5, 0.3]), _run(tmp_path, "b", [2.0, 1.0])
+    (b / "eval.json").write_text(json.dumps({"model": "b/model", "reward_accuracy": 0.8, "kl_topk": 0.25,
+                                             "pairs": 12, "config": {"samples": 4}}))
     table = tmp_path / "results.json"
     table.write_text(json.dumps({"rows": [{"method": "sft", "reward_mean": 0.5, "reward_accuracy": 0.9}]}))
-    out = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "p.png", table)
+    out, text = plot_runs([a, b, table], tmp_path / "p.png", table=True)
     assert out.exists() and out.stat().st_size > 1000
+    lines = text.splitlines()
+    assert lines[0] == "| run | steps | final loss | pref rate | reward acc | KL top-K |"
+    assert lines[2:] == ["| a | 3 | 0.300 | - | - | - |", "| b | 2 | 1.000 | - | 0.800 | 0.250 |",
+                         "| sft | - | - | 0.500 | 0.900 | - |"]
+    assert plot_runs([a], tmp_path / "q.png") == (tmp_path / "q.png", None)
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_runs([tmp_path / "missing"], tmp_path / "q.png")
+
+
+def test_plot_styles_many_runs_and_single_points(tmp_path):
+    from kdcache.train.plot import draw, run_styles
+
+    runs = [_run(tmp_path, f"r{i:02d}", [1.0] if i == 0 else [1.0, 0.5]) for i in range(23)]
+    fig, _ = draw(runs)
+    lines = fig.axes[0].get_lines()
+    styles = {(line.get_color() if isinstance(line.get_color(), str) else tuple(line.get_color()),
+               line.get_linestyle()) for line in lines}
+    assert len(lines) == 23 and len(styles) == 23  # no two runs look alike past 10 (or 20)
+    assert lines[0].get_marker() == "o" and lines[1].get_marker() in ("None", None, "")
+    assert len({s["color"] for s in run_styles(10)}) == 10
+
+
+def test_plot_reads_each_step_once(tmp_path):
+    from kdcache.train.plot import read_metrics
+
+    run = _run(tmp_path, "a", [1.0, 0.5])
+    with (run / "metrics.jsonl").open("a") as f:  # an older trainer wrote its last row twice
+        f.write(json.dumps({"step": 2, "loss": 0.5}) + "\n")
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_eval_results_location_and_files(tmp_path, model_and_store):
+    from kdcache.train.eval import results_dir, save_results
+
+    run = tmp_path / "runs" / "x"
+    (run / "model").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    assert results_dir(EvalConfig(model=str(run / "model"), store="s")) == run
+    assert results_dir(EvalConfig(model=str(run / "model"), store="s", out=str(tmp_path / "o"))) == tmp_path / "o"
+    model_dir, _ = model_and_store
+    assert results_dir(EvalConfig(model=str(model_dir), store="s")) == model_dir
+    with pytest.raises(ValueError, match="--out"):
+        results_dir(EvalConfig(model="org/some-hub-model", store="s"))
+    path = save_results(EvalConfig(model=str(run / "model"), store="s"), {"pairs": 2, "reward_accuracy": 0.5})
+    saved = json.loads(path.read_text())
+    assert saved["reward_accuracy"] == 0.5 and saved["store"] == "s" and saved["config"]["samples"] == 4
+    assert (run / "eval.csv").read_text().splitlines()[0].startswith("model,store,pairs,reward_accuracy")
+    assert sorted(p.name for p in run.iterdir()) == ["eval.csv", "eval.json", "metrics.jsonl", "model"]
+
+
+def test_eval_refuses_a_student_of_another_vocabulary(tmp_path, model_and_store):
+    _, url = model_and_store
+    other = save_tiny(tmp_path / "other", build_tokenizer(words=["x", "y"]), hidden=16, layers=1, heads=2)
+    with pytest.raises(ValueError, match="vocab"):
+        evaluate(EvalConfig(model=str(other), store=url))

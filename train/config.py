@@ -13,64 +13,111 @@ OBJECTIVES = ("sft", "seqkd", "kd", "dckd", "adpa", "tvkd", "dpo", "tgpo", "pbsd
 
 @dataclass
 class TrainConfig:
-    model: str = ""  # student: local HF dir (or hub id)
-    store: str = ""  # store URL, path or content key under store_root
-    out: str = "runs/student"
-    objective: str = "sft"
-    store_root: str = ""  # where content keys are resolved
+    """Every field is a `kdcache train --flag` and a key of its YAML config. `metadata`
+    holds the flag's one-line help, its help panel and, where the values are a fixed set,
+    its choices (tests/test_cli.py checks that every field has help)."""
+
+    model: str = field(default="", metadata={
+        "help": "student to train: a local HF model directory (or a cached hub id)", "panel": "Essentials"})
+    store: str = field(default="", metadata={
+        "help": "teacher-signal store: URL, path, or content key under --store-root (from `kdcache precompute`)",
+        "panel": "Essentials"})
+    out: str = field(default="runs/student", metadata={
+        "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/", "panel": "Essentials"})
+    objective: str = field(default="sft", metadata={
+        "help": "loss to train with (docs/LOSSES.md)", "panel": "Essentials", "choices": OBJECTIVES})
+    store_root: str = field(default="", metadata={
+        "help": "directory or URL where a bare --store content key is looked up", "panel": "Run"})
 
     # optimisation
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_steps: int = 0  # 0: run `epochs` epochs
-    epochs: float = 1.0
-    batch_groups: int = 8  # example groups per micro-batch
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    optim: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
-    seed: int = 0
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (linear warm-up, then linear decay to 0)", "panel": "Optimisation"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "panel": "Optimisation"})
+    warmup_steps: int = field(default=0, metadata={"help": "optimizer steps of linear learning-rate warm-up", "panel": "Optimisation"})
+    max_steps: int = field(default=0, metadata={
+        "help": "optimizer steps to run; 0 runs --epochs epochs instead", "panel": "Essentials"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the store when --max-steps is 0 (fractions allowed)", "panel": "Optimisation"})
+    batch_groups: int = field(default=8, metadata={
+        "help": "example groups (a pair, or G rollouts) per micro-batch", "panel": "Optimisation"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "panel": "Optimisation"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping; 0 turns it off", "panel": "Optimisation"})
+    optim: str = field(default="adamw", metadata={
+        "help": "optimizer; adamw8bit needs bitsandbytes and CUDA", "panel": "Optimisation",
+        "choices": ("adamw", "adamw8bit")})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout", "panel": "Optimisation"})
 
     # memory
-    chunk_size: int = 1024  # positions per lm_head chunk in the loss
-    packing: bool = False  # one row per micro-batch, no padding (best with flash_attention_2)
-    grad_checkpointing: bool = False
-    bf16: bool | None = None  # None: on when CUDA is available
+    chunk_size: int = field(default=1024, metadata={
+        "help": "positions per lm_head chunk in the loss: full-vocabulary logits exist for one chunk at a time",
+        "panel": "Memory"})
+    packing: bool = field(default=False, metadata={
+        "help": "pack a micro-batch into one row without padding (best with flash_attention_2)", "panel": "Memory"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass: less memory, ~30% more time", "panel": "Memory"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast; unset: on when CUDA is available", "panel": "Memory"})
     # weights: fp32 | bf16 | auto (bf16 for a frozen LoRA base under bf16, else fp32: plain
     # AdamW on bf16 weights rounds small updates away, so full fine-tunes keep fp32 masters)
-    weights_dtype: str = "auto"
-    lora_r: int = 0  # 0: full fine-tune
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    load_in_4bit: bool = False  # QLoRA, needs bitsandbytes + CUDA
+    weights_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the stored weights; auto: bf16 for a frozen LoRA base under bf16, else fp32",
+        "panel": "Memory", "choices": ("auto", "fp32", "bf16")})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight (full fine-tune)", "panel": "Memory"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha", "panel": "Memory"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input, in [0, 1)", "panel": "Memory"})
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={
+        "help": "module names LoRA adapts, comma-separated", "panel": "Memory"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: 4-bit base weights (needs --lora-r, bitsandbytes and CUDA)", "panel": "Memory"})
 
     # objectives (METHODS.md §2)
-    kd_mode: str = "renorm"  # renorm | tail
-    kd_divergence: str = "forward"  # forward | reverse | jsd
-    dckd_alpha: float = 0.2
-    adpa_gamma: float = 3.0
-    adpa_reference_code: bool = False  # the authors' released code, not Eq. 10: adv clamped to [0,1], token mean
-    tvkd_alpha: float = 0.7
-    tvkd_beta: float = 2.0  # which stored soft-value β to use
-    tvkd_beta_s: float = 1.0
-    tvkd_maxent: bool = False
-    dpo_beta: float = 0.1
-    dpo_nll: float = 0.0  # >0: add w·NLL(y_w)/|y_w| (RPO, Pang et al. 2024); keeps DPO from only pushing y_l down
-    pbsd_beta: float = 0.1
-    tgpo_w_init: float = 2e-3
-    tgpo_delta: float = 1e-5
-    tgpo_clip: float = 0.2
-    tgpo_shaping: bool = False  # TGPO_R: reward shaping instead of the guidance loss
-    tgpo_lambda: float = 0.1
-    tgpo_step_offset: int = 0  # global step at which this run starts (TGPO rounds continue the w schedule)
+    kd_mode: str = field(default="renorm", metadata={
+        "help": "kd/dckd: renormalise both over the teacher's top-K, or add the rest as a (K+1)-th bucket", "panel": "Objective: KD / DCKD",
+        "choices": ("renorm", "tail")})
+    kd_divergence: str = field(default="forward", metadata={
+        "help": "kd/dckd: divergence between teacher and student on the top-K", "panel": "Objective: KD / DCKD",
+        "choices": ("forward", "reverse", "jsd")})
+    dckd_alpha: float = field(default=0.2, metadata={
+        "help": "dckd: weight alpha of the top-K KD terms on y_w and y_l (added to SFT on y_w)", "panel": "Objective: KD / DCKD"})
+    adpa_gamma: float = field(default=3.0, metadata={
+        "help": "adpa: gamma, weight of the advantage term of Eq. 10", "panel": "Objective: ADPA"})
+    adpa_reference_code: bool = field(default=False, metadata={
+        "help": "adpa: the authors' released code instead of Eq. 10 (advantage clamped to [0, 1], token mean)",
+        "panel": "Objective: ADPA"})
+    tvkd_alpha: float = field(default=0.7, metadata={
+        "help": "tvkd: weight alpha of the teacher's value shaping psi in the token reward", "panel": "Objective: TVKD"})
+    tvkd_beta: float = field(default=2.0, metadata={
+        "help": "tvkd: which stored soft-value beta to use (one of the store's --betas)", "panel": "Objective: TVKD"})
+    tvkd_beta_s: float = field(default=1.0, metadata={
+        "help": "tvkd: beta_s, the weight of the student's log-prob in the token reward", "panel": "Objective: TVKD"})
+    tvkd_maxent: bool = field(default=False, metadata={
+        "help": "tvkd: MaxEnt form (Eq. 12), beta_s*(log pi_theta - log pi_ref); needs ref fields", "panel": "Objective: TVKD"})
+    dpo_beta: float = field(default=0.1, metadata={
+        "help": "dpo: beta of the sequence log-ratio margin", "panel": "Objective: DPO / PBSD"})
+    dpo_nll: float = field(default=0.0, metadata={
+        "help": "dpo: weight w of an added w*NLL(y_w)/|y_w| (RPO); keeps DPO from only pushing y_l down",
+        "panel": "Objective: DPO / PBSD"})
+    pbsd_beta: float = field(default=0.1, metadata={
+        "help": "pbsd: beta of the self-distillation margin", "panel": "Objective: DPO / PBSD"})
+    tgpo_w_init: float = field(default=2e-3, metadata={
+        "help": "tgpo: w_init of the guidance weight w = max(w_init - delta*step, 0)", "panel": "Objective: TGPO"})
+    tgpo_delta: float = field(default=1e-5, metadata={
+        "help": "tgpo: delta, the guidance weight's decrease per optimizer step", "panel": "Objective: TGPO"})
+    tgpo_clip: float = field(default=0.2, metadata={
+        "help": "tgpo: PPO clip range of the importance ratio", "panel": "Objective: TGPO"})
+    tgpo_shaping: bool = field(default=False, metadata={
+        "help": "tgpo: TGPO_R, reward shaping instead of the guidance loss", "panel": "Objective: TGPO"})
+    tgpo_lambda: float = field(default=0.1, metadata={
+        "help": "tgpo: lambda of the shaped advantage A + lambda*log pi_theta(teacher token)", "panel": "Objective: TGPO"})
+    tgpo_step_offset: int = field(default=0, metadata={
+        "help": "tgpo: global step this run starts at (offline rounds continue the guidance schedule)",
+        "panel": "Objective: TGPO"})
 
     # bookkeeping
-    log_every: int = 10
-    save_every: int = 0  # 0: only at the end
-    resume: bool = True
-    tensorboard: bool = False
-    progress: bool = True
+    log_every: int = field(default=10, metadata={"help": "optimizer steps per metrics.jsonl row", "panel": "Run"})
+    save_every: int = field(default=0, metadata={"help": "optimizer steps per checkpoint; 0: only at the end", "panel": "Run"})
+    resume: bool = field(default=True, metadata={
+        "help": "continue from the run directory's last checkpoint (a finished run is not re-run)", "panel": "Run"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log to <out>/tb (needs tensorboard)", "panel": "Run"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on stderr (only on a terminal)", "panel": "Run"})
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:

@@ -11,52 +11,97 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from kdcache.store import open_store
-
-from . import losses as L
-from .batch import collate
-from .rewards import resolve_reward
-from .student import StudentOut, student_forward
+# torch, transformers and the store are imported inside the functions: `kdcache eval --help`
+# builds its options from EvalConfig and must start without them.
 
 
 @dataclass
 class EvalConfig:
-    model: str
-    store: str
-    reward: str | None = None  # `module:function`; None: no sampling
-    samples: int = 4  # samples per prompt for the rule reward
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    batch_size: int = 32
-    max_groups: int = 0  # 0: all
-    seed: int = 0
-    chunk_size: int = 1024
+    model: str = field(metadata={
+        "help": "student to evaluate: a local HF model dir (e.g. runs/x/model) or a cached hub id",
+        "panel": "Essentials"})
+    store: str = field(metadata={
+        "help": "eval store with chosen/rejected pairs (from `kdcache precompute` on held-out data)",
+        "panel": "Essentials"})
+    reward: str | None = field(default=None, metadata={
+        "help": "rule reward on samples: module:function (a module.py in the current directory "
+                "works) or built in: sort_rule, numeric_exact_match; unset: no sampling",
+        "panel": "Essentials"})
+    samples: int = field(default=4, metadata={
+        "help": "samples per prompt for the rule reward", "panel": "Sampling"})
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "longest sampled answer in tokens", "panel": "Sampling"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "panel": "Sampling"})
+    batch_size: int = field(default=32, metadata={
+        "help": "pairs scored (or prompts sampled) per forward", "panel": "Execution"})
+    max_groups: int = field(default=0, metadata={
+        "help": "evaluate only the first N groups of the store; 0: all", "panel": "Execution"})
+    seed: int = field(default=0, metadata={"help": "sampling seed", "panel": "Sampling"})
+    chunk_size: int = field(default=1024, metadata={
+        "help": "positions per lm_head chunk when scoring", "panel": "Execution"})
+    out: str | None = field(default=None, metadata={
+        "help": "directory for eval.json and eval.csv; unset: the run directory (runs/x for "
+                "--model runs/x/model), else the model directory", "panel": "Essentials"})
 
 
-def _load(model_dir: str, device):
+def _store_vocab(store) -> int | None:
+    meta = store.meta.tokenizer if isinstance(store.meta.tokenizer, dict) else {}
+    return None if meta.get("vocab_size") is None else int(meta["vocab_size"])
+
+
+def _load(model_dir: str, store, device):
+    """Tokenizer, then the vocabulary check (the store's ids must mean the same tokens to the
+    student, as `train` checks), then the weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def fail(e: Exception) -> ValueError:
+        return ValueError(f"cannot load model {model_dir!r} for eval: {e.__class__.__name__}: {e}")
+
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise fail(e) from e
+    vocab = _store_vocab(store)
+    if vocab is not None and vocab != len(tok):
+        raise ValueError(
+            f"teacher vocab {vocab} != student vocab {len(tok)} ({model_dir}): the store's ids "
+            f"would mean other tokens to this student; evaluate a student that shares the "
+            f"teachers' tokenizer, on a store precomputed with it")
+    try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load model {model_dir!r} for eval: {e.__class__.__name__}: {e}") from e
+        raise fail(e) from e
+    rows = model.get_output_embeddings().weight.shape[0]
+    if vocab is not None and vocab > rows:
+        raise ValueError(f"teacher vocab {vocab} > student output rows {rows} ({model_dir}): the "
+                         f"student cannot score every stored id; evaluate another student")
     return model.to(device).eval(), tok
 
 
-@torch.no_grad()
-def _score(model, records, pad_id, chunk_size, device) -> tuple[StudentOut, object]:
+def _score(model, records, pad_id, chunk_size, device):
+    import torch
+
+    from .batch import collate
+    from .student import student_forward
+
     batch = collate(records, pad_id=pad_id).to(device)
-    return student_forward(model, batch, chunk_size), batch
+    with torch.no_grad():
+        return student_forward(model, batch, chunk_size), batch
 
 
-@torch.no_grad()
 def _sample(model, tok, prompts: list[list[int]], cfg: EvalConfig, device) -> tuple[list[list[int]], int]:
     """cfg.samples sampled continuations per prompt (left-padded batched generate), and how
     many of them ended with EOS within max_new_tokens."""
+    import torch
+
     out: list[list[int]] = []
     ended = 0
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -68,11 +113,12 @@ def _sample(model, tok, prompts: list[list[int]], cfg: EvalConfig, device) -> tu
         for j, p in enumerate(chunk):
             ids[j, width - len(p) :] = torch.tensor(p)
             attn[j, width - len(p) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-            temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-            pad_token_id=pad, eos_token_id=tok.eos_token_id,
-        )
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=pad, eos_token_id=tok.eos_token_id,
+            )
         for row in gen[:, width:].tolist():
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]
@@ -82,10 +128,20 @@ def _sample(model, tok, prompts: list[list[int]], cfg: EvalConfig, device) -> tu
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    import torch
+
+    from kdcache.store import open_store
+
+    from . import losses as L
+    from .rewards import resolve_reward
+
+    if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_groups < 0:
+        raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
+    fn = resolve_reward(cfg.reward) if cfg.reward else None  # a bad spec fails before any load
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    model, tok = _load(cfg.model, device)
     store = open_store(cfg.store)
+    model, tok = _load(cfg.model, store, device)
     pad_id = tok.pad_token_id or 0
     pairs, prompts, n_groups = [], [], 0
     for group in store.groups():
@@ -118,8 +174,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if kl_tokens:
         result["kl_topk"] = kl_sum / kl_tokens
 
-    if cfg.reward:
-        fn = resolve_reward(cfg.reward)
+    if fn is not None:
         prompt_ids = [list(map(int, r["prompt_ids"])) for r in prompts]
         responses, ended = _sample(model, tok, prompt_ids, cfg, device)
         scores = []
@@ -132,3 +187,37 @@ def evaluate(cfg: EvalConfig) -> dict:
         result["eos_rate"] = ended / max(1, len(scores))
         result["samples"] = len(scores)
     return result
+
+
+def results_dir(cfg: EvalConfig) -> Path:
+    """Where `kdcache eval` saves its results: --out, else the training run the model came
+    from (runs/x for runs/x/model), else the model directory itself."""
+    if cfg.out:
+        return Path(cfg.out)
+    model = Path(cfg.model)
+    run = model.parent
+    if model.name == "model" and any((run / f).exists() for f in ("metrics.jsonl", "config.yaml")):
+        return run
+    if model.is_dir():
+        return model
+    raise ValueError(f"--model {cfg.model!r} is not a local directory: pass --out DIR for eval.json")
+
+
+def save_results(cfg: EvalConfig, result: dict) -> Path:
+    """Write eval.json (the result, with the model, store and settings) and eval.csv (one
+    header row, one value row) into `results_dir(cfg)`; each file appears whole or not at all."""
+    out = results_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"model": cfg.model, "store": cfg.store, **result,
+              "config": {k: v for k, v in asdict(cfg).items() if k not in ("model", "store")},
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    flat = {k: v for k, v in record.items() if k != "config"}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(flat), lineterminator="\n")
+    writer.writeheader()
+    writer.writerow(flat)
+    for name, text in (("eval.json", json.dumps(record, indent=2) + "\n"), ("eval.csv", buf.getvalue())):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return out / "eval.json"
