@@ -127,11 +127,17 @@ def _rollout(cfg) -> None:
 
 
 def _train(cfg) -> None:
+    from kdcache.train.distributed import PeerFailure
     from kdcache.train.trainer import train
 
-    res = train(cfg)
-    typer.echo(f"{res.steps} steps, {res.tokens} tokens, {res.seconds:.1f}s, "
-               f"final loss {res.final_loss:.4f} -> {res.out}/model")
+    try:
+        res = train(cfg)
+    except PeerFailure as e:  # another rank died or hung: one line naming it, exit 1
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    if res.rank == 0:  # under torchrun only rank 0 prints the result
+        typer.echo(f"{res.steps} steps, {res.tokens} tokens, {res.seconds:.1f}s, "
+                   f"final loss {res.final_loss:.4f} -> {res.out}/model")
 
 
 def _eval(cfg) -> None:

@@ -72,6 +72,11 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
 
+    # distributed: torchrun / srun (docs/DISTRIBUTED.md)
+    world_size: int = 0  # processes; 0: the launcher's WORLD_SIZE. Saved resolved: a resume needs the same
+    fsdp: bool = False  # shard params, grads and optimizer state per decoder layer (FSDP2) instead of DDP
+    dist_timeout_s: int = 1800  # a collective that waits longer fails the job (a lost or hung rank)
+
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(
