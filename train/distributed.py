@@ -68,7 +68,7 @@ class Dist:
 
     def device(self) -> torch.device:
         if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
+            return torch.device("cuda", self.local_rank) if self.enabled else torch.device("cuda")
         return torch.device("cpu")
 
 
