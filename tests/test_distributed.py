@@ -351,3 +351,16 @@ def test_cli_peer_failure_is_one_line_and_exit_1(monkeypatch):
     res = CliRunner().invoke(cli.app, ["train", "--model", "m", "--store", "s"])
     assert res.exit_code == 1
     assert res.output.strip() == "error: rank 0: rank 1 stopped answering (killed, out of memory, crashed or hung)"
+
+
+@pytest.mark.parametrize("env_world,kw,msg", [
+    (1, {"fsdp": True}, r"--fsdp shards the student across processes: launch with `torchrun"),
+    (2, {"fsdp": True, "lora_r": 4}, r"--fsdp with --lora-r is not supported: .* DDP \(drop --fsdp\)"),
+    (1, {"world_size": 2}, r"--world-size 2, but the launcher started 1 process\(es\)"),
+    (1, {"dist_timeout_s": 0}, r"--dist-timeout-s 0: must be > 0"),
+])
+def test_distributed_options_are_refused_before_joining_a_group(setup, tmp_path, monkeypatch, env_world, kw, msg):
+    monkeypatch.setenv("WORLD_SIZE", str(env_world))
+    with pytest.raises(ValueError, match=msg):
+        train(TrainConfig(**_cfg(setup, tmp_path / "x", **kw)))
+    assert not torch.distributed.is_initialized() and not (tmp_path / "x").exists()

@@ -74,35 +74,34 @@ class Dist:
 
 def setup(cfg: TrainConfig) -> Dist:
     """Join the launcher's process group (or reuse one already joined); single process when
-    WORLD_SIZE is unset or 1."""
+    WORLD_SIZE is unset or 1. The options are checked before any process group is joined."""
     global _runs
+    joined = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.dist_timeout_s <= 0:
         raise ValueError(f"--dist-timeout-s {cfg.dist_timeout_s}: must be > 0 (seconds)")
-    _runs += 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():
-        d = Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=False, run=_runs)
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        # env:// reads MASTER_ADDR/PORT, RANK, WORLD_SIZE (torchrun and srun+env set them)
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-        d = Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True, run=_runs)
-    else:
-        d = Dist(run=_runs)
-    if cfg.world_size not in (0, d.world_size):
-        raise ValueError(f"--world-size {cfg.world_size}, but the launcher started {d.world_size} "
+    if cfg.world_size not in (0, world):
+        raise ValueError(f"--world-size {cfg.world_size}, but the launcher started {world} "
                          f"process(es): launch {cfg.world_size} (torchrun --nproc-per-node ...) "
-                         f"or drop --world-size")
-    if cfg.fsdp and not d.enabled:
+                         f"or leave --world-size at 0")
+    if cfg.fsdp and world < 2:
         raise ValueError("--fsdp shards the student across processes: launch with "
                          "`torchrun --nproc-per-node N -m kdcache.cli train ...` (N >= 2), or drop --fsdp")
     if cfg.fsdp and cfg.lora_r > 0:
         raise ValueError("--fsdp with --lora-r is not supported: LoRA adapters are small, "
                          "train them with DDP (drop --fsdp)")
-    return d
+    _runs += 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if joined:
+        return Dist(dist.get_rank(), world, local_rank, owns_group=False, run=_runs)
+    if world <= 1:
+        return Dist(run=_runs)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    # env:// reads MASTER_ADDR/PORT, RANK, WORLD_SIZE (torchrun sets them; so can srun)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True, run=_runs)
 
 
 def teardown(d: Dist) -> None:
