@@ -168,7 +168,7 @@ def worker(spec: dict) -> None:
     tokens = D.sum_int(d, tokens)
     # every rank's medians; the job's step time is the slowest rank's (they wait for it)
     mine = torch.tensor([statistics.median(times), statistics.median(comms), statistics.median(nosync)],
-                        dtype=torch.float64, device=D._comm_device(d))
+                        dtype=torch.float64, device=D.comm_device(d))
     if d.enabled:
         torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
     if d.main:
@@ -203,12 +203,24 @@ def machine() -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def report(rows: list[dict], args, reps: dict) -> str:
+def summarize(runs: dict[int, list[dict]]) -> list[dict]:
+    """Medians over the repetitions of each world size; the exposed communication is the
+    median over repetitions of (step s - no-sync step s), measured in the same job."""
+    rows = []
+    for w, jobs in runs.items():
+        med = {k: statistics.median(r[k] for r in jobs)
+               for k in ("step_s", "tok_s", "allreduce_s", "nosync_step_s", "tokens_per_step")}
+        med["exposed_s"] = statistics.median(r["step_s"] - r["nosync_step_s"] for r in jobs)
+        rows.append({"world": w, "params": jobs[0]["params"], **med})
+    return rows
+
+
+def report(rows: list[dict], args, reps: dict, machine_name: str, when: str, load: str) -> str:
     base = next(r for r in rows if r["world"] == 1)
     lines = [
         "# Trainer data-parallel scaling (DDP under torchrun)", "",
-        f"Machine: **{machine()}**, torch {torch.__version__}, "
-        f"{'NCCL' if torch.cuda.is_available() else 'gloo'}, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.  ",
+        f"Machine: **{machine_name}**, torch {torch.__version__}, "
+        f"{'NCCL' if torch.cuda.is_available() else 'gloo'}, {when}. Load average (1 min) {load}.  ",
         f"Student: `{args.shape}` shape, random init ({base['params'] / 1e6:.1f} M parameters), objective DCKD "
         f"(K={K}), per rank {args.batch_groups} pairs x {args.seq} tokens a step, "
         f"{'gradient checkpointing, ' if args.grad_checkpointing else ''}"
@@ -218,13 +230,32 @@ def report(rows: list[dict], args, reps: dict) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        exposed = max(0.0, r["step_s"] - r["nosync_step_s"]) / r["step_s"]
+        exposed = max(0.0, r["exposed_s"]) / r["step_s"]
         lines.append(f"| {r['world']} | {r['tok_s']:.0f} | {r['tok_s'] / base['tok_s']:.2f}x | {r['step_s']:.3f} | "
                      f"{r['allreduce_s']:.3f} | {r['nosync_step_s']:.3f} | {100 * exposed:.1f}% |")
     lines += ["", "Per repetition (tok/s):", ""]
     for w, vals in reps.items():
         lines.append(f"- {w} process(es): " + ", ".join(f"{v:.0f}" for v in vals))
+    lines += ["", "step s: median wall time of an optimizer step (the slowest rank's); all-reduce: time "
+              "DDP's gradient buckets spend from hand-off to completion (overlaps backward); no-sync: the "
+              "same steps without any all-reduce; exposed comm share: median over repetitions of "
+              "(step s - no-sync s) / step s."]
     return "\n".join(lines) + "\n"
+
+
+def load_average() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+
+
+def write(name: str, runs: dict[int, list[dict]], args, machine_name: str, when: str, load: str) -> str:
+    rows = summarize(runs)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(
+        {"machine": machine_name, "when": when, "load": load, "args": vars(args), "rows": rows,
+         "runs": {str(k): v for k, v in runs.items()}}, indent=2))
+    md = report(rows, args, {w: [r["tok_s"] for r in runs[w]] for w in runs}, machine_name, when, load)
+    (RESULTS / f"{name}.md").write_text(md)
+    return md
 
 
 def main() -> None:
@@ -241,12 +272,22 @@ def main() -> None:
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per process (CPU)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--rerender", metavar="JSON", help="rewrite the .md from a saved .json (no runs)")
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(Path(args.worker).read_text()))
+    name = "distributed" + (f"_{args.tag}" if args.tag else "")
+    if args.rerender:
+        saved = json.loads(Path(args.rerender).read_text())
+        args = argparse.Namespace(**saved["args"])
+        runs = {int(k): v for k, v in saved["runs"].items()}
+        print(write(name, runs, args, saved["machine"], saved.get("when", "n/a"), saved.get("load", "not recorded")))
+        return None
     worlds = [int(w) for w in args.worlds.split(",")]
     if 1 not in worlds:
         worlds = [1, *worlds]
+    when = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+    load = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         steps_groups = (args.warmup + 2 * args.steps) * args.batch_groups
@@ -259,19 +300,7 @@ def main() -> None:
             for w in worlds if rep % 2 == 0 else worlds[::-1]:
                 runs[w].append(launch(w, root / "spec.json", args.threads))
                 print(f"rep {rep} world {w}: {runs[w][-1]['tok_s']:.0f} tok/s", file=sys.stderr)
-    rows = []
-    for w in worlds:
-        med = {k: statistics.median(r[k] for r in runs[w])
-               for k in ("step_s", "tok_s", "allreduce_s", "nosync_step_s", "tokens_per_step")}
-        rows.append({"world": w, "params": runs[w][0]["params"], **med})
-    name = "distributed" + (f"_{args.tag}" if args.tag else "")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"machine": machine(), "args": vars(args), "rows": rows, "runs": {str(k): v for k, v in runs.items()}},
-        indent=2))
-    md = report(rows, args, {w: [r["tok_s"] for r in runs[w]] for w in worlds})
-    (RESULTS / f"{name}.md").write_text(md)
-    print(md)
+    print(write(name, runs, args, machine(), when, f"{load} at start, {load_average()} at end"))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kdcache.store import StreamReader
+
 from .config import TrainConfig
 from .student import base_causal_lm, student_forward
 
@@ -127,8 +129,6 @@ def epoch_budget(store, fields, seed: int, world_size: int) -> Callable[[int], i
     window; taking the minimum keeps every rank on the same step and epoch. The surplus
     groups of the larger ranks are skipped that epoch (a new shard permutation next epoch
     skips others). Computed from the manifest alone: no communication."""
-    from kdcache.store import StreamReader
-
     cache: dict[int, int] = {}
 
     def budget(epoch: int) -> int:
@@ -166,7 +166,7 @@ def agree(d: Dist, what: str, **values: int) -> None:
     another store or checkpoint would otherwise train out of step. Also the first handshake."""
     if not d.enabled:
         return
-    t = torch.tensor(list(values.values()), dtype=torch.int64, device=_comm_device(d))
+    t = torch.tensor(list(values.values()), dtype=torch.int64, device=comm_device(d))
     lo, hi = t.clone(), t.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
@@ -182,7 +182,7 @@ def reduce_metrics(d: Dist, metrics: dict[str, torch.Tensor], tokens: int) -> tu
     if not d.enabled:
         return {k: float(v) for k, v in metrics.items()}, tokens
     keys = sorted(metrics)
-    dev = _comm_device(d)
+    dev = comm_device(d)
     # FSDP's grad_norm is a DTensor (equal on every rank once materialised)
     local = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in metrics.items()}
     t = torch.stack([local[k].detach().to(dev, torch.float64).reshape(()) for k in keys]
@@ -195,14 +195,14 @@ def reduce_metrics(d: Dist, metrics: dict[str, torch.Tensor], tokens: int) -> tu
 def sum_int(d: Dist, value: int) -> int:
     if not d.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=_comm_device(d))
+    t = torch.tensor([value], dtype=torch.int64, device=comm_device(d))
     dist.all_reduce(t)
     return int(t.item())
 
 
 def rank_states(d: Dist, reader) -> list[dict]:
     """Every rank's reader position and RNG state, gathered (all ranks call; all get the list)."""
-    dev = _comm_device(d)
+    dev = comm_device(d)
     mine = _rank_state(reader)
     if not d.enabled:
         return [mine]
@@ -243,7 +243,8 @@ def restore_rank_state(d: Dist, state: dict, reader) -> None:
             torch.cuda.set_rng_state(mine["cuda_rng"])
 
 
-def _comm_device(d: Dist) -> torch.device:
+def comm_device(d: Dist) -> torch.device:
+    """Where collective inputs must live: the GPU under NCCL, else the CPU."""
     return d.device() if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
