@@ -354,10 +354,17 @@ def _rollout(cfg) -> str:
     return run_rollout(cfg)
 
 
-def _train(cfg) -> str:
+def _train(cfg) -> str | None:
+    from kdcache.train.distributed import PeerFailure
     from kdcache.train.trainer import train
 
-    res = train(cfg)
+    try:
+        res = train(cfg)
+    except PeerFailure as e:  # another rank died or hung: one line naming it, exit 1
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    if res.rank != 0:  # under torchrun only rank 0 prints the result
+        return None
     typer.echo(f"{res.steps} steps, {res.tokens} tokens, {res.seconds:.1f}s, "
                f"final loss {res.final_loss:.4f}", err=True)
     return str(Path(res.out) / "model")

@@ -5,6 +5,12 @@ and `training_state.pt` (optimizer, scheduler, RNG, reader position, step, token
 It is written to a temporary directory and renamed into place, so a kill at any moment
 leaves either the previous checkpoint or the new one. `out/model/` is the final student as
 a plain HF directory (LoRA merged).
+
+Distributed runs (train/distributed.py): rank 0 writes; `training_state.pt` also holds
+`world_size` and `ranks` (every rank's reader position and RNG state, gathered). Under
+--fsdp the weights and optimizer state are sharded: every rank writes its shards with
+torch.distributed.checkpoint into `last/dcp/` (no HF weights in `last/`), and the final
+`out/model/` is gathered to rank 0 and written as HF safetensors.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ STATE_FILE = "training_state.pt"
 LAST, MODEL = "last", "model"
 
 # options that may change between a run and its resumption without changing what it computes
-RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard"}
+RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard", "dist_timeout_s"}
 
 
 def set_seed(seed: int) -> None:
@@ -61,6 +67,14 @@ def check_same_run(cfg: TrainConfig, out: Path) -> None:
 
     saved = yaml.safe_load((out / LAST / "config.yaml").read_text()) or {}
     now = cfg.to_dict()
+    ws = int(saved.get("world_size") or 1)  # runs saved before world_size existed had one process
+    if now.get("world_size") and ws != now["world_size"]:
+        # which shards a rank reads depends on the world size: the order cannot continue
+        raise ValueError(
+            f"{out / LAST} was saved by a {ws}-process run and this run has {now['world_size']}: "
+            f"resume with {ws} processes (torchrun --nproc-per-node/--nnodes so that "
+            f"WORLD_SIZE={ws}), or start over with --no-resume or a new --out"
+        )
     diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k, now[k]) != now[k])
     if diff:
         raise ValueError(
@@ -76,23 +90,39 @@ def load_state(out: Path) -> dict:
 
 def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, reader, step: int,
                     tokens: int, cfg: TrainConfig, seconds: float = 0.0,
-                    loss: float = float("nan")) -> Path:
-    """HF-loadable weights + training state, written to a temp dir and renamed into place."""
-    final = out / LAST
+                    loss: float = float("nan"), ranks: list[dict] | None = None) -> Path:
+    """HF-loadable weights + training state, written to a temp dir and renamed into place.
+    `ranks`: every rank's reader/RNG state in a distributed run (rank 0 calls this)."""
     tmp = out / f".last-tmp-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    state = _state(optimizer.state_dict(), scheduler, reader, step, tokens, seconds, loss, ranks)
+    return _commit(out, tmp, state, cfg)
+
+
+def _state(optimizer_state: dict | None, scheduler, reader, step: int, tokens: int, seconds: float,
+           loss: float, ranks: list[dict] | None) -> dict:
     state = {
         "step": step,
         "tokens": tokens,
         "seconds": seconds,
         "loss": loss,
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "reader": reader.state_dict(),
+        "world_size": len(ranks) if ranks else 1,
     }
+    if optimizer_state is not None:  # under FSDP it is sharded in last/dcp
+        state["optimizer"] = optimizer_state
+    if ranks and len(ranks) > 1:
+        state["ranks"] = ranks
+    return state
+
+
+def _commit(out: Path, tmp: Path, state: dict, cfg: TrainConfig) -> Path:
+    """Write the state and config into `tmp`, then swap it in as `out/last`."""
+    final = out / LAST
     torch.save(state, tmp / STATE_FILE)
     cfg.save(tmp / "config.yaml")
     old = out / ".last-old"
@@ -118,6 +148,60 @@ def export_model(out: Path, model, tokenizer) -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+    return dest
+
+
+def save_sharded_checkpoint(out: Path, d, module, tokenizer, optimizer, scheduler, reader, step: int,
+                            tokens: int, cfg: TrainConfig, seconds: float, loss: float,
+                            ranks: list[dict]) -> Path:
+    """FSDP: every rank writes its shards of weights and optimizer state with
+    torch.distributed.checkpoint; rank 0 adds the rest and swaps the directory in. All ranks
+    call this; it returns when the checkpoint is complete everywhere."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from .distributed import barrier
+
+    tmp = out / f".last-tmp-{step}"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    if d.main:
+        tokenizer.save_pretrained(tmp)
+        _commit(out, tmp, _state(None, scheduler, reader, step, tokens, seconds, loss, ranks), cfg)
+    barrier(d)
+    return out / LAST
+
+
+def load_sharded(out: Path, module, optimizer) -> None:
+    """FSDP resume: each rank reads its shards of weights and optimizer state from last/dcp."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    sd = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(sd, checkpoint_id=str(out / LAST / "dcp"))
+    set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+
+
+def export_sharded(out: Path, d, module, model, tokenizer) -> Path:
+    """FSDP: gather the full weights to rank 0 (on CPU) and write out/model as HF
+    safetensors, loadable with from_pretrained. All ranks call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dest = out / MODEL
+    if d.main:
+        prefix = "model."  # the keys of StudentForward.model
+        sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        tmp = out / ".model-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
     return dest
 
 

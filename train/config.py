@@ -119,6 +119,16 @@ class TrainConfig:
     tensorboard: bool = field(default=False, metadata={"help": "also log to <out>/tb (needs tensorboard)", "panel": "Run"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr (only on a terminal)", "panel": "Run"})
 
+    # distributed: torchrun / srun (docs/DISTRIBUTED.md)
+    world_size: int = field(default=0, metadata={
+        "help": "processes; 0: the launcher's WORLD_SIZE (torchrun). Saved resolved: a resume needs the same",
+        "panel": "Distributed"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun: shard params, grads and optimizer state per decoder layer (FSDP2) instead of DDP",
+        "panel": "Distributed"})
+    dist_timeout_s: int = field(default=1800, metadata={
+        "help": "seconds a collective may wait before the job fails (a lost or hung rank)", "panel": "Distributed"})
+
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -11,13 +11,20 @@ from .config import TrainConfig
 from .objectives import OBJECTIVE_SPECS, select_records
 
 
-def group_stream(reader) -> Iterator[list[dict]]:
-    """Groups forever: epoch after epoch, the reader reshuffling from (seed, epoch)."""
+def group_stream(reader, epoch_groups: Callable[[int], int] | None = None) -> Iterator[list[dict]]:
+    """Groups forever: epoch after epoch, the reader reshuffling from (seed, epoch).
+
+    `epoch_groups(epoch)`: take at most that many groups from an epoch, then move on (under
+    DDP every rank takes the same number, so ranks cross epoch boundaries together)."""
     while True:
         produced = False
-        for group in reader:
-            produced = True
-            yield group
+        limit = None if epoch_groups is None else epoch_groups(reader.epoch)
+        if limit is None or reader.consumed < limit:
+            for group in reader:
+                produced = True
+                yield group
+                if limit is not None and reader.consumed >= limit:
+                    break
         if not produced and reader.consumed == 0:
             raise ValueError("the store yielded no groups: it is empty or holds no committed shard")
         reader.set_epoch(reader.epoch + 1)

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .batch import SeqBatch
 from .config import TrainConfig
+from .distributed import StudentForward
 from .objectives import OBJECTIVE_SPECS
 from .student import student_forward
 
@@ -47,7 +49,10 @@ def forward_loss(model, batch: SeqBatch, cfg: TrainConfig, step: int,
     """The objective's loss on one micro-batch (student forward under autocast; the loss
     itself in the gathered float32 log-probs)."""
     with precision.autocast():
-        student = student_forward(model, batch, cfg.chunk_size)
+        # a DDP/FSDP-wrapped student (train/distributed.py) must be called through its own
+        # __call__, where gradient sync is set up: it takes the batch itself
+        wrapped = isinstance(model, (DistributedDataParallel, StudentForward))
+        student = model(batch) if wrapped else student_forward(model, batch, cfg.chunk_size)
     return OBJECTIVE_SPECS[cfg.objective].loss(student, batch, cfg, step)
 
 

@@ -4,15 +4,19 @@ setup (store, student, optimizer) -> stream groups -> `next_batches` -> `train_s
 (forward, loss, backward, clip, optimizer step: train/step.py) -> log / checkpoint.
 Resume restores model, optimizer, scheduler, RNG and the reader position, so a run stopped
 after ANY step and resumed ends bitwise identical to an uninterrupted one on CPU.
+Under torchrun the same loop runs on every rank (train/distributed.py: DDP or FSDP2, rank 0
+logs and saves, every rank takes the same number of steps).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +24,18 @@ import torch
 
 from kdcache.store import StreamReader, open_store
 
+from . import distributed as D
 from .checkpoint import (
     LAST,
     MODEL,
     check_same_run,
     export_model,
+    export_sharded,
     has_checkpoint,
+    load_sharded,
     load_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
     set_seed,
     truncate_metrics,
@@ -50,6 +58,7 @@ class TrainResult:
     tokens: int
     seconds: float  # training time of the whole run, summed over its resumed segments
     final_loss: float
+    rank: int = 0  # under torchrun only rank 0 reports (the CLI prints nothing on other ranks)
 
 
 def resolve_store(cfg: TrainConfig):
@@ -90,9 +99,19 @@ def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
         )
 
 
-def total_steps(cfg: TrainConfig, n_groups: int) -> int:
+def total_steps(cfg: TrainConfig, n_groups: int, epoch_groups: Callable[[int], int] | None = None) -> int:
+    """Optimizer steps of the run. `epoch_groups(e)`: groups each rank takes from epoch e
+    (distributed runs); a step is `batch_groups x grad_accum` groups on every rank."""
     per_step = cfg.batch_groups * cfg.grad_accum
-    return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n_groups / per_step))
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    if epoch_groups is None:
+        return max(1, math.ceil(cfg.epochs * n_groups / per_step))
+    full = int(cfg.epochs)
+    groups = sum(epoch_groups(e) for e in range(full))
+    if cfg.epochs > full:
+        groups += (cfg.epochs - full) * epoch_groups(full)
+    return max(1, math.ceil(groups / per_step))
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
@@ -100,86 +119,143 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
 
     Everything that can be refused (options, store, student, their match) is checked before
     the output directory is touched; a run that fails before its first checkpoint removes
-    what it wrote, so a failed command leaves nothing behind."""
+    what it wrote, so a failed command leaves nothing behind. Under torchrun every rank calls
+    this; an error on one rank makes the others fail promptly, naming it (PeerFailure)."""
     cfg.validate()
+    d = D.setup(cfg)
+    try:
+        with D.rank_logging(d):
+            return _train(dataclasses.replace(cfg, world_size=d.world_size), d, stop_after)
+    except BaseException as e:
+        out = Path(cfg.out)
+        hint = (f"{out / LAST} is intact: run the same command again to resume from it"
+                if has_checkpoint(out) else "no checkpoint was written: run the command again")
+        failure = D.explain_failure(d, e, hint)
+        if failure is not None:
+            raise failure from e
+        raise
+    finally:
+        D.teardown(d)
+
+
+def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     out = Path(cfg.out)
     resuming = cfg.resume and has_checkpoint(out)
     if resuming:
         check_same_run(cfg, out)
     store = resolve_store(cfg)
-    total = total_steps(cfg, store.num_groups)
+    budget = None
+    if d.enabled:  # every rank takes the same number of groups from each epoch
+        budget = D.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
+        D.check_budget(store, cfg.store, budget, d.world_size)
+    total = total_steps(cfg, store.num_groups, budget)
     state = load_state(out) if resuming else None
+    D.agree(d, "the step count and the resume step", total=total, start=state["step"] if state else 0)
     if state is not None:
         if state["step"] >= total and (out / MODEL).exists():  # finished: nothing to do
             return TrainResult(str(out), state["step"], state["tokens"], float(state.get("seconds", 0.0)),
-                               float(state.get("loss", float("nan"))))
+                               float(state.get("loss", float("nan"))), d.rank)
     set_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if resuming:
+    device = d.device()
+    if resuming and not cfg.fsdp:  # under FSDP the weights are in last/dcp, loaded after sharding
         model, tokenizer = _load_resumed(cfg, device)
     else:
         model, tokenizer = load_student(cfg, device)
     _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0])
+    if d.main:
+        per_rank = cfg.batch_groups * cfg.grad_accum
+        log.info("effective batch: %d groups per optimizer step = %d per micro-batch x %d micro-batches "
+                 "x %d process(es); %d steps", per_rank * d.world_size, cfg.batch_groups, cfg.grad_accum,
+                 d.world_size, total)
+        if budget is not None and D.skipped_share(store, budget, d.world_size) > 0:
+            log.info("each rank takes %d groups per epoch (the least any rank holds): %.1f%% of the "
+                     "store's groups sit out epoch 0", budget(0), 100 * D.skipped_share(store, budget, d.world_size))
 
     created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")  # the resolved config, saved with every run
-        return _loop(cfg, out, store, model, tokenizer, device, total, state, stop_after)
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+            cfg.save(out / "config.yaml")  # the resolved config, saved with every run
+            with (out / "config.yaml").open("a") as f:
+                f.write(f"# effective batch: {cfg.batch_groups * cfg.grad_accum * d.world_size} groups per "
+                        f"optimizer step = batch_groups x grad_accum x world_size\n")
+        return _loop(cfg, out, store, model, tokenizer, device, total, state, stop_after, d, budget)
     except BaseException:
-        if not has_checkpoint(out):  # nothing to resume from: leave nothing behind
+        if d.main and not has_checkpoint(out):  # nothing to resume from: leave nothing behind
             _remove_run_files(out, created)
         raise
 
 
 def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: int,
-          state: dict | None, stop_after: int | None) -> TrainResult:
+          state: dict | None, stop_after: int | None, d: D.Dist,
+          budget: Callable[[int], int] | None) -> TrainResult:
     spec = OBJECTIVE_SPECS[cfg.objective]
-    reader = StreamReader(store, fields=list(spec.fields), shuffle=True, seed=cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    reader = StreamReader(store, fields=list(spec.fields), shuffle=True, seed=cfg.seed,
+                          rank=d.rank, world_size=d.world_size)
+    precision = Precision.for_run(cfg, device)
+    step_model = D.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
+    params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
     optimizer = make_optimizer(cfg, params)
     scheduler = make_scheduler(cfg, optimizer, total)
-    precision = Precision.for_run(cfg, device)
-    step, tokens, prior_s, last_loss = 0, 0, 0.0, float("nan")
+    step, tokens, pending, prior_s, last_loss = 0, 0, 0, 0.0, float("nan")
     metrics_path = out / METRICS
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:
+            load_sharded(out, step_model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        reader.load_state_dict(state["reader"])
-        set_rng_state(state["rng"])
+        D.restore_rank_state(d, state, reader)  # this rank's reader (and RNG on ranks > 0)
+        if d.main:
+            set_rng_state(state["rng"])
         step, tokens, prior_s = state["step"], state["tokens"], float(state.get("seconds", 0.0))
         last_loss = float(state.get("loss", float("nan")))
-        truncate_metrics(metrics_path, step)
+        if d.main:
+            truncate_metrics(metrics_path, step)
         log.info("resumed %s at step %d", out / LAST, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    else:
+        D.seed_rank(d, cfg.seed)
+        if d.main and metrics_path.exists():
+            metrics_path.unlink()
 
-    tb = _tensorboard(out) if cfg.tensorboard else None
+    tb = _tensorboard(out) if cfg.tensorboard and d.main else None
     pad_id = tokenizer.pad_token_id or 0
     betas = tuple(store.meta.betas)
     model.train()
-    groups = group_stream(reader)
+    groups = group_stream(reader, budget)
     t0, tokens0, saved_at = time.perf_counter(), tokens, step
     metrics: dict[str, torch.Tensor] = {}
-    progress = _progress(cfg, total, step)
+    progress = _progress(cfg, total, step) if d.main else None
 
     def checkpoint() -> None:
-        save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
-                        prior_s + time.perf_counter() - t0, last_loss)
+        nonlocal tokens, pending
+        tokens, pending = tokens + D.sum_int(d, pending), 0
+        ranks = D.rank_states(d, reader) if d.enabled else None
+        seconds = prior_s + time.perf_counter() - t0
+        if cfg.fsdp:
+            save_sharded_checkpoint(out, d, step_model, tokenizer, optimizer, scheduler, reader, step,
+                                    tokens, cfg, seconds, last_loss, ranks)
+            return
+        if d.main:
+            save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
+                            seconds, last_loss, ranks)
+        D.barrier(d)  # nobody goes on before the checkpoint is complete
 
     while step < total and (stop_after is None or step < stop_after):
         batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device)
-        metrics = train_step(model, optimizer, scheduler, params, batches, cfg, step, precision)
+        metrics = train_step(step_model, optimizer, scheduler, params, batches, cfg, step, precision)
         step += 1
-        tokens += step_tokens
+        pending += step_tokens  # this rank's; summed over ranks when logged or saved
         if step % cfg.log_every == 0 or step == total:
-            row = {k: float(v) for k, v in metrics.items()}  # the one device sync per log row
+            row, new = D.reduce_metrics(d, metrics, pending)  # the one device sync per log row
+            tokens, pending = tokens + new, 0
             last_loss = row["loss"]
             elapsed = time.perf_counter() - t0
             row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                    "tokens_per_s": (tokens - tokens0) / max(elapsed, 1e-9), **row}
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            if d.main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
             if tb is not None:
                 for k, v in row.items():
                     tb.add_scalar(f"train/{k}", v, step)
@@ -191,13 +267,19 @@ def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: i
     if progress is not None:
         progress.close()
     if metrics:
-        last_loss = float(metrics["loss"])
-    if saved_at != step or not has_checkpoint(out):
+        last_loss = D.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
+    tokens, pending = tokens + D.sum_int(d, pending), 0
+    # rank 0 decides (its view of out/ is the one that counts when --out is not shared)
+    if D.sum_int(d, int(saved_at != step or not has_checkpoint(out)) if d.main else 0):
         checkpoint()
     seconds = prior_s + time.perf_counter() - t0
     if step >= total:
-        export_model(out, model, tokenizer)
-    return TrainResult(str(out), step, tokens, seconds, last_loss)
+        if cfg.fsdp:
+            export_sharded(out, d, step_model, model, tokenizer)
+        elif d.main:
+            export_model(out, model, tokenizer)
+        D.barrier(d)
+    return TrainResult(str(out), step, tokens, seconds, last_loss, d.rank)
 
 
 def _remove_run_files(out: Path, created: bool) -> None:
