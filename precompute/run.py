@@ -37,6 +37,7 @@ from .models import (
     tokenizer_fingerprint,
     verify_head,
 )
+from .scoring import REF_MODES
 from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
 
 log = logging.getLogger("kdcache.precompute")
@@ -65,7 +66,9 @@ class PrecomputeConfig:
     tokenizer: str | None = None  # tokenizer dir; default: the teacher's (needed if teacher=None)
     k: int = 50
     betas: list[float] = field(default_factory=lambda: [1.0])
-    ref_mode: str = "exact"  # "exact" (gather at DPO ids) | "paper" (ADPA's approximation)
+    # "exact" (gather at DPO ids) | "paper" (ADPA's approximation) | "paper-dpo-floor" (that
+    # approximation as the ADPA authors' released data pipeline builds it, METHODS §2)
+    ref_mode: str = "exact"
     # data (see precompute/data.py)
     kind: str = "auto"  # preference | sft | auto
     max_length: int | None = 2048
@@ -109,6 +112,8 @@ class PrecomputeConfig:
                              "tokenizer=<a model or tokenizer directory>")
         if self.k < 1:
             raise ValueError(f"PrecomputeConfig.k must be >= 1, got {self.k}")
+        if self.ref_mode not in REF_MODES:
+            raise ValueError(f"--ref-mode {self.ref_mode!r}: use one of {', '.join(REF_MODES)}")
         if self.partition is not None:
             i, n = self.partition
             if not 0 <= i < n:

@@ -48,12 +48,20 @@ class TrainConfig:
     # objectives (METHODS.md §2)
     kd_mode: str = "renorm"  # renorm | tail
     kd_divergence: str = "forward"  # forward | reverse | jsd
-    dckd_alpha: float = 0.2
-    adpa_gamma: float = 3.0
-    adpa_reference_code: bool = False  # the authors' released code, not Eq. 10: adv clamped to [0,1], token mean
+    # A method's released-code variant (the authors' public trainer, METHODS §2) has its own
+    # weights; None = the published default of the variant in use (docs/LOSSES.md).
+    dckd_alpha: float | None = None  # Eq. 7's α (paper form); None: 0.2
+    dckd_reference_code: bool = False  # released-code DCKD: (K+1)-bucket KL, clamps, token means
+    dckd_sft_weight: float | None = None  # released-code DCKD's SFT weight; None: 1
+    dckd_chosen_weight: float | None = None  # released-code DCKD's KL weight on y_w; None: 0.1 (1 × 0.1)
+    dckd_rejected_weight: float | None = None  # released-code DCKD's KL weight on y_l; None: 0.1
+    adpa_gamma: float | None = None  # Eq. 10's γ (paper form); None: 3.0
+    adpa_reference_code: bool = False  # released-code ADPA: probabilities and advantages clamped to [1e-8, 1-1e-8], token means
+    adpa_weight: float | None = None  # released-code ADPA's advantage weight w; None: 1.6
     tvkd_alpha: float = 0.7
     tvkd_beta: float = 2.0  # which stored soft-value β to use
     tvkd_beta_s: float = 1.0
+    tvkd_gamma: float = 1.0  # discount in the shaping ψ = γ·V(s_{t+1}) − V(s_t); 1 is the paper's
     tvkd_maxent: bool = False
     dpo_beta: float = 0.1
     dpo_nll: float = 0.0  # >0: add w·NLL(y_w)/|y_w| (RPO, Pang et al. 2024); keeps DPO from only pushing y_l down
@@ -85,12 +93,35 @@ class TrainConfig:
             raise ValueError(f"--weights-dtype {self.weights_dtype!r}: use auto, fp32 or bf16")
         if self.batch_groups < 1 or self.grad_accum < 1:
             raise ValueError("--batch-groups and --grad-accum must be >= 1")
+        check_variant_weights(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# For each method with a released-code variant: (switch, the paper form's weights, the
+# released variant's weights). A weight of the variant not in use would be silently ignored.
+VARIANT_WEIGHTS = (
+    ("adpa_reference_code", ("adpa_gamma",), ("adpa_weight",)),
+    ("dckd_reference_code", ("dckd_alpha",), ("dckd_sft_weight", "dckd_chosen_weight", "dckd_rejected_weight")),
+)
+
+
+def check_variant_weights(cfg: TrainConfig) -> None:
+    for switch, paper, released in VARIANT_WEIGHTS:
+        on = getattr(cfg, switch)
+        unused = [n for n in (paper if on else released) if getattr(cfg, n) is not None]
+        if unused:
+            flag = "--" + switch.replace("_", "-")
+            use = ", ".join(released if on else paper)
+            raise ValueError(
+                f"{unused[0]} is a weight of the {'paper form' if on else 'released-code variant'}, "
+                f"not used {'with' if on else 'without'} {flag}: set {use} instead"
+                + ("" if on else f", or add {flag}")
+            )
 
 
 def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
