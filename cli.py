@@ -59,8 +59,10 @@ def _coerce(tp, value):
     return value
 
 
-def config_command(name: str, cls, run: Callable, help: str, extra: dict | None = None):
-    """Register `kdcache NAME` with one --flag per field of dataclass `cls`."""
+def config_command(name: str, cls, run: Callable, help: str, extra: dict | None = None,
+                   layer: Callable[[dict], dict] | None = None):
+    """Register `kdcache NAME` with one --flag per field of dataclass `cls` (its help from the
+    field's `help` metadata). `layer(values)` may add values below the file and the flags."""
     hints = typing.get_type_hints(cls)
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
                                 default=typer.Option(None, "--config", "-c", help="YAML file of these options"))]
@@ -69,7 +71,8 @@ def config_command(name: str, cls, run: Callable, help: str, extra: dict | None 
         flag = "--" + f.name.replace("_", "-")
         decl = f"{flag}/--no-{f.name.replace('_', '-')}" if tp is bool else flag
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
-                                        default=typer.Option(None, decl, show_default=False)))
+                                        default=typer.Option(None, decl, show_default=False,
+                                                             help=f.metadata.get("help"))))
 
     def command(**kwargs):
         path = kwargs.pop("config")
@@ -83,6 +86,8 @@ def config_command(name: str, cls, run: Callable, help: str, extra: dict | None 
             raise typer.BadParameter(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
         values.update({k: _coerce(hints[k], v) for k, v in kwargs.items() if v is not None})
         values = {k: _coerce(hints[k], v) for k, v in values.items()}
+        if layer is not None:
+            values = _friendly(layer, values)
         try:
             cfg = cls(**values)
         except TypeError as e:
@@ -145,13 +150,15 @@ def _register() -> None:
     from kdcache.precompute.run import PrecomputeConfig
     from kdcache.train.config import TrainConfig
     from kdcache.train.eval import EvalConfig
+    from kdcache.train.recipe import with_recipe
 
     config_command("precompute", PrecomputeConfig, _precompute,
                    "Score a dataset or a rollout store with the DPO teacher and its reference; write a store.")
     config_command("rollout", RolloutConfig, _rollout,
                    "Sample N responses per prompt with behavior log-probs (and rewards); write a store.")
     config_command("train", TrainConfig, _train,
-                   "Train a student from a store (sft, seqkd, kd, dckd, adpa, tvkd, dpo, tgpo, pbsd).")
+                   "Train a student from a store (sft, seqkd, kd, dckd, adpa, tvkd, dpo, tgpo, pbsd).",
+                   layer=with_recipe)
     config_command("eval", EvalConfig, _eval,
                    "Reward accuracy, top-K KL to the teacher and a rule reward on an eval store.")
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from .recipe import RECIPE_HELP, with_recipe
+
 OBJECTIVES = ("sft", "seqkd", "kd", "dckd", "adpa", "tvkd", "dpo", "tgpo", "pbsd")
 
 
@@ -17,6 +19,8 @@ class TrainConfig:
     store: str = ""  # store URL, path or content key under store_root
     out: str = "runs/student"
     objective: str = "sft"
+    # a paper's published setting (train/recipes/NAME.yaml); its values sit below --config and flags
+    recipe: str = field(default="", metadata={"help": RECIPE_HELP})
     store_root: str = ""  # where content keys are resolved
 
     # optimisation
@@ -125,7 +129,8 @@ def check_variant_weights(cfg: TrainConfig) -> None:
 
 
 def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """Config file values, then explicit overrides (CLI flags the user actually set)."""
+    """Layers, lowest first: the recipe (named by the file or a flag), the config file, then
+    explicit overrides (CLI flags the user actually set)."""
     values: dict = {}
     if path:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
@@ -133,6 +138,7 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
             raise ValueError(f"{path}: a config file must be a YAML mapping of TrainConfig fields")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    values = with_recipe(values)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
