@@ -28,7 +28,8 @@ def test_train_flags_mirror_the_dataclass():
 def test_config_file_then_flags(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "_train", lambda cfg: seen.setdefault("cfg", cfg))
-    cli.app.registered_commands[:] = [c for c in cli.app.registered_commands if c.name != "train"]
+    # a fresh list, restored after the test: the re-registered command must not leak into others
+    monkeypatch.setattr(cli.app, "registered_commands", [c for c in cli.app.registered_commands if c.name != "train"])
     cli.config_command("train", TrainConfig, lambda cfg: cli._train(cfg), "train")
     f = tmp_path / "c.yaml"
     f.write_text("model: m\nstore: s\nobjective: dckd\nlr: 0.5\nlora_targets: [q_proj]\n")
