@@ -49,6 +49,8 @@ CONFIG_COMMANDS = {
              "Reward accuracy, top-K KL to the teacher and a rule reward on an eval store; "
              "print them as JSON and save eval.json/eval.csv next to the run."),
 }
+# Values a config command takes below its --config file and flags: `kdcache train --recipe`.
+CONFIG_LAYERS = {"train": "kdcache.train.recipe:with_recipe"}
 
 
 class _Placeholder(TyperCommand):
@@ -246,6 +248,9 @@ def make_config(name: str, cls, path: Path | None, flags: dict):
     values.update({k: _parse(f"--{k.replace('_', '-')}", hints[k], v, about[k])
                    for k, v in flags.items() if v is not None})
     _refuse_memory(values)
+    if name in CONFIG_LAYERS:  # values below the file and the flags (e.g. a training recipe)
+        module, _, attr = CONFIG_LAYERS[name].partition(":")
+        values = getattr(importlib.import_module(module), attr)(values)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -477,7 +482,8 @@ def demo(out: Path = typer.Option(Path("kdcache-demo"), "--out", "-o", help="art
 
 
 # --------------------------------------------------------------------------- the demo
-DEMO_METHODS = ("sft", "seqkd", "dckd", "adpa", "adpa-code", "adpa+", "tvkd", "dpo", "tgpo", "pbsd")
+DEMO_METHODS = ("sft", "seqkd", "dckd", "dckd-code", "adpa", "adpa-code", "adpa+", "tvkd", "tvkd-g0.7",
+                "tvkd-a0", "dpo", "tgpo", "pbsd")
 # Sequence-margin objectives (DPO, TVKD, PBSD) are run at a lower learning rate than the
 # token-level ones, as is customary: at 1e-3 they push y_l's likelihood down without bound.
 PREF_LR = 2e-4
@@ -740,18 +746,21 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
             stores[m], models[m] = [roll], d.train(m, student0, roll, "seqkd", steps)
         elif m == "dckd":
             stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_alpha=0.2)
+        elif m == "dckd-code":  # the released-code variant: (K+1)-bucket KL, clamps, token means
+            stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_reference_code=True)
         elif m == "adpa":
             models[m], stores[m] = adpa_from(d, student0, teacher, ref, prompts, steps, 2)
-        elif m == "adpa-code":  # the authors' released code: adv clamped to [0, 1], token mean
+        elif m == "adpa-code":  # the released-code variant: clamps, token means, weight 1.6
             models[m], stores[m] = adpa_from(d, student0, teacher, ref, prompts, steps, 2,
                                              {"adpa_reference_code": True}, name=m)
         elif m == "adpa+":
             models[m], stores[m] = adpa_plus(d, student0, teacher, ref, str(d.data["pref"]), prompts,
                                              steps, steps, 2, {"dckd_alpha": 0.2})
             stores[m].insert(0, pref)
-        elif m == "tvkd":
-            stores[m], models[m] = [pref], d.train(m, student0, pref, "tvkd", steps, tvkd_beta=2.0,
-                                                   tvkd_alpha=0.7, lr=PREF_LR)
+        elif m.startswith("tvkd"):  # γ = 1 (the paper), γ = 0.7 (discounted), α = 0 (no shaping)
+            shaping = {"tvkd": {}, "tvkd-g0.7": {"tvkd_gamma": 0.7}, "tvkd-a0": {"tvkd_alpha": 0.0}}[m]
+            stores[m], models[m] = [pref], d.train(m, student0, pref, "tvkd", steps, lr=PREF_LR,
+                                                   **{"tvkd_beta": 2.0, "tvkd_alpha": 0.7, **shaping})
         elif m == "dpo":
             own = d.precompute(data=str(d.data["pref"]), teacher=student0, reference=student0)
             stores[m], models[m] = [own], d.train(m, student0, own, "dpo", steps, dpo_beta=0.1, lr=PREF_LR)

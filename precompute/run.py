@@ -37,6 +37,7 @@ from .models import (
     tokenizer_fingerprint,
     verify_head,
 )
+from .scoring import REF_MODES
 from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
 
 log = logging.getLogger("kdcache.precompute")
@@ -75,8 +76,12 @@ class PrecomputeConfig:
         metadata={"help": "teacher top-K entries stored per token", "panel": "Essentials"})
     betas: list[float] = field(default_factory=lambda: [1.0],
         metadata={"help": "soft-value temperatures beta (TVKD), comma-separated", "panel": "Signals"})
+    # "exact" (gather at DPO ids) | "paper" (ADPA's approximation) | "paper-dpo-floor" (that
+    # approximation as the ADPA authors' released data pipeline builds it, METHODS §2)
     ref_mode: str = field(default="exact",
-        metadata={"help": "reference log-probs at the teacher's top-K: exact gather, or ADPA's paper approximation", "panel": "Signals", "choices": ("exact", "paper")})
+        metadata={"help": "reference log-probs at the teacher's top-K: exact gather, ADPA's paper "
+                          "approximation, or that approximation with the released pipeline's floor",
+                  "panel": "Signals", "choices": REF_MODES})
     # data (see precompute/data.py)
     kind: str = field(default="auto",
         metadata={"help": "dataset kind; auto: preference if it has chosen/rejected, else SFT", "panel": "Data", "choices": ("auto", "preference", "sft")})
@@ -145,6 +150,8 @@ class PrecomputeConfig:
                              "tokenizer=<a model or tokenizer directory>")
         if self.k < 1:
             raise ValueError(f"PrecomputeConfig.k must be >= 1, got {self.k}")
+        if self.ref_mode not in REF_MODES:
+            raise ValueError(f"--ref-mode {self.ref_mode!r}: use one of {', '.join(REF_MODES)}")
         if self.partition is not None:
             i, n = self.partition
             if not 0 <= i < n:

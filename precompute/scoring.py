@@ -22,6 +22,9 @@ from torch import Tensor
 
 # Scratch budget for one chunk of float32 logits plus its temporaries (~3 copies).
 DEFAULT_CHUNK_BYTES = 1 << 30
+# how ref_topk_logprobs is filled: the exact gather at the DPO ids, the ADPA paper's
+# approximation, or the approximation as the ADPA authors' released data pipeline builds it
+REF_MODES = ("exact", "paper", "paper-dpo-floor")
 
 
 @dataclass
@@ -127,8 +130,9 @@ def score_chunked(
     teacher's top-K ids and at the target. Returns float32 tensors on `hidden.device`:
     lse [N], topk_ids [N,K] int64 (descending), topk_logprobs [N,K], token_logprob [N],
     soft_value [N,B], topk_mass [N]; with a reference: ref_lse [N], ref_topk_logprobs [N,K],
-    ref_token_logprob [N]; with ref_mode="paper" also ref_paper_abs_err [N] (the mean over K
-    of |paper approximation - exact|, the approximation being what ref_topk_logprobs holds).
+    ref_token_logprob [N]; with ref_mode "paper" or "paper-dpo-floor" also ref_paper_abs_err [N]
+    (the mean over K of |approximation - exact|, the approximation being what
+    ref_topk_logprobs holds).
     """
     head = _as_head(lm_head)
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
@@ -142,8 +146,8 @@ def score_chunked(
     betas = [float(b) for b in betas]
     if not betas or any(not (b > 0 and math.isfinite(b)) for b in betas):
         raise ValueError(f"betas must be a non-empty list of positive numbers, got {betas}")
-    if ref_mode not in ("exact", "paper"):
-        raise ValueError(f"ref_mode must be 'exact' or 'paper', got {ref_mode!r}")
+    if ref_mode not in REF_MODES:
+        raise ValueError(f"ref_mode must be one of {', '.join(REF_MODES)}, got {ref_mode!r}")
     has_ref = ref_hidden is not None or ref_lm_head is not None
     if has_ref:
         if ref_hidden is None or ref_lm_head is None:
@@ -171,7 +175,7 @@ def score_chunked(
         out["ref_lse"] = torch.empty(n, **f32)
         out["ref_topk_logprobs"] = torch.empty(n, k, **f32)
         out["ref_token_logprob"] = torch.empty(n, **f32)
-        if ref_mode == "paper":
+        if ref_mode != "exact":
             out["ref_paper_abs_err"] = torch.empty(n, **f32)
     targets = targets.to(dev)
 
@@ -205,8 +209,9 @@ def score_chunked(
                 out["ref_lse"][s:e] = lse_r
                 tok_r = zr.gather(1, tgt_idx).squeeze(1) - lse_r
                 out["ref_token_logprob"][s:e] = torch.where(has_tgt, tok_r, nan)
-                if ref_mode == "paper":
-                    approx = _paper_ref_approx(zr, lse_r, ids, k)
+                if ref_mode != "exact":
+                    floor = "dpo" if ref_mode == "paper-dpo-floor" else "reference"
+                    approx = _paper_ref_approx(zr, lse_r, ids, k, floor, topk_lp)
                     out["ref_paper_abs_err"][s:e] = (approx - ref_at_ids).abs().mean(-1)
                     out["ref_topk_logprobs"][s:e] = approx
                 else:
@@ -215,16 +220,26 @@ def score_chunked(
     return out
 
 
-def _paper_ref_approx(zr: Tensor, lse_r: Tensor, dpo_ids: Tensor, k: int) -> Tensor:
+def _paper_ref_approx(zr: Tensor, lse_r: Tensor, dpo_ids: Tensor, k: int,
+                      floor: str = "reference", dpo_lp: Tensor | None = None) -> Tensor:
     """ADPA paper's approximation: the reference's logprob where the DPO id is in the
-    reference's own top-K, else the reference's lowest top-K logprob."""
+    reference's own top-K, else the reference's lowest top-K logprob (floor="reference").
+    floor="dpo" is the released data pipeline: a missing id gets the DPO teacher's lowest
+    top-K probability and every probability is floored at 1e-7; the value returned is then
+    the one that makes `dpo_lp - value` that pipeline's advantage (train/losses/adpa.py
+    `paper_advantage(..., floor="dpo")` computes the same advantage)."""
     rvals, rids = torch.topk(zr, k, dim=-1)
     rlp = rvals - lse_r.unsqueeze(1)
     # membership [c, K, K] is small (K ~ 50), no full-vocab temporaries
     match = dpo_ids.unsqueeze(2) == rids.unsqueeze(1)
     found = match.any(-1)
     gathered = (match.float() * rlp.unsqueeze(1)).sum(-1)
-    return torch.where(found, gathered, rlp[:, -1:].expand_as(gathered))
+    if floor == "reference":
+        return torch.where(found, gathered, rlp[:, -1:].expand_as(gathered))
+    lo = math.log(1e-7)
+    dpo_floored = dpo_lp.clamp(min=lo)
+    ref = torch.where(found, gathered.clamp(min=lo), dpo_floored.amin(-1, keepdim=True).expand_as(gathered))
+    return ref - (dpo_floored - dpo_lp)  # exactly `ref` unless a DPO probability was floored
 
 
 def reference_fields_float64(

@@ -37,7 +37,6 @@ class Seqs:
         self.lengths[0] = t
         self.mask = torch.arange(t)[None, :] < self.lengths[:, None]
         self.tokens = torch.randint(0, v, (b, t), generator=g)
-        self.terminal = torch.rand(b, generator=g) < 0.5
         self.beta = beta
         # stored fields; padding holds garbage the losses must ignore
         sv = beta * torch.logsumexp(self.teacher / beta, -1)  # [b, t+1]
@@ -88,80 +87,102 @@ SHAPES = [(3, 5, 37), (2, 7, 11), (1, 1, 5), (4, 3, 37)]  # (pairs, T, V)
 # ---------------------------------------------------------------- TVKD
 
 
-def ref_tvkd_sum(s: Seqs, b: int, n: int, alpha: float, beta_s: float, maxent: bool) -> torch.Tensor:
+def ref_tvkd_sum(s: Seqs, b: int, n: int, alpha: float, beta_s: float, maxent: bool,
+                 gamma: float = 1.0) -> torch.Tensor:
+    """METHODS §2 TVKD, revision 2: ψ_t = γ V(s_{t+1}) − V(s_t) with the teacher's V read at
+    every state, s_{T+1} included, whether or not the response ended with EOS."""
     total = torch.zeros((), dtype=F64)
     for t in range(n):
-        v_next = torch.zeros((), dtype=F64) if (t == n - 1 and s.terminal[b]) else s.value(b, t + 1)
-        psi = v_next - s.value(b, t)
+        psi = gamma * s.value(b, t + 1) - s.value(b, t)
         pol = s.lp(b, t) - (s.ref_lp(b, t) if maxent else 0.0)
         total = total + beta_s * pol - alpha * psi
     return total
 
 
+def tvkd(w: Seqs, l_: Seqs, **kw):
+    return tvkd_loss(w.token_lp(), w.soft_value, w.mask, l_.token_lp(), l_.soft_value, l_.mask, **kw)
+
+
 @pytest.mark.parametrize("p,t,v", SHAPES)
-@pytest.mark.parametrize("alpha,beta_s", [(0.7, 1.0), (0.1, 2.5)])
+@pytest.mark.parametrize("alpha,beta_s,gamma", [(0.7, 1.0, 1.0), (0.1, 2.5, 1.0), (0.7, 1.0, 0.7)])
 @pytest.mark.parametrize("maxent", [False, True])
-def test_tvkd(p, t, v, alpha, beta_s, maxent):
+def test_tvkd(p, t, v, alpha, beta_s, gamma, maxent):
     w, l_ = Seqs(p, t, v, seed=p + t), Seqs(p, t + 2, v, seed=100 + p + t)
-    out = tvkd_loss(
-        w.token_lp(), w.soft_value, w.mask, w.terminal,
-        l_.token_lp(), l_.soft_value, l_.mask, l_.terminal,
-        alpha=alpha, beta_s=beta_s,
-        chosen_ref_logprobs=w.ref_token_logprob if maxent else None,
-        rejected_ref_logprobs=l_.ref_token_logprob if maxent else None,
-    )
+    out = tvkd(w, l_, alpha=alpha, beta_s=beta_s, gamma=gamma,
+               chosen_ref_logprobs=w.ref_token_logprob if maxent else None,
+               rejected_ref_logprobs=l_.ref_token_logprob if maxent else None)
     ref = 0.0
     for (bw, nw), (bl, nl) in zip(w.rows(), l_.rows(), strict=True):
-        m = ref_tvkd_sum(w, bw, nw, alpha, beta_s, maxent) - ref_tvkd_sum(l_, bl, nl, alpha, beta_s, maxent)
+        m = (ref_tvkd_sum(w, bw, nw, alpha, beta_s, maxent, gamma)
+             - ref_tvkd_sum(l_, bl, nl, alpha, beta_s, maxent, gamma))
         ref = ref + neg_log_sigmoid(m)
     check(out.loss, ref / p, w.student, l_.student)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_tvkd_shaping_telescopes_exactly(seed):
-    """Σ_t ψ_t = V(s_{T+1}) − V(s_1), bit for bit: values on a dyadic grid make every
-    difference and partial sum exact in float64, so any off-by-one or mask slip shows."""
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_tvkd_shaping_closed_form_exactly(seed, gamma):
+    """Σ_t ψ_t = γ V(s_{T+1}) − V(s_1) − (1 − γ) Σ_{t=2..T} V(s_t) (at γ = 1 the telescoped
+    V(s_{T+1}) − V(s_1)), bit for bit: values on a dyadic grid make every product, difference
+    and partial sum exact in float64, so any off-by-one or mask slip shows."""
     g = torch.Generator().manual_seed(seed)
     b, t = 6, 9
     lengths = torch.randint(1, t + 1, (b,), generator=g)
     mask = torch.arange(t)[None, :] < lengths[:, None]
     sv = torch.randint(-4096, 4096, (b, t + 1), generator=g).to(F64) / 64
     sv = sv.masked_fill(torch.arange(t + 1)[None, :] > lengths[:, None], float("nan"))
-    terminal = torch.rand(b, generator=g) < 0.5
-    psi = tvkd_shaping(sv, mask, terminal)
+    psi = tvkd_shaping(sv, mask, gamma)
     assert torch.isfinite(psi).all() and (psi[~mask] == 0).all()
     for i in range(b):
         n = int(lengths[i])
-        end = 0.0 if terminal[i] else float(sv[i, n])
-        assert float(psi[i].sum()) == end - float(sv[i, 0])
+        middle = sum(float(sv[i, j]) for j in range(1, n))
+        assert float(psi[i].sum()) == gamma * float(sv[i, n]) - float(sv[i, 0]) - (1 - gamma) * middle
 
 
-def test_tvkd_margin_uses_only_the_end_values():
-    """V(s_1) is shared by a pair, so only V(s_{T+1}) of each response enters the margin."""
+@pytest.mark.parametrize("gamma", [1.0, 0.7])
+def test_tvkd_per_token_equals_closed_form(gamma):
+    """The loss equals −log σ(M) with M written in closed form from the stored values: at
+    γ = 1, Σ β_s log π(y_w) − Σ β_s log π(y_l) − α[(V_w(s_{T+1}) − V_w(s_1)) − (V_l(s_{T+1}) − V_l(s_1))]."""
     w, l_ = Seqs(3, 4, 11, seed=1), Seqs(3, 6, 11, seed=2)
-    l_.soft_value[:, 0] = w.soft_value[:, 0]  # same prompt, same V(s_1)
     lw, ll = w.token_lp(), l_.token_lp()
-    out = tvkd_loss(lw, w.soft_value, w.mask, w.terminal, ll, l_.soft_value, l_.mask, l_.terminal, alpha=0.7)
+    out = tvkd(w, l_, alpha=0.7, beta_s=2.0, gamma=gamma)
 
-    def end(s: Seqs) -> torch.Tensor:
-        last = s.soft_value.gather(1, s.lengths[:, None])[:, 0]
-        return torch.where(s.terminal, torch.zeros_like(last), last)
+    def shaping_sum(s: Seqs) -> torch.Tensor:
+        v = s.soft_value.nan_to_num(0.0)
+        end = v.gather(1, s.lengths[:, None])[:, 0]
+        middle = (v[:, 1:-1] * s.mask[:, 1:]).sum(-1)  # V(s_2) .. V(s_T) of each row
+        return gamma * end - v[:, 0] - (1 - gamma) * middle
 
-    margin = (lw * w.mask).sum(-1) - (ll * l_.mask).sum(-1) - 0.7 * (end(w) - end(l_))
+    margin = 2.0 * ((lw * w.mask).sum(-1) - (ll * l_.mask).sum(-1)) - 0.7 * (shaping_sum(w) - shaping_sum(l_))
     torch.testing.assert_close(out.metrics["margin"], margin.mean().detach(), rtol=1e-12, atol=1e-12)
+    check(out.loss, -torch.nn.functional.logsigmoid(margin).mean(), w.student, l_.student)
+
+
+def test_tvkd_shaping_acts_on_terminal_pairs():
+    """Every response ends with EOS, both sides share V(s_1): α ≠ 0 must change the loss and
+    its gradient (revision 1 zeroed V(s_{T+1}) there, which made α a no-op)."""
+    w, l_ = Seqs(4, 5, 11, seed=3), Seqs(4, 7, 11, seed=4)  # read as EOS-ended: the loss no longer asks
+    l_.soft_value[:, 0] = w.soft_value[:, 0]  # same prompt, same V(s_1)
+    on, off = tvkd(w, l_, alpha=0.7), tvkd(w, l_, alpha=0.0)
+    assert abs(on.loss.item() - off.loss.item()) > 1e-3
+    for x in (w.student, l_.student):
+        assert (grad_of(on.loss, x) - grad_of(off.loss, x)).abs().max() > 1e-4
+    # the whole effect is −α[V(s^w_{T+1}) − V(s^l_{T+1})] on the margin
+    end = [s.soft_value.gather(1, s.lengths[:, None])[:, 0] for s in (w, l_)]
+    torch.testing.assert_close(on.metrics["margin"] - off.metrics["margin"],
+                               -0.7 * (end[0] - end[1]).mean(), rtol=1e-12, atol=1e-12)
 
 
 def test_tvkd_bad_inputs():
     w = Seqs(2, 4, 11, seed=0)
     with pytest.raises(ValueError, match="soft_value"):
-        tvkd_shaping(w.soft_value[:, :-1], w.mask, w.terminal)
+        tvkd_shaping(w.soft_value[:, :-1], w.mask)
     holes = w.mask.clone()
     holes[0, 1] = False
     with pytest.raises(ValueError, match="prefix"):
-        tvkd_shaping(w.soft_value, holes, w.terminal)
+        tvkd_shaping(w.soft_value, holes)
     with pytest.raises(ValueError, match="both"):
-        tvkd_loss(w.token_lp(), w.soft_value, w.mask, w.terminal, w.token_lp(), w.soft_value, w.mask,
-                  w.terminal, chosen_ref_logprobs=w.ref_token_logprob)
+        tvkd(w, w, chosen_ref_logprobs=w.ref_token_logprob)
 
 
 # ---------------------------------------------------------------- DPO / PBSD

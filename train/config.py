@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from .recipe import RECIPE_HELP, with_recipe
+
 OBJECTIVES = ("sft", "seqkd", "kd", "dckd", "adpa", "tvkd", "dpo", "tgpo", "pbsd")
 
 
@@ -26,6 +28,8 @@ class TrainConfig:
         "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/", "panel": "Essentials"})
     objective: str = field(default="sft", metadata={
         "help": "loss to train with (docs/LOSSES.md)", "panel": "Essentials", "choices": OBJECTIVES})
+    # a paper's published setting (train/recipes/NAME.yaml); its values sit below --config and flags
+    recipe: str = field(default="", metadata={"help": RECIPE_HELP, "panel": "Essentials"})
     store_root: str = field(default="", metadata={
         "help": "directory or URL where a bare --store content key is looked up", "panel": "Run"})
 
@@ -70,24 +74,41 @@ class TrainConfig:
 
     # objectives (METHODS.md §2)
     kd_mode: str = field(default="renorm", metadata={
-        "help": "kd/dckd: renormalise both over the teacher's top-K, or add the rest as a (K+1)-th bucket", "panel": "Objective: KD / DCKD",
-        "choices": ("renorm", "tail")})
+        "help": "kd/dckd: renormalise both over the teacher's top-K, or add the rest as a (K+1)-th bucket",
+        "panel": "Objective: KD / DCKD", "choices": ("renorm", "tail")})
     kd_divergence: str = field(default="forward", metadata={
         "help": "kd/dckd: divergence between teacher and student on the top-K", "panel": "Objective: KD / DCKD",
         "choices": ("forward", "reverse", "jsd")})
-    dckd_alpha: float = field(default=0.2, metadata={
-        "help": "dckd: weight alpha of the top-K KD terms on y_w and y_l (added to SFT on y_w)", "panel": "Objective: KD / DCKD"})
-    adpa_gamma: float = field(default=3.0, metadata={
-        "help": "adpa: gamma, weight of the advantage term of Eq. 10", "panel": "Objective: ADPA"})
+    # A method's released-code variant (the authors' public trainer, METHODS §2) has its own
+    # weights; None = the published default of the variant in use (docs/LOSSES.md).
+    dckd_alpha: float | None = field(default=None, metadata={
+        "help": "dckd (paper form): weight alpha of the top-K KD terms on y_w and y_l (Eq. 7); unset: 0.2",
+        "panel": "Objective: KD / DCKD"})
+    dckd_reference_code: bool = field(default=False, metadata={
+        "help": "dckd: the authors' released code ((K+1)-bucket KL, clamps, token means) instead of Eq. 7",
+        "panel": "Objective: KD / DCKD"})
+    dckd_sft_weight: float | None = field(default=None, metadata={
+        "help": "dckd (released code): weight of the SFT term; unset: 1", "panel": "Objective: KD / DCKD"})
+    dckd_chosen_weight: float | None = field(default=None, metadata={
+        "help": "dckd (released code): weight of the KL on y_w; unset: 0.1", "panel": "Objective: KD / DCKD"})
+    dckd_rejected_weight: float | None = field(default=None, metadata={
+        "help": "dckd (released code): weight of the KL on y_l; unset: 0.1", "panel": "Objective: KD / DCKD"})
+    adpa_gamma: float | None = field(default=None, metadata={
+        "help": "adpa (paper form): gamma, weight of the advantage term of Eq. 10; unset: 3.0", "panel": "Objective: ADPA"})
     adpa_reference_code: bool = field(default=False, metadata={
-        "help": "adpa: the authors' released code instead of Eq. 10 (advantage clamped to [0, 1], token mean)",
-        "panel": "Objective: ADPA"})
+        "help": "adpa: the authors' released code instead of Eq. 10 (probabilities and advantages clamped "
+                "to [1e-8, 1-1e-8], token means)", "panel": "Objective: ADPA"})
+    adpa_weight: float | None = field(default=None, metadata={
+        "help": "adpa (released code): weight w of the advantage term; unset: 1.6", "panel": "Objective: ADPA"})
     tvkd_alpha: float = field(default=0.7, metadata={
         "help": "tvkd: weight alpha of the teacher's value shaping psi in the token reward", "panel": "Objective: TVKD"})
     tvkd_beta: float = field(default=2.0, metadata={
         "help": "tvkd: which stored soft-value beta to use (one of the store's --betas)", "panel": "Objective: TVKD"})
     tvkd_beta_s: float = field(default=1.0, metadata={
         "help": "tvkd: beta_s, the weight of the student's log-prob in the token reward", "panel": "Objective: TVKD"})
+    tvkd_gamma: float = field(default=1.0, metadata={
+        "help": "tvkd: discount gamma in the shaping psi = gamma*V(s_t+1) - V(s_t); 1 is the paper's",
+        "panel": "Objective: TVKD"})
     tvkd_maxent: bool = field(default=False, metadata={
         "help": "tvkd: MaxEnt form (Eq. 12), beta_s*(log pi_theta - log pi_ref); needs ref fields", "panel": "Objective: TVKD"})
     dpo_beta: float = field(default=0.1, metadata={
@@ -166,6 +187,7 @@ class TrainConfig:
                 raise ValueError(f"--{flag} {value!r}: use one of {', '.join(allowed)}")
         if self.load_in_4bit and self.lora_r == 0:
             raise ValueError("--load-in-4bit trains LoRA adapters on a 4-bit base: also pass --lora-r (e.g. 16)")
+        check_variant_weights(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,8 +196,31 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+# For each method with a released-code variant: (switch, the paper form's weights, the
+# released variant's weights). A weight of the variant not in use would be silently ignored.
+VARIANT_WEIGHTS = (
+    ("adpa_reference_code", ("adpa_gamma",), ("adpa_weight",)),
+    ("dckd_reference_code", ("dckd_alpha",), ("dckd_sft_weight", "dckd_chosen_weight", "dckd_rejected_weight")),
+)
+
+
+def check_variant_weights(cfg: TrainConfig) -> None:
+    for switch, paper, released in VARIANT_WEIGHTS:
+        on = getattr(cfg, switch)
+        unused = [n for n in (paper if on else released) if getattr(cfg, n) is not None]
+        if unused:
+            flag = "--" + switch.replace("_", "-")
+            use = ", ".join(released if on else paper)
+            raise ValueError(
+                f"{unused[0]} is a weight of the {'paper form' if on else 'released-code variant'}, "
+                f"not used {'with' if on else 'without'} {flag}: set {use} instead"
+                + ("" if on else f", or add {flag}")
+            )
+
+
 def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """Config file values, then explicit overrides (CLI flags the user actually set)."""
+    """Layers, lowest first: the recipe (named by the file or a flag), the config file, then
+    explicit overrides (CLI flags the user actually set)."""
     values: dict = {}
     if path:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
@@ -183,6 +228,7 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
             raise ValueError(f"{path}: a config file must be a YAML mapping of TrainConfig fields")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    values = with_recipe(values)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -46,23 +46,39 @@ def _kd(student, batch, cfg, step):
                           mode=cfg.kd_mode, divergence=cfg.kd_divergence)
 
 
+def _or(value, default):
+    """A variant's weight: None in the config means that variant's published default."""
+    return default if value is None else value
+
+
 def _dckd(student, batch, cfg, step):
     w, r = _rows(batch, 0), _rows(batch, 1)
+    teacher = batch.stored["topk_logprobs"]
     return L.dckd_loss(
-        _take(student.token_logprobs, w), _take(student.topk_logprobs, w),
-        _take(batch.stored["topk_logprobs"], w), _take(batch.mask, w),
-        _take(student.topk_logprobs, r), _take(batch.stored["topk_logprobs"], r), _take(batch.mask, r),
-        alpha=cfg.dckd_alpha, mode=cfg.kd_mode, divergence=cfg.kd_divergence,
+        chosen_token_logprobs=_take(student.token_logprobs, w),
+        chosen_student_topk=_take(student.topk_logprobs, w),
+        chosen_teacher_topk=_take(teacher, w),
+        chosen_mask=_take(batch.mask, w),
+        rejected_student_topk=_take(student.topk_logprobs, r),
+        rejected_teacher_topk=_take(teacher, r),
+        rejected_mask=_take(batch.mask, r),
+        alpha=_or(cfg.dckd_alpha, 0.2), mode=cfg.kd_mode, divergence=cfg.kd_divergence,
+        reference_code=cfg.dckd_reference_code,
+        weights=(_or(cfg.dckd_sft_weight, 1.0), _or(cfg.dckd_chosen_weight, 0.1),
+                 _or(cfg.dckd_rejected_weight, 0.1)),
     )
 
 
 def _adpa(student, batch, cfg, step):
     y, roll = _rows(batch, 0), _rows(batch, 1)
+    # with --ref-mode paper / paper-dpo-floor the store's ref_topk_logprobs holds the
+    # approximation, so this difference is that approximate advantage
     adv = L.exact_advantage(batch.stored["topk_logprobs"], batch.stored["ref_topk_logprobs"])
+    weight = _or(cfg.adpa_weight, 1.6) if cfg.adpa_reference_code else _or(cfg.adpa_gamma, 3.0)
     return L.adpa_loss(
         _take(student.token_logprobs, y), _take(batch.mask, y),
         _take(student.topk_logprobs, roll), _take(adv, roll), _take(batch.mask, roll),
-        gamma=cfg.adpa_gamma, reference_code=cfg.adpa_reference_code,
+        gamma=weight, reference_code=cfg.adpa_reference_code,
     )
 
 
@@ -87,9 +103,9 @@ def _tvkd(student, batch, cfg, step):
     value = batch.stored["soft_value"][..., col]
     ref = batch.stored.get("ref_token_logprob") if cfg.tvkd_maxent else None
     return L.tvkd_loss(
-        _take(student.token_logprobs, w), _take(value, w), _take(batch.mask, w), _take(batch.is_terminal, w),
-        _take(student.token_logprobs, r), _take(value, r), _take(batch.mask, r), _take(batch.is_terminal, r),
-        alpha=cfg.tvkd_alpha, beta_s=cfg.tvkd_beta_s,
+        _take(student.token_logprobs, w), _take(value, w), _take(batch.mask, w),
+        _take(student.token_logprobs, r), _take(value, r), _take(batch.mask, r),
+        alpha=cfg.tvkd_alpha, beta_s=cfg.tvkd_beta_s, gamma=cfg.tvkd_gamma,
         chosen_ref_logprobs=_take(ref, w), rejected_ref_logprobs=_take(ref, r),
     )
 
@@ -99,7 +115,8 @@ def _tgpo(student, batch, cfg, step):
         raise ValueError("tgpo needs rollouts with rewards: run `kdcache rollout --reward module:function`")
     ids = {e: i for i, e in enumerate(dict.fromkeys(batch.example_ids))}
     group_ids = torch.tensor([ids[e] for e in batch.example_ids], device=batch.mask.device)
-    # the teacher's greedy token is its top-1 id: column 1 of the gathered index (col 0 = y_t)
+    # the teacher's greedy token y^T_t = topk_ids[t, 0], its top-1 id: student.topk_logprobs
+    # is the student's log-prob at the stored topk_ids, so its column 0
     guide = student.topk_logprobs[..., 0]
     return L.tgpo_loss(
         student.token_logprobs, batch.stored["behavior_logprob"], guide, batch.reward, group_ids,

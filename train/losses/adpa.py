@@ -9,20 +9,35 @@ Both sums are per sequence and averaged over the sequences of their own batch.
 Paper sweep γ ∈ {0.5, 1, 1.5, 2, 3, 5}; best ≈ 3.
 
 Advantages: `exact_advantage` (default; the reference gathered at the DPO ids) or
-`paper_advantage` (the paper's approximation, METHODS §1), `advantage_error` compares them.
-`reference_code=True` reproduces the authors' released code instead of Eq. 10 (off by
-default): advantages are clamped to [0, 1] and the student's top-K probabilities to
-[1e-8, 1 − 1e-8] (their `prob_stabilize`, which also stops the gradient of a token the
-student gives < 1e-8), and the term is a mean over rollout tokens, not a per-sequence sum.
-Negative advantages then no longer push tokens down.
+`paper_advantage` (the paper's approximation, METHODS §1; `floor="dpo"` is the released data
+pipeline's version of it), `advantage_error` compares them.
+
+`reference_code=True` is the released-code variant (the authors' public trainer, METHODS §2),
+not Eq. 10:
+
+    L = mean_tokens(−log π_θ(y_t|s_t)) on y
+        − w · mean_rollout_tokens(Σ_k c(π_θ(a_k|ŝ_t)) · c(adv_k) + c(1 − Σ_k π_θ(a_k|ŝ_t)) · c(0)),
+
+c(x) = clamp(x, 1e-8, 1 − 1e-8) (their `prob_stabilize`): negative advantages become 1e-8, so
+they push nothing down, advantages above 1 saturate, and a student probability outside the
+range gets no gradient. Both terms are token means over their own tokens. The last product
+is the released code's (K+1)-th bucket: the student's remaining mass times the clamped empty
+target tail (1e-8); it moves the value by < 1e-8 per token and is kept so that the variant
+equals their code exactly (for a token with negative advantage it cancels the 1e-8 gradient
+of the clamped advantage). Recipe weight w = 1.6 (`adpa_weight`), SFT weight 1.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from . import _released as rc
 from ._common import LossOutput, check_mask, check_same, masked, seq_sum, token_mean
+
+FLOORS = ("reference", "dpo")
 
 
 def exact_advantage(topk_logprobs: Tensor, ref_topk_logprobs: Tensor) -> Tensor:
@@ -36,26 +51,38 @@ def paper_advantage(
     dpo_topk_logprobs: Tensor,
     ref_topk_ids: Tensor,
     ref_topk_logprobs: Tensor,
+    floor: str = "reference",
 ) -> Tensor:
     """The ADPA paper's approximate advantage (METHODS §1, "Exact vs paper advantage").
 
     dpo_topk_ids / dpo_topk_logprobs [..., K]: the DPO teacher's own top-K.
     ref_topk_ids / ref_topk_logprobs [..., K_ref]: the REFERENCE's OWN top-K (its ids and
     log-probs; not the store's `ref_topk_logprobs`, which is gathered at the DPO ids).
-    A DPO top-K token found in the reference's top-K uses the reference's log-prob; a
-    missing one gets the reference's lowest top-K log-prob; reference-only tokens are
-    dropped (they have no slot). Returns adv [..., K].
-    """
+    A DPO top-K token found in the reference's top-K uses the reference's log-prob;
+    reference-only tokens are dropped (they have no slot). A missing one gets:
+    - floor="reference" (the paper's text): the reference's lowest top-K log-prob;
+    - floor="dpo" (the released data pipeline, `merge_logits_adpa_dataset.py`): the DPO
+      teacher's lowest top-K probability, and every probability (DPO and reference) is
+      floored at 1e-7 before the log.
+    Returns adv [..., K]."""
+    if floor not in FLOORS:
+        raise ValueError(f"paper_advantage: floor must be one of {FLOORS}, got {floor!r}")
     check_same("dpo_topk_logprobs", dpo_topk_logprobs, dpo_topk_ids.shape)
     check_same("ref_topk_logprobs", ref_topk_logprobs, ref_topk_ids.shape)
     if dpo_topk_ids.shape[:-1] != ref_topk_ids.shape[:-1]:
         raise ValueError(f"paper_advantage: leading dims differ: {dpo_topk_ids.shape} vs {ref_topk_ids.shape}")
     match = dpo_topk_ids[..., :, None] == ref_topk_ids[..., None, :]  # [..., K, K_ref]
-    ref_lp = ref_topk_logprobs.to(dpo_topk_logprobs.dtype)
+    dpo_lp = dpo_topk_logprobs
+    ref_lp = ref_topk_logprobs.to(dpo_lp.dtype)
     neg_inf = torch.tensor(float("-inf"), dtype=ref_lp.dtype, device=ref_lp.device)
     found = torch.where(match, ref_lp[..., None, :], neg_inf).amax(-1)  # ids are unique per row
-    floor = ref_lp.amin(-1, keepdim=True).expand_as(found)
-    return dpo_topk_logprobs - torch.where(match.any(-1), found, floor)
+    if floor == "dpo":
+        lo = math.log(rc.FLOOR)
+        dpo_lp, found = dpo_lp.clamp(min=lo), found.clamp(min=lo)
+        missing = dpo_lp.amin(-1, keepdim=True)  # max(min_k p_dpo, 1e-7), in log space
+    else:
+        missing = ref_lp.amin(-1, keepdim=True)
+    return dpo_lp - torch.where(match.any(-1), found, missing.expand_as(found))
 
 
 def advantage_error(exact: Tensor, approx: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -89,25 +116,32 @@ def adpa_loss(
     """sft_token_logprobs [B, T], sft_mask [B, T]: log π_θ(y_t|s_t) on the preferred response.
     rollout_student_topk [R, T̂, K]: log π_θ(topk_ids|ŝ_t) on the rollout (full-vocab normalised).
     advantage [R, T̂, K]: from `exact_advantage` / `paper_advantage`; rollout_mask [R, T̂].
+    gamma: Eq. 10's γ, or the released variant's weight w when reference_code=True.
 
-    Returns mean_b L_SFT − γ · mean_r Σ_t Σ_k π_θ(a_k|ŝ_t) adv_k.
-    Metrics: `sft`, `adv_reward` (the γ-free advantage sum), `adv_per_token`."""
+    Eq. 10: mean_b L_SFT − γ · mean_r Σ_t Σ_k π_θ(a_k|ŝ_t) adv_k (per-sequence sums).
+    reference_code: the released-code variant of the module docstring (token means, clamps).
+    Metrics: `sft` (the SFT term as the variant reduces it), `adv_reward` (the per-token
+    advantage term summed per rollout, rollout mean), `adv_per_token`."""
     sm = check_mask(sft_mask, sft_token_logprobs, "sft_mask")
     rm = check_mask(rollout_mask, rollout_student_topk, "rollout_mask")
     check_same("advantage", advantage, rollout_student_topk.shape)
     adv = masked(advantage.to(rollout_student_topk.dtype), rm)
-    # π_θ(a|ŝ_t) = exp(log-prob); the gradient flows through π_θ itself (Eq. 10 -> Eq. 12).
-    pi = torch.exp(masked(rollout_student_topk, rm))
-    if reference_code:  # the released code's prob_stabilize, applied to both tensors
-        adv, pi = adv.clamp(1e-8, 1 - 1e-8), pi.clamp(1e-8, 1 - 1e-8)
-    per_token = masked((pi * adv).sum(-1), rm)  # [R, T̂]
-    sft = seq_sum(-sft_token_logprobs, sm)  # [B]
-    reward = seq_sum(per_token, rm)  # [R]
-    term = per_token.sum() / rm.sum().clamp(min=1) if reference_code else reward.mean()
-    loss = sft.mean() - gamma * term
+    student = masked(rollout_student_topk, rm)
+    if reference_code:
+        q = rc.buckets(student)  # [R, T̂, K+1]: clamped π_θ at the ids, then the clamped tail
+        target = rc.stabilize(torch.cat([adv, torch.zeros_like(adv[..., :1])], dim=-1))
+        per_token = masked((q * target).sum(-1), rm)
+        sft = rc.token_average(-sft_token_logprobs, sm)
+        term = rc.token_average(per_token, rm)
+    else:
+        # π_θ(a|ŝ_t) = exp(log-prob); the gradient flows through π_θ itself (Eq. 10 -> Eq. 12).
+        per_token = masked((torch.exp(student) * adv).sum(-1), rm)  # [R, T̂]
+        sft = seq_sum(-sft_token_logprobs, sm).mean()
+        term = seq_sum(per_token, rm).mean()
+    loss = sft - gamma * term
     metrics = {
-        "sft": sft.mean().detach(),
-        "adv_reward": reward.mean().detach(),
+        "sft": sft.detach(),
+        "adv_reward": seq_sum(per_token, rm).mean().detach(),
         "adv_per_token": token_mean(per_token, rm),
     }
     return LossOutput(loss, metrics)

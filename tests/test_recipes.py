@@ -1,0 +1,212 @@
+"""Recipes (train/recipes/*.yaml): each is a valid, fully cited TrainConfig layer; layering is
+recipe < --config file < flags, the same through load_config and the CLI; a run saves the
+resolved values. Also: the per-variant weights of ADPA and DCKD resolve to the published
+defaults, and a weight of the variant not in use is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import kdcache.cli as cli
+from kdcache.train import objectives
+from kdcache.train.config import OBJECTIVES, TrainConfig, load_config
+from kdcache.train.recipe import _dir, available_recipes, recipe_values
+
+runner = CliRunner()
+RECIPES = available_recipes()
+WIDE = {"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
+
+
+def test_the_papers_have_recipes():
+    assert set(RECIPES) >= {"adpa", "adpa-code", "dckd", "dckd-code", "tvkd", "tgpo", "pbsd", "dpo", "seqkd"}
+
+
+def _accepts(tp, value) -> bool:
+    """Whether a YAML value fits a TrainConfig annotation (int is fine where float is asked)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_accepts(item, v) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_is_a_valid_config(name):
+    values = recipe_values(name)
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        # e.g. YAML reads `5e-7` (no dot) as a string: the recipes must write 5.0e-7
+        assert _accepts(hints[key], value), f"{name}: {key}: {value!r} is not a {hints[key]}"
+    assert values["objective"] in OBJECTIVES
+    TrainConfig(**values, model="m", store="s").validate()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_value_cites_its_source(name):
+    lines = (_dir() / f"{name}.yaml").read_text().splitlines()
+    assert lines[0].startswith("# "), "a recipe opens with a comment naming its paper"
+    keys = [ln for ln in lines if re.match(r"^[a-z_]+:", ln)]
+    assert keys and len(keys) == len(recipe_values(name))
+    for ln in keys:
+        assert re.search(r"\s#\s+\S", ln), f"{name}: no source comment on `{ln}`"
+
+
+def test_layers_recipe_then_file_then_flags(tmp_path):
+    base = recipe_values("tvkd")
+    f = tmp_path / "c.yaml"
+    f.write_text("recipe: tvkd\nlr: 0.5\ntvkd_alpha: 0.1\n")
+    cfg = load_config(f, {"lr": 0.1, "tvkd_alpha": None})
+    assert (cfg.recipe, cfg.objective, cfg.lr, cfg.tvkd_alpha) == ("tvkd", "tvkd", 0.1, 0.1)
+    assert (cfg.tvkd_beta, cfg.epochs) == (base["tvkd_beta"], base["epochs"])
+    cfg = load_config(f, {"recipe": "dckd-code"})  # a flag names another recipe
+    assert (cfg.objective, cfg.dckd_reference_code, cfg.lr) == ("dckd", True, 0.5)
+    assert load_config(None, {}).recipe == ""
+    with pytest.raises(ValueError, match=r"unknown recipe 'nope': available recipes are adpa, adpa-code"):
+        load_config(None, {"recipe": "nope"})
+
+
+def test_recipe_keys_are_checked(tmp_path, monkeypatch):
+    (tmp_path / "bad.yaml").write_text("objective: sft  # x\nlearning_rate: 1  # x\n")
+    monkeypatch.setattr("kdcache.train.recipe._dir", lambda: tmp_path)
+    with pytest.raises(ValueError, match=r"recipe bad: unknown keys \['learning_rate'\]"):
+        recipe_values("bad")
+
+
+def test_help_lists_the_recipes():
+    out = runner.invoke(cli.app, ["train", "--help"], env=WIDE).output
+    assert "--recipe" in out
+    flat = " ".join(out.split())
+    for name in RECIPES:
+        assert name in flat
+
+
+def test_cli_layers_and_unknown_recipe(tmp_path, monkeypatch):
+    seen = {}
+    done = types.SimpleNamespace(steps=0, tokens=0, seconds=0.0, final_loss=0.0, out="o")
+    monkeypatch.setattr("kdcache.train.trainer.train", lambda cfg: seen.setdefault("cfg", cfg) and done)
+    f = tmp_path / "c.yaml"
+    f.write_text("model: m\nstore: s\nlr: 0.5\nbatch_groups: 3\n")
+    res = runner.invoke(cli.app, ["train", "--recipe", "adpa-code", "-c", str(f), "--lr", "0.25"])
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert (cfg.recipe, cfg.objective, cfg.adpa_reference_code, cfg.adpa_weight) == ("adpa-code", "adpa", True, 1.6)
+    assert (cfg.lr, cfg.batch_groups, cfg.grad_accum) == (0.25, 3, 128)  # flag > file > recipe
+    res = runner.invoke(cli.app, ["train", "--recipe", "nope", "--model", "m", "--store", "s"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    errors = [ln for ln in res.output.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and all(n in errors[0] for n in RECIPES), res.output
+
+
+# ---------------------------------------------------------------- variant weights
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"adpa_reference_code": True, "adpa_gamma": 2.0}, r"adpa_gamma is a weight of the paper form.*set adpa_weight"),
+    ({"adpa_weight": 2.0}, r"adpa_weight is a weight of the released-code variant.*--adpa-reference-code"),
+    ({"dckd_reference_code": True, "dckd_alpha": 0.5}, r"dckd_alpha .*set dckd_sft_weight, dckd_chosen_weight"),
+    ({"dckd_chosen_weight": 0.5}, r"dckd_chosen_weight is a weight of the released-code variant"),
+])
+def test_a_weight_of_the_other_variant_is_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(model="m", store="s", **kw).validate()
+
+
+def _capture(monkeypatch, name):
+    seen = {}
+
+    def fake(*args, **kw):
+        seen.update(kw)
+        return torch.zeros(()), {}
+
+    monkeypatch.setattr(objectives.L, name, fake)
+    return seen
+
+
+def _fake_batch():
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    student = types.SimpleNamespace(token_logprobs=torch.zeros(2, 3), topk_logprobs=torch.zeros(2, 3, 4))
+    stored = {"topk_logprobs": torch.zeros(2, 3, 4), "ref_topk_logprobs": torch.zeros(2, 3, 4)}
+    return student, types.SimpleNamespace(block_ids=[0, 1], mask=mask, stored=stored)
+
+
+@pytest.mark.parametrize("kw,gamma", [({}, 3.0), ({"adpa_gamma": 1.5}, 1.5),
+                                      ({"adpa_reference_code": True}, 1.6),
+                                      ({"adpa_reference_code": True, "adpa_weight": 0.5}, 0.5)])
+def test_adpa_weight_defaults_follow_the_variant(monkeypatch, kw, gamma):
+    seen = _capture(monkeypatch, "adpa_loss")
+    objectives._adpa(*_fake_batch(), TrainConfig(**kw), 0)
+    assert seen["gamma"] == gamma and seen["reference_code"] == kw.get("adpa_reference_code", False)
+
+
+@pytest.mark.parametrize("kw,alpha,weights", [
+    ({}, 0.2, (1.0, 0.1, 0.1)),
+    ({"dckd_alpha": 1.0}, 1.0, (1.0, 0.1, 0.1)),
+    ({"dckd_reference_code": True, "dckd_rejected_weight": 0.0}, 0.2, (1.0, 0.1, 0.0)),
+])
+def test_dckd_weight_defaults_follow_the_variant(monkeypatch, kw, alpha, weights):
+    seen = _capture(monkeypatch, "dckd_loss")
+    objectives._dckd(*_fake_batch(), TrainConfig(**kw), 0)
+    assert (seen["alpha"], seen["weights"]) == (alpha, weights)
+    assert seen["reference_code"] == kw.get("dckd_reference_code", False)
+
+
+# ---------------------------------------------------------------- a real run saves the resolved recipe
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from kdcache.store import StoreMeta, StoreWriter
+    from kdcache.train.tiny import build_tokenizer, save_tiny
+
+    root = tmp_path_factory.mktemp("recipes")
+    tok = build_tokenizer()
+    model = save_tiny(root / "student", tok, hidden=16, layers=1, heads=2)
+    rng = np.random.default_rng(0)
+    v, k = len(tok), 4
+    meta = StoreMeta(k=k, betas=[1.0], fields=["topk_ids", "topk_logprobs", "ref_topk_logprobs"],
+                     models={}, tokenizer={"vocab_size": v}, dataset={}, options={"codec": "lossless"},
+                     code_version="test")
+
+    def rec(eid, role, group):
+        t = int(rng.integers(1, 5))
+        lp = np.log(rng.dirichlet(np.ones(v), size=t))
+        ids = np.argsort(-lp, -1)[:, :k].astype(np.int32)
+        ref = np.log(rng.dirichlet(np.ones(v), size=t))
+        return {"example_id": eid, "role": role, "group": group, "prompt_ids": np.array([6, 7], np.int32),
+                "response_ids": rng.integers(6, v, size=t).astype(np.int32), "is_terminal": True,
+                "topk_ids": ids, "topk_logprobs": np.take_along_axis(lp, ids, -1).astype(np.float32),
+                "ref_topk_logprobs": np.take_along_axis(ref, ids, -1).astype(np.float32)}
+
+    url = str(root / "store")
+    with StoreWriter(url, meta) as w:
+        for e in range(4):
+            w.add_group([rec(f"e{e}", "chosen", 0), rec(f"e{e}", "rejected", 0), rec(f"e{e}", "student_rollout", 0)])
+    return str(model), url
+
+
+@pytest.mark.parametrize("name", ["dckd-code", "adpa-code"])
+def test_a_recipe_run_saves_its_resolved_values(tiny, tmp_path, name):
+    model, url = tiny
+    out = tmp_path / name
+    res = runner.invoke(cli.app, ["train", "--recipe", name, "--model", model, "--store", url, "--out", str(out),
+                                  "--max-steps", "1", "--grad-accum", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    want = {**recipe_values(name), "max_steps": 1, "grad_accum": 2}
+    assert saved["recipe"] == name and {k: saved[k] for k in want} == want
+    assert set(saved) == {f.name for f in dataclasses.fields(TrainConfig)}
