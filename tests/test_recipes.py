@@ -97,7 +97,7 @@ def test_help_lists_the_recipes():
 
 def test_cli_layers_and_unknown_recipe(tmp_path, monkeypatch):
     seen = {}
-    done = types.SimpleNamespace(steps=0, tokens=0, seconds=0.0, final_loss=0.0, out="o")
+    done = types.SimpleNamespace(steps=0, tokens=0, seconds=0.0, final_loss=0.0, out="o", rank=0)
     monkeypatch.setattr("kdcache.train.trainer.train", lambda cfg: seen.setdefault("cfg", cfg) and done)
     f = tmp_path / "c.yaml"
     f.write_text("model: m\nstore: s\nlr: 0.5\nbatch_groups: 3\n")
