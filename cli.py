@@ -49,7 +49,13 @@ def _coerce(tp, value):
         return _coerce(args[0], value) if len(args) == 1 else value
     if origin is list and isinstance(value, str):
         (item,) = typing.get_args(tp) or (str,)
-        return [item(v.strip()) for v in value.split(",") if v.strip()]
+        items = [v.strip() for v in value.split(",")] if value.strip() else []
+        if any(not v for v in items):
+            raise ValueError(f"{value!r} has an empty entry; give comma-separated values")
+        try:
+            return [item(v) for v in items]
+        except ValueError:
+            raise ValueError(f"{value!r}: expected comma-separated {item.__name__} values") from None
     if origin is tuple and isinstance(value, str):
         parts = value.replace("/", ",").split(",")
         try:
@@ -71,23 +77,38 @@ def config_command(name: str, cls, run: Callable, help: str, extra: dict | None 
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
                                         default=typer.Option(None, decl, show_default=False)))
 
-    def command(**kwargs):
+    def build(kwargs):
+        """The config from the YAML file and the flags; bad values raise ValueError."""
         path = kwargs.pop("config")
-        values = yaml.safe_load(path.read_text()) if path else {}
+        try:
+            values = yaml.safe_load(path.read_text()) if path else {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read --config {path}: {e}") from None
         if values is not None and not isinstance(values, dict):
-            raise typer.BadParameter(f"{path}: expected a YAML mapping of {cls.__name__} fields")
+            raise ValueError(f"{path}: expected a YAML mapping of {cls.__name__} fields")
         values = values or {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise typer.BadParameter(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
-        values.update({k: _coerce(hints[k], v) for k, v in kwargs.items() if v is not None})
-        values = {k: _coerce(hints[k], v) for k, v in values.items()}
+            raise ValueError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
+        values.update({k: v for k, v in kwargs.items() if v is not None})
+        for k, v in values.items():
+            try:
+                values[k] = _coerce(hints[k], v)
+            except (ValueError, typer.BadParameter) as e:
+                raise ValueError(f"--{k.replace('_', '-')} {e}") from None
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING and f.name not in values]
+        if required:
+            raise ValueError(f"missing {', '.join('--' + r.replace('_', '-') for r in required)}: "
+                             f"see `kdcache {name} --help`")
         try:
-            cfg = cls(**values)
+            return cls(**values)
         except TypeError as e:
-            raise typer.BadParameter(f"{e}: see `kdcache {name} --help`") from None
-        _friendly(run, cfg)
+            raise ValueError(f"{e}: see `kdcache {name} --help`") from None
+
+    def command(**kwargs):
+        _friendly(run, _friendly(build, kwargs))
 
     command.__signature__ = inspect.Signature(params)
     command.__name__ = name.replace("-", "_")

@@ -43,7 +43,7 @@ class Scorer:
         return self.head.weight.device
 
     @torch.no_grad()
-    def hidden_at_states(self, seqs: list[tuple[list[int], list[int]]], pad_id: int,
+    def hidden_at_states(self, seqs: Seq[tuple[Seq[int], Seq[int]]], pad_id: int,
                          packed: bool = False) -> Tensor:
         """Final hidden states [sum(T_i + 1), H] at the states s_1..s_{T+1} of each sequence.
 
@@ -53,7 +53,7 @@ class Scorer:
         dev = self.device
         lens = [len(p) + len(r) for p, r in seqs]
         if packed:
-            ids = torch.tensor([t for p, r in seqs for t in p + r], device=dev).unsqueeze(0)
+            ids = torch.from_numpy(np.concatenate([_ids(p, r) for p, r in seqs])).to(dev)[None]
             pos = torch.cat([torch.arange(n, device=dev) for n in lens]).unsqueeze(0)
             hid = self.base(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
             starts = np.cumsum([0] + lens[:-1])
@@ -64,7 +64,7 @@ class Scorer:
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros((len(seqs), width), dtype=torch.long, device=dev)
         for i, (p, r) in enumerate(seqs):
-            ids[i, : lens[i]] = torch.tensor(p + r, device=dev)
+            ids[i, : lens[i]] = torch.from_numpy(_ids(p, r))
             mask[i, : lens[i]] = 1
         hid = self.base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         rows = torch.cat([torch.full((lens[i] - len(p) + 1,), i, device=dev)
@@ -74,9 +74,15 @@ class Scorer:
         return hid[rows, cols]
 
 
+def _ids(prompt: Seq[int], response: Seq[int]) -> np.ndarray:
+    """prompt + response as one int64 array (from int32 arrays or lists)."""
+    return np.concatenate([np.asarray(prompt, np.int64), np.asarray(response, np.int64)])
+
+
 def targets_for(seqs: Seq[Sequence], device: torch.device) -> Tensor:
     """Next-token targets for the scored states: each response, then -1 for s_{T+1}."""
-    return torch.tensor([t for s in seqs for t in s.response_ids + [-1]], device=device)
+    return torch.from_numpy(np.concatenate(
+        [_ids(s.response_ids, [-1]) for s in seqs])).to(device)
 
 
 def score_sequences(
@@ -119,7 +125,7 @@ def score_sequences(
             "response_ids": np.asarray(s.response_ids, dtype=np.int32),
             "teacher_prompt_ids": (None if s.teacher_prompt_ids is None
                                    else np.asarray(s.teacher_prompt_ids, dtype=np.int32)),
-            "is_terminal": bool(t > 0 and s.response_ids[-1] == eos_id),
+            "is_terminal": bool(t > 0 and int(s.response_ids[-1]) == eos_id),
             "reward": s.extra.get("reward"),
             "n_tokens": t,
             "topk_ids": cpu["topk_ids"][sl].astype(np.int32),

@@ -42,7 +42,8 @@ from .run import (
     plan_batches,
     prepare,
 )
-from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
+from .storeapi import NoStoreError, StoreMeta, open_store, store_key
+from .writing import GroupWriter
 
 __all__ = ["launch", "merge_parts", "parse_devices"]
 
@@ -237,8 +238,8 @@ def merge_parts(cfg: PrecomputeConfig) -> str:
             yield rank[eid], g
 
     t0 = time.perf_counter()
-    with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=True) as w:
-        done = w.done_example_ids
+    with GroupWriter(url, meta, cfg.shard_records, True, "precompute_report") as w:
+        done = w.done
         seen = 0
         for _, g in heapq.merge(*(keyed(st) for st in parts), key=lambda x: x[0]):
             seen += 1
@@ -247,7 +248,7 @@ def merge_parts(cfg: PrecomputeConfig) -> str:
         if seen != len(rank):
             raise ValueError(f"the {n} partitions hold {seen} groups, the dataset {len(rank)}; "
                              "they are not the partitions of this run")
-        w.manifest["precompute_report"] = _merged_report(parts, stats, n)
+        w.close(_merged_report(parts, stats, n))
     log.info("merged %d partitions into %s in %.1fs", n, url, time.perf_counter() - t0)
     if not cfg.keep_parts:
         for st in parts:

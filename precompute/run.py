@@ -25,7 +25,26 @@ from typing import Any
 
 import numpy as np
 
-from .data import DataOptions, DataStats, Sequence, dataset_fingerprint, read_rows, tokenize_rows
+from .checks import (
+    check_choice,
+    check_codec,
+    check_device,
+    check_int,
+    check_template,
+    parse_betas,
+    parse_partition,
+)
+from .data import (
+    DataError,
+    DataOptions,
+    DataStats,
+    Sequence,
+    data_files,
+    dataset_fingerprint,
+    files_sha256,
+    iter_rows,
+    tokenize_rows,
+)
 from .models import (
     check_same_tokenizer,
     load_model,
@@ -37,7 +56,8 @@ from .models import (
     tokenizer_fingerprint,
     verify_head,
 )
-from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
+from .storeapi import NoStoreError, StoreMeta, open_store, store_key
+from .writing import GroupWriter
 
 log = logging.getLogger("kdcache.precompute")
 
@@ -55,7 +75,7 @@ def code_version() -> str:
 class PrecomputeConfig:
     """Everything `run_precompute` needs. Models are local HF dirs or cached hub ids."""
 
-    teacher: str | None  # the preference-aligned (DPO) teacher; None -> tokenized-only store
+    teacher: str | None = None  # the preference-aligned (DPO) teacher; None -> tokenized-only store
     reference: str | None = None  # pi_ref (the pre-DPO SFT model); None -> no ref_* fields
     data: str | None = None  # JSONL/Parquet URL (or glob) ...
     input_store: str | None = None  # ... or rollout store(s) to score, comma-separated (joined by example id)
@@ -74,7 +94,7 @@ class PrecomputeConfig:
     use_context: bool = True
     context_template: str = "{context}\n\n{prompt}"
     limit: int | None = None
-    partition: tuple[int, int] | None = None  # (index, count): this process's share
+    partition: tuple[int, int] | str | None = None  # (index, count) or "i/N": this process's share
     # one box, several devices: one subprocess per device over partitions, then merged
     # (precompute/launch.py); e.g. ["0", "1", "2", "3"] (CUDA ids), ["all"], ["cpu", "cpu"]
     devices: list[str] | None = None
@@ -98,32 +118,46 @@ class PrecomputeConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """Check every option before anything is read, loaded or written (ValueError naming
+        the flag); normalises `betas` to floats and `partition` to (i, N)."""
         if (self.data is None) == (self.input_store is None):
-            raise ValueError("PrecomputeConfig: set exactly one of data (a dataset URL) or "
-                             "input_store (a rollout store URL)")
+            raise ValueError("pass exactly one of --data FILE (a dataset) or --input-store URL "
+                             "(a rollout store to score)")
         if self.teacher is None and self.reference is not None:
-            raise ValueError("PrecomputeConfig: a reference needs a teacher (teacher=None writes "
-                             "a tokenized-only store without teacher signals)")
+            raise ValueError("--reference needs a --teacher (without a teacher, precompute writes "
+                             "a tokenized-only store with no teacher signals)")
         if self.teacher is None and self.tokenizer is None:
-            raise ValueError("PrecomputeConfig: teacher=None (tokenized-only store) needs "
-                             "tokenizer=<a model or tokenizer directory>")
-        if self.k < 1:
-            raise ValueError(f"PrecomputeConfig.k must be >= 1, got {self.k}")
-        if self.partition is not None:
-            i, n = self.partition
-            if not 0 <= i < n:
-                raise ValueError(f"partition {self.partition}: need 0 <= index < count")
-        if self.batch_tokens < 1:
-            raise ValueError("batch_tokens must be >= 1")
-        if self.truncate not in ("truncate", "skip", "fail"):
-            raise ValueError(f"truncate must be 'truncate', 'skip' or 'fail', got {self.truncate!r}")
-        modes = [name for name, v in (("partition", self.partition), ("devices", self.devices),
-                                      ("merge_parts", self.merge_parts)) if v]
+            raise ValueError("no --teacher: pass --teacher DIR (the DPO teacher) to score the "
+                             "data, or only --tokenizer DIR for a tokenized-only store (token "
+                             "ids, no teacher signals; e.g. SFT data)")
+        check_int("k", self.k, 1)
+        self.betas = parse_betas(self.betas)
+        check_choice("truncate", self.truncate, ("truncate", "skip", "fail"))
+        check_choice("kind", self.kind, ("auto", "preference", "sft"))
+        check_int("max_length", self.max_length, 1, optional=True)
+        check_int("limit", self.limit, 1, optional=True)
+        check_template("context_template", self.context_template, ("context", "prompt"))
+        self.partition = parse_partition(self.partition)
+        if self.devices is not None:
+            if isinstance(self.devices, str):
+                self.devices = [d for d in self.devices.split(",")]
+            if not self.devices or any(not str(d).strip() for d in self.devices):
+                raise ValueError(f"--devices {self.devices!r} has an empty entry; e.g. --devices "
+                                 "0,1,2,3, --devices all or --devices cpu,cpu")
+        check_int("merge_parts", self.merge_parts, 1, optional=True)
+        modes = [name for name, v in (("--partition", self.partition), ("--devices", self.devices),
+                                      ("--merge-parts", self.merge_parts)) if v]
         if len(modes) > 1:
-            raise ValueError(f"set only one of {' / '.join(modes)}: devices runs every partition "
-                             "itself and merges them; merge_parts merges partitions run elsewhere")
-        if self.merge_parts is not None and self.merge_parts < 1:
-            raise ValueError(f"merge_parts must be >= 1 (the partition count), got {self.merge_parts}")
+            raise ValueError(f"set only one of {' / '.join(modes)}: --devices runs every partition "
+                             "itself and merges them; --merge-parts merges partitions run elsewhere")
+        check_int("batch_tokens", self.batch_tokens, 1)
+        check_int("max_batch_seqs", self.max_batch_seqs, 1)
+        check_int("chunk_size", self.chunk_size, 1, optional=True)
+        check_int("shard_records", self.shard_records, 1)
+        check_codec(self.codec, self.error_bound)
+        resolve_dtype(self.dtype, resolve_device("cpu"))  # names the accepted dtypes
+        if not self.devices:  # the launcher picks each worker's device itself
+            check_device(self.device)
 
 
 def _groups_from_store(urls: str) -> tuple[list[list[Sequence]], dict[str, Any], bool]:
@@ -131,6 +165,8 @@ def _groups_from_store(urls: str) -> tuple[list[list[Sequence]], dict[str, Any],
     e.g. PBSD's teacher-with-context rollouts (y+) and student rollouts (y-) of one prompt
     become one group, scored together."""
     stores = [open_store(u.strip()) for u in urls.split(",") if u.strip()]
+    if not stores:
+        raise ValueError(f"--input-store {urls!r} names no store")
     for st in stores:
         if not st.complete:
             raise ValueError(f"input store {st.url} is incomplete; finish the rollout run first")
@@ -145,8 +181,8 @@ def _groups_from_store(urls: str) -> tuple[list[list[Sequence]], dict[str, Any],
                 tp = r.get("teacher_prompt_ids")
                 joined.setdefault(str(r["example_id"]), []).append(Sequence(
                     str(r["example_id"]), str(r["role"]), int(r.get("group", 0)),
-                    [int(t) for t in r["prompt_ids"]], [int(t) for t in r["response_ids"]],
-                    None if tp is None else [int(t) for t in tp], extra))
+                    np.asarray(r["prompt_ids"], np.int32), np.asarray(r["response_ids"], np.int32),
+                    None if tp is None else np.asarray(tp, np.int32), extra))
     fps = [{"input_store": st.manifest.get("store_key"), "checksum": st.manifest.get("checksum")}
            for st in stores]
     return list(joined.values()), (fps[0] if len(fps) == 1 else {"input_stores": fps}), has_behavior
@@ -158,9 +194,19 @@ def _data_options(cfg: PrecomputeConfig) -> DataOptions:
                        context_template=cfg.context_template, limit=cfg.limit)
 
 
+def _no_rows_left(cfg: PrecomputeConfig, stats: DataStats) -> DataError:
+    long_prompt = stats.skipped_long_prompt
+    return DataError(
+        f"{cfg.data or cfg.input_store}: no rows left to score: all {stats.rows} rows were dropped "
+        f"({long_prompt} with a prompt of >= max_length {cfg.max_length} tokens, "
+        f"{stats.skipped - long_prompt} longer than max_length with --truncate skip); raise "
+        "--max-length")
+
+
 def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any, DataStats]:
     """Tokenize and fingerprint everything (no model weights loaded): meta, ALL groups of the
-    dataset (a partition's share is chosen from the batch plan by run_precompute), tokenizer."""
+    dataset (a partition's share is chosen from the batch plan by run_precompute), tokenizer.
+    Every check that needs no model runs here, before anything is written."""
     cfg.validate()
     main_role = "teacher" if cfg.teacher else "tokenizer"
     tok = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code, role=main_role)
@@ -172,13 +218,18 @@ def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any
         if name:
             other = load_tokenizer(name, cfg.trust_remote_code, role=role)
             check_same_tokenizer(tok, other, main_role, role, t_vocab, model_vocab_size(name))
+    vocab = t_vocab or len(tok)
+    if cfg.teacher and cfg.k > vocab:
+        raise ValueError(f"--k {cfg.k} > the teacher's vocabulary of {vocab} tokens; pass a "
+                         f"--k of at most {vocab} (typically 20-100)")
     tok_fp = tokenizer_fingerprint(tok)
     stats = DataStats()
     has_behavior = False
     if cfg.data is not None:
-        rows, file_sha = read_rows(cfg.data)
+        files = data_files(cfg.data)
+        file_sha = files_sha256(files)
         opts = _data_options(cfg)
-        groups = list(tokenize_rows(rows, tok, opts, stats))
+        groups = list(tokenize_rows(iter_rows(files, cfg.limit), tok, opts, stats))
         ds_fp = {"sha256": dataset_fingerprint(file_sha, opts, tok_fp)}
     else:
         groups, ds_fp, has_behavior = _groups_from_store(cfg.input_store)
@@ -186,6 +237,8 @@ def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any
         stats.rows = len(groups)
         stats.sequences = sum(len(g) for g in groups)
         ds_fp = dict(ds_fp, limit=cfg.limit)
+    if not groups:
+        raise _no_rows_left(cfg, stats)
 
     fields, models = [], {}
     if cfg.teacher:
@@ -257,10 +310,17 @@ def cache_hit(url: str, meta: StoreMeta) -> bool:
 
 
 def check_writable(url: str) -> None:
-    """Fail before any model is loaded when a local output location cannot be written."""
+    """Fail before any model is loaded when a local output location cannot be written.
+    Leaves nothing behind: directories it had to create for the probe are removed again
+    (the store's writer creates them when it commits its first shard)."""
     if "://" in url and not url.startswith("file://"):
         return  # object stores: the first write reports its own error
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+    created = []
+    d = path
+    while not os.path.exists(d) and os.path.dirname(d) != d:
+        created.append(d)
+        d = os.path.dirname(d)
     probe = os.path.join(path, f".kdcache-write-probe-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -270,10 +330,17 @@ def check_writable(url: str) -> None:
     except OSError as e:
         raise OSError(f"output directory {path!r} is not writable ({e.strerror or e}); pass a "
                       "writable --out / --out-root, or fix its permissions") from None
+    finally:
+        for c in created:  # deepest first
+            try:
+                os.rmdir(c)
+            except OSError:
+                break
 
 
 def run_precompute(cfg: PrecomputeConfig) -> str:
     """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
+    cfg.validate()
     if cfg.devices:
         from .launch import launch
 
@@ -294,18 +361,18 @@ def run_precompute(cfg: PrecomputeConfig) -> str:
     check_writable(url)
     _report_data(cfg, stats)
     try:
-        with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=cfg.resume) as writer:
-            done = writer.done_example_ids
+        with GroupWriter(url, meta, cfg.shard_records, cfg.resume, "precompute_report") as writer:
+            done = writer.done
             if done:
                 log.info("%s: resuming, %d of %d groups already committed", url,
-                            len(done & {g[0].example_id for g in groups}), len(groups))
+                         len(done & {g[0].example_id for g in groups}), len(groups))
             if cfg.teacher is None:
                 _tokenized_into(writer, [g for g in groups if g[0].example_id not in done],
                                 tok.eos_token_id)
             elif len(done) < len(groups):
                 _score_into(cfg, writer, plan, done, tok)
-            report = writer.manifest.setdefault("precompute_report", {})
-            report.update(rows=stats.rows, truncated=stats.truncated, skipped=stats.skipped)
+            writer.close({"rows": stats.rows, "truncated": stats.truncated,
+                          "skipped": stats.skipped})
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(f"no space left on the device writing {url} ({e.strerror or e}); the "
@@ -322,11 +389,12 @@ def _report_data(cfg: PrecomputeConfig, stats: DataStats) -> None:
                     " counted in the manifest's precompute_report; truncate='fail' refuses "
                     "instead)", stats.truncated, stats.sequences, cfg.max_length)
     if stats.skipped:
-        log.warning("skipped %d of %d rows longer than max_length %s", stats.skipped,
-                    stats.rows, cfg.max_length)
+        log.warning("skipped %d of %d rows longer than max_length %s (%d of them: the prompt "
+                    "alone fills max_length)", stats.skipped, stats.rows, cfg.max_length,
+                    stats.skipped_long_prompt)
 
 
-def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, plan: list[list[list[Sequence]]],
+def _score_into(cfg: PrecomputeConfig, writer: GroupWriter, plan: list[list[list[Sequence]]],
                 done: set[str], tok: Any) -> None:
     from . import engine
 
@@ -342,7 +410,7 @@ def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, plan: list[list[list
             verify_head(ref.model, ref.head)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     floor = -255.0 if cfg.codec == "compact" else None  # store's compact codec bound (|x|<=256)
-    report = writer.manifest.setdefault("precompute_report", {})
+    report = writer.existing_report()
     acc = {"tokens": 0.0, "topk_mass": 0.0, "ref_paper_abs_err": 0.0}
     for key in acc:  # accumulate over resumed runs
         acc[key] = float(report.get(f"sum_{key}", 0.0))
@@ -375,11 +443,11 @@ def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, plan: list[list[list
                 toks += sum(s.length for s in g)
             rate = toks / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=n_new, tps=f"{rate:,.0f}")
-            _write_report(report, acc)
-    _write_report(report, acc)
+            if n_new:
+                _write_report(writer.report, acc)
 
 
-def _tokenized_into(writer: StoreWriter, todo: list[list[Sequence]], eos_id: int) -> None:
+def _tokenized_into(writer: GroupWriter, todo: list[list[Sequence]], eos_id: int) -> None:
     """No teacher: records carry only token ids (and carried rollout fields), e.g. for SFT."""
     for g in todo:
         recs = []
@@ -390,7 +458,7 @@ def _tokenized_into(writer: StoreWriter, todo: list[list[Sequence]], eos_id: int
                 "response_ids": np.asarray(s.response_ids, np.int32),
                 "teacher_prompt_ids": (None if s.teacher_prompt_ids is None
                                        else np.asarray(s.teacher_prompt_ids, np.int32)),
-                "is_terminal": bool(s.response_ids and s.response_ids[-1] == eos_id),
+                "is_terminal": bool(len(s.response_ids) and s.response_ids[-1] == eos_id),
                 "reward": s.extra.get("reward"), "n_tokens": len(s.response_ids),
             }
             if s.extra.get("behavior_logprob") is not None:

@@ -121,7 +121,7 @@ def test_include_chosen_needs_a_response_column(workdir):
     (workdir / "prompts.jsonl").write_text(json.dumps({"prompt": "a b"}))
     cfg = RolloutConfig(model=str(workdir / "student"), data=str(workdir / "prompts.jsonl"),
                         include_chosen=True, out_root=str(workdir / "s2"), progress=False)
-    with pytest.raises(DataError, match="include_chosen"):
+    with pytest.raises(DataError, match="prompts.jsonl line 1: --include-chosen needs"):
         run_rollout(cfg)
 
 
