@@ -1,19 +1,29 @@
-"""One box, several devices: one precompute process per device over partitions, then a merge.
+"""The multi-process layer of precompute, above the one-process run (`run.run_one`).
 
-`launch(cfg)` (what `kdcache precompute --devices 0,1,2,3` runs) starts one subprocess per
-device with `CUDA_VISIBLE_DEVICES=<id>` and `partition=(i, N)`, waits for all of them, and
-merges the N partition stores with `merge_parts` into the store an unpartitioned run writes:
-same key (`<out_root>/<store_key>`, no partition in its meta), same records in the same order.
-Why processes and not threads or torchrun: a teacher per GPU needs no communication, a
-process per device isolates CUDA contexts and memory, and a failed device only loses its own
-partition (every partition resumes from its last committed shard on the next launch).
+`run_precompute(cfg)` is the entry point (`kdcache precompute`, `kdcache.precompute.
+run_precompute`): it checks the options, then runs
+- `--partition auto`: this process's part from torchrun (`RANK`/`WORLD_SIZE`, device from
+  `LOCAL_RANK`) or a Slurm array (`SLURM_ARRAY_TASK_ID`, `..._COUNT`, `..._MIN`, `..._STEP`);
+  both at once (torchrun inside each array task) give array_index * WORLD_SIZE + RANK;
+- `--devices 0,1,2,3`: `launch`, one subprocess per device over partitions, then a merge;
+- `--merge-parts N`: `merge_parts`, the N complete partition stores merged into the store an
+  unpartitioned run writes;
+- otherwise `run.run_one` (the whole run, or an explicit `--partition i/N`).
 
-`merge_parts(cfg)` (`kdcache precompute ... --merge-parts N`) is also the last step after
-partitions ran elsewhere (a Slurm array, torchrun). It needs no GPU and loads no model: it
-tokenizes the dataset to recompute the keys and the single run's write order, checks that all
-N partition stores are complete, and interleaves their groups in that order (each partition is
-written in the same order restricted to its examples), so the merged shards are cut exactly
-where the single run cuts them.
+`launch(cfg)` starts one subprocess per device with `CUDA_VISIBLE_DEVICES=<id>` and
+`partition=(i, N)`, waits for all of them, and merges the N partition stores with
+`merge_parts`: same key (`<out_root>/<store_key>`, no partition in its meta), same records in
+the same order. Why processes and not threads or torchrun: a teacher per GPU needs no
+communication, a process per device isolates CUDA contexts and memory, and a failed device
+only loses its own partition (every partition resumes from its last committed shard on the
+next launch).
+
+`merge_parts(cfg)` is also the last step after partitions ran elsewhere (a Slurm array,
+torchrun). It needs no GPU and loads no model: it tokenizes the dataset to recompute the keys
+and the single run's write order, checks that all N partition stores are complete, and
+interleaves their groups in that order (each partition is written in the same order
+restricted to its examples), so the merged shards are cut exactly where the single run cuts
+them.
 """
 
 from __future__ import annotations
@@ -27,25 +37,114 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .data import DataStats
 from .models import resolve_device
 from .run import (
     PrecomputeConfig,
-    _report_data,
     cache_hit,
     check_writable,
     default_url,
     log,
     plan_batches,
     prepare,
+    report_data,
+    run_one,
 )
 from .storeapi import NoStoreError, StoreMeta, open_store, store_key
 from .writing import GroupWriter
 
-__all__ = ["launch", "merge_parts", "parse_devices"]
+__all__ = ["launch", "merge_parts", "parse_devices", "partition_from_env", "run_precompute"]
+
+
+def run_precompute(cfg: PrecomputeConfig) -> str:
+    """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
+    cfg.validate()
+    if cfg.partition == "auto":
+        part, device = partition_from_env(os.environ)
+        if device is not None and cfg.device == "auto":
+            cfg = dataclasses.replace(cfg, device=device)
+        cfg = dataclasses.replace(cfg, partition=part)
+        log.info("--partition auto: part %d/%d on device %s", part[0], part[1], cfg.device)
+    if cfg.devices:
+        return launch(cfg)
+    if cfg.merge_parts:
+        return merge_parts(cfg)
+    return run_one(cfg)
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    v = env.get(name)
+    if v is None or not v.strip():
+        if default is None:
+            raise ValueError(f"--partition auto: {name} is not set")
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"--partition auto: {name}={v!r} is not an integer") from None
+
+
+def partition_from_env(env: Mapping[str, str]) -> tuple[tuple[int, int], str | None]:
+    """(index, count) of this process for `--partition auto`, and the CUDA device torchrun's
+    LOCAL_RANK picks (None outside torchrun or without CUDA).
+
+    Slurm array: index = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP,
+    count = SLURM_ARRAY_TASK_COUNT (so --array=1-8 or --array=0-14:2 work; a list such as
+    --array=1,3,7 has no fixed step and is refused). torchrun: RANK of WORLD_SIZE. Both: the
+    array task's WORLD_SIZE processes split its share (index = array_index * WORLD_SIZE + RANK).
+    """
+    parts: list[tuple[int, int]] = []
+    if env.get("SLURM_ARRAY_TASK_ID", "").strip():
+        tid = _env_int(env, "SLURM_ARRAY_TASK_ID")
+        lo = _env_int(env, "SLURM_ARRAY_TASK_MIN", 0)
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP", 1)
+        spanned = None  # tasks between MIN and MAX: a list (--array=1,3,7) has fewer
+        if env.get("SLURM_ARRAY_TASK_MAX", "").strip():
+            spanned = (_env_int(env, "SLURM_ARRAY_TASK_MAX") - lo) // max(step, 1) + 1
+        count = (_env_int(env, "SLURM_ARRAY_TASK_COUNT") if "SLURM_ARRAY_TASK_COUNT" in env
+                 else spanned if spanned is not None  # older Slurm: from the bounds
+                 else _env_int(env, "SLURM_ARRAY_TASK_COUNT"))
+        if (step < 1 or count < 1 or (spanned is not None and spanned != count)
+                or (tid - lo) % step or not 0 <= (tid - lo) // step < count):
+            raise ValueError(
+                f"--partition auto: Slurm array task {tid} is not one of {count} evenly spaced "
+                f"tasks from {lo} by {step} (SLURM_ARRAY_TASK_MIN/STEP/COUNT); submit a range "
+                "(--array=0-7 or --array=0-14:2, not a list), or pass --partition i/N")
+        parts.append(((tid - lo) // step, count))
+    device = None
+    if env.get("WORLD_SIZE", "").strip() or env.get("RANK", "").strip():
+        rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
+        if not 0 <= rank < world:
+            raise ValueError(f"--partition auto: RANK={rank} is not in [0, WORLD_SIZE={world})")
+        parts.append((rank, world))
+        device = _local_device(_env_int(env, "LOCAL_RANK", rank))
+    if not parts:
+        raise ValueError(
+            "--partition auto found neither torchrun (RANK, WORLD_SIZE) nor a Slurm array "
+            "(SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) in the environment; run it under "
+            "torchrun or in an `sbatch --array` job, or pass --partition i/N")
+    index, count = 0, 1
+    for i, n in parts:  # array task first, then the torchrun rank inside it
+        index, count = index * n + i, count * n
+    return (index, count), device
+
+
+def _local_device(local_rank: int) -> str | None:
+    """torchrun does not set CUDA_VISIBLE_DEVICES: LOCAL_RANK picks the GPU of this process."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    n = torch.cuda.device_count()
+    if local_rank < n:
+        return f"cuda:{local_rank}"
+    if n == 1:  # the launcher already restricted each process to its GPU
+        return "cuda:0"
+    raise ValueError(f"--partition auto: LOCAL_RANK={local_rank} but only {n} CUDA devices are "
+                     "visible; start at most that many processes per node")
 
 
 def parse_devices(devices: list[str]) -> list[str]:
@@ -108,7 +207,7 @@ def launch(cfg: PrecomputeConfig) -> str:
         return url
     check_writable(url)
     check_writable(cfg.out_root)
-    _report_data(base, stats)
+    report_data(base, stats)
     logdir = _logdir(cfg, meta)
     procs: list[tuple[int, str, subprocess.Popen, str]] = []
     try:
@@ -292,9 +391,7 @@ def _worker(spec_path: str) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        from .run import run_precompute
-
-        print(run_precompute(cfg), flush=True)
+        print(run_one(cfg), flush=True)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

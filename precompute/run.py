@@ -1,16 +1,18 @@
-"""`run_precompute(cfg)`: score a dataset (or a rollout store) with the DPO teacher and the
+"""One precompute process: score a dataset (or a rollout store) with the DPO teacher and the
 reference ONCE and write every METHODS.md §1 field into a content-addressed store.
 
-Flow: tokenize -> fingerprints -> StoreMeta -> (no-op if that store is already complete) ->
-load models -> length-bucketed batches -> engine.score_sequences -> StoreWriter.add_group.
-Resume: groups already committed (writer.done_example_ids) are skipped, so a killed run
-continues where its last committed shard ended and produces the same store.
+Flow of `run_one(cfg)`: tokenize -> fingerprints -> StoreMeta -> (no-op if that store is
+already complete) -> load models -> length-bucketed batches -> engine.score_sequences ->
+GroupWriter. Resume: groups already committed are skipped, so a killed run continues where
+its last committed shard ended and produces the same store.
 Partition: `partition=(i, n)` keeps batches i, i+n, ... of the run's batch plan (length-sorted,
 so every part gets a similar mix of lengths); each part is its own store (the partition and
 the batch settings are in the options, hence in the key), so n machines can precompute one
-dataset without sharing a writer, and `launch.merge_parts` interleaves the parts back into the
-single run's order: a part's forwards are the single run's forwards, so the merged store
-equals the single run's shard for shard (on one deterministic backend).
+dataset without sharing a writer.
+
+This module is the single-process layer and imports nothing above it: the multi-process
+layer (`launch.py`: `run_precompute`, `--partition auto`, `--devices`, `--merge-parts`) calls
+`run_one`, never the other way round.
 """
 
 from __future__ import annotations
@@ -338,17 +340,13 @@ def check_writable(url: str) -> None:
                 break
 
 
-def run_precompute(cfg: PrecomputeConfig) -> str:
-    """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
+def run_one(cfg: PrecomputeConfig) -> str:
+    """The whole run, or partition (i, N) of it, in this process; returns the store URL.
+    Re-running with identical inputs is a no-op (no model is loaded)."""
     cfg.validate()
-    if cfg.devices:
-        from .launch import launch
-
-        return launch(cfg)
-    if cfg.merge_parts:
-        from .launch import merge_parts
-
-        return merge_parts(cfg)
+    if cfg.partition == "auto" or cfg.devices or cfg.merge_parts:
+        raise ValueError("run_one runs one process; --partition auto, --devices and "
+                         "--merge-parts go through kdcache.precompute.run_precompute")
     meta, groups, tok, stats = prepare(cfg)
     plan = plan_batches(cfg, groups)
     if cfg.partition is not None:  # this process's share: every n-th batch of the full plan
@@ -359,7 +357,7 @@ def run_precompute(cfg: PrecomputeConfig) -> str:
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
         return url  # content-addressed cache hit: nothing to do, no model loaded
     check_writable(url)
-    _report_data(cfg, stats)
+    report_data(cfg, stats)
     try:
         with GroupWriter(url, meta, cfg.shard_records, cfg.resume, "precompute_report") as writer:
             done = writer.done
@@ -383,7 +381,7 @@ def run_precompute(cfg: PrecomputeConfig) -> str:
     return url
 
 
-def _report_data(cfg: PrecomputeConfig, stats: DataStats) -> None:
+def report_data(cfg: PrecomputeConfig, stats: DataStats) -> None:
     if stats.truncated:
         log.warning("truncated %d of %d sequences to max_length %s (responses cut, not terminal;"
                     " counted in the manifest's precompute_report; truncate='fail' refuses "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.precompute import engine
+from kdcache.precompute import PrecomputeConfig, engine, run_precompute
 from kdcache.precompute.data import (
     DataError,
     DataOptions,
@@ -27,7 +27,6 @@ from kdcache.precompute.models import (
     tokenizer_fingerprint,
     verify_head,
 )
-from kdcache.precompute.run import PrecomputeConfig, run_precompute
 from kdcache.precompute.scoring import LMHead
 from kdcache.store import open_store
 from kdcache.train.tiny import build_tokenizer, save_tiny
@@ -235,3 +234,19 @@ def test_verify_head_refuses_unknown_logit_transform(work):
     with pytest.raises(ModelLoadError, match="logit transform"):
         verify_head(model, LMHead.from_model(model))
     assert torch.is_tensor(head.weight)
+
+
+def test_single_process_layer_never_imports_the_multi_process_layer():
+    """run.py (one process) is called by launch.py (partitions, devices, merge), never the
+    other way round: following a config goes entry -> launch -> run, once."""
+    import ast
+    import inspect
+
+    from kdcache.precompute import run
+
+    tree = ast.parse(inspect.getsource(run))
+    imported = {node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names}
+    assert not any("launch" in m for m in imported), imported

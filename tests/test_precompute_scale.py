@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 import kdcache.cli as cli
+from kdcache.precompute import PrecomputeConfig, run_precompute
 from kdcache.precompute import run as run_mod
-from kdcache.precompute.run import PrecomputeConfig, run_precompute
 from kdcache.store import open_store
 from kdcache.train.tiny import save_tiny
 
@@ -170,6 +171,68 @@ def test_partitions_then_merge_equal_one_run(work, single, n):
     assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [url.name]
     # a single run with these inputs is now a cache hit
     assert run_precompute(_cfg(work, out_root=str(root))) == str(url)
+
+
+@pytest.mark.parametrize("env,want", [
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}, (3, 8)),
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "4"},
+     (1, 4)),  # --array=4-7
+    ({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2",
+      "SLURM_ARRAY_TASK_STEP": "2"}, (2, 4)),  # --array=2-8:2
+    ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "8"},
+     (6, 8)),  # no COUNT (old Slurm): from the bounds
+    ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (5, 8)),  # torchrun, 2 nodes x 4
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "RANK": "1", "WORLD_SIZE": "4"},
+     (5, 12)),  # torchrun inside each array task
+])
+def test_partition_from_the_environment(env, want):
+    from kdcache.precompute.launch import partition_from_env
+
+    part, device = partition_from_env(env)
+    assert part == want
+    assert device is None or device.startswith("cuda")  # LOCAL_RANK picks a GPU when there is one
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({}, "found neither torchrun (RANK, WORLD_SIZE) nor a Slurm array"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1",
+      "SLURM_ARRAY_TASK_MAX": "7"}, "submit a range"),  # --array=1,3,7
+    ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"}, "SLURM_ARRAY_TASK_ID='x'"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not in [0, WORLD_SIZE=2)"),
+    ({"RANK": "0"}, "WORLD_SIZE is not set"),
+])
+def test_partition_auto_errors(env, needle):
+    from kdcache.precompute.launch import partition_from_env
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        partition_from_env(env)
+
+
+def test_partition_auto_then_merge_equal_one_run(work, single, monkeypatch):
+    """Part 0 as a Slurm array task (--array=3-4), part 1 as torchrun rank 1 of 2: both
+    `--partition auto`; `--merge-parts 2` gives the single run's store."""
+    root = work / "auto"
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "RANK",
+              "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    res = runner.invoke(cli.app, _args(work, "--out-root", str(root), "--partition", "auto"))
+    assert res.exit_code == 2 and "found neither torchrun" in res.output
+    assert not root.exists()
+    with monkeypatch.context() as m:
+        m.setenv("SLURM_ARRAY_TASK_ID", "3")
+        m.setenv("SLURM_ARRAY_TASK_MIN", "3")
+        m.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        url = _cli(*_args(work, "--out-root", str(root), "--partition", "auto")).stdout.strip()
+        assert open_store(url).meta.options["partition"] == [0, 2]
+    with monkeypatch.context() as m:
+        m.setenv("RANK", "1")
+        m.setenv("WORLD_SIZE", "2")
+        m.setenv("LOCAL_RANK", "1")
+        url = _cli(*_args(work, "--out-root", str(root), "--partition", "auto")).stdout.strip()
+        assert open_store(url).meta.options["partition"] == [1, 2]
+    res = _cli(*_args(work, "--out-root", str(root), "--merge-parts", "2"))
+    m = _manifest(Path(res.stdout.strip().splitlines()[-1]))
+    assert m["store_key"] == single["store_key"] and m["checksum"] == single["checksum"]
 
 
 def test_merge_parts_names_a_missing_partition(work):
