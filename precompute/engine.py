@@ -14,6 +14,7 @@ Two layouts:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -35,8 +36,19 @@ class Scorer:
     base: nn.Module
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> Scorer:
-        return cls(model=model, head=LMHead.from_model(model), base=base_model(model))
+    def from_model(cls, model: nn.Module, vocab: int | None = None) -> Scorer:
+        """`vocab`: score ids [0, vocab) only; a head with more rows (vocabulary padding no
+        tokenizer emits) is sliced (a view: no copy), so log_softmax, top-K and soft values
+        are over the tokenizer's ids."""
+        head = LMHead.from_model(model)
+        if vocab is not None and head.vocab_size != vocab:
+            if head.vocab_size < vocab:
+                raise ValueError(f"{type(model).__name__} has {head.vocab_size} output rows, fewer "
+                                 f"than the {vocab} token ids of its tokenizer")
+            head = dataclasses.replace(
+                head, weight=head.weight[:vocab],
+                bias=None if head.bias is None else head.bias[:vocab])
+        return cls(model=model, head=head, base=base_model(model))
 
     @property
     def device(self) -> torch.device:

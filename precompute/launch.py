@@ -29,7 +29,6 @@ them.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .data import DataStats
@@ -45,10 +44,12 @@ from .models import resolve_device
 from .run import (
     PrecomputeConfig,
     cache_hit,
+    check_data,
     check_writable,
     default_url,
+    iter_batches,
     log,
-    plan_batches,
+    partition_plan,
     prepare,
     report_data,
     run_one,
@@ -183,14 +184,15 @@ def _with_partition(meta: StoreMeta, part: tuple[int, int] | None,
     d["options"] = dict(d["options"], partition=list(part) if part else None)
     d["options"].pop("partition_plan", None)
     if part:
-        d["options"]["partition_plan"] = {"batch_tokens": cfg.batch_tokens, "packed": cfg.packed,
-                                          "max_batch_seqs": cfg.max_batch_seqs}
+        d["options"]["partition_plan"] = partition_plan(cfg)
     return StoreMeta.from_dict(d)
 
 
 def _worker_cfg(cfg: PrecomputeConfig, i: int, n: int, device: str) -> PrecomputeConfig:
+    # the data was checked by the launcher: a worker streams it once (ids still checked)
     return dataclasses.replace(cfg, partition=(i, n), devices=None, merge_parts=None, out=None,
-                               device="cpu" if device == "cpu" else "cuda", progress=False)
+                               device="cpu" if device == "cpu" else "cuda", progress=False,
+                               check_data=False)
 
 
 def launch(cfg: PrecomputeConfig) -> str:
@@ -200,14 +202,17 @@ def launch(cfg: PrecomputeConfig) -> str:
     n = len(devices)
     # the dtype in the key follows the device the workers use, not this process's device
     base = dataclasses.replace(cfg, devices=None, device="cpu" if devices[0] == "cpu" else "cuda")
-    meta, _, _, stats = prepare(base)
+    prep = prepare(base)
+    meta = prep.meta
     url = default_url(cfg, meta)
     if cache_hit(url, meta):
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
         return url
+    stats = check_data(base, prep) if cfg.check_data else None
     check_writable(url)
     check_writable(cfg.out_root)
-    report_data(base, stats)
+    if stats is not None:
+        report_data(base, stats)
     logdir = _logdir(cfg, meta)
     procs: list[tuple[int, str, subprocess.Popen, str]] = []
     try:
@@ -315,38 +320,42 @@ def _find_parts(cfg: PrecomputeConfig, meta: StoreMeta, n: int) -> tuple[StoreMe
 
 
 def merge_parts(cfg: PrecomputeConfig) -> str:
-    """Merge the complete partition stores i/N (N = cfg.merge_parts) into the full store."""
+    """Merge the complete partition stores i/N (N = cfg.merge_parts) into the full store.
+
+    Streams the single run's batch plan again (the dataset is tokenized, no model loaded):
+    batch b is the next len(b) groups of partition b mod N, checked id by id, so memory does
+    not grow with the dataset and the merged store is written in the single run's order."""
     n = int(cfg.merge_parts or 0)
     base = dataclasses.replace(cfg, merge_parts=None, devices=None, partition=None)
-    meta, groups, _, stats = prepare(base)
-    for cand in _candidates(base, meta):
+    prep = prepare(base)
+    for cand in _candidates(base, prep.meta):
         if cache_hit(default_url(cfg, cand), cand):
             log.info("%s: already merged; nothing to do", default_url(cfg, cand))
             return default_url(cfg, cand)
-    meta, parts = _find_parts(base, meta, n)
+    meta, parts = _find_parts(base, prep.meta, n)
     url = default_url(cfg, meta)
     check_writable(url)
-    rank = {g[0].example_id: r for r, g in
-            enumerate(g for b in plan_batches(base, groups) for g in b)}
-    def keyed(st: Any) -> Iterator[tuple[int, list[dict]]]:
-        for g in st.groups():
-            eid = str(g[0]["example_id"])
-            if eid not in rank:
-                raise ValueError(f"{st.url}: example {eid!r} is not in this dataset; the partition "
-                                 "stores belong to another run")
-            yield rank[eid], g
-
+    stats = DataStats()
+    streams = [iter(st.groups()) for st in parts]
     t0 = time.perf_counter()
     with GroupWriter(url, meta, cfg.shard_records, True, "precompute_report") as w:
         done = w.done
-        seen = 0
-        for _, g in heapq.merge(*(keyed(st) for st in parts), key=lambda x: x[0]):
-            seen += 1
-            if str(g[0]["example_id"]) not in done:
-                w.add_group(g)
-        if seen != len(rank):
-            raise ValueError(f"the {n} partitions hold {seen} groups, the dataset {len(rank)}; "
-                             "they are not the partitions of this run")
+        for b, batch in enumerate(iter_batches(base, prep.source.groups(stats, check_ids=False))):
+            p = b % n
+            for g in batch:
+                got = next(streams[p], None)
+                found = None if got is None else str(got[0]["example_id"])
+                if found != g[0].example_id:
+                    raise ValueError(
+                        f"partition {p}/{n} ({parts[p].url}) does not hold this run's batch {b}: "
+                        f"expected example {g[0].example_id!r}, found {found!r}; the partition "
+                        "stores belong to another run or dataset")
+                if found not in done:
+                    w.add_group(got)
+        for p, rest in enumerate(streams):
+            if next(rest, None) is not None:
+                raise ValueError(f"partition {p}/{n} ({parts[p].url}) holds more groups than "
+                                 "this run's plan gives it; it belongs to another run or dataset")
         w.close(_merged_report(parts, stats, n))
     log.info("merged %d partitions into %s in %.1fs", n, url, time.perf_counter() - t0)
     if not cfg.keep_parts:

@@ -114,6 +114,10 @@ def test_resume_after_crash_gives_the_same_store(work, monkeypatch):
     a = {(r["example_id"], r["role"]): r for r in full}
     for r in resumed:
         np.testing.assert_array_equal(r["topk_ids"], a[(r["example_id"], r["role"])]["topk_ids"])
+    # the report counts each group once: not the groups the crash left uncommitted, not twice
+    got, want = resumed.manifest["precompute_report"], full.manifest["precompute_report"]
+    assert got["sum_tokens"] == want["sum_tokens"] == full.num_tokens
+    assert got["mean_topk_mass"] == pytest.approx(want["mean_topk_mass"], rel=1e-9)
 
 
 def test_tokenized_only_store_without_teacher(work):
@@ -196,8 +200,10 @@ def test_tokenizer_mismatch_and_model_errors(work, tmp_path):
     other = build_tokenizer(words=["x", "y", "z"])
     with pytest.raises(ValueError, match=r"teacher vocab 52 != student vocab 9: .*share one tokenizer"):
         check_same_tokenizer(TOK, other)
-    with pytest.raises(ValueError, match="teacher vocab 52 != student vocab 64"):
-        check_same_tokenizer(TOK, TOK, model_vocab_a=52, model_vocab_b=64)
+    # one tokenizer, output layers of different sizes (vocabulary padding): accepted
+    check_same_tokenizer(TOK, TOK, model_vocab_a=52, model_vocab_b=64)
+    with pytest.raises(ValueError, match="has 50 output rows .* but its tokenizer has 52"):
+        check_same_tokenizer(TOK, TOK, model_vocab_a=52, model_vocab_b=50)
     check_same_tokenizer(TOK, build_tokenizer())
     save_tiny(tmp_path / "small", tokenizer=other)
     with pytest.raises(ValueError, match="teacher vocab 52 != student vocab 9"):
