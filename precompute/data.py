@@ -278,17 +278,27 @@ class Tokenizing:
             raise DataError("the tokenizer has no eos_token; responses must end with EOS")
         self.use_template = bool(getattr(tokenizer, "chat_template", None))
 
-    def _template(self, messages: list[dict], generation_prompt: bool, where: str) -> list[int]:
+    def _render(self, messages: list[dict], generation_prompt: bool, where: str) -> str:
         try:
-            text = self.tok.apply_chat_template(
+            return self.tok.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as e:  # noqa: BLE001 - a jinja error from the template, one line
             raise DataError(f"{where}: the tokenizer's chat template failed on this row "
                             f"({type(e).__name__}: {e}); fix the messages (roles, content) or "
                             "pass string prompts / --no-chat-template") from None
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def prompt(self, p: Any, context: str | None = None, where: str = "row") -> list[int]:
+    def _template(self, messages: list[dict], generation_prompt: bool, where: str) -> list[int]:
+        return self.encode([self._render(messages, generation_prompt, where)], False)[0]
+
+    def encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """Many texts in one call: the Rust tokenizer batches them (and uses every core)."""
+        if not texts:
+            return []
+        return [list(x) for x in self.tok(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+
+    def prompt_text(self, p: Any, context: str | None = None, where: str = "row"
+                    ) -> tuple[str, bool]:
+        """The text a prompt is tokenized from, and whether special tokens (BOS) are added."""
         if _is_messages(p):
             msgs = [dict(m) for m in p]
             if context is not None:  # context goes in front of the last user turn
@@ -298,28 +308,39 @@ class Tokenizing:
             if not self.use_template:
                 raise DataError(f"{where}: chat-message prompts need a tokenizer with a chat "
                                 "template; pass string prompts or a tokenizer that has one")
-            return self._template(msgs, True, where)
+            return self._render(msgs, True, where), False
         text = p if context is None else self.opts.context_template.format(context=context, prompt=p)
         if self.use_template and self.opts.chat_template:
-            return self._template([{"role": "user", "content": text}], True, where)
-        return list(self.tok(text, add_special_tokens=True)["input_ids"])
+            return self._render([{"role": "user", "content": text}], True, where), False
+        return text, True
+
+    def prompt(self, p: Any, context: str | None = None, where: str = "row") -> list[int]:
+        text, special = self.prompt_text(p, context, where)
+        return self.encode([text], special)[0]
+
+    def finish_response(self, ids: list[int], where: str, col: str) -> list[int]:
+        """A string response's tokens + EOS (unless it already ends with one). The text is
+        not empty (checked), so no tokens at all means the tokenizer cannot read it."""
+        if not ids:
+            raise DataError(f"{where}: column {col!r} tokenizes to nothing; is the tokenizer "
+                            "the one the models were trained with?")
+        if self.opts.add_eos and ids[-1] != self.eos:
+            ids = [*ids, self.eos]
+        return ids
 
     def response(self, prompt: Any, r: Any, where: str, col: str) -> list[int]:
-        if _is_messages(r):
-            pm = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
-            full = self._template(list(pm) + list(r), False, where)
-            base = self._template(list(pm), True, where)
-            if full[: len(base)] != base:
-                raise DataError(
-                    f"{where}: column {col!r}: the chat template does not render the prompt as a "
-                    "prefix of prompt+response; pass string responses instead")
-            ids = full[len(base):]
-            if self.eos in ids:  # drop template text after the end-of-turn token
-                ids = ids[: len(ids) - ids[::-1].index(self.eos)]
-        else:
-            ids = list(self.tok(r, add_special_tokens=False)["input_ids"])
-            if self.opts.add_eos and (not ids or ids[-1] != self.eos):
-                ids.append(self.eos)
+        if not _is_messages(r):
+            return self.finish_response(self.encode([r], False)[0], where, col)
+        pm = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
+        full = self._template(list(pm) + list(r), False, where)
+        base = self._template(list(pm), True, where)
+        if full[: len(base)] != base:
+            raise DataError(
+                f"{where}: column {col!r}: the chat template does not render the prompt as a "
+                "prefix of prompt+response; pass string responses instead")
+        ids = full[len(base):]
+        if self.eos in ids:  # drop template text after the end-of-turn token
+            ids = ids[: len(ids) - ids[::-1].index(self.eos)]
         if not ids:
             raise DataError(f"{where}: column {col!r} tokenizes to nothing")
         return ids
@@ -382,7 +403,7 @@ def example_id(src: RowSource, opts: DataOptions, seen: IdSet | None) -> str:
 
 
 def row_prompts(src: RowSource, opts: DataOptions, tk: Tokenizing,
-                use_context: bool) -> tuple[list[int], list[int] | None]:
+                use_context: bool) -> tuple[list[int], list[int] | None]:  # (one row: rollout)
     """Prompt ids as the student sees them, and as the teacher sees them when the row has
     a privileged `context` (None otherwise)."""
     prompt = src.row[opts.prompt_column]
@@ -397,12 +418,44 @@ def _ids(v: list[int]) -> np.ndarray:
     return np.asarray(v, dtype=np.int32)
 
 
+class _Texts:
+    """Texts of a chunk of rows, tokenized together (two batched calls: with and without
+    special tokens); `add` returns a slot whose ids `ids(slot)` gives after `run()`."""
+
+    def __init__(self, tk: Tokenizing) -> None:
+        self.tk = tk
+        self.texts: dict[bool, list[str]] = {True: [], False: []}
+        self.out: dict[bool, list[list[int]]] = {}
+
+    def add(self, text: str, special: bool) -> tuple[bool, int]:
+        self.texts[special].append(text)
+        return special, len(self.texts[special]) - 1
+
+    def run(self) -> None:
+        self.out = {k: self.tk.encode(v, k) for k, v in self.texts.items()}
+
+    def ids(self, slot: tuple[bool, int]) -> list[int]:
+        return self.out[slot[0]][slot[1]]
+
+
+def _chunks(rows: Iterable[RowSource], n: int) -> Iterator[list[RowSource]]:
+    chunk: list[RowSource] = []
+    for r in rows:
+        chunk.append(r)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def tokenize_rows(
     rows: Iterable[RowSource], tokenizer: Any, opts: DataOptions, stats: DataStats | None = None,
-    check_ids: bool = True,
+    check_ids: bool = True, chunk_rows: int = 256,
 ) -> Iterator[list[Sequence]]:
-    """Yield one group (list of Sequence) per kept row, in row order, streamed.
-    `check_ids=False` skips the duplicate-id check (the data was checked by an earlier pass)."""
+    """Yield one group (list of Sequence) per kept row, in row order, streamed. Rows are
+    tokenized `chunk_rows` at a time (one batched tokenizer call per chunk). `check_ids=False`
+    skips the duplicate-id check (the data was checked by an earlier pass)."""
     stats = stats if stats is not None else DataStats()
     if opts.kind not in ("preference", "sft", "auto"):
         raise DataError(f"kind must be 'preference', 'sft' or 'auto', got {opts.kind!r}")
@@ -410,37 +463,53 @@ def tokenize_rows(
     seen = IdSet() if check_ids else None
     kind = None
     resp_cols: list[tuple[str, str]] = []
-    for src in rows:
-        row, where = src.row, src.where
-        if kind is None:  # decided by the first row's columns
-            kind = _kind(set(row), opts, where)
-            resp_cols = ([(opts.chosen_column, "chosen"), (opts.rejected_column, "rejected")]
-                         if kind == "preference" else [(opts.completion_column, "sft")])
-        for col in [opts.prompt_column] + [c for c, _ in resp_cols]:
-            if col not in row:
-                need = ", ".join([opts.prompt_column] + [c for c, _ in resp_cols])
-                raise DataError(f"{where}: missing column {col!r} (has {sorted(row)}); {kind} "
-                                f"data needs {need} in every row: add it or drop the row")
-            _check_field(row[col], where, col)
-        ex_id = example_id(src, opts, seen)
-        prompt_ids, teacher_prompt = row_prompts(src, opts, tk, opts.use_context)
-        stats.rows += 1
-        if not _prompt_fits(prompt_ids, teacher_prompt, opts, stats, where):
-            stats.skipped += 1
-            continue
-        group: list[Sequence] = []
-        keep = True
-        for col, role in resp_cols:
-            resp = tk.response(row[opts.prompt_column], row[col], where, col)
-            seq = Sequence(ex_id, role, 0, prompt_ids, resp, teacher_prompt)
-            keep = keep and _fit(seq, opts, stats, where, col)
-            group.append(seq)
-        if not keep:
-            stats.skipped += 1
-            continue
-        p, tp = _ids(prompt_ids), None if teacher_prompt is None else _ids(teacher_prompt)
-        for s in group:
-            s.prompt_ids, s.teacher_prompt_ids, s.response_ids = p, tp, _ids(s.response_ids)
-        stats.sequences += len(group)
-        stats.tokens += sum(len(s.response_ids) for s in group)
-        yield group
+    for chunk in _chunks(rows, chunk_rows):
+        texts = _Texts(tk)
+        todo = []
+        for src in chunk:  # checks, ids and the texts to tokenize, in row order
+            row, where = src.row, src.where
+            if kind is None:  # decided by the first row's columns
+                kind = _kind(set(row), opts, where)
+                resp_cols = ([(opts.chosen_column, "chosen"), (opts.rejected_column, "rejected")]
+                             if kind == "preference" else [(opts.completion_column, "sft")])
+            for col in [opts.prompt_column] + [c for c, _ in resp_cols]:
+                if col not in row:
+                    need = ", ".join([opts.prompt_column] + [c for c, _ in resp_cols])
+                    raise DataError(f"{where}: missing column {col!r} (has {sorted(row)}); {kind} "
+                                    f"data needs {need} in every row: add it or drop the row")
+                _check_field(row[col], where, col)
+            ex_id = example_id(src, opts, seen)
+            prompt = row[opts.prompt_column]
+            context = row.get(opts.context_column) if opts.use_context else None
+            p_slot = texts.add(*tk.prompt_text(prompt, None, where))
+            tp_slot = (None if context in (None, "") else
+                       texts.add(*tk.prompt_text(prompt, str(context), where)))
+            resps = [(col, role, texts.add(row[col], False) if isinstance(row[col], str)
+                      else tk.response(prompt, row[col], where, col)) for col, role in resp_cols]
+            todo.append((src, ex_id, p_slot, tp_slot, resps))
+        texts.run()
+        for src, ex_id, p_slot, tp_slot, resps in todo:  # lengths, in row order
+            prompt_ids = texts.ids(p_slot)
+            teacher_prompt = None if tp_slot is None else texts.ids(tp_slot)
+            stats.rows += 1
+            if not _prompt_fits(prompt_ids, teacher_prompt, opts, stats, src.where):
+                stats.skipped += 1
+                continue
+            group: list[Sequence] = []
+            keep = True
+            for col, role, r in resps:
+                resp = (tk.finish_response(texts.ids(r), src.where, col) if isinstance(r, tuple)
+                        else r)
+                seq = Sequence(ex_id, role, 0, prompt_ids, resp, teacher_prompt)
+                keep = keep and _fit(seq, opts, stats, src.where, col)
+                group.append(seq)
+            if not keep:
+                stats.skipped += 1
+                continue
+            p = _ids(prompt_ids)
+            tp = None if teacher_prompt is None else _ids(teacher_prompt)
+            for s in group:
+                s.prompt_ids, s.teacher_prompt_ids, s.response_ids = p, tp, _ids(s.response_ids)
+            stats.sequences += len(group)
+            stats.tokens += sum(len(s.response_ids) for s in group)
+            yield group
