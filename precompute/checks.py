@@ -149,3 +149,32 @@ def check_template(name: str, template: Any, keys: tuple[str, ...]) -> None:
     missing = [k for k in keys if "{" + k + "}" not in template]
     if missing:
         raise ValueError(f"{flag(name)} {template!r} lacks {', '.join('{' + k + '}' for k in missing)}")
+
+
+def check_fields(value: Any, teacher: Any, reference: Any) -> list[str]:
+    """--fields: METHODS.md §1 per-token fields to store (a list or comma-separated)."""
+    from .engine import REF_FIELDS, TEACHER_FIELDS
+
+    fields = ([f.strip() for f in value.split(",")] if isinstance(value, str) else list(value))
+    shown = ",".join(map(str, fields))
+    known = TEACHER_FIELDS + REF_FIELDS
+    unknown = [f for f in fields if f not in known]
+    if unknown or not fields or any(not f for f in fields):
+        raise ValueError(f"--fields {shown!r}: give per-token fields among {', '.join(known)} "
+                         "(behavior_logprob is carried over from rollout stores by itself)")
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"--fields {shown!r} names a field twice")
+    if teacher is None:
+        raise ValueError("--fields needs a --teacher (without one the store holds token ids only)")
+    refs = [f for f in fields if f in REF_FIELDS]
+    if refs and reference is None:
+        raise ValueError(f"--fields {refs} are the reference's: pass --reference")
+    if reference is not None and not refs:
+        raise ValueError(f"--reference is not used by --fields {fields}: drop it, or store "
+                         "ref_token_logprob / ref_topk_logprobs")
+    if ("topk_ids" in fields) != ("topk_logprobs" in fields):
+        raise ValueError("--fields: topk_ids and topk_logprobs go together")
+    if "ref_topk_logprobs" in fields and "topk_ids" not in fields:
+        raise ValueError("--fields: ref_topk_logprobs is read at the teacher's top-K ids; add "
+                         "topk_ids,topk_logprobs")
+    return fields

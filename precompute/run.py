@@ -31,6 +31,7 @@ from .checks import (
     check_choice,
     check_codec,
     check_device,
+    check_fields,
     check_int,
     check_template,
     parse_betas,
@@ -47,6 +48,7 @@ from .data import (
     iter_rows,
     tokenize_rows,
 )
+from .engine import REF_FIELDS, TEACHER_FIELDS, TOPK_FIELDS, needs_teacher
 from .models import (
     check_same_tokenizer,
     check_vocab_rows,
@@ -90,6 +92,9 @@ class PrecomputeConfig:
     k: int = 50
     betas: list[float] = field(default_factory=lambda: [1.0])
     ref_mode: str = "exact"  # "exact" (gather at DPO ids) | "paper" (ADPA's approximation)
+    # per-token fields to store (default: all the models give). Only sequence log-probs, e.g.
+    # ["ref_token_logprob"] for DPO: no top-K, no soft values, only the models needed run
+    fields: list[str] | None = None
     # data (see precompute/data.py)
     kind: str = "auto"  # preference | sft | auto
     max_length: int | None = 2048
@@ -142,6 +147,8 @@ class PrecomputeConfig:
                              "ids, no teacher signals; e.g. SFT data)")
         check_int("k", self.k, 1)
         self.betas = parse_betas(self.betas)
+        if self.fields is not None:
+            self.fields = check_fields(self.fields, self.teacher, self.reference)
         check_choice("truncate", self.truncate, ("truncate", "skip", "fail"))
         check_choice("kind", self.kind, ("auto", "preference", "sft"))
         check_int("max_length", self.max_length, 1, optional=True)
@@ -266,6 +273,8 @@ class Prepared:
     tok: Any
     vocab: Vocab
     source: GroupSource
+    scored: tuple[str, ...] = ()  # the per-token fields the models compute
+    same_model: bool = False  # teacher and reference have one fingerprint: one forward
 
 
 def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
@@ -295,26 +304,29 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
     the meta of the store this run writes, and its groups as a stream."""
     cfg.validate()
     tok, vocab = _tokenizer_and_vocab(cfg)
-    if cfg.teacher and cfg.k > vocab.size:
+    scored: tuple[str, ...] = ()
+    if cfg.teacher:
+        scored = tuple(cfg.fields or TEACHER_FIELDS + (REF_FIELDS if cfg.reference else ()))
+    topk = any(f in TOPK_FIELDS for f in scored)
+    if topk and cfg.k > vocab.size:
         raise ValueError(f"--k {cfg.k} > the teacher's vocabulary of {vocab.size} tokens; pass a "
                          f"--k of at most {vocab.size} (typically 20-100)")
     tok_fp = tokenizer_fingerprint(tok)
     source = GroupSource(cfg, tok)
     ds_fp = source.fingerprint(tok_fp)
 
-    fields, models = [], {}
-    if cfg.teacher:
-        fields = ["topk_ids", "topk_logprobs", "token_logprob", "soft_value"]
-        models["dpo"] = model_fingerprint(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    if cfg.reference:
-        fields += ["ref_topk_logprobs", "ref_token_logprob"]
-        models["ref"] = model_fingerprint(cfg.reference, trust_remote_code=cfg.trust_remote_code)
-    if source.has_behavior:
-        fields.append("behavior_logprob")
+    fingerprints = {role: model_fingerprint(name, trust_remote_code=cfg.trust_remote_code)
+                    for role, name in (("dpo", cfg.teacher), ("ref", cfg.reference)) if name}
+    models = {}  # only the models whose outputs are stored shape the store
+    if needs_teacher(scored):
+        models["dpo"] = fingerprints["dpo"]
+    if any(f in REF_FIELDS for f in scored):
+        models["ref"] = fingerprints["ref"]
+    fields = list(scored) + (["behavior_logprob"] if source.has_behavior else [])
     dev = resolve_device(cfg.device)
     options: dict[str, Any] = {
         "codec": cfg.codec,
-        "ref_mode": cfg.ref_mode if cfg.reference else None,
+        "ref_mode": cfg.ref_mode if "ref_topk_logprobs" in scored else None,
         # the teacher's numeric precision changes the stored numbers, so it is in the key
         "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.teacher else None,
         "partition": list(cfg.partition) if cfg.partition else None,
@@ -327,10 +339,15 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
         options["error_bound"] = cfg.error_bound
     if cfg.teacher and vocab.padded:  # logits of padded rows dropped before log_softmax
         options["vocab"] = {"scored": vocab.size, "model_rows": dict(vocab.rows)}
-    meta = StoreMeta(k=cfg.k, betas=list(cfg.betas), fields=fields, models=models,
+    if cfg.fields is not None:  # a chosen subset: K and betas only count when stored
+        options["fields"] = list(scored)
+    meta = StoreMeta(k=cfg.k if topk or cfg.fields is None else 0,
+                     betas=list(cfg.betas) if "soft_value" in scored or cfg.fields is None else [],
+                     fields=fields, models=models,
                      tokenizer={"sha256": tok_fp, "vocab_size": vocab.size},
                      dataset=ds_fp, options=options, code_version=code_version())
-    return Prepared(meta, tok, vocab, source)
+    same = len(fingerprints) == 2 and fingerprints["dpo"] == fingerprints["ref"]
+    return Prepared(meta, tok, vocab, source, scored, same)
 
 
 def partition_plan(cfg: PrecomputeConfig) -> dict[str, Any]:
@@ -451,11 +468,17 @@ def check_writable(url: str) -> None:
 # ------------------------------------------------------------------------------- the run
 
 SUM_KEYS = ("tokens", "topk_mass", "ref_paper_abs_err")
+# Shards are encoded and written by a writer thread while the next batches are scored
+# (writing.py). False writes inline (same store): benchmarks/bench_precompute.py compares both.
+BACKGROUND_WRITER = True
 
 
-def run_one(cfg: PrecomputeConfig) -> str:
+def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> str:
     """The whole run, or partition (i, N) of it, in this process; returns the store URL.
-    Re-running with identical inputs is a no-op (no model is loaded)."""
+    Re-running with identical inputs is a no-op (no model is loaded). `timings`, if given,
+    receives where the time went (wall_s, check_s, load_s, loop_s, writer_wait_s, ...)."""
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
     cfg.validate()
     if cfg.partition == "auto" or cfg.devices or cfg.merge_parts:
         raise ValueError("run_one runs one process; --partition auto, --devices and "
@@ -465,23 +488,28 @@ def run_one(cfg: PrecomputeConfig) -> str:
     if cache_hit(url, prep.meta):
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
         return url  # content-addressed cache hit: nothing to do, no model loaded
+    t0 = time.perf_counter()
     checked = check_data(cfg, prep) if cfg.check_data else None
+    times["check_s"] = time.perf_counter() - t0
     check_writable(url)
     if checked is not None:
         report_data(cfg, checked)
     try:
         with GroupWriter(url, prep.meta, cfg.shard_records, cfg.resume, "precompute_report",
-                         SUM_KEYS) as writer:
+                         SUM_KEYS, background=BACKGROUND_WRITER) as writer:
             if writer.done:
                 of = "" if cfg.partition or checked is None else \
                     f" of {checked.rows - checked.skipped}"
                 log.info("%s: resuming, %d%s groups already committed", url, len(writer.done), of)
-            stats = _write(cfg, prep, writer, checked)
+            t0 = time.perf_counter()
+            stats = _write(cfg, prep, writer, checked, times)
             if stats.rows == stats.skipped:
                 raise _no_rows_left(cfg, stats)
             if checked is None:
                 report_data(cfg, stats)
             writer.close(lambda sums: _report(stats, sums))
+            times.update(loop_s=time.perf_counter() - t0, writer_wait_s=writer.wait_s,
+                         writer_drain_s=writer.drain_s, writer_busy_s=writer.busy_s)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(f"no space left on the device writing {url} ({e.strerror or e}); the "
@@ -489,6 +517,13 @@ def run_one(cfg: PrecomputeConfig) -> str:
                           "removes uncommitted leftovers) and re-run the same command to "
                           "resume") from None
         raise
+    times["wall_s"] = time.perf_counter() - t_start
+    waited = times["writer_wait_s"] + times["writer_drain_s"]
+    log.info("%s: %d tokens in %.1fs (%.1fs scoring loop); the scorer waited %.2fs (%.1f%% of "
+             "the loop) on the writer", url, int(times.get("tokens", 0)), times["wall_s"],
+             times["loop_s"], waited, 100 * waited / max(times["loop_s"], 1e-9))
+    if timings is not None:
+        timings.update(times)
     return url
 
 
@@ -512,24 +547,34 @@ def _report(stats: DataStats, sums: dict[str, float]) -> dict[str, Any]:
             "mean_ref_paper_abs_err": sums.get("ref_paper_abs_err", 0.0) / n}
 
 
-def _load_scorers(cfg: PrecomputeConfig, vocab: Vocab) -> tuple[Any, Any]:
+def _load_scorers(cfg: PrecomputeConfig, prep: Prepared) -> tuple[Any, Any]:
+    """The teacher and the reference, each only if a stored field needs it, and ONE model
+    when both have the same fingerprint (same config and weights): it runs once per batch
+    and the reference's fields are the teacher's own."""
     from . import engine
 
     dev = resolve_device(cfg.device)
     kw = dict(device=dev, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
               attn_implementation=cfg.attn_implementation)
-    dpo = engine.Scorer.from_model(load_model(cfg.teacher, "teacher", **kw), vocab.size)
-    ref = (engine.Scorer.from_model(load_model(cfg.reference, "reference", **kw), vocab.size)
-           if cfg.reference else None)
+    need_ref = any(f in REF_FIELDS for f in prep.scored)
+    dpo = ref = None
+    if needs_teacher(prep.scored):
+        dpo = engine.Scorer.from_model(load_model(cfg.teacher, "teacher", **kw), prep.vocab.size)
+    if need_ref and prep.same_model and dpo is not None:
+        ref = dpo
+        log.info("the teacher and the reference are one model (same fingerprint): one forward "
+                 "per batch")
+    elif need_ref:
+        ref = engine.Scorer.from_model(load_model(cfg.reference, "reference", **kw),
+                                       prep.vocab.size)
     if cfg.verify_head:
-        verify_head(dpo.model, dpo.head)
-        if ref is not None:
-            verify_head(ref.model, ref.head)
+        for sc in {id(x): x for x in (dpo, ref) if x is not None}.values():
+            verify_head(sc.model, sc.head)
     return dpo, ref
 
 
 def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
-           checked: DataStats | None) -> DataStats:
+           checked: DataStats | None, times: dict[str, float]) -> DataStats:
     """Stream the plan; score and hand over this process's batches. A batch a killed run
     half committed is scored again in full (same batch -> same numbers on every backend) and
     only its missing groups are written. Returns the data counts of the stream."""
@@ -554,8 +599,10 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
                     writer.add_group([_tokenized_record(s, eos) for s in g])
             elif todo:
                 if scorers is None:
-                    scorers = _load_scorers(cfg, prep.vocab)
-                recs, per_seq = _score(cfg, batch, scorers, pad, eos, floor)
+                    t_load = time.perf_counter()
+                    scorers = _load_scorers(cfg, prep)
+                    times["load_s"] = time.perf_counter() - t_load
+                recs, per_seq = _score(cfg, prep, batch, scorers, pad, eos, floor)
                 it = iter(zip(recs, per_seq, strict=True))
                 for g in batch:
                     pairs = [next(it) for _ in g]
@@ -568,18 +615,20 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
                 toks += sum(len(s.response_ids) for s in g)
             rate = toks / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, completed=n_groups, seqs=seqs, tokens=toks, tps=f"{rate:,.0f}")
+    times["tokens"] = float(toks)
     return stats
 
 
-def _score(cfg: PrecomputeConfig, batch: list[list[Sequence]], scorers: tuple[Any, Any],
-           pad: int, eos: int, floor: float | None) -> tuple[list[dict], list[dict[str, float]]]:
+def _score(cfg: PrecomputeConfig, prep: Prepared, batch: list[list[Sequence]],
+           scorers: tuple[Any, Any], pad: int, eos: int, floor: float | None
+           ) -> tuple[list[dict], list[dict[str, float]]]:
     from . import engine
 
     dpo, ref = scorers
     per_seq: list[dict[str, float]] = []
     recs, _ = engine.score_sequences([s for g in batch for s in g], dpo, ref, cfg.k, cfg.betas,
                                      pad, eos, cfg.chunk_size, cfg.ref_mode, cfg.packed,
-                                     per_seq=per_seq)
+                                     per_seq=per_seq, fields=prep.scored)
     if floor is not None:
         _clamp(recs, floor)
     return recs, per_seq

@@ -77,3 +77,80 @@ def test_report_sums_count_each_committed_group_once_after_a_kill(tmp_path, size
     assert report["sum_tokens"] == sum(sizes)
     assert report["sum_mass"] == 0.5 * sum(sizes) and report["mean_mass"] == 0.5
     assert UNCOMMITTED not in report
+
+
+# ------------------------------------------------------------------------------- background
+
+def _scored_records(i: int, n: int, t: int = 5, k: int = 3) -> list[dict]:
+    rng = np.random.default_rng(i)
+    out = []
+    for j in range(n):
+        lp = -np.sort(rng.random((t, k)).astype(np.float32) * 5, axis=1)
+        out.append({"example_id": f"e{i}", "role": "sft", "group": j,
+                    "prompt_ids": np.array([1, 2], np.int32),
+                    "response_ids": rng.integers(0, 50, t).astype(np.int32), "is_terminal": True,
+                    "topk_ids": rng.integers(0, 50, (t, k)).astype(np.int32), "topk_logprobs": lp,
+                    "token_logprob": lp[:, 0].copy()})
+    return out
+
+
+META = StoreMeta(k=3, fields=["topk_ids", "topk_logprobs", "token_logprob"],
+                 options={"codec": "compact"})
+
+
+@pytest.mark.parametrize("max_queue_bytes", [1, 1 << 20])
+def test_background_writer_writes_the_inline_store(tmp_path, max_queue_bytes, monkeypatch):
+    import time
+
+    from kdcache.store import StoreWriter
+
+    groups = [_scored_records(i, 1 + i % 3) for i in range(40)]
+    for mode in ("inline", "background"):
+        w = GroupWriter(str(tmp_path / mode), META, shard_records=7, resume=True,
+                        report_key="r", sum_keys=("tokens",), background=mode == "background",
+                        max_queue_bytes=max_queue_bytes)
+        real = StoreWriter.add_group
+        seen = []
+
+        def slow(self, records, real=real):
+            time.sleep(0.001)  # a writer slower than the caller: the queue fills up
+            real(self, records)
+
+        monkeypatch.setattr(StoreWriter, "add_group", slow)
+        for g in groups:
+            w.add_group(g, {"tokens": 5.0 * len(g)})
+            seen.append(w._queued_bytes)
+        w.close()
+        monkeypatch.setattr(StoreWriter, "add_group", real)
+        largest = max(sum(a.nbytes for r in g for a in r.values() if isinstance(a, np.ndarray))
+                      for g in groups)
+        assert max(seen) <= max_queue_bytes + largest  # memory stays bounded
+    a, b = (open_store(str(tmp_path / m)).manifest for m in ("inline", "background"))
+    assert a["checksum"] == b["checksum"] and a["r"] == b["r"]
+    assert [s["checksum"] for s in a["shards"]] == [s["checksum"] for s in b["shards"]]
+
+
+def test_an_error_in_the_writer_thread_is_raised_in_the_caller(tmp_path, monkeypatch):
+    import errno
+
+    from kdcache.store import StoreWriter
+
+    real, calls = StoreWriter.add_group, {"n": 0}
+
+    def full_disk(self, records):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, records)
+
+    monkeypatch.setattr(StoreWriter, "add_group", full_disk)
+    url = str(tmp_path / "s")
+    with pytest.raises(OSError) as err:
+        with GroupWriter(url, META, shard_records=4, resume=True, background=True) as w:
+            for i in range(40):
+                w.add_group(_scored_records(i, 2))
+            w.close()
+    assert err.value.errno == errno.ENOSPC  # the same error, in this thread
+    st = open_store(url)
+    assert not st.complete and 0 < len(st) < 80 and len(st) % 4 == 0  # whole shards only
+
