@@ -114,6 +114,9 @@ def data_files(url: str) -> list[str]:
         raise DataError(f"no data file matches {url!r}; check the path or glob")
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     files = [p if proto in ("file", "local") else f"{proto}://{p}" for p in sorted(paths)]
+    if len(paths) == 1 and fs.isdir(paths[0]):
+        raise DataError(f"{url!r} is a directory; pass a data file or a glob such as "
+                        f"'{url.rstrip('/')}/*.jsonl'")
     for p in files:
         _format(p)  # refuse an unknown extension before reading anything
     return files

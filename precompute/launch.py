@@ -45,6 +45,7 @@ from .run import (
     PrecomputeConfig,
     cache_hit,
     check_data,
+    check_out_is_free,
     check_writable,
     default_url,
     iter_batches,
@@ -164,6 +165,13 @@ def parse_devices(devices: list[str]) -> list[str]:
         elif d == "cpu":
             out.append("cpu")
         elif d.removeprefix("cuda:").isdigit():
+            import torch
+
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if int(d.removeprefix("cuda:")) >= n:
+                raise ValueError(f"--devices: CUDA device {d} is not visible here ({n} are: "
+                                 f"{', '.join(map(str, range(n))) or 'none'}); use --devices "
+                                 "cpu,cpu on a machine without GPUs")
             out.append(d.removeprefix("cuda:"))
         else:
             raise ValueError(f"devices: cannot parse {d!r}; use CUDA ordinals (0,1,2,3), "
@@ -334,6 +342,7 @@ def merge_parts(cfg: PrecomputeConfig) -> str:
             return default_url(cfg, cand)
     meta, parts = _find_parts(base, prep.meta, n)
     url = default_url(cfg, meta)
+    check_out_is_free(url)
     check_writable(url)
     stats = DataStats()
     streams = [iter(st.groups()) for st in parts]

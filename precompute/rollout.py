@@ -64,7 +64,7 @@ from .models import (
     resolve_dtype,
     tokenizer_fingerprint,
 )
-from .run import cache_hit, check_writable, code_version
+from .run import cache_hit, check_out_is_free, check_writable, code_version
 from .storeapi import StoreMeta, store_key
 from .writing import GroupWriter
 
@@ -324,6 +324,7 @@ def run_rollout(cfg: RolloutConfig) -> str:
     if cache_hit(url, meta):
         return url
     reward_fn = resolve_callable(cfg.reward) if isinstance(cfg.reward, str) else cfg.reward
+    check_out_is_free(url)
     check_writable(url)
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos

@@ -465,6 +465,27 @@ def check_writable(url: str) -> None:
                 break
 
 
+def check_out_is_free(url: str) -> None:
+    """A new store goes into a new or empty directory: refuse a local directory that holds
+    files but no store (someone else's data, a typo'd --out), before anything is written.
+    Leftover temporary files of a killed writer (`*.tmp-*`, docs/STORE_FORMAT.md) are fine."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if not os.path.isdir(path):
+        return
+    try:
+        open_store(url)
+        return  # a store: the writer resumes it or refuses other settings
+    except (NoStoreError, NotADirectoryError, PermissionError):
+        pass
+    other = sorted(n for n in os.listdir(path) if ".tmp-" not in n)
+    if other:
+        raise ValueError(f"--out {path} is a directory with other files ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}) and no kdcache store; pass a new "
+                         "or empty directory (or --out-root to name it by its key)")
+
+
 # ------------------------------------------------------------------------------- the run
 
 SUM_KEYS = ("tokens", "topk_mass", "ref_paper_abs_err")
@@ -489,6 +510,7 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
         return url  # content-addressed cache hit: nothing to do, no model loaded
     t0 = time.perf_counter()
+    check_out_is_free(url)
     checked = check_data(cfg, prep) if cfg.check_data else None
     times["check_s"] = time.perf_counter() - t0
     check_writable(url)

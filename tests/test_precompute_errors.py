@@ -187,6 +187,27 @@ def test_corrupt_gzip_and_parquet_name_the_file(work, tmp_path):
     _nothing_written(tmp_path / "stores")
 
 
+def test_out_that_holds_other_files_is_refused(work, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / ".manifest.json.tmp-123").write_text("")  # a killed writer's leftover is fine
+    _one_error(_run(work, tmp_path, "--out", str(out)), "is a directory with other files "
+               "(notes.txt) and no kdcache store")
+    assert sorted(p.name for p in out.iterdir()) == [".manifest.json.tmp-123", "notes.txt"]
+    (out / "notes.txt").unlink()
+    assert _run(work, tmp_path, "--out", str(out), "--max-length", "64").exit_code == 0
+
+
+def test_directory_as_data_and_invisible_devices(work, tmp_path):
+    _one_error(_run(work, tmp_path, data=str(work)), "is a directory; pass a data file or a glob")
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    _one_error(_run(work, tmp_path, "--devices", str(n)), f"CUDA device {n} is not visible here")
+    _nothing_written(tmp_path / "stores")
+
+
 def test_tokenized_only_from_the_cli(work, tmp_path):
     res = runner.invoke(cli.app, ["precompute", "--tokenizer", str(work / "dpo"), "--data",
                                   str(work / "prefs.jsonl"), "--out-root", str(tmp_path / "s"),
