@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -359,8 +360,9 @@ def _rollout_into(cfg: RolloutConfig, writer: GroupWriter, todo: list[PromptItem
     from .run import _progress
 
     eos = tok.eos_token_id
-    with _progress(cfg.progress, len(todo) * cfg.n, "rollout") as bar:
-        task = bar.add_task("rollout", total=len(todo) * cfg.n, tps="-")
+    t0, samples, tokens = time.perf_counter(), 0, 0
+    with _progress(cfg.progress, len(todo), "rollout") as bar:  # rows = prompts
+        task = bar.add_task("rollout", total=len(todo), seqs=0, tokens=0, tps="-")
         for b in range(0, len(todo), cfg.batch_prompts):
             batch = todo[b: b + cfg.batch_prompts]
             prompts = [it.sampler_prompt(cfg.role, cfg.use_context) for it in batch
@@ -377,7 +379,10 @@ def _rollout_into(cfg: RolloutConfig, writer: GroupWriter, todo: list[PromptItem
                     resp, lp = results[j * cfg.n + g]
                     group.append(_record(it, cfg.role, g, resp, lp, eos, tok, reward_fn))
                 writer.add_group(group)
-            bar.update(task, advance=len(prompts), tps="-")
+            samples += len(results)
+            tokens += sum(len(r) for r, _ in results)
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=len(batch), seqs=samples, tokens=tokens, tps=f"{rate:,.0f}")
 
 
 def _record(it: PromptItem, role: str, group: int, resp: list[int], lp: list[float], eos: int,

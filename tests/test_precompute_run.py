@@ -90,6 +90,9 @@ def test_round_trip_matches_direct_scoring(work):
     assert chat["teacher_prompt_ids"] is not None  # context was shown to the teachers only
     # re-running with identical inputs lands on the same key and does nothing
     assert run_precompute(_cfg(work)) == url
+    # the progress bars render (checking data, then rows / sequences / tokens / tok/s)
+    shown = open_store(run_precompute(_cfg(work, progress=True, out=str(work / "shown"))))
+    assert shown.manifest["checksum"] == store.manifest["checksum"]
 
 
 def test_resume_after_crash_gives_the_same_store(work, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -105,6 +106,9 @@ def test_run_rollout_store(workdir):
     p0 = groups["p0"][1]
     assert len(p0["teacher_prompt_ids"]) > len(p0["prompt_ids"])
     assert run_rollout(cfg) == url  # identical inputs: a no-op on the same content address
+    # the progress bar renders (rows = prompts, samples, generated tokens)
+    again = dataclasses.replace(cfg, out=str(workdir / "with-progress"), progress=True, n=1)
+    assert open_store(run_rollout(again)).complete
 
 
 def test_reward_resolution_errors():
