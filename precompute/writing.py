@@ -74,11 +74,11 @@ class GroupWriter:
         self._sums = dict.fromkeys(self.sum_keys, 0.0)  # of committed groups
         self._pending: deque[str] = deque()  # example ids added, not yet known committed
         self._committed = 0
+        self.done: set[str] = set()
         if exists:  # refuses other settings / resume=False now, before any model is loaded
             self._w = StoreWriter(url, meta, shard_records=shard_records, resume=resume)
+            self.done = self._w.done_example_ids
             self._resume_sums()
-        self.done: set[str] = self._w.done_example_ids if self._w is not None else set()
-        self.created = not exists
 
     def _writer(self) -> StoreWriter:
         if self._w is None:
@@ -94,7 +94,7 @@ class GroupWriter:
 
     def _resume_sums(self) -> None:
         report = self._report()
-        done = self._writer().done_example_ids
+        done = self.done
         for k in self.sum_keys:
             self._sums[k] = float(report.get(f"sum_{k}", 0.0))
         for eid, values in report.pop(UNCOMMITTED, {}).items():
