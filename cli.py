@@ -345,7 +345,7 @@ def _echo_json(obj) -> None:
 
 # --------------------------------------------------------------------------- stage commands
 def _precompute(cfg) -> str:
-    from kdcache.precompute.run import run_precompute
+    from kdcache.precompute import run_precompute
 
     return run_precompute(cfg)
 
@@ -509,7 +509,7 @@ class Stages:
         self.timings: dict[str, float] = {}
 
     def precompute(self, **kw) -> str:
-        from kdcache.precompute.run import PrecomputeConfig, run_precompute
+        from kdcache.precompute import PrecomputeConfig, run_precompute
 
         base = {"out_root": self.store_root, **self.defaults["precompute"]}
         return run_precompute(PrecomputeConfig(**{**base, **kw}))

@@ -7,9 +7,10 @@ Public API (see docs/PRECOMPUTE.md):
 - `check_same_tokenizer`, `model_fingerprint`, `tokenizer_fingerprint`
 """
 
+from .launch import run_precompute
 from .models import check_same_tokenizer, model_fingerprint, tokenizer_fingerprint
 from .rollout import RolloutConfig, run_rollout
-from .run import PrecomputeConfig, run_precompute
+from .run import PrecomputeConfig
 from .scoring import LMHead, score_chunked
 
 __all__ = [

@@ -14,6 +14,7 @@ Two layouts:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -35,15 +36,26 @@ class Scorer:
     base: nn.Module
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> Scorer:
-        return cls(model=model, head=LMHead.from_model(model), base=base_model(model))
+    def from_model(cls, model: nn.Module, vocab: int | None = None) -> Scorer:
+        """`vocab`: score ids [0, vocab) only; a head with more rows (vocabulary padding no
+        tokenizer emits) is sliced (a view: no copy), so log_softmax, top-K and soft values
+        are over the tokenizer's ids."""
+        head = LMHead.from_model(model)
+        if vocab is not None and head.vocab_size != vocab:
+            if head.vocab_size < vocab:
+                raise ValueError(f"{type(model).__name__} has {head.vocab_size} output rows, fewer "
+                                 f"than the {vocab} token ids of its tokenizer")
+            head = dataclasses.replace(
+                head, weight=head.weight[:vocab],
+                bias=None if head.bias is None else head.bias[:vocab])
+        return cls(model=model, head=head, base=base_model(model))
 
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
 
     @torch.no_grad()
-    def hidden_at_states(self, seqs: list[tuple[list[int], list[int]]], pad_id: int,
+    def hidden_at_states(self, seqs: Seq[tuple[Seq[int], Seq[int]]], pad_id: int,
                          packed: bool = False) -> Tensor:
         """Final hidden states [sum(T_i + 1), H] at the states s_1..s_{T+1} of each sequence.
 
@@ -53,7 +65,7 @@ class Scorer:
         dev = self.device
         lens = [len(p) + len(r) for p, r in seqs]
         if packed:
-            ids = torch.tensor([t for p, r in seqs for t in p + r], device=dev).unsqueeze(0)
+            ids = torch.from_numpy(np.concatenate([_ids(p, r) for p, r in seqs])).to(dev)[None]
             pos = torch.cat([torch.arange(n, device=dev) for n in lens]).unsqueeze(0)
             hid = self.base(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
             starts = np.cumsum([0] + lens[:-1])
@@ -64,7 +76,7 @@ class Scorer:
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros((len(seqs), width), dtype=torch.long, device=dev)
         for i, (p, r) in enumerate(seqs):
-            ids[i, : lens[i]] = torch.tensor(p + r, device=dev)
+            ids[i, : lens[i]] = torch.from_numpy(_ids(p, r))
             mask[i, : lens[i]] = 1
         hid = self.base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         rows = torch.cat([torch.full((lens[i] - len(p) + 1,), i, device=dev)
@@ -74,14 +86,31 @@ class Scorer:
         return hid[rows, cols]
 
 
+def _ids(prompt: Seq[int], response: Seq[int]) -> np.ndarray:
+    """prompt + response as one int64 array (from int32 arrays or lists)."""
+    return np.concatenate([np.asarray(prompt, np.int64), np.asarray(response, np.int64)])
+
+
 def targets_for(seqs: Seq[Sequence], device: torch.device) -> Tensor:
     """Next-token targets for the scored states: each response, then -1 for s_{T+1}."""
-    return torch.tensor([t for s in seqs for t in s.response_ids + [-1]], device=device)
+    return torch.from_numpy(np.concatenate(
+        [_ids(s.response_ids, [-1]) for s in seqs])).to(device)
+
+
+TEACHER_FIELDS = ("topk_ids", "topk_logprobs", "token_logprob", "soft_value")
+REF_FIELDS = ("ref_topk_logprobs", "ref_token_logprob")
+TOPK_FIELDS = ("topk_ids", "topk_logprobs", "ref_topk_logprobs")
+
+
+def needs_teacher(fields: Seq[str]) -> bool:
+    """Whether storing `fields` needs the DPO teacher's forward (ref_topk_logprobs is
+    gathered at the teacher's top-K ids; ref_token_logprob alone needs only the reference)."""
+    return any(f in TEACHER_FIELDS or f == "ref_topk_logprobs" for f in fields)
 
 
 def score_sequences(
     seqs: list[Sequence],
-    dpo: Scorer,
+    dpo: Scorer | None,
     ref: Scorer | None,
     k: int,
     betas: Seq[float],
@@ -91,26 +120,50 @@ def score_sequences(
     ref_mode: str = "exact",
     packed: bool = False,
     per_seq: list[dict[str, float]] | None = None,
+    fields: Seq[str] | None = None,
 ) -> tuple[list[dict], dict[str, float]]:
     """Score one batch of sequences with the DPO teacher (and reference); returns records and
     batch sums for the store report (top-K mass, paper-approximation error). `per_seq`, if
-    given, receives the same sums per sequence (a resumed run writes part of a batch)."""
+    given, receives the same sums per sequence (a resumed run writes part of a batch).
+
+    `fields` (default: every field the given models produce) picks the per-token fields of
+    the records; top-K and soft values are computed only when stored, and a store of
+    `ref_token_logprob` alone runs only the reference. `ref is dpo` (one model as teacher and
+    reference) runs one forward: the reference's fields are the teacher's own."""
+    if fields is None:
+        fields = (TEACHER_FIELDS if dpo is not None else ()) + (REF_FIELDS if ref is not None else ())
+    fields = tuple(fields)
     pairs = [(s.scored_prompt, s.response_ids) for s in seqs]
-    h = dpo.hidden_at_states(pairs, pad_id, packed)
-    rh = ref.hidden_at_states(pairs, pad_id, packed) if ref is not None else None
-    if rh is not None and rh.device != h.device:
-        rh = rh.to(h.device)
-    out = score_chunked(h, dpo.head, targets_for(seqs, h.device), k, betas, chunk,
-                        ref_hidden=rh, ref_lm_head=None if ref is None else ref.head,
-                        ref_mode=ref_mode)
+    k_eff = k if any(f in TOPK_FIELDS for f in fields) else 0
+    b_eff = list(betas) if "soft_value" in fields else []
+    if needs_teacher(fields):
+        if dpo is None:
+            raise ValueError(f"score_sequences: storing {list(fields)} needs the teacher")
+        h = dpo.hidden_at_states(pairs, pad_id, packed)
+        use_ref = ref is not None and any(f in REF_FIELDS for f in fields)
+        rh = None
+        if use_ref:
+            rh = h if ref is dpo else ref.hidden_at_states(pairs, pad_id, packed).to(h.device)
+        out = score_chunked(h, dpo.head, targets_for(seqs, h.device), k_eff, b_eff, chunk,
+                            ref_hidden=rh, ref_lm_head=ref.head if use_ref else None,
+                            ref_mode=ref_mode)
+    else:  # sequence log-probs of the reference only (e.g. a DPO store): one forward
+        if ref is None:
+            raise ValueError(f"score_sequences: storing {list(fields)} needs the reference")
+        h = ref.hidden_at_states(pairs, pad_id, packed)
+        out = score_chunked(h, ref.head, targets_for(seqs, h.device), 0, [], chunk)
+        out["ref_token_logprob"] = out.pop("token_logprob")
     cpu = {name: t.cpu().numpy() for name, t in out.items()}
     records, start = [], 0
     sums = {"tokens": 0.0, "topk_mass": 0.0, "ref_paper_abs_err": 0.0}
     for s in seqs:
         t = len(s.response_ids)
         sl = slice(start, start + t)  # rows for s_1..s_T; row start+t is s_{T+1}
-        mine = {"tokens": float(t), "topk_mass": float(cpu["topk_mass"][sl].sum()),
-                "ref_paper_abs_err": 0.0}
+        mine = {"tokens": float(t), "topk_mass": 0.0, "ref_paper_abs_err": 0.0}
+        if "topk_mass" in cpu:
+            mine["topk_mass"] = float(cpu["topk_mass"][sl].sum())
+        if "ref_paper_abs_err" in cpu:
+            mine["ref_paper_abs_err"] = float(cpu["ref_paper_abs_err"][sl].sum())
         rec = {
             "example_id": s.example_id,
             "role": s.role,
@@ -119,19 +172,13 @@ def score_sequences(
             "response_ids": np.asarray(s.response_ids, dtype=np.int32),
             "teacher_prompt_ids": (None if s.teacher_prompt_ids is None
                                    else np.asarray(s.teacher_prompt_ids, dtype=np.int32)),
-            "is_terminal": bool(t > 0 and s.response_ids[-1] == eos_id),
+            "is_terminal": bool(t > 0 and int(s.response_ids[-1]) == eos_id),
             "reward": s.extra.get("reward"),
             "n_tokens": t,
-            "topk_ids": cpu["topk_ids"][sl].astype(np.int32),
-            "topk_logprobs": cpu["topk_logprobs"][sl],
-            "token_logprob": cpu["token_logprob"][sl],
-            "soft_value": cpu["soft_value"][start: start + t + 1],
         }
-        if ref is not None:
-            rec["ref_topk_logprobs"] = cpu["ref_topk_logprobs"][sl]
-            rec["ref_token_logprob"] = cpu["ref_token_logprob"][sl]
-            if "ref_paper_abs_err" in cpu:
-                mine["ref_paper_abs_err"] = float(cpu["ref_paper_abs_err"][sl].sum())
+        for f in fields:
+            rows = slice(start, start + t + 1) if f == "soft_value" else sl  # T+1 states
+            rec[f] = cpu[f][rows].astype(np.int32) if f == "topk_ids" else cpu[f][rows]
         if s.extra.get("behavior_logprob") is not None:
             rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], dtype=np.float32)
         for key, v in mine.items():

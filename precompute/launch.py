@@ -1,25 +1,34 @@
-"""One box, several devices: one precompute process per device over partitions, then a merge.
+"""The multi-process layer of precompute, above the one-process run (`run.run_one`).
 
-`launch(cfg)` (what `kdcache precompute --devices 0,1,2,3` runs) starts one subprocess per
-device with `CUDA_VISIBLE_DEVICES=<id>` and `partition=(i, N)`, waits for all of them, and
-merges the N partition stores with `merge_parts` into the store an unpartitioned run writes:
-same key (`<out_root>/<store_key>`, no partition in its meta), same records in the same order.
-Why processes and not threads or torchrun: a teacher per GPU needs no communication, a
-process per device isolates CUDA contexts and memory, and a failed device only loses its own
-partition (every partition resumes from its last committed shard on the next launch).
+`run_precompute(cfg)` is the entry point (`kdcache precompute`, `kdcache.precompute.
+run_precompute`): it checks the options, then runs
+- `--partition auto`: this process's part from torchrun (`RANK`/`WORLD_SIZE`, device from
+  `LOCAL_RANK`) or a Slurm array (`SLURM_ARRAY_TASK_ID`, `..._COUNT`, `..._MIN`, `..._STEP`);
+  both at once (torchrun inside each array task) give array_index * WORLD_SIZE + RANK;
+- `--devices 0,1,2,3`: `launch`, one subprocess per device over partitions, then a merge;
+- `--merge-parts N`: `merge_parts`, the N complete partition stores merged into the store an
+  unpartitioned run writes;
+- otherwise `run.run_one` (the whole run, or an explicit `--partition i/N`).
 
-`merge_parts(cfg)` (`kdcache precompute ... --merge-parts N`) is also the last step after
-partitions ran elsewhere (a Slurm array, torchrun). It needs no GPU and loads no model: it
-tokenizes the dataset to recompute the keys and the single run's write order, checks that all
-N partition stores are complete, and interleaves their groups in that order (each partition is
-written in the same order restricted to its examples), so the merged shards are cut exactly
-where the single run cuts them.
+`launch(cfg)` starts one subprocess per device with `CUDA_VISIBLE_DEVICES=<id>` and
+`partition=(i, N)`, waits for all of them, and merges the N partition stores with
+`merge_parts`: same key (`<out_root>/<store_key>`, no partition in its meta), same records in
+the same order. Why processes and not threads or torchrun: a teacher per GPU needs no
+communication, a process per device isolates CUDA contexts and memory, and a failed device
+only loses its own partition (every partition resumes from its last committed shard on the
+next launch).
+
+`merge_parts(cfg)` is also the last step after partitions ran elsewhere (a Slurm array,
+torchrun). It needs no GPU and loads no model: it tokenizes the dataset to recompute the keys
+and the single run's write order, checks that all N partition stores are complete, and
+interleaves their groups in that order (each partition is written in the same order
+restricted to its examples), so the merged shards are cut exactly where the single run cuts
+them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import json
 import logging
 import os
@@ -27,24 +36,117 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from typing import Any
 
 from .data import DataStats
 from .models import resolve_device
 from .run import (
     PrecomputeConfig,
-    _report_data,
     cache_hit,
+    check_data,
+    check_out_is_free,
     check_writable,
     default_url,
+    iter_batches,
     log,
-    plan_batches,
+    partition_plan,
     prepare,
+    report_data,
+    run_one,
 )
-from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
+from .storeapi import NoStoreError, StoreMeta, open_store, store_key
+from .writing import GroupWriter
 
-__all__ = ["launch", "merge_parts", "parse_devices"]
+__all__ = ["launch", "merge_parts", "parse_devices", "partition_from_env", "run_precompute"]
+
+
+def run_precompute(cfg: PrecomputeConfig) -> str:
+    """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
+    cfg.validate()
+    if cfg.partition == "auto":
+        part, device = partition_from_env(os.environ)
+        if device is not None and cfg.device == "auto":
+            cfg = dataclasses.replace(cfg, device=device)
+        cfg = dataclasses.replace(cfg, partition=part)
+        log.info("--partition auto: part %d/%d on device %s", part[0], part[1], cfg.device)
+    if cfg.devices:
+        return launch(cfg)
+    if cfg.merge_parts:
+        return merge_parts(cfg)
+    return run_one(cfg)
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    v = env.get(name)
+    if v is None or not v.strip():
+        if default is None:
+            raise ValueError(f"--partition auto: {name} is not set")
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"--partition auto: {name}={v!r} is not an integer") from None
+
+
+def partition_from_env(env: Mapping[str, str]) -> tuple[tuple[int, int], str | None]:
+    """(index, count) of this process for `--partition auto`, and the CUDA device torchrun's
+    LOCAL_RANK picks (None outside torchrun or without CUDA).
+
+    Slurm array: index = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP,
+    count = SLURM_ARRAY_TASK_COUNT (so --array=1-8 or --array=0-14:2 work; a list such as
+    --array=1,3,7 has no fixed step and is refused). torchrun: RANK of WORLD_SIZE. Both: the
+    array task's WORLD_SIZE processes split its share (index = array_index * WORLD_SIZE + RANK).
+    """
+    parts: list[tuple[int, int]] = []
+    if env.get("SLURM_ARRAY_TASK_ID", "").strip():
+        tid = _env_int(env, "SLURM_ARRAY_TASK_ID")
+        lo = _env_int(env, "SLURM_ARRAY_TASK_MIN", 0)
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP", 1)
+        spanned = None  # tasks between MIN and MAX: a list (--array=1,3,7) has fewer
+        if env.get("SLURM_ARRAY_TASK_MAX", "").strip():
+            spanned = (_env_int(env, "SLURM_ARRAY_TASK_MAX") - lo) // max(step, 1) + 1
+        count = (_env_int(env, "SLURM_ARRAY_TASK_COUNT") if "SLURM_ARRAY_TASK_COUNT" in env
+                 else spanned if spanned is not None  # older Slurm: from the bounds
+                 else _env_int(env, "SLURM_ARRAY_TASK_COUNT"))
+        if (step < 1 or count < 1 or (spanned is not None and spanned != count)
+                or (tid - lo) % step or not 0 <= (tid - lo) // step < count):
+            raise ValueError(
+                f"--partition auto: Slurm array task {tid} is not one of {count} evenly spaced "
+                f"tasks from {lo} by {step} (SLURM_ARRAY_TASK_MIN/STEP/COUNT); submit a range "
+                "(--array=0-7 or --array=0-14:2, not a list), or pass --partition i/N")
+        parts.append(((tid - lo) // step, count))
+    device = None
+    if env.get("WORLD_SIZE", "").strip() or env.get("RANK", "").strip():
+        rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
+        if not 0 <= rank < world:
+            raise ValueError(f"--partition auto: RANK={rank} is not in [0, WORLD_SIZE={world})")
+        parts.append((rank, world))
+        device = _local_device(_env_int(env, "LOCAL_RANK", rank))
+    if not parts:
+        raise ValueError(
+            "--partition auto found neither torchrun (RANK, WORLD_SIZE) nor a Slurm array "
+            "(SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) in the environment; run it under "
+            "torchrun or in an `sbatch --array` job, or pass --partition i/N")
+    index, count = 0, 1
+    for i, n in parts:  # array task first, then the torchrun rank inside it
+        index, count = index * n + i, count * n
+    return (index, count), device
+
+
+def _local_device(local_rank: int) -> str | None:
+    """torchrun does not set CUDA_VISIBLE_DEVICES: LOCAL_RANK picks the GPU of this process."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    n = torch.cuda.device_count()
+    if local_rank < n:
+        return f"cuda:{local_rank}"
+    if n == 1:  # the launcher already restricted each process to its GPU
+        return "cuda:0"
+    raise ValueError(f"--partition auto: LOCAL_RANK={local_rank} but only {n} CUDA devices are "
+                     "visible; start at most that many processes per node")
 
 
 def parse_devices(devices: list[str]) -> list[str]:
@@ -63,6 +165,13 @@ def parse_devices(devices: list[str]) -> list[str]:
         elif d == "cpu":
             out.append("cpu")
         elif d.removeprefix("cuda:").isdigit():
+            import torch
+
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if int(d.removeprefix("cuda:")) >= n:
+                raise ValueError(f"--devices: CUDA device {d} is not visible here ({n} are: "
+                                 f"{', '.join(map(str, range(n))) or 'none'}); use --devices "
+                                 "cpu,cpu on a machine without GPUs")
             out.append(d.removeprefix("cuda:"))
         else:
             raise ValueError(f"devices: cannot parse {d!r}; use CUDA ordinals (0,1,2,3), "
@@ -83,14 +192,15 @@ def _with_partition(meta: StoreMeta, part: tuple[int, int] | None,
     d["options"] = dict(d["options"], partition=list(part) if part else None)
     d["options"].pop("partition_plan", None)
     if part:
-        d["options"]["partition_plan"] = {"batch_tokens": cfg.batch_tokens, "packed": cfg.packed,
-                                          "max_batch_seqs": cfg.max_batch_seqs}
+        d["options"]["partition_plan"] = partition_plan(cfg)
     return StoreMeta.from_dict(d)
 
 
 def _worker_cfg(cfg: PrecomputeConfig, i: int, n: int, device: str) -> PrecomputeConfig:
+    # the data was checked by the launcher: a worker streams it once (ids still checked)
     return dataclasses.replace(cfg, partition=(i, n), devices=None, merge_parts=None, out=None,
-                               device="cpu" if device == "cpu" else "cuda", progress=False)
+                               device="cpu" if device == "cpu" else "cuda", progress=False,
+                               check_data=False)
 
 
 def launch(cfg: PrecomputeConfig) -> str:
@@ -100,14 +210,17 @@ def launch(cfg: PrecomputeConfig) -> str:
     n = len(devices)
     # the dtype in the key follows the device the workers use, not this process's device
     base = dataclasses.replace(cfg, devices=None, device="cpu" if devices[0] == "cpu" else "cuda")
-    meta, _, _, stats = prepare(base)
+    prep = prepare(base)
+    meta = prep.meta
     url = default_url(cfg, meta)
     if cache_hit(url, meta):
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
         return url
+    stats = check_data(base, prep) if cfg.check_data else None
     check_writable(url)
     check_writable(cfg.out_root)
-    _report_data(base, stats)
+    if stats is not None:
+        report_data(base, stats)
     logdir = _logdir(cfg, meta)
     procs: list[tuple[int, str, subprocess.Popen, str]] = []
     try:
@@ -215,39 +328,44 @@ def _find_parts(cfg: PrecomputeConfig, meta: StoreMeta, n: int) -> tuple[StoreMe
 
 
 def merge_parts(cfg: PrecomputeConfig) -> str:
-    """Merge the complete partition stores i/N (N = cfg.merge_parts) into the full store."""
+    """Merge the complete partition stores i/N (N = cfg.merge_parts) into the full store.
+
+    Streams the single run's batch plan again (the dataset is tokenized, no model loaded):
+    batch b is the next len(b) groups of partition b mod N, checked id by id, so memory does
+    not grow with the dataset and the merged store is written in the single run's order."""
     n = int(cfg.merge_parts or 0)
     base = dataclasses.replace(cfg, merge_parts=None, devices=None, partition=None)
-    meta, groups, _, stats = prepare(base)
-    for cand in _candidates(base, meta):
+    prep = prepare(base)
+    for cand in _candidates(base, prep.meta):
         if cache_hit(default_url(cfg, cand), cand):
             log.info("%s: already merged; nothing to do", default_url(cfg, cand))
             return default_url(cfg, cand)
-    meta, parts = _find_parts(base, meta, n)
+    meta, parts = _find_parts(base, prep.meta, n)
     url = default_url(cfg, meta)
+    check_out_is_free(url)
     check_writable(url)
-    rank = {g[0].example_id: r for r, g in
-            enumerate(g for b in plan_batches(base, groups) for g in b)}
-    def keyed(st: Any) -> Iterator[tuple[int, list[dict]]]:
-        for g in st.groups():
-            eid = str(g[0]["example_id"])
-            if eid not in rank:
-                raise ValueError(f"{st.url}: example {eid!r} is not in this dataset; the partition "
-                                 "stores belong to another run")
-            yield rank[eid], g
-
+    stats = DataStats()
+    streams = [iter(st.groups()) for st in parts]
     t0 = time.perf_counter()
-    with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=True) as w:
-        done = w.done_example_ids
-        seen = 0
-        for _, g in heapq.merge(*(keyed(st) for st in parts), key=lambda x: x[0]):
-            seen += 1
-            if str(g[0]["example_id"]) not in done:
-                w.add_group(g)
-        if seen != len(rank):
-            raise ValueError(f"the {n} partitions hold {seen} groups, the dataset {len(rank)}; "
-                             "they are not the partitions of this run")
-        w.manifest["precompute_report"] = _merged_report(parts, stats, n)
+    with GroupWriter(url, meta, cfg.shard_records, True, "precompute_report") as w:
+        done = w.done
+        for b, batch in enumerate(iter_batches(base, prep.source.groups(stats, check_ids=False))):
+            p = b % n
+            for g in batch:
+                got = next(streams[p], None)
+                found = None if got is None else str(got[0]["example_id"])
+                if found != g[0].example_id:
+                    raise ValueError(
+                        f"partition {p}/{n} ({parts[p].url}) does not hold this run's batch {b}: "
+                        f"expected example {g[0].example_id!r}, found {found!r}; the partition "
+                        "stores belong to another run or dataset")
+                if found not in done:
+                    w.add_group(got)
+        for p, rest in enumerate(streams):
+            if next(rest, None) is not None:
+                raise ValueError(f"partition {p}/{n} ({parts[p].url}) holds more groups than "
+                                 "this run's plan gives it; it belongs to another run or dataset")
+        w.close(_merged_report(parts, stats, n))
     log.info("merged %d partitions into %s in %.1fs", n, url, time.perf_counter() - t0)
     if not cfg.keep_parts:
         for st in parts:
@@ -291,9 +409,7 @@ def _worker(spec_path: str) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        from .run import run_precompute
-
-        print(run_precompute(cfg), flush=True)
+        print(run_one(cfg), flush=True)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

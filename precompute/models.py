@@ -146,7 +146,8 @@ def verify_head(model: nn.Module, head: LMHead, n_tokens: int = 8) -> float:
     """
     dev = head.weight.device
     ids = torch.arange(n_tokens, device=dev).remainder(head.vocab_size).unsqueeze(0)
-    want = model(input_ids=ids).logits[0].float()
+    # a head restricted to the tokenizer's ids (padded rows dropped) matches those columns
+    want = model(input_ids=ids).logits[0, :, : head.vocab_size].float()
     hid = base_model(model)(input_ids=ids).last_hidden_state[0]
     got = head.logits(hid)
     diff = (got - want).abs().max().item()
@@ -246,6 +247,12 @@ def _vocab_of(tok: Any) -> dict[str, int]:
     return dict(tok.get_vocab())
 
 
+def tokenizer_size(tok: Any) -> int:
+    """How many ids the tokenizer can emit: max id + 1 (len(tok) unless ids have holes)."""
+    vocab = _vocab_of(tok)
+    return max(len(tok), max(vocab.values(), default=-1) + 1)
+
+
 def check_same_tokenizer(
     tok_a: Any,
     tok_b: Any,
@@ -256,16 +263,16 @@ def check_same_tokenizer(
 ) -> None:
     """Raise if two models do not share one tokenizer (ids must mean the same tokens).
 
-    `model_vocab_*` are the models' output sizes (lm_head rows); they must match too, since
-    stored top-K ids index the full vocabulary of the teacher and the student's log_softmax.
+    Their output layers may have different numbers of rows (vocabulary padding, e.g.
+    Qwen2.5-7B 152,064 vs Qwen2.5-1.5B 151,936 with one tokenizer of 151,665 tokens): only the
+    tokenizer's ids are scored. `model_vocab_*` (lm_head rows), if given, must cover them.
     """
     va, vb = _vocab_of(tok_a), _vocab_of(tok_b)
-    size_a = model_vocab_a if model_vocab_a is not None else len(va)
-    size_b = model_vocab_b if model_vocab_b is not None else len(vb)
+    size_a, size_b = tokenizer_size(tok_a), tokenizer_size(tok_b)
     if size_a != size_b:
         raise ValueError(
             f"{name_a} vocab {size_a} != {name_b} vocab {size_b}: their token ids do not line up; "
-            "use models that share one tokenizer and output vocabulary"
+            "use models that share one tokenizer"
         )
     if va != vb:
         diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
@@ -277,6 +284,18 @@ def check_same_tokenizer(
         raise ValueError(
             f"{name_a} eos id {tok_a.eos_token_id} != {name_b} eos id {tok_b.eos_token_id}: "
             "use models that share one tokenizer"
+        )
+    check_vocab_rows(name_a, name_a, model_vocab_a, size_a)
+    check_vocab_rows(name_b, name_b, model_vocab_b, size_b)
+
+
+def check_vocab_rows(role: str, name: str, rows: int | None, n_ids: int) -> None:
+    """A model's output layer must have a row for every id its tokenizer can emit."""
+    if rows is not None and rows < n_ids:
+        raise ValueError(
+            f"the {role} {name!r} has {rows} output rows (config vocab_size) but its tokenizer "
+            f"has {n_ids} token ids: ids >= {rows} cannot be scored; use the tokenizer that "
+            "belongs to the model"
         )
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,14 +35,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import (
+    check_choice,
+    check_codec,
+    check_device,
+    check_float,
+    check_int,
+    check_template,
+)
 from .data import (
     DataError,
     DataOptions,
+    IdSet,
     Tokenizing,
     _check_field,
+    data_files,
     dataset_fingerprint,
     example_id,
-    read_rows,
+    files_sha256,
+    iter_rows,
     row_prompts,
 )
 from .models import (
@@ -53,8 +65,9 @@ from .models import (
     resolve_dtype,
     tokenizer_fingerprint,
 )
-from .run import code_version
-from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
+from .run import cache_hit, check_out_is_free, check_writable, code_version
+from .storeapi import StoreMeta, store_key
+from .writing import GroupWriter
 
 BEHAVIOR_DEFINITION = "log-prob under the sampling distribution after temperature, top-k, top-p"
 
@@ -139,17 +152,30 @@ class RolloutConfig:
         metadata={"help": "progress bar on stderr", "panel": "Store"})
 
     def validate(self) -> None:
-        if self.role not in ("student_rollout", "teacher_rollout"):
-            raise ValueError(f"role must be student_rollout or teacher_rollout, got {self.role!r}")
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError("n and max_new_tokens must be >= 1")
-        if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
-            raise ValueError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0; got "
-                             f"{self.temperature}, {self.top_p}, {self.top_k}")
-        if self.backend not in ("hf", "vllm"):
-            raise ValueError(f"backend must be 'hf' or 'vllm', got {self.backend!r}")
-        if self.truncate not in ("skip", "fail"):
-            raise ValueError(f"truncate must be 'skip' or 'fail' for prompts, got {self.truncate!r}")
+        """Check every option before anything is read, loaded or written (ValueError naming
+        the flag)."""
+        for name in ("model", "data"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"--{name} is required (got {getattr(self, name)!r})")
+        check_choice("role", self.role, ("student_rollout", "teacher_rollout"))
+        check_int("n", self.n, 1)
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_float("temperature", self.temperature, lo=0.0)
+        check_float("top_p", self.top_p, lo=0.0, hi=1.0)
+        check_int("top_k", self.top_k, 0)
+        check_int("seed", self.seed, 0)
+        check_int("batch_prompts", self.batch_prompts, 1)
+        check_int("max_prompt_length", self.max_prompt_length, 1, optional=True)
+        check_int("limit", self.limit, 1, optional=True)
+        check_int("shard_records", self.shard_records, 1)
+        check_choice("backend", self.backend, ("hf", "vllm"))
+        check_choice("truncate", self.truncate, ("skip", "fail"))
+        check_template("context_template", self.context_template, ("context", "prompt"))
+        if self.reward is not None and not (isinstance(self.reward, str) or callable(self.reward)):
+            raise ValueError(f"--reward must be 'module:function' or a callable, got {self.reward!r}")
+        check_codec(self.codec, None)
+        resolve_dtype(self.dtype, resolve_device("cpu"))  # names the accepted dtypes
+        check_device(self.device)
 
 
 @dataclass
@@ -168,38 +194,42 @@ class PromptItem:
 
 def load_prompts(cfg: RolloutConfig, tok: Any) -> tuple[list[PromptItem], str, int]:
     """Tokenized prompts (+ chosen responses when asked), a dataset fingerprint, skipped count."""
-    rows, file_sha = read_rows(cfg.data)
+    files = data_files(cfg.data)
+    file_sha = files_sha256(files)
     opts = DataOptions(chat_template=cfg.chat_template, context_template=cfg.context_template,
                        use_context=cfg.use_context, limit=cfg.limit,
                        max_length=cfg.max_prompt_length, truncate=cfg.truncate)
     tk = Tokenizing(tok, opts)
-    items, seen, skipped = [], set(), 0
+    items, seen, skipped = [], IdSet(), 0
     resp_col = None
-    for i, row in enumerate(rows[: cfg.limit] if cfg.limit else rows):
+    for src in iter_rows(files, cfg.limit):
+        row, where = src.row, src.where
         if opts.prompt_column not in row:
-            raise DataError(f"row {i}: missing column {opts.prompt_column!r} (has {sorted(row)})")
-        _check_field(row[opts.prompt_column], i, opts.prompt_column)
-        ex_id = example_id(row, i, opts, seen)
-        p_ids, tp_ids = row_prompts(row, opts, tk, cfg.use_context)
+            raise DataError(f"{where}: missing column {opts.prompt_column!r} (has {sorted(row)}); "
+                            "every row needs a prompt")
+        _check_field(row[opts.prompt_column], where, opts.prompt_column)
+        ex_id = example_id(src, opts, seen)
+        p_ids, tp_ids = row_prompts(src, opts, tk, cfg.use_context)
         chosen = None
         if cfg.include_chosen:
             resp_col = resp_col or next((c for c in (opts.chosen_column, opts.completion_column)
                                          if c in row), None)
             if resp_col is None or resp_col not in row:
-                raise DataError(f"row {i}: include_chosen needs a {opts.chosen_column!r} or "
+                raise DataError(f"{where}: --include-chosen needs a {opts.chosen_column!r} or "
                                 f"{opts.completion_column!r} column (has {sorted(row)})")
-            _check_field(row[resp_col], i, resp_col)
-            chosen = tk.response(row[opts.prompt_column], row[resp_col], p_ids, i, resp_col)
+            _check_field(row[resp_col], where, resp_col)
+            chosen = tk.response(row[opts.prompt_column], row[resp_col], where, resp_col)
         longest = max(len(p_ids), len(tp_ids or []))
         if cfg.max_prompt_length is not None and longest > cfg.max_prompt_length:
             if cfg.truncate == "fail":
-                raise DataError(f"row {i}: prompt has {longest} tokens > max_prompt_length "
-                                f"{cfg.max_prompt_length}; raise it or set truncate='skip'")
+                raise DataError(f"{where}: the prompt has {longest} tokens > --max-prompt-length "
+                                f"{cfg.max_prompt_length}; raise it or pass --truncate skip")
             skipped += 1
             continue
         items.append(PromptItem(ex_id, p_ids, tp_ids, chosen, row))
     if not items:
-        raise DataError(f"{cfg.data}: no usable prompts ({skipped} skipped as over-long)")
+        raise DataError(f"{cfg.data}: no usable prompts: all {skipped} were longer than "
+                        f"--max-prompt-length {cfg.max_prompt_length}; raise it")
     return items, dataset_fingerprint(file_sha, opts, tokenizer_fingerprint(tok)), skipped
 
 
@@ -312,24 +342,23 @@ def _meta(cfg: RolloutConfig, tok: Any, ds_fp: str) -> StoreMeta:
 
 
 def run_rollout(cfg: RolloutConfig) -> str:
-    """Sample, record behavior log-probs (and rewards), write a store; returns its URL."""
+    """Sample, record behavior log-probs (and rewards), write a store; returns its URL.
+    Every option and the whole dataset are checked before anything is written; a new store
+    appears with its first committed group."""
     cfg.validate()
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code, role="sampler")
     items, ds_fp, skipped = load_prompts(cfg, tok)
     meta = _meta(cfg, tok, ds_fp)
     url = cfg.out or f"{cfg.out_root.rstrip('/')}/{store_key(meta)}"
-    try:
-        existing = open_store(url)
-        if existing.complete and existing.meta.content_dict() == meta.content_dict():
-            return url
-    except NoStoreError:
-        pass
+    if cache_hit(url, meta):
+        return url
     reward_fn = resolve_callable(cfg.reward) if isinstance(cfg.reward, str) else cfg.reward
+    check_out_is_free(url)
+    check_writable(url)
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=cfg.resume) as writer:
-        done = writer.done_example_ids
-        todo = [it for it in items if it.example_id not in done]
+    with GroupWriter(url, meta, cfg.shard_records, cfg.resume, "rollout_report") as writer:
+        todo = [it for it in items if it.example_id not in writer.done]
         todo.sort(key=lambda it: len(it.sampler_prompt(cfg.role, cfg.use_context)))
         if todo:
             model = None
@@ -338,8 +367,7 @@ def run_rollout(cfg: RolloutConfig) -> str:
                                    trust_remote_code=cfg.trust_remote_code)
             sampler = _make_sampler(cfg, model, pad, eos)
             _rollout_into(cfg, writer, todo, sampler, model, tok, reward_fn)
-        writer.manifest.setdefault("rollout_report", {}).update(prompts=len(items),
-                                                                skipped=skipped)
+        writer.close({"prompts": len(items), "skipped": skipped})
     return url
 
 
@@ -355,13 +383,14 @@ def _make_sampler(cfg: RolloutConfig, model: Any, pad: int, eos: int):
                                            cfg.top_k, cfg.max_new_tokens, seed)
 
 
-def _rollout_into(cfg: RolloutConfig, writer: StoreWriter, todo: list[PromptItem], sampler: Any,
+def _rollout_into(cfg: RolloutConfig, writer: GroupWriter, todo: list[PromptItem], sampler: Any,
                   model: Any, tok: Any, reward_fn: Callable[..., float] | None) -> None:
     from .run import _progress
 
     eos = tok.eos_token_id
-    with _progress(cfg.progress, len(todo) * cfg.n, "rollout") as bar:
-        task = bar.add_task("rollout", total=len(todo) * cfg.n, tps="-")
+    t0, samples, tokens = time.perf_counter(), 0, 0
+    with _progress(cfg.progress, len(todo), "rollout") as bar:  # rows = prompts
+        task = bar.add_task("rollout", total=len(todo), seqs=0, tokens=0, tps="-")
         for b in range(0, len(todo), cfg.batch_prompts):
             batch = todo[b: b + cfg.batch_prompts]
             prompts = [it.sampler_prompt(cfg.role, cfg.use_context) for it in batch
@@ -378,7 +407,10 @@ def _rollout_into(cfg: RolloutConfig, writer: StoreWriter, todo: list[PromptItem
                     resp, lp = results[j * cfg.n + g]
                     group.append(_record(it, cfg.role, g, resp, lp, eos, tok, reward_fn))
                 writer.add_group(group)
-            bar.update(task, advance=len(prompts), tps="-")
+            samples += len(results)
+            tokens += sum(len(r) for r, _ in results)
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=len(batch), seqs=samples, tokens=tokens, tps=f"{rate:,.0f}")
 
 
 def _record(it: PromptItem, role: str, group: int, resp: list[int], lp: list[float], eos: int,
@@ -386,7 +418,13 @@ def _record(it: PromptItem, role: str, group: int, resp: list[int], lp: list[flo
     reward = None
     if reward_fn is not None:
         prompt_text = tok.decode(it.prompt_ids, skip_special_tokens=True)
-        reward = float(reward_fn(prompt_text, tok.decode(resp, skip_special_tokens=True), it.row))
+        name = getattr(reward_fn, "__qualname__", repr(reward_fn))
+        try:
+            reward = float(reward_fn(prompt_text, tok.decode(resp, skip_special_tokens=True), it.row))
+        except Exception as e:  # noqa: BLE001 - user code: one line naming it and the example
+            raise ValueError(f"the reward function {name} failed on example {it.example_id!r} "
+                             f"({type(e).__name__}: {e}); the groups committed so far are kept: "
+                             "fix it and re-run the same command to resume") from None
         if not math.isfinite(reward):
             raise ValueError(f"reward for example {it.example_id!r} is {reward}; return a finite float")
     return {

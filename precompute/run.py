@@ -1,16 +1,18 @@
-"""`run_precompute(cfg)`: score a dataset (or a rollout store) with the DPO teacher and the
+"""One precompute process: score a dataset (or a rollout store) with the DPO teacher and the
 reference ONCE and write every METHODS.md §1 field into a content-addressed store.
 
-Flow: tokenize -> fingerprints -> StoreMeta -> (no-op if that store is already complete) ->
-load models -> length-bucketed batches -> engine.score_sequences -> StoreWriter.add_group.
-Resume: groups already committed (writer.done_example_ids) are skipped, so a killed run
-continues where its last committed shard ended and produces the same store.
+Flow of `run_one(cfg)`: tokenize -> fingerprints -> StoreMeta -> (no-op if that store is
+already complete) -> load models -> length-bucketed batches -> engine.score_sequences ->
+GroupWriter. Resume: groups already committed are skipped, so a killed run continues where
+its last committed shard ended and produces the same store.
 Partition: `partition=(i, n)` keeps batches i, i+n, ... of the run's batch plan (length-sorted,
 so every part gets a similar mix of lengths); each part is its own store (the partition and
 the batch settings are in the options, hence in the key), so n machines can precompute one
-dataset without sharing a writer, and `launch.merge_parts` interleaves the parts back into the
-single run's order: a part's forwards are the single run's forwards, so the merged store
-equals the single run's shard for shard (on one deterministic backend).
+dataset without sharing a writer.
+
+This module is the single-process layer and imports nothing above it: the multi-process
+layer (`launch.py`: `run_precompute`, `--partition auto`, `--devices`, `--merge-parts`) calls
+`run_one`, never the other way round.
 """
 
 from __future__ import annotations
@@ -25,9 +27,31 @@ from typing import Any
 
 import numpy as np
 
-from .data import DataOptions, DataStats, Sequence, dataset_fingerprint, read_rows, tokenize_rows
+from .checks import (
+    check_choice,
+    check_codec,
+    check_device,
+    check_fields,
+    check_int,
+    check_template,
+    parse_betas,
+    parse_partition,
+)
+from .data import (
+    DataError,
+    DataOptions,
+    DataStats,
+    Sequence,
+    data_files,
+    dataset_fingerprint,
+    files_sha256,
+    iter_rows,
+    tokenize_rows,
+)
+from .engine import REF_FIELDS, TEACHER_FIELDS, TOPK_FIELDS, needs_teacher
 from .models import (
     check_same_tokenizer,
+    check_vocab_rows,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -35,10 +59,12 @@ from .models import (
     resolve_device,
     resolve_dtype,
     tokenizer_fingerprint,
+    tokenizer_size,
     verify_head,
 )
 from .scoring import REF_MODES
-from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store, store_key
+from .storeapi import NoStoreError, StoreMeta, open_store, store_key
+from .writing import GroupWriter
 
 log = logging.getLogger("kdcache.precompute")
 
@@ -56,8 +82,9 @@ def code_version() -> str:
 class PrecomputeConfig:
     """Everything `run_precompute` needs. Models are local HF dirs or cached hub ids."""
 
-    teacher: str | None = field(
-        metadata={"help": "the preference-aligned (DPO) teacher: a local HF model dir or cached hub id", "panel": "Essentials"})
+    teacher: str | None = field(default=None,
+        metadata={"help": "the preference-aligned (DPO) teacher: a local HF model dir or cached hub id; "
+                          "unset (with --tokenizer): a tokenized-only store", "panel": "Essentials"})
     reference: str | None = field(default=None,
         metadata={"help": "the teacher's pre-DPO reference (its SFT model); unset: no ref_* fields (no ADPA, DPO, DCKD advantages)", "panel": "Essentials"})
     data: str | None = field(default=None,
@@ -82,6 +109,12 @@ class PrecomputeConfig:
         metadata={"help": "reference log-probs at the teacher's top-K: exact gather, ADPA's paper "
                           "approximation, or that approximation with the released pipeline's floor",
                   "panel": "Signals", "choices": REF_MODES})
+    # per-token fields to store (default: all the models give). Only sequence log-probs, e.g.
+    # ["ref_token_logprob"] for DPO: no top-K, no soft values, only the models needed run
+    fields: list[str] | None = field(default=None,
+        metadata={"help": "per-token fields to store, comma-separated (e.g. ref_token_logprob for DPO: "
+                          "no top-K or soft values, only the models needed run); unset: all the models give",
+                  "panel": "Signals"})
     # data (see precompute/data.py)
     kind: str = field(default="auto",
         metadata={"help": "dataset kind; auto: preference if it has chosen/rejected, else SFT", "panel": "Data", "choices": ("auto", "preference", "sft")})
@@ -97,8 +130,9 @@ class PrecomputeConfig:
         metadata={"help": "how the context joins the prompt ({context}, {prompt})", "panel": "Data"})
     limit: int | None = field(default=None,
         metadata={"help": "score only the first N rows; unset: all", "panel": "Data"})
-    partition: tuple[int, int] | None = field(default=None,
-        metadata={"help": "this process's share i/N of the batch plan (merge the N parts with --merge-parts N)", "panel": "Scale-out"})
+    partition: tuple[int, int] | str | None = field(default=None,
+        metadata={"help": "this process's share i/N of the batch plan, or auto (from torchrun's RANK/WORLD_SIZE "
+                          "or a Slurm array); merge the N parts with --merge-parts N", "panel": "Scale-out"})
     # one box, several devices: one subprocess per device over partitions, then merged
     # (precompute/launch.py); e.g. ["0", "1", "2", "3"] (CUDA ids), ["all"], ["cpu", "cpu"]
     devices: list[str] | None = field(default=None,
@@ -112,6 +146,16 @@ class PrecomputeConfig:
         metadata={"help": "padded tokens per forward (packed: real tokens)", "panel": "Execution"})
     max_batch_seqs: int = field(default=256,
         metadata={"help": "sequences per forward at most", "panel": "Execution"})
+    # rows whose groups are sorted by length together and cut into batches: the dataset is
+    # streamed one window at a time, so memory does not grow with the dataset
+    bucket_window: int = field(default=4096,
+        metadata={"help": "rows sorted by length together before batching (the input streams one window "
+                          "at a time; part of the store key)", "panel": "Execution"})
+    # read and tokenize the whole dataset once before anything is written: every data error
+    # (and the row/token totals of the progress bar) up front, at the cost of one extra pass
+    check_data: bool = field(default=True,
+        metadata={"help": "read and tokenize the whole dataset once before writing: every data error up "
+                          "front, for one extra pass", "panel": "Data"})
     chunk_size: int | None = field(default=None,
         metadata={"help": "scored positions per logits chunk; unset: a ~1 GiB budget", "panel": "Execution"})
     packed: bool = field(default=False,
@@ -139,126 +183,255 @@ class PrecomputeConfig:
         metadata={"help": "progress bar on stderr", "panel": "Store"})
 
     def validate(self) -> None:
+        """Check every option before anything is read, loaded or written (ValueError naming
+        the flag); normalises `betas` to floats and `partition` to (i, N)."""
         if (self.data is None) == (self.input_store is None):
-            raise ValueError("PrecomputeConfig: set exactly one of data (a dataset URL) or "
-                             "input_store (a rollout store URL)")
+            raise ValueError("pass exactly one of --data FILE (a dataset) or --input-store URL "
+                             "(a rollout store to score)")
         if self.teacher is None and self.reference is not None:
-            raise ValueError("PrecomputeConfig: a reference needs a teacher (teacher=None writes "
-                             "a tokenized-only store without teacher signals)")
+            raise ValueError("--reference needs a --teacher (without a teacher, precompute writes "
+                             "a tokenized-only store with no teacher signals)")
         if self.teacher is None and self.tokenizer is None:
-            raise ValueError("PrecomputeConfig: teacher=None (tokenized-only store) needs "
-                             "tokenizer=<a model or tokenizer directory>")
-        if self.k < 1:
-            raise ValueError(f"PrecomputeConfig.k must be >= 1, got {self.k}")
-        if self.ref_mode not in REF_MODES:
-            raise ValueError(f"--ref-mode {self.ref_mode!r}: use one of {', '.join(REF_MODES)}")
-        if self.partition is not None:
-            i, n = self.partition
-            if not 0 <= i < n:
-                raise ValueError(f"partition {self.partition}: need 0 <= index < count")
-        if self.batch_tokens < 1:
-            raise ValueError("batch_tokens must be >= 1")
-        if self.truncate not in ("truncate", "skip", "fail"):
-            raise ValueError(f"truncate must be 'truncate', 'skip' or 'fail', got {self.truncate!r}")
-        modes = [name for name, v in (("partition", self.partition), ("devices", self.devices),
-                                      ("merge_parts", self.merge_parts)) if v]
+            raise ValueError("no --teacher: pass --teacher DIR (the DPO teacher) to score the "
+                             "data, or only --tokenizer DIR for a tokenized-only store (token "
+                             "ids, no teacher signals; e.g. SFT data)")
+        check_int("k", self.k, 1)
+        self.betas = parse_betas(self.betas)
+        if self.fields is not None:
+            self.fields = check_fields(self.fields, self.teacher, self.reference)
+        check_choice("ref_mode", self.ref_mode, REF_MODES)
+        check_choice("truncate", self.truncate, ("truncate", "skip", "fail"))
+        check_choice("kind", self.kind, ("auto", "preference", "sft"))
+        check_int("max_length", self.max_length, 1, optional=True)
+        check_int("limit", self.limit, 1, optional=True)
+        check_template("context_template", self.context_template, ("context", "prompt"))
+        self.partition = parse_partition(self.partition)
+        if self.devices is not None:
+            if isinstance(self.devices, str):
+                self.devices = [d for d in self.devices.split(",")]
+            if not self.devices or any(not str(d).strip() for d in self.devices):
+                raise ValueError(f"--devices {self.devices!r} has an empty entry; e.g. --devices "
+                                 "0,1,2,3, --devices all or --devices cpu,cpu")
+        check_int("merge_parts", self.merge_parts, 1, optional=True)
+        modes = [name for name, v in (("--partition", self.partition), ("--devices", self.devices),
+                                      ("--merge-parts", self.merge_parts)) if v]
         if len(modes) > 1:
-            raise ValueError(f"set only one of {' / '.join(modes)}: devices runs every partition "
-                             "itself and merges them; merge_parts merges partitions run elsewhere")
-        if self.merge_parts is not None and self.merge_parts < 1:
-            raise ValueError(f"merge_parts must be >= 1 (the partition count), got {self.merge_parts}")
+            raise ValueError(f"set only one of {' / '.join(modes)}: --devices runs every partition "
+                             "itself and merges them; --merge-parts merges partitions run elsewhere")
+        check_int("batch_tokens", self.batch_tokens, 1)
+        check_int("max_batch_seqs", self.max_batch_seqs, 1)
+        check_int("bucket_window", self.bucket_window, 1)
+        check_int("chunk_size", self.chunk_size, 1, optional=True)
+        check_int("shard_records", self.shard_records, 1)
+        check_codec(self.codec, self.error_bound)
+        resolve_dtype(self.dtype, resolve_device("cpu"))  # names the accepted dtypes
+        if not self.devices:  # the launcher picks each worker's device itself
+            check_device(self.device)
 
 
-def _groups_from_store(urls: str) -> tuple[list[list[Sequence]], dict[str, Any], bool]:
-    """Groups of one rollout store, or of several (comma-separated) joined by example id:
-    e.g. PBSD's teacher-with-context rollouts (y+) and student rollouts (y-) of one prompt
-    become one group, scored together."""
-    stores = [open_store(u.strip()) for u in urls.split(",") if u.strip()]
-    for st in stores:
-        if not st.complete:
-            raise ValueError(f"input store {st.url} is incomplete; finish the rollout run first")
-    has_behavior = all("behavior_logprob" in st.fields for st in stores)
-    joined: dict[str, list[Sequence]] = {}
-    for store in stores:
-        for recs in store.groups():
-            for r in recs:
-                extra: dict[str, Any] = {"reward": r.get("reward")}
-                if has_behavior:
-                    extra["behavior_logprob"] = np.asarray(r["behavior_logprob"], np.float32)
-                tp = r.get("teacher_prompt_ids")
-                joined.setdefault(str(r["example_id"]), []).append(Sequence(
-                    str(r["example_id"]), str(r["role"]), int(r.get("group", 0)),
-                    [int(t) for t in r["prompt_ids"]], [int(t) for t in r["response_ids"]],
-                    None if tp is None else [int(t) for t in tp], extra))
-    fps = [{"input_store": st.manifest.get("store_key"), "checksum": st.manifest.get("checksum")}
-           for st in stores]
-    return list(joined.values()), (fps[0] if len(fps) == 1 else {"input_stores": fps}), has_behavior
+# ------------------------------------------------------------------------------- inputs
+
+@dataclass
+class Vocab:
+    """The ids precompute scores: [0, size), the shared tokenizer's ids. A model may have more
+    output rows (vocabulary padding: Qwen2.5-7B has 152,064, its 0.5B-3B siblings 151,936,
+    one tokenizer of 151,665); no tokenizer emits those ids, so their logits are dropped
+    before log_softmax, top-K and soft values."""
+
+    size: int
+    rows: dict[str, int] = field(default_factory=dict)  # "dpo"/"ref" -> lm_head rows (config)
+
+    @property
+    def padded(self) -> bool:
+        return any(r != self.size for r in self.rows.values())
 
 
-def _data_options(cfg: PrecomputeConfig) -> DataOptions:
-    return DataOptions(kind=cfg.kind, max_length=cfg.max_length, truncate=cfg.truncate,
-                       chat_template=cfg.chat_template, use_context=cfg.use_context,
-                       context_template=cfg.context_template, limit=cfg.limit)
+class GroupSource:
+    """The groups of a run, streamed again on every call of `groups()`: a dataset (rows
+    tokenized as they are read) or rollout store(s)."""
+
+    def __init__(self, cfg: PrecomputeConfig, tok: Any) -> None:
+        self.cfg, self.tok = cfg, tok
+        self.has_behavior = False
+        if cfg.data is not None:
+            self.files = data_files(cfg.data)
+            self.opts = DataOptions(kind=cfg.kind, max_length=cfg.max_length,
+                                    truncate=cfg.truncate, chat_template=cfg.chat_template,
+                                    use_context=cfg.use_context,
+                                    context_template=cfg.context_template, limit=cfg.limit)
+        else:
+            self.stores = [open_store(u.strip()) for u in cfg.input_store.split(",") if u.strip()]
+            if not self.stores:
+                raise ValueError(f"--input-store {cfg.input_store!r} names no store")
+            for st in self.stores:
+                if not st.complete:
+                    raise ValueError(f"input store {st.url} is incomplete; finish the rollout "
+                                     "run first")
+            self.has_behavior = all("behavior_logprob" in st.fields for st in self.stores)
+
+    def fingerprint(self, tok_fp: str) -> dict[str, Any]:
+        """The dataset part of the store key (reads every data file once, in blocks)."""
+        if self.cfg.data is not None:
+            return {"sha256": dataset_fingerprint(files_sha256(self.files), self.opts, tok_fp)}
+        fps = [{"input_store": st.manifest.get("store_key"),
+                "checksum": st.manifest.get("checksum")} for st in self.stores]
+        return dict(fps[0] if len(fps) == 1 else {"input_stores": fps}, limit=self.cfg.limit)
+
+    def groups(self, stats: DataStats, check_ids: bool = True) -> Iterator[list[Sequence]]:
+        if self.cfg.data is not None:
+            yield from tokenize_rows(iter_rows(self.files, self.cfg.limit), self.tok, self.opts,
+                                     stats, check_ids=check_ids)
+            return
+        for i, g in enumerate(self._store_groups()):
+            if self.cfg.limit is not None and i >= self.cfg.limit:
+                return
+            stats.rows += 1
+            stats.sequences += len(g)
+            stats.tokens += sum(len(s.response_ids) for s in g)
+            yield g
+
+    def _store_groups(self) -> Iterator[list[Sequence]]:
+        """One store: its groups as stored (streamed). Several (comma-separated): joined by
+        example id, e.g. PBSD's teacher-with-context rollouts (y+) and student rollouts (y-)
+        of one prompt become one group, scored together (held in memory)."""
+        if len(self.stores) == 1:
+            for recs in self.stores[0].groups():
+                yield [self._sequence(r) for r in recs]
+            return
+        joined: dict[str, list[Sequence]] = {}
+        for store in self.stores:
+            for recs in store.groups():
+                for r in recs:
+                    joined.setdefault(str(r["example_id"]), []).append(self._sequence(r))
+        yield from joined.values()
+
+    def _sequence(self, r: dict[str, Any]) -> Sequence:
+        extra: dict[str, Any] = {"reward": r.get("reward")}
+        if self.has_behavior:
+            extra["behavior_logprob"] = np.asarray(r["behavior_logprob"], np.float32)
+        tp = r.get("teacher_prompt_ids")
+        return Sequence(str(r["example_id"]), str(r["role"]), int(r.get("group", 0)),
+                        np.asarray(r["prompt_ids"], np.int32),
+                        np.asarray(r["response_ids"], np.int32),
+                        None if tp is None else np.asarray(tp, np.int32), extra)
 
 
-def prepare(cfg: PrecomputeConfig) -> tuple[StoreMeta, list[list[Sequence]], Any, DataStats]:
-    """Tokenize and fingerprint everything (no model weights loaded): meta, ALL groups of the
-    dataset (a partition's share is chosen from the batch plan by run_precompute), tokenizer."""
-    cfg.validate()
+@dataclass
+class Prepared:
+    """What a run knows before any model is loaded or anything is written."""
+
+    meta: StoreMeta
+    tok: Any
+    vocab: Vocab
+    source: GroupSource
+    scored: tuple[str, ...] = ()  # the per-token fields the models compute
+    same_model: bool = False  # teacher and reference have one fingerprint: one forward
+
+
+def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
+    """The tokenizer all models must share, and the vocabulary precompute scores.
+    Tokenizers must be identical; output rows may differ (padding) but must cover it."""
+    main_name = cfg.tokenizer or cfg.teacher
     main_role = "teacher" if cfg.teacher else "tokenizer"
-    tok = load_tokenizer(cfg.tokenizer or cfg.teacher, cfg.trust_remote_code, role=main_role)
-    t_vocab = model_vocab_size(cfg.teacher) if cfg.teacher else None
-    checks = [(cfg.reference, "reference"), (cfg.student, "student")]
-    if cfg.tokenizer and cfg.teacher:
-        checks.append((cfg.teacher, "teacher"))
-    for name, role in checks:
-        if name:
+    tok = load_tokenizer(main_name, cfg.trust_remote_code, role=main_role)
+    size = tokenizer_size(tok)
+    rows: dict[str, int] = {}
+    for name, role, key in ((cfg.teacher, "teacher", "dpo"), (cfg.reference, "reference", "ref"),
+                            (cfg.student, "student", None)):
+        if not name:
+            continue
+        if name != main_name or role != main_role:
             other = load_tokenizer(name, cfg.trust_remote_code, role=role)
-            check_same_tokenizer(tok, other, main_role, role, t_vocab, model_vocab_size(name))
-    tok_fp = tokenizer_fingerprint(tok)
-    stats = DataStats()
-    has_behavior = False
-    if cfg.data is not None:
-        rows, file_sha = read_rows(cfg.data)
-        opts = _data_options(cfg)
-        groups = list(tokenize_rows(rows, tok, opts, stats))
-        ds_fp = {"sha256": dataset_fingerprint(file_sha, opts, tok_fp)}
-    else:
-        groups, ds_fp, has_behavior = _groups_from_store(cfg.input_store)
-        groups = groups[: cfg.limit] if cfg.limit else groups
-        stats.rows = len(groups)
-        stats.sequences = sum(len(g) for g in groups)
-        ds_fp = dict(ds_fp, limit=cfg.limit)
+            check_same_tokenizer(tok, other, main_role, role)
+        n_rows = model_vocab_size(name)
+        check_vocab_rows(role, name, n_rows, size)
+        if key is not None and n_rows is not None:
+            rows[key] = int(n_rows)
+    return tok, Vocab(size, rows)
 
-    fields, models = [], {}
+
+def prepare(cfg: PrecomputeConfig) -> Prepared:
+    """Tokenizers, vocabulary and fingerprints (no model weights loaded, nothing written):
+    the meta of the store this run writes, and its groups as a stream."""
+    cfg.validate()
+    tok, vocab = _tokenizer_and_vocab(cfg)
+    scored: tuple[str, ...] = ()
     if cfg.teacher:
-        fields = ["topk_ids", "topk_logprobs", "token_logprob", "soft_value"]
-        models["dpo"] = model_fingerprint(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    if cfg.reference:
-        fields += ["ref_topk_logprobs", "ref_token_logprob"]
-        models["ref"] = model_fingerprint(cfg.reference, trust_remote_code=cfg.trust_remote_code)
-    if has_behavior:
-        fields.append("behavior_logprob")
+        scored = tuple(cfg.fields or TEACHER_FIELDS + (REF_FIELDS if cfg.reference else ()))
+    topk = any(f in TOPK_FIELDS for f in scored)
+    if topk and cfg.k > vocab.size:
+        raise ValueError(f"--k {cfg.k} > the teacher's vocabulary of {vocab.size} tokens; pass a "
+                         f"--k of at most {vocab.size} (typically 20-100)")
+    tok_fp = tokenizer_fingerprint(tok)
+    source = GroupSource(cfg, tok)
+    ds_fp = source.fingerprint(tok_fp)
+
+    fingerprints = {role: model_fingerprint(name, trust_remote_code=cfg.trust_remote_code)
+                    for role, name in (("dpo", cfg.teacher), ("ref", cfg.reference)) if name}
+    models = {}  # only the models whose outputs are stored shape the store
+    if needs_teacher(scored):
+        models["dpo"] = fingerprints["dpo"]
+    if any(f in REF_FIELDS for f in scored):
+        models["ref"] = fingerprints["ref"]
+    fields = list(scored) + (["behavior_logprob"] if source.has_behavior else [])
     dev = resolve_device(cfg.device)
     options: dict[str, Any] = {
         "codec": cfg.codec,
-        "ref_mode": cfg.ref_mode if cfg.reference else None,
+        "ref_mode": cfg.ref_mode if "ref_topk_logprobs" in scored else None,
         # the teacher's numeric precision changes the stored numbers, so it is in the key
         "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.teacher else None,
         "partition": list(cfg.partition) if cfg.partition else None,
     }
+    if cfg.teacher:  # the record order: groups are length-sorted within windows of rows
+        options["bucket_window"] = cfg.bucket_window
     if cfg.partition is not None:  # which examples a part holds depends on the batch plan
-        options["partition_plan"] = {"batch_tokens": cfg.batch_tokens, "packed": cfg.packed,
-                                     "max_batch_seqs": cfg.max_batch_seqs}
+        options["partition_plan"] = partition_plan(cfg)
     if cfg.error_bound is not None:
         options["error_bound"] = cfg.error_bound
-    meta = StoreMeta(k=cfg.k, betas=list(cfg.betas), fields=fields, models=models,
-                     tokenizer={"sha256": tok_fp, "vocab_size": t_vocab or len(tok)},
+    if cfg.teacher and vocab.padded:  # logits of padded rows dropped before log_softmax
+        options["vocab"] = {"scored": vocab.size, "model_rows": dict(vocab.rows)}
+    if cfg.fields is not None:  # a chosen subset: K and betas only count when stored
+        options["fields"] = list(scored)
+    meta = StoreMeta(k=cfg.k if topk or cfg.fields is None else 0,
+                     betas=list(cfg.betas) if "soft_value" in scored or cfg.fields is None else [],
+                     fields=fields, models=models,
+                     tokenizer={"sha256": tok_fp, "vocab_size": vocab.size},
                      dataset=ds_fp, options=options, code_version=code_version())
-    return meta, groups, tok, stats
+    same = len(fingerprints) == 2 and fingerprints["dpo"] == fingerprints["ref"]
+    return Prepared(meta, tok, vocab, source, scored, same)
 
 
-def _progress(enabled: bool, total: int, label: str = "precompute"):
+def partition_plan(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """The settings that decide which examples partition i/N holds (in its key)."""
+    return {"batch_tokens": cfg.batch_tokens, "packed": cfg.packed,
+            "max_batch_seqs": cfg.max_batch_seqs, "bucket_window": cfg.bucket_window}
+
+
+def _no_rows_left(cfg: PrecomputeConfig, stats: DataStats) -> DataError:
+    long_prompt = stats.skipped_long_prompt
+    return DataError(
+        f"{cfg.data or cfg.input_store}: no rows left to score: all {stats.rows} rows were dropped "
+        f"({long_prompt} with a prompt of >= max_length {cfg.max_length} tokens, "
+        f"{stats.skipped - long_prompt} longer than max_length with --truncate skip); raise "
+        "--max-length")
+
+
+def check_data(cfg: PrecomputeConfig, prep: Prepared) -> DataStats:
+    """One streamed pass over the whole dataset before anything is written: every data
+    error (a bad row, a duplicate id, an over-long row with --truncate fail) surfaces now,
+    and the totals feed the progress bar. Memory: one row at a time, ~8 bytes per id."""
+    stats = DataStats()
+    with _progress(cfg.progress and cfg.data is not None, None, "checking data") as bar:
+        task = bar.add_task("check", total=None, seqs=0, tokens=0, tps="-")
+        for i, _ in enumerate(prep.source.groups(stats, check_ids=True)):
+            if i % 1024 == 0:
+                bar.update(task, completed=stats.rows, seqs=stats.sequences, tokens=stats.tokens)
+    if stats.rows == stats.skipped:
+        raise _no_rows_left(cfg, stats)
+    return stats
+
+
+def _progress(enabled: bool, total: int | None, label: str = "precompute"):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -269,21 +442,36 @@ def _progress(enabled: bool, total: int, label: str = "precompute"):
     )
 
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("seqs"), TextColumn("{task.fields[tps]} tok/s"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    disable=not enabled, transient=False)
+                    TextColumn("rows, {task.fields[seqs]} seqs, {task.fields[tokens]} tokens"),
+                    TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled,
+                    transient=False)
 
 
-def plan_batches(cfg: PrecomputeConfig, groups: list[list[Sequence]]) -> list[list[list[Sequence]]]:
-    """The forward batches of a run, in write order. They depend only on the groups and the
-    settings (never on what a killed run already committed), so a resumed run recomputes
-    exactly the batches an uninterrupted run computes. A partition (i, n) is batches i, i+n,
-    ... of the full plan, so its forwards are the single run's forwards, number for number."""
-    if cfg.teacher is None:
-        return [[g] for g in groups]  # tokenized-only: data order, no forwards
+# ------------------------------------------------------------------------------- the plan
+
+def iter_batches(cfg: PrecomputeConfig, groups: Iterator[list[Sequence]]
+                 ) -> Iterator[list[list[Sequence]]]:
+    """The forward batches of a run, in write order, streamed: groups are sorted by length
+    within each window of `bucket_window` rows and cut into batches there. The plan depends
+    only on the data and the settings (never on what a killed run already committed), so a
+    resumed run recomputes exactly the batches an uninterrupted run computes. A partition
+    (i, n) is batches i, i+n, ... of this plan, so its forwards are the single run's forwards,
+    number for number."""
+    if cfg.teacher is None:  # tokenized-only: data order, no forwards
+        for g in groups:
+            yield [g]
+        return
     from .engine import bucket_batches
 
-    return bucket_batches(groups, cfg.batch_tokens, cfg.max_batch_seqs, cfg.packed)
+    window: list[list[Sequence]] = []
+    for g in groups:
+        window.append(g)
+        if len(window) == cfg.bucket_window:
+            yield from bucket_batches(window, cfg.batch_tokens, cfg.max_batch_seqs, cfg.packed)
+            window = []
+    if window:
+        yield from bucket_batches(window, cfg.batch_tokens, cfg.max_batch_seqs, cfg.packed)
 
 
 def default_url(cfg: PrecomputeConfig, meta: StoreMeta) -> str:
@@ -300,10 +488,17 @@ def cache_hit(url: str, meta: StoreMeta) -> bool:
 
 
 def check_writable(url: str) -> None:
-    """Fail before any model is loaded when a local output location cannot be written."""
+    """Fail before any model is loaded when a local output location cannot be written.
+    Leaves nothing behind: directories it had to create for the probe are removed again
+    (the store's writer creates them when it commits its first shard)."""
     if "://" in url and not url.startswith("file://"):
         return  # object stores: the first write reports its own error
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+    created = []
+    d = path
+    while not os.path.exists(d) and os.path.dirname(d) != d:
+        created.append(d)
+        d = os.path.dirname(d)
     probe = os.path.join(path, f".kdcache-write-probe-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -313,42 +508,81 @@ def check_writable(url: str) -> None:
     except OSError as e:
         raise OSError(f"output directory {path!r} is not writable ({e.strerror or e}); pass a "
                       "writable --out / --out-root, or fix its permissions") from None
+    finally:
+        for c in created:  # deepest first
+            try:
+                os.rmdir(c)
+            except OSError:
+                break
 
 
-def run_precompute(cfg: PrecomputeConfig) -> str:
-    """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
-    if cfg.devices:
-        from .launch import launch
+def check_out_is_free(url: str) -> None:
+    """A new store goes into a new or empty directory: refuse a local directory that holds
+    files but no store (someone else's data, a typo'd --out), before anything is written.
+    Leftover temporary files of a killed writer (`*.tmp-*`, docs/STORE_FORMAT.md) are fine."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if not os.path.isdir(path):
+        return
+    try:
+        open_store(url)
+        return  # a store: the writer resumes it or refuses other settings
+    except (NoStoreError, NotADirectoryError, PermissionError):
+        pass
+    other = sorted(n for n in os.listdir(path) if ".tmp-" not in n)
+    if other:
+        raise ValueError(f"--out {path} is a directory with other files ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}) and no kdcache store; pass a new "
+                         "or empty directory (or --out-root to name it by its key)")
 
-        return launch(cfg)
-    if cfg.merge_parts:
-        from .launch import merge_parts
 
-        return merge_parts(cfg)
-    meta, groups, tok, stats = prepare(cfg)
-    plan = plan_batches(cfg, groups)
-    if cfg.partition is not None:  # this process's share: every n-th batch of the full plan
-        plan = plan[cfg.partition[0]::cfg.partition[1]]
-    groups = [g for b in plan for g in b]
-    url = default_url(cfg, meta)
-    if cache_hit(url, meta):
+# ------------------------------------------------------------------------------- the run
+
+SUM_KEYS = ("tokens", "topk_mass", "ref_paper_abs_err")
+# Shards are encoded and written by a writer thread while the next batches are scored
+# (writing.py). False writes inline (same store): benchmarks/bench_precompute.py compares both.
+BACKGROUND_WRITER = True
+
+
+def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> str:
+    """The whole run, or partition (i, N) of it, in this process; returns the store URL.
+    Re-running with identical inputs is a no-op (no model is loaded). `timings`, if given,
+    receives where the time went (wall_s, check_s, load_s, loop_s, writer_wait_s, ...)."""
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+    cfg.validate()
+    if cfg.partition == "auto" or cfg.devices or cfg.merge_parts:
+        raise ValueError("run_one runs one process; --partition auto, --devices and "
+                         "--merge-parts go through kdcache.precompute.run_precompute")
+    prep = prepare(cfg)
+    url = default_url(cfg, prep.meta)
+    if cache_hit(url, prep.meta):
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
         return url  # content-addressed cache hit: nothing to do, no model loaded
+    t0 = time.perf_counter()
+    check_out_is_free(url)
+    checked = check_data(cfg, prep) if cfg.check_data else None
+    times["check_s"] = time.perf_counter() - t0
     check_writable(url)
-    _report_data(cfg, stats)
+    if checked is not None:
+        report_data(cfg, checked)
     try:
-        with StoreWriter(url, meta, shard_records=cfg.shard_records, resume=cfg.resume) as writer:
-            done = writer.done_example_ids
-            if done:
-                log.info("%s: resuming, %d of %d groups already committed", url,
-                            len(done & {g[0].example_id for g in groups}), len(groups))
-            if cfg.teacher is None:
-                _tokenized_into(writer, [g for g in groups if g[0].example_id not in done],
-                                tok.eos_token_id)
-            elif len(done) < len(groups):
-                _score_into(cfg, writer, plan, done, tok)
-            report = writer.manifest.setdefault("precompute_report", {})
-            report.update(rows=stats.rows, truncated=stats.truncated, skipped=stats.skipped)
+        with GroupWriter(url, prep.meta, cfg.shard_records, cfg.resume, "precompute_report",
+                         SUM_KEYS, background=BACKGROUND_WRITER) as writer:
+            if writer.done:
+                of = "" if cfg.partition or checked is None else \
+                    f" of {checked.rows - checked.skipped}"
+                log.info("%s: resuming, %d%s groups already committed", url, len(writer.done), of)
+            t0 = time.perf_counter()
+            stats = _write(cfg, prep, writer, checked, times)
+            if stats.rows == stats.skipped:
+                raise _no_rows_left(cfg, stats)
+            if checked is None:
+                report_data(cfg, stats)
+            writer.close(lambda sums: _report(stats, sums))
+            times.update(loop_s=time.perf_counter() - t0, writer_wait_s=writer.wait_s,
+                         writer_drain_s=writer.drain_s, writer_busy_s=writer.busy_s)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(f"no space left on the device writing {url} ({e.strerror or e}); the "
@@ -356,90 +590,137 @@ def run_precompute(cfg: PrecomputeConfig) -> str:
                           "removes uncommitted leftovers) and re-run the same command to "
                           "resume") from None
         raise
+    times["wall_s"] = time.perf_counter() - t_start
+    waited = times["writer_wait_s"] + times["writer_drain_s"]
+    log.info("%s: %d tokens in %.1fs (%.1fs scoring loop); the scorer waited %.2fs (%.1f%% of "
+             "the loop) on the writer", url, int(times.get("tokens", 0)), times["wall_s"],
+             times["loop_s"], waited, 100 * waited / max(times["loop_s"], 1e-9))
+    if timings is not None:
+        timings.update(times)
     return url
 
 
-def _report_data(cfg: PrecomputeConfig, stats: DataStats) -> None:
+def report_data(cfg: PrecomputeConfig, stats: DataStats) -> None:
     if stats.truncated:
         log.warning("truncated %d of %d sequences to max_length %s (responses cut, not terminal;"
                     " counted in the manifest's precompute_report; truncate='fail' refuses "
                     "instead)", stats.truncated, stats.sequences, cfg.max_length)
     if stats.skipped:
-        log.warning("skipped %d of %d rows longer than max_length %s", stats.skipped,
-                    stats.rows, cfg.max_length)
+        log.warning("skipped %d of %d rows longer than max_length %s (%d of them: the prompt "
+                    "alone fills max_length)", stats.skipped, stats.rows, cfg.max_length,
+                    stats.skipped_long_prompt)
 
 
-def _score_into(cfg: PrecomputeConfig, writer: StoreWriter, plan: list[list[list[Sequence]]],
-                done: set[str], tok: Any) -> None:
+def _report(stats: DataStats, sums: dict[str, float]) -> dict[str, Any]:
+    """The manifest's precompute_report: data counts and the means of the per-token sums
+    (over every committed group, across resumes)."""
+    n = max(sums.get("tokens", 0.0), 1.0)
+    return {"rows": stats.rows, "truncated": stats.truncated, "skipped": stats.skipped,
+            "mean_topk_mass": sums.get("topk_mass", 0.0) / n,
+            "mean_ref_paper_abs_err": sums.get("ref_paper_abs_err", 0.0) / n}
+
+
+def _load_scorers(cfg: PrecomputeConfig, prep: Prepared) -> tuple[Any, Any]:
+    """The teacher and the reference, each only if a stored field needs it, and ONE model
+    when both have the same fingerprint (same config and weights): it runs once per batch
+    and the reference's fields are the teacher's own."""
     from . import engine
 
     dev = resolve_device(cfg.device)
     kw = dict(device=dev, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
               attn_implementation=cfg.attn_implementation)
-    dpo = engine.Scorer.from_model(load_model(cfg.teacher, "teacher", **kw))
-    ref = (engine.Scorer.from_model(load_model(cfg.reference, "reference", **kw))
-           if cfg.reference else None)
+    need_ref = any(f in REF_FIELDS for f in prep.scored)
+    dpo = ref = None
+    if needs_teacher(prep.scored):
+        dpo = engine.Scorer.from_model(load_model(cfg.teacher, "teacher", **kw), prep.vocab.size)
+    if need_ref and prep.same_model and dpo is not None:
+        ref = dpo
+        log.info("the teacher and the reference are one model (same fingerprint): one forward "
+                 "per batch")
+    elif need_ref:
+        ref = engine.Scorer.from_model(load_model(cfg.reference, "reference", **kw),
+                                       prep.vocab.size)
     if cfg.verify_head:
-        verify_head(dpo.model, dpo.head)
-        if ref is not None:
-            verify_head(ref.model, ref.head)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        for sc in {id(x): x for x in (dpo, ref) if x is not None}.values():
+            verify_head(sc.model, sc.head)
+    return dpo, ref
+
+
+def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
+           checked: DataStats | None, times: dict[str, float]) -> DataStats:
+    """Stream the plan; score and hand over this process's batches. A batch a killed run
+    half committed is scored again in full (same batch -> same numbers on every backend) and
+    only its missing groups are written. Returns the data counts of the stream."""
+    stats = DataStats()
+    part, n_parts = cfg.partition or (0, 1)
+    done = writer.done
+    tok = prep.tok
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     floor = -255.0 if cfg.codec == "compact" else None  # store's compact codec bound (|x|<=256)
-    report = writer.manifest.setdefault("precompute_report", {})
-    acc = {"tokens": 0.0, "topk_mass": 0.0, "ref_paper_abs_err": 0.0}
-    for key in acc:  # accumulate over resumed runs
-        acc[key] = float(report.get(f"sum_{key}", 0.0))
-    # The batches of the WHOLE run: a batch a killed run half committed is scored again in
-    # full (same batch -> same numbers on every backend) and only its missing groups written.
-    batches = [b for b in plan if any(g[0].example_id not in done for g in b)]
-    n_seqs = sum(len(g) for b in batches for g in b if g[0].example_id not in done)
-    t0, toks = time.perf_counter(), 0
-    with _progress(cfg.progress, n_seqs) as bar:
-        task = bar.add_task("precompute", total=n_seqs, tps="-")
-        for batch in batches:
-            seqs = [s for g in batch for s in g]
-            per_seq: list[dict[str, float]] = []
-            recs, _ = engine.score_sequences(seqs, dpo, ref, cfg.k, cfg.betas, pad,
-                                             tok.eos_token_id, cfg.chunk_size, cfg.ref_mode,
-                                             cfg.packed, per_seq=per_seq)
-            if floor is not None:
-                _clamp(recs, floor)
-            it: Iterator[tuple[dict, dict]] = iter(zip(recs, per_seq, strict=True))
-            n_new = 0
-            for g in batch:
-                pairs = [next(it) for _ in g]
-                if g[0].example_id in done:
-                    continue
-                writer.add_group([r for r, _ in pairs])
-                for _, st in pairs:
-                    for key in acc:
-                        acc[key] += st[key]
-                n_new += len(g)
-                toks += sum(s.length for s in g)
+    scorers = None
+    total = None if checked is None else checked.rows - checked.skipped
+    t0, toks, seqs, n_groups = time.perf_counter(), 0, 0, 0
+    groups = prep.source.groups(stats, check_ids=checked is None)
+    with _progress(cfg.progress, total) as bar:
+        task = bar.add_task("precompute", total=total, seqs=0, tokens=0, tps="-")
+        for b, batch in enumerate(iter_batches(cfg, groups)):
+            n_groups += len(batch)
+            todo = [g for g in batch if g[0].example_id not in done] if b % n_parts == part else []
+            if todo and cfg.teacher is None:
+                for g in todo:
+                    writer.add_group([_tokenized_record(s, eos) for s in g])
+            elif todo:
+                if scorers is None:
+                    t_load = time.perf_counter()
+                    scorers = _load_scorers(cfg, prep)
+                    times["load_s"] = time.perf_counter() - t_load
+                recs, per_seq = _score(cfg, prep, batch, scorers, pad, eos, floor)
+                it = iter(zip(recs, per_seq, strict=True))
+                for g in batch:
+                    pairs = [next(it) for _ in g]
+                    if g[0].example_id in done:
+                        continue
+                    sums = {k: sum(st[k] for _, st in pairs) for k in SUM_KEYS}
+                    writer.add_group([r for r, _ in pairs], sums)
+            for g in todo:
+                seqs += len(g)
+                toks += sum(len(s.response_ids) for s in g)
             rate = toks / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=n_new, tps=f"{rate:,.0f}")
-            _write_report(report, acc)
-    _write_report(report, acc)
+            bar.update(task, completed=n_groups, seqs=seqs, tokens=toks, tps=f"{rate:,.0f}")
+    times["tokens"] = float(toks)
+    return stats
 
 
-def _tokenized_into(writer: StoreWriter, todo: list[list[Sequence]], eos_id: int) -> None:
-    """No teacher: records carry only token ids (and carried rollout fields), e.g. for SFT."""
-    for g in todo:
-        recs = []
-        for s in g:
-            rec: dict[str, Any] = {
-                "example_id": s.example_id, "role": s.role, "group": int(s.group),
-                "prompt_ids": np.asarray(s.prompt_ids, np.int32),
-                "response_ids": np.asarray(s.response_ids, np.int32),
-                "teacher_prompt_ids": (None if s.teacher_prompt_ids is None
-                                       else np.asarray(s.teacher_prompt_ids, np.int32)),
-                "is_terminal": bool(s.response_ids and s.response_ids[-1] == eos_id),
-                "reward": s.extra.get("reward"), "n_tokens": len(s.response_ids),
-            }
-            if s.extra.get("behavior_logprob") is not None:
-                rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], np.float32)
-            recs.append(rec)
-        writer.add_group(recs)
+def _score(cfg: PrecomputeConfig, prep: Prepared, batch: list[list[Sequence]],
+           scorers: tuple[Any, Any], pad: int, eos: int, floor: float | None
+           ) -> tuple[list[dict], list[dict[str, float]]]:
+    from . import engine
+
+    dpo, ref = scorers
+    per_seq: list[dict[str, float]] = []
+    recs, _ = engine.score_sequences([s for g in batch for s in g], dpo, ref, cfg.k, cfg.betas,
+                                     pad, eos, cfg.chunk_size, cfg.ref_mode, cfg.packed,
+                                     per_seq=per_seq, fields=prep.scored)
+    if floor is not None:
+        _clamp(recs, floor)
+    return recs, per_seq
+
+
+def _tokenized_record(s: Sequence, eos_id: int) -> dict[str, Any]:
+    """No teacher: a record carries only token ids (and carried rollout fields), e.g. SFT."""
+    rec: dict[str, Any] = {
+        "example_id": s.example_id, "role": s.role, "group": int(s.group),
+        "prompt_ids": np.asarray(s.prompt_ids, np.int32),
+        "response_ids": np.asarray(s.response_ids, np.int32),
+        "teacher_prompt_ids": (None if s.teacher_prompt_ids is None
+                               else np.asarray(s.teacher_prompt_ids, np.int32)),
+        "is_terminal": bool(len(s.response_ids) and int(s.response_ids[-1]) == eos_id),
+        "reward": s.extra.get("reward"), "n_tokens": len(s.response_ids),
+    }
+    if s.extra.get("behavior_logprob") is not None:
+        rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], np.float32)
+    return rec
 
 
 def _clamp(recs: list[dict], floor: float) -> None:
@@ -448,14 +729,6 @@ def _clamp(recs: list[dict], floor: float) -> None:
         for key in ("topk_logprobs", "token_logprob", "ref_topk_logprobs", "ref_token_logprob"):
             if key in r:
                 np.maximum(r[key], floor, out=r[key])
-
-
-def _write_report(report: dict, acc: dict[str, float]) -> None:
-    for key, v in acc.items():
-        report[f"sum_{key}"] = v
-    n = max(acc["tokens"], 1.0)
-    report["mean_topk_mass"] = acc["topk_mass"] / n
-    report["mean_ref_paper_abs_err"] = acc["ref_paper_abs_err"] / n
 
 
 def config_dict(cfg: PrecomputeConfig) -> dict[str, Any]:

@@ -133,6 +133,9 @@ def score_chunked(
     ref_token_logprob [N]; with ref_mode "paper" or "paper-dpo-floor" also ref_paper_abs_err [N]
     (the mean over K of |approximation - exact|, the approximation being what
     ref_topk_logprobs holds).
+    `k=0` skips the top-K (no topk_*/ref_topk_* outputs: stores of sequence log-probs only),
+    empty `betas` the soft values. A reference that is the teacher itself (`ref_hidden is
+    hidden`, same head) reuses the teacher's logits: its fields equal the teacher's own.
     """
     head = _as_head(lm_head)
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
@@ -141,11 +144,11 @@ def score_chunked(
             f"and {tuple(targets.shape)}"
         )
     n, vocab = hidden.shape[0], head.vocab_size
-    if not 1 <= k <= vocab:
-        raise ValueError(f"k={k} must be in [1, vocab size {vocab}]")
+    if not 0 <= k <= vocab:
+        raise ValueError(f"k={k} must be in [0, vocab size {vocab}] (0: no top-K)")
     betas = [float(b) for b in betas]
-    if not betas or any(not (b > 0 and math.isfinite(b)) for b in betas):
-        raise ValueError(f"betas must be a non-empty list of positive numbers, got {betas}")
+    if any(not (b > 0 and math.isfinite(b)) for b in betas):
+        raise ValueError(f"betas must be positive numbers, got {betas}")
     if ref_mode not in REF_MODES:
         raise ValueError(f"ref_mode must be one of {', '.join(REF_MODES)}, got {ref_mode!r}")
     has_ref = ref_hidden is not None or ref_lm_head is not None
@@ -155,6 +158,7 @@ def score_chunked(
         if ref_hidden.shape[0] != n:
             raise ValueError(f"ref_hidden has {ref_hidden.shape[0]} rows, hidden has {n}")
         ref_head = _as_head(ref_lm_head)
+        same_model = ref_hidden is hidden and (ref_head is head or ref_lm_head is lm_head)
         if ref_head.vocab_size != vocab:
             raise ValueError(
                 f"reference vocab {ref_head.vocab_size} != teacher vocab {vocab}: "
@@ -163,19 +167,19 @@ def score_chunked(
     chunk = chunk or auto_chunk(vocab)
     dev = hidden.device
     f32 = dict(device=dev, dtype=torch.float32)
-    out: dict[str, Tensor] = {
-        "lse": torch.empty(n, **f32),
-        "topk_ids": torch.empty(n, k, device=dev, dtype=torch.long),
-        "topk_logprobs": torch.empty(n, k, **f32),
-        "token_logprob": torch.empty(n, **f32),
-        "soft_value": torch.empty(n, len(betas), **f32),
-        "topk_mass": torch.empty(n, **f32),
-    }
+    out: dict[str, Tensor] = {"lse": torch.empty(n, **f32), "token_logprob": torch.empty(n, **f32)}
+    if k:
+        out["topk_ids"] = torch.empty(n, k, device=dev, dtype=torch.long)
+        out["topk_logprobs"] = torch.empty(n, k, **f32)
+        out["topk_mass"] = torch.empty(n, **f32)
+    if betas:
+        out["soft_value"] = torch.empty(n, len(betas), **f32)
     if has_ref:
         out["ref_lse"] = torch.empty(n, **f32)
-        out["ref_topk_logprobs"] = torch.empty(n, k, **f32)
         out["ref_token_logprob"] = torch.empty(n, **f32)
-        if ref_mode != "exact":
+        if k:
+            out["ref_topk_logprobs"] = torch.empty(n, k, **f32)
+        if k and ref_mode != "exact":
             out["ref_paper_abs_err"] = torch.empty(n, **f32)
     targets = targets.to(dev)
 
@@ -189,26 +193,30 @@ def score_chunked(
 
             z = head.logits(hidden[s:e])  # [c, V] float32: the only full-vocab tensor
             lse = torch.logsumexp(z, dim=-1)
-            vals, ids = torch.topk(z, k, dim=-1, largest=True, sorted=True)
-            topk_lp = vals - lse.unsqueeze(1)
             out["lse"][s:e] = lse
-            out["topk_ids"][s:e] = ids
-            out["topk_logprobs"][s:e] = topk_lp
-            out["topk_mass"][s:e] = topk_lp.exp().sum(-1)
+            if k:
+                vals, ids = torch.topk(z, k, dim=-1, largest=True, sorted=True)
+                topk_lp = vals - lse.unsqueeze(1)
+                out["topk_ids"][s:e] = ids
+                out["topk_logprobs"][s:e] = topk_lp
+                out["topk_mass"][s:e] = topk_lp.exp().sum(-1)
+                del vals
             tok = z.gather(1, tgt_idx).squeeze(1) - lse
             out["token_logprob"][s:e] = torch.where(has_tgt, tok, nan)
             for j, b in enumerate(betas):
                 # V_beta(s) = beta * logsumexp(z / beta); beta = 1 is the lse itself.
                 out["soft_value"][s:e, j] = lse if b == 1.0 else b * torch.logsumexp(z / b, -1)
-            del z, vals
+            teacher_z = z if has_ref and same_model else None
+            del z
 
             if has_ref:
-                zr = ref_head.logits(ref_hidden[s:e])
+                zr = teacher_z if teacher_z is not None else ref_head.logits(ref_hidden[s:e])
                 lse_r = torch.logsumexp(zr, dim=-1)
-                ref_at_ids = zr.gather(1, ids) - lse_r.unsqueeze(1)
                 out["ref_lse"][s:e] = lse_r
                 tok_r = zr.gather(1, tgt_idx).squeeze(1) - lse_r
                 out["ref_token_logprob"][s:e] = torch.where(has_tgt, tok_r, nan)
+            if has_ref and k:
+                ref_at_ids = zr.gather(1, ids) - lse_r.unsqueeze(1)
                 if ref_mode != "exact":
                     floor = "dpo" if ref_mode == "paper-dpo-floor" else "reference"
                     approx = _paper_ref_approx(zr, lse_r, ids, k, floor, topk_lp)
@@ -216,6 +224,7 @@ def score_chunked(
                     out["ref_topk_logprobs"][s:e] = approx
                 else:
                     out["ref_topk_logprobs"][s:e] = ref_at_ids
+            if has_ref:
                 del zr
     return out
 

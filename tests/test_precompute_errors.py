@@ -1,9 +1,12 @@
-"""Bad input through `kdcache precompute`: exit code 2, ONE `error:` line naming the problem
-and the fix, no traceback, and nothing committed half-written."""
+"""Bad input through `kdcache precompute` and `kdcache rollout`: exit code 2, ONE `error:`
+line naming the problem (and the file, for data problems) and the fix, no traceback, and
+nothing new left behind: a refused command writes nothing, so the corrected command then
+runs at the same --out (no "its meta differs")."""
 
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -31,8 +34,8 @@ def work(tmp_path_factory) -> Path:
     return d
 
 
-def _data(tmp_path: Path, rows: list[dict]) -> str:
-    p = tmp_path / "d.jsonl"
+def _data(tmp_path: Path, rows: list[dict], name: str = "d.jsonl") -> str:
+    p = tmp_path / name
     p.write_text("\n".join(json.dumps(r) for r in rows))
     return str(p)
 
@@ -54,22 +57,24 @@ def _one_error(res, *needles: str) -> str:
     return lines[0]
 
 
-def _nothing_written(tmp_path: Path) -> None:
-    root = tmp_path / "stores"
-    assert not root.exists() or not list(root.glob("*/manifest.json"))
+def _nothing_written(*paths: Path) -> None:
+    """No file at all under these paths (a probe's directories are removed again)."""
+    for root in paths:
+        assert not root.exists() or not [p for p in root.rglob("*") if p.is_file()], \
+            sorted(root.rglob("*"))
 
 
 def test_missing_column(work, tmp_path):
     data = _data(tmp_path, [ROWS[0], {"prompt": "a", "chosen": "b"}])
-    _one_error(_run(work, tmp_path, data=data), "row 1: missing column 'rejected'", "needs")
-    _nothing_written(tmp_path)
+    _one_error(_run(work, tmp_path, data=data), "d.jsonl line 2: missing column 'rejected'", "needs")
+    _nothing_written(tmp_path / "stores")
 
 
 @pytest.mark.parametrize("col", ["prompt", "chosen"])
 def test_empty_prompt_or_response(work, tmp_path, col):
     data = _data(tmp_path, [ROWS[0], {**ROWS[1], col: "  "}])
-    _one_error(_run(work, tmp_path, data=data), f"row 1: column '{col}' is empty", "fix")
-    _nothing_written(tmp_path)
+    _one_error(_run(work, tmp_path, data=data), f"d.jsonl line 2: column '{col}' is empty", "fix")
+    _nothing_written(tmp_path / "stores")
 
 
 def test_over_long_truncated_and_reported_or_refused(work, tmp_path, caplog):
@@ -80,14 +85,160 @@ def test_over_long_truncated_and_reported_or_refused(work, tmp_path, caplog):
     assert report["truncated"] > 0
     assert f"truncated {report['truncated']} of " in caplog.text  # printed by the CLI's logging
     res = _run(work, tmp_path / "f", "--max-length", "9", "--truncate", "fail")
-    _one_error(res, "> max_length 9", "raise max_length")
+    _one_error(res, "prefs.jsonl line ", "> max_length 9", "raise --max-length")
     _nothing_written(tmp_path / "f")
+
+
+def test_too_long_prompt_is_named_as_the_prompt(work, tmp_path):
+    data = _data(tmp_path, [ROWS[0], {**ROWS[1], "prompt": " ".join("abcdefgh")}])
+    res = _run(work, tmp_path, "--max-length", "10", "--truncate", "fail", data=data)
+    _one_error(res, "d.jsonl line 2: the prompt alone is 10 tokens >= max_length 10",
+               "no room for a response")
+    _nothing_written(tmp_path / "stores")
+
+
+@pytest.mark.parametrize("max_length,needle", [
+    ("0", "--max-length must be >= 1, got 0"),
+    ("2", "no rows left to score: all 12 rows were dropped (12 with a prompt of >= max_length 2"),
+])
+def test_max_length_that_keeps_nothing_is_refused(work, tmp_path, max_length, needle):
+    _one_error(_run(work, tmp_path, "--max-length", max_length), needle)
+    _nothing_written(tmp_path / "stores")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--k", "0"], "--k must be >= 1, got 0"),
+    (["--k", "-3"], "--k must be >= 1"),
+    (["--k", "100000"], "--k 100000 > the teacher's vocabulary of 52 tokens"),
+    (["--betas", "1,,x"], "--betas '1,,x' has an empty entry"),
+    (["--betas", "1,x"], "--betas '1,x': expected comma-separated float values"),
+    (["--betas", ""], "--betas is empty"),
+    (["--betas", "0"], "--betas: every β must be a finite number > 0, got 0.0"),
+    (["--betas", "-1,2"], "every β must be a finite number > 0"),
+    (["--betas", "nan"], "every β must be a finite number > 0"),
+    (["--betas", "1,2,1"], "--betas lists β=1 twice"),
+    (["--partition", "2/2"], "--partition 2/2: need 0 <= index < count"),
+    (["--partition", "x"], "--partition: cannot read 'x'"),
+    (["--merge-parts", "0"], "--merge-parts must be >= 1, got 0"),
+    (["--devices", ""], "--devices [] has an empty entry"),
+    (["--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--shard-records", "0"], "--shard-records must be >= 1"),
+    (["--batch-tokens", "0"], "--batch-tokens must be >= 1"),
+    (["--max-batch-seqs", "0"], "--max-batch-seqs must be >= 1"),
+    (["--chunk-size", "-1"], "--chunk-size must be >= 1"),
+    (["--truncate", "cut"], "--truncate must be one of truncate, skip, fail; got 'cut'"),
+    (["--kind", "dpo"], "--kind must be one of auto, preference, sft"),
+    (["--codec", "zip"], "--codec 'zip'"),
+    (["--error-bound", "-1"], "--error-bound must be a finite number > 0"),
+    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--device", "cuda"], "--device cuda: no CUDA device is visible"),
+    (["--context-template", "{ctx} {prompt}"], "--context-template '{ctx} {prompt}' is not a valid"),
+    (["--context-template", "{context}"], "lacks {prompt}"),
+    (["--partition", "0/2", "--merge-parts", "2"], "set only one of --partition / --merge-parts"),
+])
+def test_bad_options_are_refused_before_anything_is_written(work, tmp_path, args, needle):
+    if args == ["--device", "cuda"]:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    _one_error(_run(work, tmp_path, "--out", str(out), *args), needle)
+    _nothing_written(tmp_path / "stores", out)
+
+
+def test_a_refused_command_leaves_the_out_free_for_the_corrected_one(work, tmp_path):
+    out = tmp_path / "out"
+    _one_error(_run(work, tmp_path, "--out", str(out), "--ref-mode", "papr", "--reference",
+                    str(work / "dpo")), "ref_mode")
+    _nothing_written(out)
+    _one_error(_run(work, tmp_path, "--out", str(out), "--betas", "1,,x"), "--betas")
+    res = _run(work, tmp_path, "--out", str(out), "--betas", "1,2")
+    assert res.exit_code == 0, res.output
+    assert open_store(str(out)).complete
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n\xff\xfe\x00binary\n',
+     "d.jsonl line 2 is not UTF-8 text"),
+    (b'[{"prompt": "a", "chosen": "b", "rejected": "c"}]\n', "one JSON array"),
+    (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n["a", "b"]\n',
+     "d.jsonl line 2: a row must be a JSON object"),
+    (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{oops\n', "d.jsonl line 2 is not valid JSON"),
+    (b"\n\n", "d.jsonl has no rows"),
+])
+def test_data_file_problems_name_the_file(work, tmp_path, content, needle):
+    (tmp_path / "d.jsonl").write_bytes(content)
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.jsonl")), needle)
+    _nothing_written(tmp_path / "stores")
+
+
+def test_corrupt_gzip_and_parquet_name_the_file(work, tmp_path):
+    good = gzip.compress(json.dumps(ROWS[0]).encode() * 50)
+    (tmp_path / "d.jsonl.gz").write_bytes(good[: len(good) // 2])
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.jsonl.gz")), "d.jsonl.gz")
+    (tmp_path / "d.parquet").write_bytes(b"PAR1 not really parquet")
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.parquet")), "d.parquet", "Parquet")
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "nothing-*.jsonl")), "no data file matches")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.csv")), "d.csv", "unknown format")
+    _nothing_written(tmp_path / "stores")
+
+
+def test_out_that_holds_other_files_is_refused(work, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / ".manifest.json.tmp-123").write_text("")  # a killed writer's leftover is fine
+    _one_error(_run(work, tmp_path, "--out", str(out)), "is a directory with other files "
+               "(notes.txt) and no kdcache store")
+    assert sorted(p.name for p in out.iterdir()) == [".manifest.json.tmp-123", "notes.txt"]
+    (out / "notes.txt").unlink()
+    assert _run(work, tmp_path, "--out", str(out), "--max-length", "64").exit_code == 0
+
+
+def test_directory_as_data_and_invisible_devices(work, tmp_path):
+    _one_error(_run(work, tmp_path, data=str(work)), "is a directory; pass a data file or a glob")
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    _one_error(_run(work, tmp_path, "--devices", str(n)), f"CUDA device {n} is not visible here")
+    _nothing_written(tmp_path / "stores")
+
+
+def test_tokenized_only_from_the_cli(work, tmp_path):
+    res = runner.invoke(cli.app, ["precompute", "--tokenizer", str(work / "dpo"), "--data",
+                                  str(work / "prefs.jsonl"), "--out-root", str(tmp_path / "s"),
+                                  "--no-progress"])
+    assert res.exit_code == 0, res.output
+    store = open_store(res.stdout.strip().splitlines()[-1])
+    assert store.complete and store.fields == [] and len(store) == 2 * len(ROWS)
+    res = runner.invoke(cli.app, ["precompute", "--data", str(work / "prefs.jsonl"),
+                                  "--out-root", str(tmp_path / "t")])
+    _one_error(res, "no --teacher", "--tokenizer DIR for a tokenized-only store")
+    _nothing_written(tmp_path / "t")
+
+
+def test_config_file_problems(work, tmp_path):
+    _one_error(_run(work, tmp_path, "-c", str(tmp_path / "missing.yaml")), "cannot read --config")
+    (tmp_path / "c.yaml").write_text("k: [unclosed\n")
+    _one_error(_run(work, tmp_path, "-c", str(tmp_path / "c.yaml")), "cannot read --config")
+    (tmp_path / "c.yaml").write_text(f"k: abc\nteacher: {work / 'dpo'}\ndata: {work / 'prefs.jsonl'}\n")
+    res = runner.invoke(cli.app, ["precompute", "-c", str(tmp_path / "c.yaml"),
+                                  "--out-root", str(tmp_path / "stores")])
+    _one_error(res, "--k must be an integer >= 1, got 'abc'")
+    res = runner.invoke(cli.app, ["precompute", "--teacher", str(work / "dpo"),
+                                  "--out-root", str(tmp_path / "stores")])
+    _one_error(res, "pass exactly one of --data FILE")
+    _nothing_written(tmp_path / "stores")
 
 
 def test_tokenizer_mismatch(work, tmp_path):
     _one_error(_run(work, tmp_path, "--student", str(work / "other")),
                "teacher vocab 52 != student vocab 9", "share one tokenizer")
-    _nothing_written(tmp_path)
+    _nothing_written(tmp_path / "stores")
 
 
 @pytest.mark.parametrize("broken", ["empty", "bad_config"])
@@ -98,7 +249,7 @@ def test_unreadable_model_directory(work, tmp_path, broken):
         (d / "config.json").write_text("{not json")
     _one_error(_run(work, tmp_path, "--reference", str(d)),
                f"cannot load the reference tokenizer from {str(d)!r}", "pass a local HF model")
-    _nothing_written(tmp_path)
+    _nothing_written(tmp_path / "stores")
 
 
 def test_non_writable_output(work, tmp_path, monkeypatch):
@@ -141,3 +292,62 @@ def test_disk_full_mid_run_commits_nothing_partial_and_resumes(work, tmp_path, m
     clean = _run(work, tmp_path / "clean", "--codec", "lossless")
     ref = open_store(clean.stdout.strip().splitlines()[-1])
     assert ref.manifest["checksum"] == done.manifest["checksum"]
+
+
+# ------------------------------------------------------------------------------- rollout
+
+def _rollout(work: Path, tmp_path: Path, *extra: str, data: str | None = None):
+    args = ["rollout", "--model", str(work / "dpo"), "--data", data or str(work / "prefs.jsonl"),
+            "--out-root", str(tmp_path / "stores"), "--no-progress", "--max-new-tokens", "3",
+            "--n", "2", *extra]
+    return runner.invoke(cli.app, args)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--n", "0"], "--n must be >= 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number > 0"),
+    (["--top-p", "0"], "--top-p must be a finite number > 0 and <= 1"),
+    (["--top-p", "1.5"], "--top-p must be a finite number > 0 and <= 1"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--batch-prompts", "0"], "--batch-prompts must be >= 1"),
+    (["--max-prompt-length", "0"], "--max-prompt-length must be >= 1"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--role", "teacher"], "--role must be one of student_rollout, teacher_rollout"),
+    (["--truncate", "truncate"], "--truncate must be one of skip, fail"),
+    (["--backend", "tgi"], "--backend must be one of hf, vllm"),
+    (["--codec", "zip"], "--codec 'zip'"),
+    (["--max-prompt-length", "2"], "no usable prompts: all 12 were longer than --max-prompt-length 2"),
+    (["--max-prompt-length", "2", "--truncate", "fail"], "prefs.jsonl line 1: the prompt has"),
+])
+def test_rollout_bad_options(work, tmp_path, args, needle):
+    out = tmp_path / "out"
+    _one_error(_rollout(work, tmp_path, "--out", str(out), *args), needle)
+    _nothing_written(tmp_path / "stores", out)
+
+
+def test_rollout_data_problems_name_the_file(work, tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b'{"prompt": "a"}\n\x80\x81\n')
+    _one_error(_rollout(work, tmp_path, data=str(tmp_path / "d.jsonl")), "d.jsonl line 2 is not UTF-8")
+    data = _data(tmp_path, [{"prompt": "a"}, {"question": "b"}], "q.jsonl")
+    _one_error(_rollout(work, tmp_path, data=data), "q.jsonl line 2: missing column 'prompt'")
+    _one_error(_rollout(work, tmp_path, "--include-chosen", data=data),
+               "q.jsonl line 1: --include-chosen needs a 'chosen' or 'completion' column")
+    res = runner.invoke(cli.app, ["rollout", "--data", data])
+    _one_error(res, "missing --model")
+    _nothing_written(tmp_path / "stores")
+
+
+def test_rollout_reward_that_fails_is_one_clear_error(work, tmp_path):
+    def broken(prompt, response, row):
+        raise KeyError("answer")
+
+    from kdcache.precompute.rollout import RolloutConfig, run_rollout
+
+    cfg = RolloutConfig(model=str(work / "dpo"), data=str(work / "prefs.jsonl"), n=1,
+                        max_new_tokens=2, reward=broken, out=str(tmp_path / "r"), progress=False)
+    with pytest.raises(ValueError, match="the reward function .*broken failed on example 'e"):
+        run_rollout(cfg)
+    _nothing_written(tmp_path / "r")  # the first group failed: no store was created

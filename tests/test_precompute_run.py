@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.precompute import engine
-from kdcache.precompute.data import DataError, DataOptions, read_rows, tokenize_rows
+from kdcache.precompute import PrecomputeConfig, engine, run_precompute
+from kdcache.precompute.data import (
+    DataError,
+    DataOptions,
+    RowSource,
+    data_files,
+    files_sha256,
+    iter_rows,
+    tokenize_rows,
+)
 from kdcache.precompute.models import (
     ModelLoadError,
     check_same_tokenizer,
@@ -19,7 +27,6 @@ from kdcache.precompute.models import (
     tokenizer_fingerprint,
     verify_head,
 )
-from kdcache.precompute.run import PrecomputeConfig, run_precompute
 from kdcache.precompute.scoring import LMHead
 from kdcache.store import open_store
 from kdcache.train.tiny import build_tokenizer, save_tiny
@@ -41,6 +48,10 @@ def work(tmp_path_factory) -> Path:
     save_tiny(d / "ref", seed=2)
     (d / "prefs.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
     return d
+
+
+def _rows(rows: list[dict]) -> list[RowSource]:
+    return [RowSource(i, f"row {i}", r) for i, r in enumerate(rows)]
 
 
 def _cfg(work: Path, **kw) -> PrecomputeConfig:
@@ -66,7 +77,7 @@ def test_round_trip_matches_direct_scoring(work):
     # the stored numbers are exactly what the engine computes for that sequence alone
     dpo = engine.Scorer.from_model(load_model(str(work / "dpo"), device="cpu"))
     ref = engine.Scorer.from_model(load_model(str(work / "ref"), device="cpu"))
-    seqs = [s for g in tokenize_rows(read_rows(str(work / "prefs.jsonl"))[0], TOK,
+    seqs = [s for g in tokenize_rows(iter_rows(data_files(str(work / "prefs.jsonl"))), TOK,
                                      DataOptions(max_length=2048)) for s in g]
     for s in seqs:
         rec = next(r for r in groups[s.example_id] if r["role"] == s.role)
@@ -74,11 +85,14 @@ def test_round_trip_matches_direct_scoring(work):
         for key in ("topk_ids", "topk_logprobs", "token_logprob", "soft_value",
                     "ref_topk_logprobs", "ref_token_logprob"):
             np.testing.assert_allclose(rec[key], want[0][key], atol=2e-5, err_msg=key)
-        assert rec["is_terminal"] and list(rec["response_ids"]) == s.response_ids
+        assert rec["is_terminal"] and list(rec["response_ids"]) == list(s.response_ids)
     chat = groups["chat"][0]
     assert chat["teacher_prompt_ids"] is not None  # context was shown to the teachers only
     # re-running with identical inputs lands on the same key and does nothing
     assert run_precompute(_cfg(work)) == url
+    # the progress bars render (checking data, then rows / sequences / tokens / tok/s)
+    shown = open_store(run_precompute(_cfg(work, progress=True, out=str(work / "shown"))))
+    assert shown.manifest["checksum"] == store.manifest["checksum"]
 
 
 def test_resume_after_crash_gives_the_same_store(work, monkeypatch):
@@ -103,6 +117,10 @@ def test_resume_after_crash_gives_the_same_store(work, monkeypatch):
     a = {(r["example_id"], r["role"]): r for r in full}
     for r in resumed:
         np.testing.assert_array_equal(r["topk_ids"], a[(r["example_id"], r["role"])]["topk_ids"])
+    # the report counts each group once: not the groups the crash left uncommitted, not twice
+    got, want = resumed.manifest["precompute_report"], full.manifest["precompute_report"]
+    assert got["sum_tokens"] == want["sum_tokens"] == full.num_tokens
+    assert got["mean_topk_mass"] == pytest.approx(want["mean_topk_mass"], rel=1e-9)
 
 
 def test_tokenized_only_store_without_teacher(work):
@@ -111,7 +129,7 @@ def test_tokenized_only_store_without_teacher(work):
     assert store.fields == [] and store.meta.models == {} and len(store) == 2 * len(ROWS)
     r = store[0]
     assert r["is_terminal"] and len(r["response_ids"]) == r["n_tokens"] > 0
-    with pytest.raises(ValueError, match="needs tokenizer="):
+    with pytest.raises(ValueError, match="no --teacher: .* or only --tokenizer DIR"):
         run_precompute(_cfg(work, teacher=None, reference=None))
 
 
@@ -126,25 +144,28 @@ def test_partitions_cover_the_dataset(work):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="row 1: missing column 'rejected'"):
-        list(tokenize_rows([{"prompt": "a", "chosen": "b", "rejected": "c"},
-                            {"prompt": "a", "chosen": "b"}], TOK, DataOptions()))
+        list(tokenize_rows(_rows([{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                  {"prompt": "a", "chosen": "b"}]), TOK, DataOptions()))
     with pytest.raises(DataError, match="row 0: column 'chosen' is empty"):
-        list(tokenize_rows([{"prompt": "a", "chosen": "  ", "rejected": "c"}], TOK, DataOptions()))
+        list(tokenize_rows(_rows([{"prompt": "a", "chosen": "  ", "rejected": "c"}]), TOK,
+                           DataOptions()))
     with pytest.raises(DataError, match="row 0: column 'prompt' is empty"):
-        list(tokenize_rows([{"prompt": "", "completion": "b"}], TOK, DataOptions()))
+        list(tokenize_rows(_rows([{"prompt": "", "completion": "b"}]), TOK, DataOptions()))
     with pytest.raises(DataError, match="cannot tell the dataset kind"):
-        list(tokenize_rows([{"question": "a"}], TOK, DataOptions()))
+        list(tokenize_rows(_rows([{"question": "a"}]), TOK, DataOptions()))
     with pytest.raises(DataError, match="duplicate"):
-        list(tokenize_rows([{"id": 1, "prompt": "a", "completion": "b"}] * 2, TOK, DataOptions()))
-    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        list(tokenize_rows(_rows([{"id": 1, "prompt": "a", "completion": "b"}] * 2), TOK,
+                           DataOptions()))
+    with pytest.raises(DataError, match="bad.jsonl line 2 is not valid JSON"):
         (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops')
-        read_rows(str(tmp_path / "bad.jsonl"))
+        list(iter_rows(data_files(str(tmp_path / "bad.jsonl"))))
     with pytest.raises(DataError, match="no data file matches"):
-        read_rows(str(tmp_path / "nothing-*.jsonl"))
+        data_files(str(tmp_path / "nothing-*.jsonl"))
 
 
 def test_over_long_truncate_skip_fail():
-    rows = [{"prompt": "a", "completion": "1 2 3 4 5 6 7 8"}, {"prompt": "a", "completion": "1"}]
+    rows = _rows([{"prompt": "a", "completion": "1 2 3 4 5 6 7 8"},
+                  {"prompt": "a", "completion": "1"}])
     # chat prompt '<|user|> a <|assistant|>' = 3 tokens; long response 9 tokens with EOS
     from kdcache.precompute.data import DataStats
 
@@ -155,8 +176,15 @@ def test_over_long_truncate_skip_fail():
     st = DataStats()
     assert len(list(tokenize_rows(rows, TOK, DataOptions(max_length=6, truncate="skip"), st))) == 1
     assert st.skipped == 1
-    with pytest.raises(DataError, match="row 0: column 'completion': 12 tokens > max_length 6"):
+    with pytest.raises(DataError, match="row 0: column 'completion': prompt . response are 12 "
+                                        "tokens > max_length 6"):
         list(tokenize_rows(rows, TOK, DataOptions(max_length=6, truncate="fail")))
+    # a prompt that alone fills max_length is named as the prompt, not as a response column
+    with pytest.raises(DataError, match="row 0: the prompt alone is 3 tokens >= max_length 3"):
+        list(tokenize_rows(rows, TOK, DataOptions(max_length=3, truncate="fail")))
+    st = DataStats()
+    assert list(tokenize_rows(rows, TOK, DataOptions(max_length=3), st)) == []
+    assert st.skipped == st.skipped_long_prompt == 2
 
 
 def test_parquet_and_string_prompts_without_template(tmp_path):
@@ -164,19 +192,21 @@ def test_parquet_and_string_prompts_without_template(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"prompt": ["a b"], "completion": ["c"]}), tmp_path / "d.parquet")
-    rows, sha = read_rows(str(tmp_path / "d.parquet"))
-    (g,) = list(tokenize_rows(rows, TOK, DataOptions(chat_template=False)))
+    files = data_files(str(tmp_path / "d.parquet"))
+    (g,) = list(tokenize_rows(iter_rows(files), TOK, DataOptions(chat_template=False)))
     assert TOK.decode(g[0].prompt_ids) == "a b" and g[0].role == "sft"
-    assert g[0].response_ids == [TOK.convert_tokens_to_ids("c"), TOK.eos_token_id]
-    assert len(sha) == 64
+    assert list(g[0].response_ids) == [TOK.convert_tokens_to_ids("c"), TOK.eos_token_id]
+    assert len(files_sha256(files)) == 64
 
 
 def test_tokenizer_mismatch_and_model_errors(work, tmp_path):
     other = build_tokenizer(words=["x", "y", "z"])
     with pytest.raises(ValueError, match=r"teacher vocab 52 != student vocab 9: .*share one tokenizer"):
         check_same_tokenizer(TOK, other)
-    with pytest.raises(ValueError, match="teacher vocab 52 != student vocab 64"):
-        check_same_tokenizer(TOK, TOK, model_vocab_a=52, model_vocab_b=64)
+    # one tokenizer, output layers of different sizes (vocabulary padding): accepted
+    check_same_tokenizer(TOK, TOK, model_vocab_a=52, model_vocab_b=64)
+    with pytest.raises(ValueError, match="has 50 output rows .* but its tokenizer has 52"):
+        check_same_tokenizer(TOK, TOK, model_vocab_a=52, model_vocab_b=50)
     check_same_tokenizer(TOK, build_tokenizer())
     save_tiny(tmp_path / "small", tokenizer=other)
     with pytest.raises(ValueError, match="teacher vocab 52 != student vocab 9"):
@@ -213,3 +243,19 @@ def test_verify_head_refuses_unknown_logit_transform(work):
     with pytest.raises(ModelLoadError, match="logit transform"):
         verify_head(model, LMHead.from_model(model))
     assert torch.is_tensor(head.weight)
+
+
+def test_single_process_layer_never_imports_the_multi_process_layer():
+    """run.py (one process) is called by launch.py (partitions, devices, merge), never the
+    other way round: following a config goes entry -> launch -> run, once."""
+    import ast
+    import inspect
+
+    from kdcache.precompute import run
+
+    tree = ast.parse(inspect.getsource(run))
+    imported = {node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names}
+    assert not any("launch" in m for m in imported), imported

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,14 +18,15 @@ import pytest
 from typer.testing import CliRunner
 
 import kdcache.cli as cli
+from kdcache.precompute import PrecomputeConfig, run_precompute
 from kdcache.precompute import run as run_mod
-from kdcache.precompute.run import PrecomputeConfig, run_precompute
 from kdcache.store import open_store
 from kdcache.train.tiny import save_tiny
 
 runner = CliRunner()
 WORDS = [str(d) for d in range(10)] + list("abcdef")
 N_ROWS, SHARD = 60, 8  # 120 records -> 15 shards
+WINDOW = 16  # rows per length-bucketing window: the 60 rows stream in 4 windows
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +46,13 @@ def _args(work: Path, *extra: str) -> list[str]:
     return ["precompute", "--teacher", str(work / "dpo"), "--reference", str(work / "ref"),
             "--data", str(work / "prefs.jsonl"), "--k", "4", "--betas", "1,2",
             "--shard-records", str(SHARD), "--batch-tokens", "64", "--codec", "lossless",
-            "--no-progress", *extra]
+            "--bucket-window", str(WINDOW), "--no-progress", *extra]
 
 
 def _cfg(work: Path, **kw) -> PrecomputeConfig:
     base = dict(teacher=str(work / "dpo"), reference=str(work / "ref"),
                 data=str(work / "prefs.jsonl"), k=4, betas=[1.0, 2.0], shard_records=SHARD,
-                batch_tokens=64, codec="lossless", progress=False,
+                batch_tokens=64, codec="lossless", progress=False, bucket_window=WINDOW,
                 out_root=str(work / "stores"))
     return PrecomputeConfig(**{**base, **kw})
 
@@ -105,6 +107,9 @@ def test_sigkilled_process_resumes_to_the_same_store(work, single):
     assert n == 15
     kills, committed = 0, 0
     for at in (0, 1, n // 2, n - 1):
+        m = _manifest(out)
+        if m is not None and (m["complete"] or len(m["shards"]) >= max(at, 1)):
+            continue  # a starved poll (busy machine) let the last run go past this point
         rc, err = _run_and_kill(cmd, out, at)
         if committed:  # the run resumed: it says so and kept what was committed
             assert f"resuming, {committed} of {N_ROWS} groups" in err, err[-2000:]
@@ -124,6 +129,11 @@ def test_sigkilled_process_resumes_to_the_same_store(work, single):
     assert final["checksum"] == single["checksum"]
     assert [s["checksum"] for s in final["shards"]] == [s["checksum"] for s in single["shards"]]
     assert final["store_key"] == single["store_key"]
+    # report sums count every committed group once, however often the run was killed
+    got, want = final["precompute_report"], single["precompute_report"]
+    assert got["sum_tokens"] == want["sum_tokens"]
+    assert got["sum_topk_mass"] == pytest.approx(want["sum_topk_mass"], rel=1e-9)
+    assert "uncommitted_sums" not in got
     a, b = open_store(str(out)), open_store(str(work / "stores" / single["store_key"]))
     assert [r["example_id"] for r in a] == [r["example_id"] for r in b]
 
@@ -170,6 +180,68 @@ def test_partitions_then_merge_equal_one_run(work, single, n):
     assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [url.name]
     # a single run with these inputs is now a cache hit
     assert run_precompute(_cfg(work, out_root=str(root))) == str(url)
+
+
+@pytest.mark.parametrize("env,want", [
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}, (3, 8)),
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "4"},
+     (1, 4)),  # --array=4-7
+    ({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2",
+      "SLURM_ARRAY_TASK_STEP": "2"}, (2, 4)),  # --array=2-8:2
+    ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "8"},
+     (6, 8)),  # no COUNT (old Slurm): from the bounds
+    ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (5, 8)),  # torchrun, 2 nodes x 4
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "RANK": "1", "WORLD_SIZE": "4"},
+     (5, 12)),  # torchrun inside each array task
+])
+def test_partition_from_the_environment(env, want):
+    from kdcache.precompute.launch import partition_from_env
+
+    part, device = partition_from_env(env)
+    assert part == want
+    assert device is None or device.startswith("cuda")  # LOCAL_RANK picks a GPU when there is one
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({}, "found neither torchrun (RANK, WORLD_SIZE) nor a Slurm array"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1",
+      "SLURM_ARRAY_TASK_MAX": "7"}, "submit a range"),  # --array=1,3,7
+    ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"}, "SLURM_ARRAY_TASK_ID='x'"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not in [0, WORLD_SIZE=2)"),
+    ({"RANK": "0"}, "WORLD_SIZE is not set"),
+])
+def test_partition_auto_errors(env, needle):
+    from kdcache.precompute.launch import partition_from_env
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        partition_from_env(env)
+
+
+def test_partition_auto_then_merge_equal_one_run(work, single, monkeypatch):
+    """Part 0 as a Slurm array task (--array=3-4), part 1 as torchrun rank 1 of 2: both
+    `--partition auto`; `--merge-parts 2` gives the single run's store."""
+    root = work / "auto"
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "RANK",
+              "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    res = runner.invoke(cli.app, _args(work, "--out-root", str(root), "--partition", "auto"))
+    assert res.exit_code == 2 and "found neither torchrun" in res.output
+    assert not root.exists()
+    with monkeypatch.context() as m:
+        m.setenv("SLURM_ARRAY_TASK_ID", "3")
+        m.setenv("SLURM_ARRAY_TASK_MIN", "3")
+        m.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        url = _cli(*_args(work, "--out-root", str(root), "--partition", "auto")).stdout.strip()
+        assert open_store(url).meta.options["partition"] == [0, 2]
+    with monkeypatch.context() as m:
+        m.setenv("RANK", "1")
+        m.setenv("WORLD_SIZE", "2")
+        m.setenv("LOCAL_RANK", "1")
+        url = _cli(*_args(work, "--out-root", str(root), "--partition", "auto")).stdout.strip()
+        assert open_store(url).meta.options["partition"] == [1, 2]
+    res = _cli(*_args(work, "--out-root", str(root), "--merge-parts", "2"))
+    m = _manifest(Path(res.stdout.strip().splitlines()[-1]))
+    assert m["store_key"] == single["store_key"] and m["checksum"] == single["checksum"]
 
 
 def test_merge_parts_names_a_missing_partition(work):

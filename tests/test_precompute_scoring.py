@@ -99,10 +99,39 @@ def test_low_precision_hidden_uses_float32_logits():
     _check_topk(out, ref, 3)
 
 
+def test_sequence_logprobs_only():
+    """k=0 and no betas: lse and the target's log-prob only (a DPO store), no top-K."""
+    hid, w, _, tgt = _case(seed=7)
+    rhid, rw, _, _ = _case(seed=8)
+    out = score_chunked(hid, w, tgt, k=0, betas=[], chunk=6, ref_hidden=rhid, ref_lm_head=rw)
+    assert set(out) == {"lse", "token_logprob", "ref_lse", "ref_token_logprob"}
+    ref = reference_fields_float64(hid.double() @ w.double().T, tgt, 1, [1.0])
+    torch.testing.assert_close(out["token_logprob"][:-1].double(), ref["token_logprob"][:-1], **TOL)
+    lp_ref = torch.log_softmax(rhid.double() @ rw.double().T, -1)
+    torch.testing.assert_close(out["ref_token_logprob"][:-1].double(),
+                               lp_ref.gather(1, tgt[:-1, None])[:, 0], **TOL)
+
+
+@pytest.mark.parametrize("ref_mode", ["exact", "paper"])
+def test_reference_that_is_the_teacher_reuses_its_logits(ref_mode):
+    """One model as teacher and reference: the reference's fields are the teacher's own, and
+    equal what a second, separate head (the two-forward path) gives."""
+    hid, w, _, tgt = _case(seed=9)
+    head = LMHead(weight=w)
+    once = score_chunked(hid, head, tgt, k=6, betas=[1.0], chunk=5, ref_hidden=hid,
+                         ref_lm_head=head, ref_mode=ref_mode)
+    twice = score_chunked(hid, head, tgt, k=6, betas=[1.0], chunk=5, ref_hidden=hid.clone(),
+                          ref_lm_head=LMHead(weight=w.clone()), ref_mode=ref_mode)
+    assert torch.equal(once["ref_topk_logprobs"], once["topk_logprobs"])
+    assert torch.equal(once["ref_token_logprob"][:-1], once["token_logprob"][:-1])
+    for key in ("ref_topk_logprobs", "ref_token_logprob", "ref_lse"):
+        torch.testing.assert_close(once[key], twice[key], rtol=0, atol=1e-6, equal_nan=True)
+
+
 def test_bad_arguments():
     hid, w, _, tgt = _case()
-    with pytest.raises(ValueError, match="k=0"):
-        score_chunked(hid, w, tgt, k=0)
+    with pytest.raises(ValueError, match="k=-1"):
+        score_chunked(hid, w, tgt, k=-1)
     with pytest.raises(ValueError, match="betas"):
         score_chunked(hid, w, tgt, k=2, betas=[0.0])
     with pytest.raises(ValueError, match="share one tokenizer"):

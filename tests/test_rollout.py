@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -105,6 +106,9 @@ def test_run_rollout_store(workdir):
     p0 = groups["p0"][1]
     assert len(p0["teacher_prompt_ids"]) > len(p0["prompt_ids"])
     assert run_rollout(cfg) == url  # identical inputs: a no-op on the same content address
+    # the progress bar renders (rows = prompts, samples, generated tokens)
+    again = dataclasses.replace(cfg, out=str(workdir / "with-progress"), progress=True, n=1)
+    assert open_store(run_rollout(again)).complete
 
 
 def test_reward_resolution_errors():
@@ -121,7 +125,7 @@ def test_include_chosen_needs_a_response_column(workdir):
     (workdir / "prompts.jsonl").write_text(json.dumps({"prompt": "a b"}))
     cfg = RolloutConfig(model=str(workdir / "student"), data=str(workdir / "prompts.jsonl"),
                         include_chosen=True, out_root=str(workdir / "s2"), progress=False)
-    with pytest.raises(DataError, match="include_chosen"):
+    with pytest.raises(DataError, match="prompts.jsonl line 1: --include-chosen needs"):
         run_rollout(cfg)
 
 
