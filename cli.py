@@ -127,6 +127,14 @@ def _rollout(cfg) -> None:
 
 
 def _train(cfg) -> None:
+    if cfg.estimate_memory:  # the step's memory on a CUDA GPU, simulated: no weights loaded
+        from kdcache.train.memory import estimate_for_cli
+
+        est = estimate_for_cli(cfg)
+        typer.echo(est.format())
+        if cfg.require_fit and not est.fits:
+            raise typer.Exit(1)
+        return
     from kdcache.train.trainer import train
 
     res = train(cfg)

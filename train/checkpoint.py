@@ -23,7 +23,8 @@ STATE_FILE = "training_state.pt"
 LAST, MODEL = "last", "model"
 
 # options that may change between a run and its resumption without changing what it computes
-RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard"}
+RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard",
+               "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 
 
 def set_seed(seed: int) -> None:
@@ -61,7 +62,9 @@ def check_same_run(cfg: TrainConfig, out: Path) -> None:
 
     saved = yaml.safe_load((out / LAST / "config.yaml").read_text()) or {}
     now = cfg.to_dict()
-    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k, now[k]) != now[k])
+    # an option left on auto (None) matches whatever the first run resolved it to
+    diff = sorted(k for k in now if k not in RESUME_FREE and now[k] is not None
+                  and saved.get(k, now[k]) != now[k])
     if diff:
         raise ValueError(
             f"{cfg.out} holds a run with different settings ({', '.join(diff)}): "

@@ -34,11 +34,18 @@ class TrainConfig:
     # memory
     chunk_size: int = 1024  # positions per lm_head chunk in the loss
     packing: bool = False  # one row per micro-batch, no padding (best with flash_attention_2)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None  # None: auto (on CUDA the fit check turns it on when the step needs it)
     bf16: bool | None = None  # None: on when CUDA is available
-    # weights: fp32 | bf16 | auto (bf16 for a frozen LoRA base under bf16, else fp32: plain
-    # AdamW on bf16 weights rounds small updates away, so full fine-tunes keep fp32 masters)
+    # weights: fp32 | bf16 | auto (bf16 whenever bf16 autocast is on, i.e. on CUDA: full
+    # fine-tunes then keep fp32 AdamW moments and round each update stochastically, train/optim.py)
     weights_dtype: str = "auto"
+    optim_states: str = "auto"  # AdamW moments: auto (fp32) | fp32 | bf16 (4 B/param less; adamw8bit: 1 byte)
+    stochastic_rounding: bool = True  # bf16 weights: round each update stochastically (off: small updates are lost)
+    fit_check: bool = True  # CUDA: estimate the step's memory before loading weights; refuse (with the switch to use) if it cannot fit
+    estimate_memory: bool = False  # print the memory estimate of one training step (loads no weights) and exit
+    gpu_memory: str = ""  # card size for the estimate / fit check, e.g. 24GiB ("": the CUDA device's free memory, else 24GiB)
+    require_fit: bool = False  # with --estimate-memory: exit 1 when the step does not fit (for scripts)
+    estimate_seq_len: int = 0  # tokens per sequence the estimate assumes (0: the store's longest record)
     lora_r: int = 0  # 0: full fine-tune
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -83,6 +90,8 @@ class TrainConfig:
             raise ValueError("no store: pass --store URL (from `kdcache precompute`)")
         if self.weights_dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--weights-dtype {self.weights_dtype!r}: use auto, fp32 or bf16")
+        if self.optim_states not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--optim-states {self.optim_states!r}: use auto, fp32 or bf16")
         if self.batch_groups < 1 or self.grad_accum < 1:
             raise ValueError("--batch-groups and --grad-accum must be >= 1")
         checks = [

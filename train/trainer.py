@@ -115,6 +115,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
                                float(state.get("loss", float("nan"))))
     set_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and cfg.fit_check:  # before any weight is loaded: fit, or say what would
+        from .memory import fit_or_fail
+
+        cfg = fit_or_fail(cfg, store)
     if resuming:
         model, tokenizer = _load_resumed(cfg, device)
     else:
