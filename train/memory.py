@@ -35,6 +35,9 @@ Where the fake run on a CPU build differs from CUDA, and how the estimate models
 - Allocator: every block is rounded up to 512 bytes as the CUDA caching allocator does.
   Not modelled: the CUDA context and library workspaces, and fragmentation (reserved minus
   allocated bytes): `CUDA_CONTEXT` and `FRAGMENTATION` below are the stated allowance.
+- TGPO groups rollouts by prompt with data-dependent ops (torch.unique) that fake tensors
+  cannot run; it is estimated as the kd loss on the same rollouts (the same [N, 1 + K]
+  gather; the group arithmetic is on per-sequence vectors).
 - 8-bit AdamW (torchao, a torch.compile'd kernel that cannot run on fake tensors): modelled
   as its states (1 byte per value + one float32 scale per 256 values; tensors under 4096
   values keep full-precision moments) and an update without temporaries (the compiled kernel
@@ -421,13 +424,17 @@ def cuda_choices(cfg: TrainConfig) -> tuple[TrainConfig, Precision, torch.dtype]
 
 
 def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: int,
-             per_block: Sequence[int] = (), betas: Sequence[float] = (1.0,)) -> dict:
-    """One steady-state step of cfg on fake tensors, as CUDA would run it. Loads no weights."""
+             per_block: Sequence[int] = (), betas: Sequence[float] = (1.0,),
+             make_opt: Callable | None = None) -> dict:
+    """One steady-state step of cfg on fake tensors, as CUDA would run it. Loads no weights.
+    `make_opt(params)` replaces the trainer's optimizer (benchmarks compare others)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
     if cfg.load_in_4bit:
         raise ValueError("the memory estimate does not model --load-in-4bit (bitsandbytes 4-bit base)")
+    if cfg.objective == "tgpo":  # module docstring: the same rollouts and gather, under the kd loss
+        cfg = dataclasses.replace(cfg, objective="kd")
     cfg, precision, wdtype = cuda_choices(cfg)
     if cfg.objective == "tvkd":
         betas = tuple(sorted({*betas, cfg.tvkd_beta}))
@@ -448,8 +455,8 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
             fake_weights_(model)
             model.train()
             tracker.register(batch_tensors(batches), "inputs")
-            make_opt = ((lambda ps: Modeled8bitAdamW(ps, lr=cfg.lr)) if cfg.optim == "adamw8bit"
-                        else (lambda ps: make_optimizer(cfg, ps, device_type="cuda")))
+            make_opt = make_opt or ((lambda ps: Modeled8bitAdamW(ps, lr=cfg.lr)) if cfg.optim == "adamw8bit"
+                                    else (lambda ps: make_optimizer(cfg, ps, device_type="cuda")))
             res = measure_step(model, cfg, batches, precision, make_opt, tracker)
     finally:
         torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..chunked import has_data
 from ._common import LossOutput, check_mask, check_pairs, check_same, logsigmoid_loss, masked
 
 
@@ -34,7 +35,7 @@ def tvkd_shaping(soft_value: Tensor, mask: Tensor, is_terminal: Tensor) -> Tenso
     check_same("is_terminal", is_terminal, (b,))
     lengths = mask.sum(-1)
     pos = torch.arange(t, device=mask.device)[None, :]
-    if not torch.equal(mask, pos < lengths[:, None]):
+    if has_data(mask) and not torch.equal(mask, pos < lengths[:, None]):  # (fake tensors: no values)
         raise ValueError("tvkd: mask must be a prefix per row (response tokens first, right padding)")
     v_now, v_next = soft_value[:, :-1], soft_value[:, 1:]
     last = pos == (lengths - 1)[:, None]  # the token whose next state is s_{T+1}
