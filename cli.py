@@ -130,7 +130,7 @@ def _train(cfg) -> None:
     if cfg.estimate_memory:  # the step's memory on a CUDA GPU, simulated: no weights loaded
         from kdcache.train.memory import estimate_for_cli
 
-        est = estimate_for_cli(cfg)
+        est = estimate_for_cli(cfg, progress=lambda msg: typer.echo(f"memory estimate: {msg} ...", err=True))
         typer.echo(est.format())
         if cfg.require_fit and not est.fits:
             raise typer.Exit(1)

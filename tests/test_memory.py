@@ -234,10 +234,12 @@ def test_fit_check_turns_on_checkpointing_or_refuses(tmp_path, monkeypatch):
     off, on = (round(memory.estimate_memory(dataclasses.replace(cfg, grad_checkpointing=gc), hf, suggest=False,
                                             **kw).peak_gib * GIB) for gc in (False, True))  # cached for fit_or_fail
     assert on < off
-    big = memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=f"{off + 1}B"), store)
-    assert big.grad_checkpointing is False
+    big = memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=f"{max(off, 2 * on) + 1}B"), store)
+    assert big.grad_checkpointing is False  # room to spare: checkpointing stays off
     mid = memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=f"{(on + off) // 2}B"), store)
     assert mid.grad_checkpointing is True
+    assert memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=f"{off + 1}B", grad_checkpointing=False),
+                              store).grad_checkpointing is False  # set by the user: kept
     with pytest.raises(ValueError, match="does not fit the GPU; nothing was loaded") as e:
         memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=f"{on // 2}B"), store)
     assert "--grad-checkpointing" not in str(e.value).split("switches")[1]  # already on: not suggested

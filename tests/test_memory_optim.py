@@ -144,3 +144,20 @@ def test_make_optimizer_choices():
         with pytest.raises(ValueError, match="torchao"):
             make_optimizer(_cfg(optim="adamw8bit"), bf)
     assert math.isfinite(make_optimizer(_cfg(), bf).defaults["lr"])
+
+
+@pytest.mark.slow  # torchao compiles its update with torch.compile: minutes on a CPU
+def test_torchao_8bit_adamw_runs_and_keeps_small_bf16_updates():
+    pytest.importorskip("torchao.optim")
+    torch.manual_seed(0)
+    n, lr = 4096, 1e-4
+    p = torch.nn.Parameter((1 + 0.1 * torch.rand(n)).bfloat16())
+    w0 = p.detach().double().clone()
+    opt = make_optimizer(_cfg(optim="adamw8bit", lr=lr), [p])
+    assert type(opt).__name__ == "AdamW8bit" and opt.bf16_stochastic_round
+    for _ in range(20):
+        p.grad = (torch.randn(n) * 0.1 + 1.0).bfloat16()
+        opt.step()
+    assert opt.state[p]["exp_avg"].codes.dtype == torch.uint8  # 1-byte moments
+    moved = (w0 - p.detach().double()).mean().item()
+    assert moved == pytest.approx(20 * lr, rel=0.15)  # kept in expectation, not rounded away

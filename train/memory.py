@@ -607,14 +607,16 @@ def switch_ladder(cfg: TrainConfig, seq_len: int) -> list[tuple[str, str, TrainC
 
 def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, prompt_len: int | None = None,
                     k: int = 50, per_block: Sequence[int] = (), gpu_bytes: int | None = None,
-                    suggest: bool = True, stop_at_fit: bool = False, cache: bool = True) -> MemoryEstimate:
+                    suggest: bool = True, stop_at_fit: bool = False, cache: bool = True,
+                    progress: Callable[[str], None] | None = None) -> MemoryEstimate:
     """The peak memory of one training step of cfg on a CUDA GPU of `gpu_bytes`, and (when it
     does not fit and `suggest`) the switches that would make it fit, each estimated.
 
     `hf_config`: the student's transformers config (default: read from cfg.model).
     `seq_len`/`prompt_len`: tokens per sequence (every sequence of the micro-batch is this
     long: the worst case); `k`: stored top-K; `per_block`: records per role block of a group
-    of an unpaired objective (e.g. the G rollouts of a TGPO group; default 1 each)."""
+    of an unpaired objective (e.g. the G rollouts of a TGPO group; default 1 each). `progress(msg)` hears of
+    each simulation before it runs (each takes seconds to a minute on one core)."""
     hf_config = hf_config if hf_config is not None else model_config(cfg)
     gpu = gpu_bytes or DEFAULT_GPU
     prompt_len = prompt_len if prompt_len is not None else max(1, seq_len // 8)
@@ -625,6 +627,8 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
         p = min(prompt_len, s // 2) if s != seq_len else prompt_len
         return run(c, hf_config, seq_len=s, prompt_len=max(1, p), k=k, per_block=tuple(per_block))
 
+    if progress:
+        progress("simulating the step as configured")
     r = one(cfg, seq_len)
     need = r["peak"] + allowance(r["peak"])
     est = MemoryEstimate(
@@ -638,6 +642,8 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
         fits=need <= gpu, config=memory_settings(cfg))
     if not est.fits and suggest:
         for name, flags, c, s in switch_ladder(cfg, seq_len):
+            if progress:
+                progress(f"simulating with {name}")
             try:
                 rs = one(c, s)
             except (ValueError, RuntimeError) as e:
@@ -691,22 +697,25 @@ def detected_gpu_bytes(cfg: TrainConfig) -> int | None:
 def fit_or_fail(cfg: TrainConfig, store) -> TrainConfig:
     """The trainer's up-front check on CUDA (before any weight is loaded).
 
-    Rule: simulate the step as configured (seconds to a minute; cached on disk per settings,
-    model config and store shape, so a resumed or repeated run pays nothing). If it fits,
-    train. If it does not and grad checkpointing was left on auto, turn it on and check again.
-    If it still does not fit, stop with the estimate and the cumulative switches that would
-    make it fit, so no run OOMs after loading its weights."""
+    Rule (one or two simulations of seconds to a minute each, cached on disk per settings,
+    model config and store shape, so a resumed or repeated run pays nothing):
+    - simulate the step as configured, with grad checkpointing ON if it was left on auto;
+    - auto and it fits with room to spare (needed < half the GPU): simulate it OFF too and
+      keep it off if that fits (checkpointing costs ~30% more compute);
+    - it does not fit: stop with the estimate and the cumulative switches (each estimated)
+      up to the first that fits, so no run OOMs after loading its weights."""
     gpu = detected_gpu_bytes(cfg)
     hf_config = model_config(cfg)
     shape = store_shape(store, cfg)
     kw = dict(seq_len=shape["seq_len"], prompt_len=shape["prompt_len"], k=shape["k"],
               per_block=shape["per_block"], gpu_bytes=gpu)
     auto_gc = cfg.grad_checkpointing is None
-    c = _variant(cfg, grad_checkpointing=False) if auto_gc else cfg
+    c = _variant(cfg, grad_checkpointing=True) if auto_gc else cfg
     est = estimate_memory(c, hf_config, suggest=False, **kw)
-    if not est.fits and auto_gc:
-        c = _variant(cfg, grad_checkpointing=True)
-        est = estimate_memory(c, hf_config, suggest=False, **kw)
+    if est.fits and auto_gc and est.needed_gib < est.gpu_gib / 2:
+        off = estimate_memory(_variant(cfg, grad_checkpointing=False), hf_config, suggest=False, **kw)
+        if off.fits:
+            c, est = _variant(cfg, grad_checkpointing=False), off
     if est.fits:
         log.info("memory: step peak %.2f GiB + %.2f allowance of %.2f GiB (grad checkpointing %s)",
                  est.peak_gib, est.allowance_gib, est.gpu_gib, "on" if c.grad_checkpointing else "off")
@@ -716,7 +725,7 @@ def fit_or_fail(cfg: TrainConfig, store) -> TrainConfig:
                      + "\nswitch on the first setting above that fits (or pass --no-fit-check to try anyway)")
 
 
-def estimate_for_cli(cfg: TrainConfig) -> MemoryEstimate:
+def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> MemoryEstimate:
     """`kdcache train --estimate-memory`: the store (when given) sets the shape."""
     if not cfg.model:
         raise ValueError("--estimate-memory needs --model DIR (a local HF directory; its config.json is enough)")
@@ -728,4 +737,6 @@ def estimate_for_cli(cfg: TrainConfig) -> MemoryEstimate:
         s = store_shape(resolve_store(cfg), cfg)
         shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block")})
     gpu = detected_gpu_bytes(cfg) or DEFAULT_GPU
-    return estimate_memory(cfg, model_config(cfg), gpu_bytes=gpu, **shape)
+    if cfg.grad_checkpointing is None:  # auto: the estimate shows what the trainer would start with
+        cfg = _variant(cfg, grad_checkpointing=True)
+    return estimate_memory(cfg, model_config(cfg), gpu_bytes=gpu, progress=progress, **shape)
