@@ -30,6 +30,7 @@ shape, a synthetic store read by the trainer's StreamReader / next_batches), pea
     python benchmarks/bench_train.py --report              # rewrite the report from the rows so far
     python benchmarks/bench_train.py --gpu --only 1.5b,3b --seqs 2048   # measured vs estimate
     python benchmarks/bench_train.py --smoke               # tiny shapes on CPU, ~1 min
+    python benchmarks/bench_train.py --update-rule /tmp/ur # bf16 update rule on the demo (CPU)
 """
 
 from __future__ import annotations
@@ -224,10 +225,15 @@ def report(path: Path) -> dict:
         return by.get(Row(shape, mode, seq, obj, setting).key)
 
     def largest(mode, setting, seq=2048):
-        fit = [s for s in ("0.5b", "1.5b", "3b", "7b")
-               if all((r := get(s, mode, seq, o, setting)) and r["fits_24"] for o in OBJECTIVES)]
-        tried = [s for s in ("0.5b", "1.5b", "3b", "7b") if any(get(s, mode, seq, o, setting) for o in OBJECTIVES)]
-        return {"largest": fit[-1] if fit else None, "tried": tried}
+        """The largest size whose simulated rows (every objective simulated so far) all fit."""
+        fit, tried = None, {}
+        for size in ("0.5b", "1.5b", "3b", "7b"):
+            rs = [r for o in OBJECTIVES if (r := get(size, mode, seq, o, setting))]
+            if rs:
+                tried[size] = [r["objective"] for r in rs]
+                if all(r["fits_24"] for r in rs):
+                    fit = size
+        return {"largest": fit, "tried": tried}
 
     calib = get("1.5b", "calib", 2048, "sft", "ours")
     t1 = get("1.5b", "full", 2048, "adpa", "ours")
@@ -276,8 +282,9 @@ def markdown(out: dict, by: dict) -> str:
             f"{r['objective']} {r['peak_gib']:.2f}" for r in t2) + " GiB: "
             + ("met" if all(r["met"] for r in t2) else "NOT met") + ".")
     for title, key in (("seq 2048", "largest_fits_24"), ("seq 4096", "largest_fits_24_seq4096")):
-        lines.append(f"**Largest that fits 24 GiB ({title}, every objective)**: " + "; ".join(
-            f"{k}: {v['largest'] or 'none'} (of {', '.join(v['tried']) or 'none simulated'})"
+        lines.append(f"**Largest that fits 24 GiB ({title})**: " + "; ".join(
+            f"{k}: {v['largest'] or 'none'} (simulated: " + (", ".join(
+                f"{size} [{'/'.join(objs)}]" for size, objs in v["tried"].items()) or "none") + ")"
             for k, v in s[key].items()) + ".")
     before = by.get(Row("1.5b", "full", 2048, "adpa", "before").key)
     if before:
@@ -477,6 +484,35 @@ def smoke() -> None:
         raise SystemExit("the benchmark's step differs from the trainer's")
 
 
+# ----------------------------------------------------------------------------- update rule
+def update_rule(out: Path) -> None:
+    """The bf16 update rule on the demo (CPU): students trained from the demo's SFT init on
+    its stores with fp32 weights, bf16 + stochastic rounding (the CUDA default) and bf16 +
+    round-to-nearest, at the demo's lr and 10x lower; rule-judged preference rate and top-K KL."""
+    from kdcache.cli import Demo, run_demo
+
+    base = run_demo(out, quick=False, methods=["sft", "dckd"], seed=0)  # teacher, stores, fp32 rows
+    torch.set_num_threads(1)
+    d = Demo(out, False, 0)
+    teacher, ref = str(out / "runs/teacher-dpo/model"), str(out / "runs/teacher-sft/model")
+    pref = d.precompute(data=str(d.data["pref"]), teacher=teacher, reference=ref)
+    evals = d.precompute(data=str(d.data["eval"]), teacher=teacher, reference=ref)
+    rows = []
+    for lr in (1e-3, 1e-4):
+        for name, kw in (("fp32", dict(weights_dtype="fp32")),
+                         ("bf16-sr", dict(weights_dtype="bf16", stochastic_rounding=True)),
+                         ("bf16-rtn", dict(weights_dtype="bf16", stochastic_rounding=False))):
+            for m, extra in (("sft", {}), ("dckd", {"dckd_alpha": 0.2})):
+                run = f"rule-{m}-{name}-lr{lr:g}"
+                model = d.train(run, str(out / "runs/student-sft-init/model"), pref, m, d.steps["student"],
+                                lr=lr, **kw, **extra)
+                rows.append({"method": m, "weights": name, "lr": lr, **d.evaluate(model, evals),
+                             "train_s": d.timings[run]})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    res = {"machine": machine(), "base": base["rows"], "rows": rows}
+    (RESULTS / "train_update_rule.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -492,6 +528,8 @@ def main() -> None:
     ap.add_argument("--rows-file", default=str(RESULTS / "train_sim.jsonl"))
     ap.add_argument("--fresh", action="store_true", help="drop the rows simulated so far")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--update-rule", default="", metavar="DIR",
+                    help="the bf16 update-rule comparison on the demo, working in DIR (~45 min on CPU)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -500,6 +538,9 @@ def main() -> None:
         return
     if args.smoke:
         smoke()
+        return
+    if args.update_rule:
+        update_rule(Path(args.update_rule))
         return
     path = Path(args.rows_file)
     if args.fresh:

@@ -88,8 +88,9 @@ CATEGORIES = ("weights", "grads", "optimizer", "inputs", "activations")
 class StorageTracker(TorchDispatchMode):
     """Live bytes of unique storages created by ops (or registered), and their peak.
 
-    A storage is counted once however many views share it. `snapshot_at_peak` holds the uids
-    alive at the peak, classified afterwards (weights, grads, optimizer, inputs, activations)."""
+    A storage is counted once however many views share it; its bytes are rounded up to the
+    CUDA allocator's 512-byte blocks. `peak_live` maps the uids alive at the peak to their
+    bytes, classified afterwards (weights, grads, optimizer, inputs, activations)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -136,13 +137,13 @@ class StorageTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self._add(t.untyped_storage(), origin)
 
-    def _note_peak(self, live: int, where: str, exclude: int | None = None) -> None:
+    def _note_peak(self, live: int, where: str) -> None:
         phase = where.rsplit("(", 1)[-1].rstrip(")")
         self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), live)
         if live > self.peak:
             self.peak = live
             self.peak_where = where
-            self.peak_live = {u: b for u, b in self.size.items() if u != exclude}
+            self.peak_live = dict(self.size)
 
     def reset_peak(self, phase: str) -> None:
         self._resolve()
