@@ -174,6 +174,8 @@ def test_cli_estimate_memory_and_require_fit(tmp_path, monkeypatch):
     assert bad.exit_code == 1 and "DOES NOT FIT" in bad.stdout
     soft = runner.invoke(app, args + ["--gpu-memory", "0.5GiB"])
     assert soft.exit_code == 0 and "DOES NOT FIT" in soft.stdout
+    nomodel = runner.invoke(app, ["train", "--estimate-memory"])
+    assert nomodel.exit_code == 2 and "error: --estimate-memory needs --model" in nomodel.stderr
 
 
 def test_fake_gather_of_a_real_sized_bf16_head_copies_nothing():

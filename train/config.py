@@ -107,6 +107,7 @@ class TrainConfig:
             ("lora-dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)"),
             ("log-every", self.log_every, self.log_every >= 1, ">= 1"),
             ("save-every", self.save_every, self.save_every >= 0, ">= 0 (0: only at the end)"),
+            ("estimate-seq-len", self.estimate_seq_len, self.estimate_seq_len >= 0, ">= 0 (0: the store's longest)"),
         ]
         for flag, value, ok, rule in checks:
             if not ok:

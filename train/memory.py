@@ -80,6 +80,7 @@ BLOCK = 512  # the CUDA caching allocator rounds every allocation up to this
 CUDA_CONTEXT = int(0.75 * GIB)  # CUDA context + cuBLAS/cuDNN workspaces, outside the allocator
 FRAGMENTATION = 0.07  # reserved / allocated - 1 of a training step (allocator block reuse)
 DEFAULT_GPU = 24 * GIB
+MAX_SHARDS_READ = 256  # store_shape reads at most this many shards' records tables
 LORA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CATEGORIES = ("weights", "grads", "optimizer", "inputs", "activations")
 
@@ -198,7 +199,7 @@ class StorageTracker(TorchDispatchMode):
 # ----------------------------------------------------------------------------- the result
 @dataclass
 class Switch:
-    """One memory switch tried on top of the ones before it (cumulative)."""
+    """One memory switch tried alone, or (name starting with '+') on top of the ones before it."""
 
     name: str
     flags: str
@@ -248,10 +249,10 @@ class MemoryEstimate:
             + ("FITS" if self.fits else "DOES NOT FIT"),
         ]
         if self.switches:
-            lines.append("  switches that save memory (each on top of the ones above it):")
+            lines.append("  switches (each alone; '+' lines stack on the ones above):")
             for s in self.switches:
-                lines.append(f"    {s.name:<34} {s.flags:<52} peak {s.peak_gib:6.2f}  needed "
-                             f"{s.needed_gib:6.2f} GiB  {'fits' if s.fits else 'does not fit'}")
+                lines.append(f"    {s.name:<33} peak {s.peak_gib:6.2f}  needed {s.needed_gib:6.2f} GiB  "
+                             f"{'FITS        ' if s.fits else 'does not fit'}  {s.flags}")
         lines.append(f"  (simulated on CPU with fake tensors in {self.seconds:.0f}s; train/memory.py lists "
                      "what it models)")
         return "\n".join(lines)
@@ -580,30 +581,31 @@ def _variant(cfg: TrainConfig, **kw) -> TrainConfig:
     return dataclasses.replace(cfg, **kw)
 
 
-def switch_ladder(cfg: TrainConfig, seq_len: int) -> list[tuple[str, str, TrainConfig, int]]:
-    """Memory switches in the order to try them, each on top of the previous ones:
-    (name, flags, config, seq_len)."""
-    steps = []
-    c, s = cfg, seq_len
-    if not c.grad_checkpointing:
-        c = _variant(c, grad_checkpointing=True)
-        steps.append(("gradient checkpointing", "--grad-checkpointing", c, s))
-    if c.batch_groups > 1:
-        c = _variant(c, batch_groups=1, grad_accum=c.grad_accum * c.batch_groups)
-        steps.append(("micro-batch of 1 group", f"--batch-groups 1 --grad-accum {c.grad_accum}", c, s))
-    if c.chunk_size > 256:
-        c = _variant(c, chunk_size=256)
-        steps.append(("smaller lm_head chunks", "--chunk-size 256", c, s))
-    if c.lora_r == 0 and c.optim != "adamw8bit":
-        c = _variant(c, optim="adamw8bit")
-        steps.append(("8-bit AdamW states (torchao)", "--optim adamw8bit", c, s))
-    if c.lora_r == 0:
-        c = _variant(c, lora_r=16, lora_targets=LORA_ALL, optim="adamw")
-        steps.append(("LoRA r=16 on all linear layers", "--lora-r 16 --lora-targets " + ",".join(LORA_ALL), c, s))
-    while s > 512:
-        s //= 2
-        steps.append((f"sequences of {s} tokens", f"precompute --max-length {s}", c, s))
-    return steps
+def _switches(cfg: TrainConfig) -> list[tuple[str, str, dict]]:
+    """The memory switches that apply to cfg, most preferred first: (name, flags, changes).
+    A `seq_len` change means shorter stored sequences (precompute --max-length)."""
+    out = []
+    if not cfg.grad_checkpointing:
+        out.append(("gradient checkpointing", "--grad-checkpointing", {"grad_checkpointing": True}))
+    if cfg.batch_groups > 1:
+        accum = cfg.grad_accum * cfg.batch_groups
+        out.append(("micro-batch of 1 group", f"--batch-groups 1 --grad-accum {accum}",
+                    {"batch_groups": 1, "grad_accum": accum}))
+    if cfg.lora_r == 0 and cfg.optim != "adamw8bit":
+        out.append(("8-bit AdamW states (torchao)", "--optim adamw8bit", {"optim": "adamw8bit"}))
+    if cfg.chunk_size > 256:
+        out.append(("smaller lm_head chunks", "--chunk-size 256", {"chunk_size": 256}))
+    if cfg.lora_r == 0:
+        out.append(("LoRA r=16 on all linear layers", "--lora-r 16 --lora-targets " + ",".join(LORA_ALL),
+                    {"lora_r": 16, "lora_targets": LORA_ALL, "optim": "adamw"}))
+    out.append(("half-length sequences", "precompute --max-length {half}", {"seq_len": 0.5}))
+    return out
+
+
+def _apply(cfg: TrainConfig, seq_len: int, changes: dict) -> tuple[TrainConfig, int]:
+    changes = dict(changes)
+    s = max(64, int(seq_len * changes.pop("seq_len"))) if "seq_len" in changes else seq_len
+    return _variant(cfg, **changes), s
 
 
 def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, prompt_len: int | None = None,
@@ -642,20 +644,40 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
         allowance_gib=allowance(r["peak"]) / GIB, needed_gib=need / GIB, gpu_gib=gpu / GIB,
         fits=need <= gpu, config=memory_settings(cfg))
     if not est.fits and suggest:
-        for name, flags, c, s in switch_ladder(cfg, seq_len):
-            if progress:
-                progress(f"simulating with {name}")
-            try:
-                rs = one(c, s)
-            except (ValueError, RuntimeError) as e:
-                log.warning("estimate for %s failed: %s", name, e)
-                continue
-            n = rs["peak"] + allowance(rs["peak"])
-            est.switches.append(Switch(name, flags, rs["peak"] / GIB, n / GIB, n <= gpu))
-            if n <= gpu and stop_at_fit:
-                break
+        est.switches = _try_switches(cfg, seq_len, one, gpu, stop_at_fit, progress)
     est.seconds = time.perf_counter() - t0
     return est
+
+
+def _try_switches(cfg: TrainConfig, seq_len: int, one: Callable, gpu: int, stop_at_fit: bool,
+                  progress: Callable[[str], None] | None) -> list[Switch]:
+    """Each switch alone; if none fits alone, the switches stacked in order until one fits."""
+    found: list[Switch] = []
+
+    def run(name: str, flags: str, c: TrainConfig, s: int) -> bool:
+        if progress:
+            progress(f"simulating with {name}")
+        try:
+            r = one(c, s)
+        except (ValueError, RuntimeError) as e:
+            log.warning("estimate for %s failed: %s", name, e)
+            return False
+        need = r["peak"] + allowance(r["peak"])
+        found.append(Switch(name, flags.replace("{half}", str(s)), r["peak"] / GIB, need / GIB, need <= gpu))
+        return need <= gpu
+
+    switches = _switches(cfg)
+    for name, flags, changes in switches:
+        if run(name, flags, *_apply(cfg, seq_len, changes)) and stop_at_fit:
+            return found
+    if any(s.fits for s in found):
+        return found
+    c, s = cfg, seq_len
+    for i, (name, flags, changes) in enumerate(switches):
+        c, s = _apply(c, s, changes)
+        if i and run("+ " + name, flags, c, s):  # the first is the same as alone
+            break
+    return found
 
 
 # ----------------------------------------------------------------------------- the trainer's hook
@@ -665,8 +687,13 @@ def store_shape(store, cfg: TrainConfig) -> dict:
     longest, prompt = 0, 1
     spec = OBJECTIVE_SPECS[cfg.objective]
     per_block = [1] * len(spec.blocks)
-    for i in range(len(store.shards)):
-        shard = store.load_shard(i, fields=())
+    n = len(store.shards)
+    picked = range(n) if n <= MAX_SHARDS_READ else np.linspace(0, n - 1, MAX_SHARDS_READ).astype(int)
+    if n > MAX_SHARDS_READ:
+        log.warning("memory estimate: the longest record of %d of the store's %d shards sets the sequence "
+                    "length; pass --estimate-seq-len to set it", MAX_SHARDS_READ, n)
+    for i in picked:
+        shard = store.load_shard(int(i), fields=())  # the records table only
         plens = np.diff(shard._lists["prompt_ids"][0])
         total = plens + shard._seq["n_tokens"]
         j = int(np.argmax(total))
@@ -703,8 +730,8 @@ def fit_or_fail(cfg: TrainConfig, store) -> TrainConfig:
     - simulate the step as configured, with grad checkpointing ON if it was left on auto;
     - auto and it fits with room to spare (needed < half the GPU): simulate it OFF too and
       keep it off if that fits (checkpointing costs ~30% more compute);
-    - it does not fit: stop with the estimate and the cumulative switches (each estimated)
-      up to the first that fits, so no run OOMs after loading its weights."""
+    - it does not fit: stop with the estimate and the switches tried in order of preference
+      (alone, then stacked) up to the first that fits, so no run OOMs after loading weights."""
     gpu = detected_gpu_bytes(cfg)
     hf_config = model_config(cfg)
     shape = store_shape(store, cfg)
@@ -723,7 +750,7 @@ def fit_or_fail(cfg: TrainConfig, store) -> TrainConfig:
         return c
     est = estimate_memory(c, hf_config, suggest=True, stop_at_fit=True, **kw)
     raise ValueError("this training step does not fit the GPU; nothing was loaded.\n" + est.format()
-                     + "\nswitch on the first setting above that fits (or pass --no-fit-check to try anyway)")
+                     + "\nuse a setting marked FITS (or pass --no-fit-check to try anyway)")
 
 
 def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> MemoryEstimate:
