@@ -18,6 +18,9 @@ Where the fake run on a CPU build differs from CUDA, and how the estimate models
   device-dependent choice is asked for explicitly as CUDA would make it: bf16 autocast and
   bf16 weights (`Precision`, `weights_dtype`), the fused AdamW kernel (`make_optimizer(...,
   device_type="cuda")`), bf16 GEMMs with float32 output in `gather_logprobs` (`_mm_f32`).
+- Fused AdamW: the CPU build has the fused kernel too, so the fake run executes
+  `_fused_adamw_` (in place, no temporaries) as CUDA would; a foreach AdamW's `_foreach_*`
+  ops return their whole lists of temporaries, which the tracker sees as on CUDA.
 - Autocast op lists: the forward runs under CPU autocast. Its lower-precision list (mm,
   linear, bmm, matmul, SDPA, ...) matches CUDA's for every op these models use; CUDA's
   float32 list (pow, rsqrt, softmax, exp, ...) is wider, but Qwen2/Llama already upcast in
@@ -418,11 +421,11 @@ def model_config(cfg: TrainConfig):
                          f"pass --model a local HF model directory (its config.json is enough)") from e
 
 
-def cuda_choices(cfg: TrainConfig) -> tuple[TrainConfig, Precision, torch.dtype]:
+def cuda_choices(cfg: TrainConfig) -> tuple[Precision, torch.dtype]:
     """The settings a CUDA run of cfg resolves to: bf16 autocast unless --no-bf16, its weight
     dtype; autocast itself runs on the CPU fake tensors (module docstring)."""
     prec = Precision.for_run(cfg, torch.device("cuda"))
-    return cfg, Precision(bf16=prec.bf16, device_type="cpu", cache=prec.cache), weights_dtype(cfg, "cuda")
+    return Precision(bf16=prec.bf16, device_type="cpu", cache=prec.cache), weights_dtype(cfg, "cuda")
 
 
 def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: int,
@@ -437,7 +440,7 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
         raise ValueError("the memory estimate does not model --load-in-4bit (bitsandbytes 4-bit base)")
     if cfg.objective == "tgpo":  # module docstring: the same rollouts and gather, under the kd loss
         cfg = dataclasses.replace(cfg, objective="kd")
-    cfg, precision, wdtype = cuda_choices(cfg)
+    precision, wdtype = cuda_choices(cfg)
     if cfg.objective == "tvkd":
         betas = tuple(sorted({*betas, cfg.tvkd_beta}))
     vocab = hf_config.vocab_size
@@ -532,13 +535,16 @@ def memory_settings(cfg: TrainConfig) -> dict:
             "lora_r": cfg.lora_r, "batch_groups": cfg.batch_groups}
 
 
+# TrainConfig fields that cannot change a step's memory (every other one is in the cache key)
+NOT_MEMORY = {"model", "store", "out", "store_root", "seed", "lr", "weight_decay", "warmup_steps",
+              "max_steps", "epochs", "log_every", "save_every", "resume", "tensorboard", "progress",
+              "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
+
+
 def _cache_key(cfg: TrainConfig, hf_config, shape: dict) -> str:
     import transformers
 
-    relevant = {k: v for k, v in cfg.to_dict().items()
-                if k in ("objective", "batch_groups", "grad_accum", "chunk_size", "packing",
-                         "grad_checkpointing", "bf16", "weights_dtype", "optim", "optim_states",
-                         "stochastic_rounding", "lora_r", "lora_targets", "tvkd_maxent", "tvkd_beta")}
+    relevant = {k: v for k, v in cfg.to_dict().items() if k not in NOT_MEMORY}
     blob = json.dumps([relevant, hf_config.to_dict(), shape, torch.__version__,
                        transformers.__version__, _code_version()], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
