@@ -30,6 +30,7 @@ from kdcache.train.student import prepare_student
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=64, vocab_size=300, max_position_embeddings=128)
 SHAPE = dict(seq_len=40, prompt_len=8, k=5)
+ONE_LAYER = {**TINY, "num_hidden_layers": 1}  # for tests that simulate many variants
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -139,14 +140,15 @@ def _inner(t):
 
 
 def test_estimate_that_cannot_fit_says_so_and_names_switches():
-    hf = Qwen2Config(**TINY, tie_word_embeddings=True)
-    est = estimate_memory(_cfg(), hf, gpu_bytes=int(0.5 * GIB), cache=False, **SHAPE)
+    hf = Qwen2Config(**ONE_LAYER, tie_word_embeddings=True)
+    est = estimate_memory(_cfg(batch_groups=1), hf, gpu_bytes=int(0.5 * GIB), cache=False, **SHAPE)
     assert not est.fits and est.needed_gib > 0.5
     names = [s.name for s in est.switches]
     assert names[0] == "gradient checkpointing" and any("LoRA" in n for n in names)
+    assert any(n.startswith("+ ") for n in names)  # none fits alone: stacked too
     text = est.format()
     assert "DOES NOT FIT" in text and "--grad-checkpointing" in text
-    ok = estimate_memory(_cfg(), hf, gpu_bytes=24 * GIB, cache=False, **SHAPE)
+    ok = estimate_memory(_cfg(batch_groups=1), hf, gpu_bytes=24 * GIB, cache=False, **SHAPE)
     assert ok.fits and not ok.switches and "FITS" in ok.format()
 
 
@@ -162,7 +164,7 @@ def test_cli_estimate_memory_and_require_fit(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KDCACHE_CACHE", str(tmp_path / "cache"))  # the repeated estimates come from it
 
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**TINY, tie_word_embeddings=True))
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**ONE_LAYER, tie_word_embeddings=True))
     model.save_pretrained(tmp_path / "m")
     args = ["train", "--model", str(tmp_path / "m"), "--objective", "dckd", "--estimate-memory",
             "--estimate-seq-len", "40", "--batch-groups", "1", "--chunk-size", "16"]
@@ -225,7 +227,8 @@ def test_fit_check_turns_on_checkpointing_or_refuses(tmp_path, monkeypatch):
     monkeypatch.setenv("KDCACHE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(memory, "CUDA_CONTEXT", 0)
     monkeypatch.setattr(memory, "FRAGMENTATION", 0.0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**TINY, tie_word_embeddings=True))
+    monkeypatch.setattr(memory, "_switches", lambda c: [("smaller lm_head chunks", "--chunk-size 8", {"chunk_size": 8})])
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**ONE_LAYER, tie_word_embeddings=True))
     model.save_pretrained(tmp_path / "m")
     store = open_store(_tiny_store(tmp_path))
     cfg = _cfg(model=str(tmp_path / "m"), objective="dckd", grad_checkpointing=None, batch_groups=2)
@@ -244,8 +247,7 @@ def test_fit_check_turns_on_checkpointing_or_refuses(tmp_path, monkeypatch):
                               store).grad_checkpointing is False  # set by the user: kept
     with pytest.raises(ValueError, match="does not fit the GPU; nothing was loaded") as e:
         memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=f"{on // 2}B"), store)
-    assert "--grad-checkpointing" not in str(e.value).split("switches")[1]  # already on: not suggested
-    assert "DOES NOT FIT" in str(e.value)
+    assert "DOES NOT FIT" in str(e.value) and "--chunk-size 8" in str(e.value)
 
 
 def test_trainer_checks_the_fit_before_loading(tmp_path, monkeypatch):
