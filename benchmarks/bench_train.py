@@ -200,6 +200,8 @@ def run_simulated(rows: list[Row], path: Path) -> None:
     print(f"{len(rows) - len(todo)} rows cached, {len(todo)} to simulate", file=sys.stderr, flush=True)
     torch.set_num_threads(1)
     for i, row in enumerate(todo, 1):
+        if row.key in load_rows(path):  # another worker (--reverse) got there first
+            continue
         try:
             res = simulate_row(row)
         except Exception as e:  # a row that cannot run is a result, not the end of the table
@@ -527,6 +529,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="--gpu: measured steps")
     ap.add_argument("--rows-file", default=str(RESULTS / "train_sim.jsonl"))
     ap.add_argument("--fresh", action="store_true", help="drop the rows simulated so far")
+    ap.add_argument("--reverse", action="store_true",
+                    help="simulate the rows last-first (a second worker on the same row file)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--update-rule", default="", metavar="DIR",
                     help="the bf16 update-rule comparison on the demo, working in DIR (~45 min on CPU)")
@@ -553,7 +557,7 @@ def main() -> None:
         run_gpu(rows, args, path)
         return
     if not args.report:
-        run_simulated(rows, path)
+        run_simulated(rows[::-1] if args.reverse else rows, path)
     out = report(path)
     print(json.dumps(out["summary"], indent=1))
 
