@@ -221,7 +221,9 @@ class MemoryEstimate:
     k: int
     peak_gib: float  # allocated bytes at the step's peak (max_memory_allocated on CUDA)
     peak_where: str  # op and phase of the peak
-    breakdown_gib: dict[str, float]  # at the peak, by category
+    # at the peak, by what each storage is at the end of the step: a gradient still being
+    # summed (lm_head's, before the tied embedding's half is added) counts as activations
+    breakdown_gib: dict[str, float]
     largest_gib: float  # the largest single non-persistent tensor alive at the peak
     largest_where: str
     phase_gib: dict[str, float]  # peak per phase
