@@ -164,7 +164,7 @@ def test_bf16_weight_used_in_its_own_dtype(hidden_dtype, block, monkeypatch):
     n, v, h, m = 20, 500, 16, 6
     hid, w, idx = make(n, v, h, m, torch.float32, seed=21, dup=True)
     hid, w = hid.to(hidden_dtype), w.bfloat16()
-    up = torch.randn(n, m, dtype=torch.float64)
+    up = torch.randn(n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
     tracker = StorageTracker()
     with tracker:
         out, gh, gw = grads(lambda a, b, c: gather_logprobs(a, b, c, chunk_size=8), hid, w, idx, up.float())
@@ -174,5 +174,7 @@ def test_bf16_weight_used_in_its_own_dtype(hidden_dtype, block, monkeypatch):
     # reference: the same bf16-rounded hidden rows and weight, float64 everywhere after that
     ref, rh, rw = grads(reference, hid.bfloat16().double(), w.double(), idx, up)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gh.double(), rh, rtol=2e-2, atol=2e-2)  # bf16 logit-gradient rounding
-    torch.testing.assert_close(gw.double(), rw, rtol=2e-2, atol=2e-2)
+    # the logit gradient is rounded to bf16 (8 bits) before the GEMMs, and bf16 grad_w /
+    # grad_h round their outputs: errors are a few 2^-9 of the gradients' scale
+    for got, want in ((gh, rh), (gw, rw)):
+        assert (got.double() - want).abs().max() <= 2**-6 * want.abs().max()
