@@ -295,7 +295,11 @@ def config_command(name: str, cls, help: str) -> Callable:
     def command(**kwargs):
         path = kwargs.pop("config")
         result = _friendly(lambda: globals()[f"_{name}"](make_config(name, cls, path, kwargs)))
-        if result is not None:
+        if isinstance(result, Outcome):
+            typer.echo(result.text)
+            if result.exit_code:
+                raise typer.Exit(result.exit_code)
+        elif result is not None:
             typer.echo(result)
 
     command.__signature__ = inspect.Signature(params)
@@ -322,6 +326,14 @@ def _placeholder() -> None:  # never runs: _Group swaps in the real command firs
 
 for _name, (_, _help) in CONFIG_COMMANDS.items():
     app.command(_name, help=_help, cls=_Placeholder, add_help_option=False)(_placeholder)
+
+
+class Outcome(typing.NamedTuple):
+    """A command's result with a non-zero exit code (e.g. `--estimate-memory --require-fit`
+    that does not fit): the text still goes to stdout."""
+
+    text: str
+    exit_code: int = 0
 
 
 def _friendly(fn: Callable, *args):
@@ -359,7 +371,12 @@ def _rollout(cfg) -> str:
     return run_rollout(cfg)
 
 
-def _train(cfg) -> str | None:
+def _train(cfg) -> str | Outcome | None:
+    if cfg.estimate_memory:  # the step's memory on a CUDA GPU, simulated: no weights loaded
+        from kdcache.train.memory import estimate_for_cli
+
+        est = estimate_for_cli(cfg, progress=lambda msg: typer.echo(f"memory estimate: {msg} ...", err=True))
+        return Outcome(est.format(), 1 if cfg.require_fit and not est.fits else 0)
     from kdcache.train.distributed import PeerFailure
     from kdcache.train.trainer import train
 

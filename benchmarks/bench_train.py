@@ -1,43 +1,46 @@
-"""Trainer GPU memory / speed on a simulated 24 GB consumer card (issue "a trainer that fits a
-24 GB consumer GPU", §4).
+"""Trainer memory on a 24 GB card: the simulated table (CPU) and, on a CUDA box, measured peaks
+beside the estimate.
 
-What runs: the trainer's own step, phase by phase, on random-init models of real shapes and a
-synthetic ADPA store written with `kdcache.store.StoreWriter`:
+Every row runs kdcache's own step, `kdcache.train.step.train_step` (the function the training
+loop calls): collate -> student forward -> chunked log-prob gather -> the objective's loss ->
+backward -> clip -> optimizer step.
 
-    StreamReader -> select_records -> collate -> .to(device)      (data path)
-    autocast(bf16) student_forward (decoder + chunked gather_logprobs) (forward)
-    OBJECTIVE_SPECS["adpa"].loss                                   (loss)
-    backward, clip_grad_norm_, optimizer.step, scheduler.step       (backward / optimizer)
+Simulated (default; any machine, no GPU): `kdcache.train.memory.simulate` runs that step on
+fake tensors with CUDA's choices (bf16 autocast, bf16 weights, fused kernels; see
+train/memory.py for what is modelled) and reports the peak allocated bytes of a steady-state
+step. Rows: Qwen2.5-shaped 0.5B / 1.5B / 3B / 7B x {full fine-tune, LoRA r=16 on all linear
+layers} x seq {2048, 4096} x objective {dckd, adpa, tvkd}, one group per micro-batch (two
+sequences of `seq` tokens, prompt seq/8, K=50), gradient checkpointing on. Settings per row:
+  ours      the trainer's CUDA defaults (bf16 weights; full FT: fp32 AdamW moments + stochastic
+            rounding; LoRA: fp32 adapters on a frozen bf16 base)
+  ours-8bit full FT with --optim adamw8bit (torchao: 1-byte moments + block scales)
+  baseline  the same settings with plain transformers full logits (`model(...).logits` ->
+            float -> log_softmax -> gather) instead of the chunked gather
+plus the calibration case (1.5B, one 2048-token sequence, plain LM loss, bf16 weights/grads/
+AdamW states, fused AdamW: measured 12.02 GiB on an H100) and the pre-issue trainer (fp32
+weights, foreach AdamW). Each finished row is appended to results/train_sim.jsonl, so a rerun
+resumes; the report is results/train_sim.{md,json}.
 
-and the SAME step with full logits materialised (`model(...).logits -> log_softmax -> gather`)
-as the baseline. The student is built by the trainer's real `load_student` (its grad
-checkpointing / LoRA wiring), with `from_pretrained` swapped for `from_config` on the device,
-so no 6-12 GB of random weights go to disk and nothing is downloaded.
+Real GPU (`--gpu`, any CUDA box): the same rows run for real (random-init weights of the right
+shape, a synthetic store read by the trainer's StreamReader / next_batches), peak
+`max_memory_allocated` of the steady-state steps beside the estimate: results/train_gpu.*.
 
-Models (targets from the issue; GiB = 2**30 bytes, the unit of a "24 GB" card):
-  (a) Qwen2.5-1.5B shape, full fine-tune, seq 2048, ADPA K=50   -> peak <= 22 GiB
-  (b) Qwen2.5-3B shape, LoRA r=16 on attention+MLP projections   -> peak <= 16 GiB
-Each under several memory settings (`VARIANTS`): the trainer's defaults, grad checkpointing,
-8-bit AdamW (bitsandbytes, optional), and bf16 weights (a setting the trainer does not have
-yet: it always loads fp32; those rows say so). A 24 GiB card is simulated with
-`torch.cuda.set_per_process_memory_fraction(24 GiB / total)`; an OOM under the cap is a result.
-Every (variant, mode) runs in its own subprocess on CUDA so peaks and OOMs do not leak.
-
-Usage (any CUDA box with >= 24 GiB; bitsandbytes optional):
-    python benchmarks/bench_train.py                    # all variants, ours + baseline
-    python benchmarks/bench_train.py --only 1.5b-full   # variants whose name contains this
-    python benchmarks/bench_train.py --smoke            # tiny shapes on CPU, < 60 s
-Writes benchmarks/results/train.{json,md} (train_smoke.* for --smoke), naming the machine.
+    python benchmarks/bench_train.py                       # simulated table (hours on one core: resumable)
+    python benchmarks/bench_train.py --only 1.5b,3b --seqs 2048 --objectives adpa
+    python benchmarks/bench_train.py --report              # rewrite the report from the rows so far
+    python benchmarks/bench_train.py --gpu --only 1.5b,3b --seqs 2048   # measured vs estimate
+    python benchmarks/bench_train.py --smoke               # tiny shapes on CPU, ~1 min
+    python benchmarks/bench_train.py --update-rule /tmp/ur # bf16 update rule on the demo (CPU)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
-import gc
+import itertools
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -45,451 +48,518 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-import kdcache.train.student as student_mod
-from kdcache.store import StoreMeta, StoreWriter, StreamReader, open_store
-from kdcache.train.batch import collate, scatter_rows
-from kdcache.train.checkpoint import set_seed as _set_seed
+from kdcache.train import memory
+from kdcache.train import step as step_mod
+from kdcache.train.batch import scatter_rows
 from kdcache.train.config import TrainConfig
-from kdcache.train.data import group_stream as _group_stream
-from kdcache.train.objectives import OBJECTIVE_SPECS, select_records
-from kdcache.train.optim import lr_lambda as _lr_lambda
-from kdcache.train.optim import make_optimizer as _make_optimizer
-from kdcache.train.student import StudentOut, load_student, student_forward
+from kdcache.train.memory import GIB, LORA_ALL, allowance
+from kdcache.train.student import StudentOut
 
-GIB = 2**30
-CAP_GIB = 24.0
+CARD = 24 * GIB
 RESULTS = Path(__file__).resolve().parent / "results"
+CALIBRATION_H100_GIB = 12.02  # issue 11: Qwen2.5-1.5B shape, bf16 w/g/states, GC, batch 1, seq 2048
 
-# Qwen2.5 shapes from the public configs (tied embeddings, vocab 151936).
-QWEN_COMMON = dict(vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
-                   rms_norm_eps=1e-6, max_position_embeddings=32768)
-SHAPES = {
-    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, intermediate_size=8960, **QWEN_COMMON),
-    "qwen2.5-3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-                       num_key_value_heads=2, intermediate_size=11008, **QWEN_COMMON),
-    # --smoke: same architecture and K, toy sizes
+QWEN = dict(tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+            max_position_embeddings=32768, vocab_size=151936)
+SHAPES = {  # the public Qwen2.5 configs
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, **QWEN),
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, **QWEN),
+    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+               intermediate_size=11008, **QWEN),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, **{**QWEN, "tie_word_embeddings": False, "vocab_size": 152064}),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=True,
-                 max_position_embeddings=512),
+                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=True, max_position_embeddings=512),
 }
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# One row per memory setting. `weights` is the dtype the student's parameters are loaded in:
-# the trainer always loads fp32 (student.py), so "bf16" rows need a trainer flag (`needs`).
-VARIANTS = [
-    dict(name="1.5b-full/trainer-default", shape="qwen2.5-1.5b", lora_r=0, weights="fp32",
-         optim="adamw", grad_ckpt=False, target_gib=22.0, needs=""),
-    dict(name="1.5b-full/gc", shape="qwen2.5-1.5b", lora_r=0, weights="fp32",
-         optim="adamw", grad_ckpt=True, target_gib=22.0, needs=""),
-    dict(name="1.5b-full/gc+adamw8bit", shape="qwen2.5-1.5b", lora_r=0, weights="fp32",
-         optim="adamw8bit", grad_ckpt=True, target_gib=22.0, needs="bitsandbytes"),
-    dict(name="1.5b-full/gc+bf16-weights", shape="qwen2.5-1.5b", lora_r=0, weights="bf16",
-         optim="adamw", grad_ckpt=True, target_gib=22.0,
-         needs="trainer flag: load weights in bf16 (AdamW states then bf16 too; see docs)"),
-    dict(name="3b-lora/trainer-default", shape="qwen2.5-3b", lora_r=16, weights="fp32",
-         optim="adamw", grad_ckpt=False, target_gib=16.0, needs=""),
-    dict(name="3b-lora/gc", shape="qwen2.5-3b", lora_r=16, weights="fp32",
-         optim="adamw", grad_ckpt=True, target_gib=16.0, needs=""),
-    dict(name="3b-lora/bf16-base", shape="qwen2.5-3b", lora_r=16, weights="bf16",
-         optim="adamw", grad_ckpt=False, target_gib=16.0,
-         needs="trainer flag: load the frozen base in bf16 under LoRA"),
-    dict(name="3b-lora/gc+bf16-base", shape="qwen2.5-3b", lora_r=16, weights="bf16",
-         optim="adamw", grad_ckpt=True, target_gib=16.0,
-         needs="trainer flag: load the frozen base in bf16 under LoRA"),
-]
+OBJECTIVES = ("dckd", "adpa", "tvkd")
+K = 50
 
 
-# ----------------------------------------------------------------------------- the store
-def synth_record(rng, eid: str, role: str, group: int, prompt_len: int, resp_len: int,
-                 vocab: int, k: int) -> dict:
-    """A random but valid ADPA record: unique top-K ids per row, descending top-K log-probs
-    with total mass < 1, a reference gathered at the same ids. Building these from full-vocab
-    teacher logits would cost T*V floats per record for no benefit to a memory benchmark."""
-    T = resp_len
-    start = rng.integers(0, vocab, size=(T, 1))
-    stride = rng.integers(1, max(2, vocab // k), size=(T, 1))
-    ids = ((start + stride * np.arange(k)) % vocab).astype(np.int32)  # distinct: stride*(k-1) < vocab
-    raw = -np.sort(-rng.normal(scale=2.0, size=(T, k)), axis=-1)
-    lse = np.log(np.exp(raw).sum(-1, keepdims=True))
-    lp = (raw - lse - 0.1).astype(np.float32)  # leaves ~10% mass for the tail
-    ref = np.minimum(lp + rng.normal(scale=0.3, size=(T, k)), -1e-3).astype(np.float32)
-    resp = ids[:, 0].copy()  # the rollout follows the teacher's top-1 token
-    return {
-        "example_id": eid, "role": role, "group": group,
-        "prompt_ids": rng.integers(0, vocab, size=prompt_len).astype(np.int32),
-        "response_ids": resp, "teacher_prompt_ids": None, "is_terminal": True, "reward": None,
-        "topk_ids": ids, "topk_logprobs": lp, "token_logprob": lp[:, 0].copy(),
-        "ref_topk_logprobs": ref, "ref_token_logprob": ref[:, 0].copy(),
-    }
+# ----------------------------------------------------------------------------- rows
+@dataclasses.dataclass(frozen=True)
+class Row:
+    shape: str
+    mode: str  # full | lora | calib
+    seq: int
+    objective: str
+    setting: str  # ours | ours-8bit | baseline | before
+
+    @property
+    def key(self) -> str:
+        return f"{self.shape}/{self.mode}/{self.seq}/{self.objective}/{self.setting}"
+
+    def cfg(self) -> TrainConfig:
+        c = TrainConfig(model=f"qwen2.5-{self.shape}", store="-", objective=self.objective, batch_groups=1,
+                        grad_checkpointing=True, chunk_size=1024, lr=1e-5, tvkd_beta=1.0, progress=False)
+        if self.mode == "lora":
+            c = dataclasses.replace(c, lora_r=16, lora_targets=LORA_ALL)
+        if self.mode == "calib":  # bf16 weights, grads and AdamW states; torch's fused AdamW
+            c = dataclasses.replace(c, weights_dtype="bf16", optim_states="bf16", stochastic_rounding=False)
+        if self.setting == "ours-8bit":
+            c = dataclasses.replace(c, optim="adamw8bit")
+        if self.setting == "before":  # the trainer before issue 11 on CUDA: fp32 weights, foreach AdamW
+            c = dataclasses.replace(c, weights_dtype="fp32")
+        return c
+
+    def shape_kw(self) -> dict:
+        if self.mode == "calib":
+            return dict(seq_len=self.seq, prompt_len=1, k=1)
+        return dict(seq_len=self.seq, prompt_len=self.seq // 8, k=K)
 
 
-def build_store(url: str, n_groups: int, vocab: int, k: int, seq_len: int, prompt_len: int,
-                rollouts: int, seed: int = 0) -> None:
-    """ADPA groups (one `chosen` + `rollouts` student rollouts, each seq_len tokens), written
-    with the default (compact) codec precompute uses, so the reader decodes what it would in
-    a real run. Small shards so the reader's prefetch threads are exercised across steps."""
-    fields = ["topk_ids", "topk_logprobs", "token_logprob", "ref_topk_logprobs", "ref_token_logprob"]
-    meta = StoreMeta(k=k, fields=fields, tokenizer={"vocab_size": vocab}, code_version="bench")
-    rng = np.random.default_rng(seed)
-    resp_len = seq_len - prompt_len
-    with StoreWriter(url, meta, shard_records=4 * (1 + rollouts)) as w:
-        for e in range(n_groups):
-            group = [synth_record(rng, f"ex{e}", "chosen", 0, prompt_len, resp_len, vocab, k)]
-            group += [synth_record(rng, f"ex{e}", "student_rollout", g, prompt_len, resp_len, vocab, k)
-                      for g in range(rollouts)]
-            w.add_group(group)
+def all_rows(shapes, seqs, objectives, settings) -> list[Row]:
+    """Target rows first (a partial run answers the issue's questions), then the rest."""
+    rows = [Row("1.5b", "calib", 2048, "sft", "ours"), Row("1.5b", "full", 2048, "adpa", "before")]
+    for shape, seq, obj in itertools.product(shapes, seqs, objectives):
+        for mode in ("full", "lora"):
+            for setting in settings:
+                if setting == "ours-8bit" and mode == "lora":
+                    continue
+                rows.append(Row(shape, mode, seq, obj, setting))
+
+    def priority(r: Row) -> tuple:
+        target = ((r.shape, r.mode) in {("1.5b", "full"), ("3b", "lora"), ("3b", "full"), ("7b", "lora"),
+                                         ("7b", "full")} and r.seq == 2048 and r.objective == "adpa")
+        return (r.mode != "calib" and r.setting != "before", not target, r.seq, r.setting == "baseline")
+
+    return sorted(dict.fromkeys(rows), key=priority)
 
 
-# ----------------------------------------------------------------------------- the student
-class _Tok:
-    pad_token_id = 0
+# ----------------------------------------------------------------------------- the baseline
+def full_logits_forward(model, batch, _chunk_size: int) -> StudentOut:
+    """Plain transformers: [S, L, V] logits (bf16 under autocast), upcast to float32,
+    log_softmax (saved for backward), gather at the response rows and the top-K ids."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    rows = logp.reshape(-1, logp.shape[-1]).index_select(0, batch.rows)
+    gathered = scatter_rows(rows.gather(1, batch.index), batch.mask, batch.mask_pos)
+    return StudentOut(token_logprobs=gathered[..., 0],
+                      topk_logprobs=gathered[..., 1:] if gathered.shape[-1] > 1 else None)
 
 
 @contextlib.contextmanager
-def from_config_student(shape: dict, weights: str, device: torch.device):
-    """Make `load_student` build a random-init model of `shape` on `device` instead of reading
-    a checkpoint, so the rest of load_student (grad checkpointing, LoRA wrapping) is the
-    trainer's own code. `weights="bf16"` overrides the fp32 the trainer asks for: it is what a
-    bf16-weights trainer flag would do."""
-
-    class _Auto:
-        @staticmethod
-        def from_pretrained(_path, dtype=torch.float32, **_kw):
-            dt = torch.bfloat16 if weights == "bf16" else dtype
-            with torch.device(device):  # init directly on the GPU: seconds, not minutes
-                return AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=dt)
-
-    class _AutoTok:
-        @staticmethod
-        def from_pretrained(*_a, **_kw):
-            return _Tok()
-
-    saved = student_mod.AutoModelForCausalLM, student_mod.AutoTokenizer
-    student_mod.AutoModelForCausalLM, student_mod.AutoTokenizer = _Auto, _AutoTok
+def forward_for(setting: str):
+    """The baseline swaps the student forward inside the trainer's own train_step."""
+    if setting != "baseline":
+        yield
+        return
+    saved = step_mod.student_forward
+    step_mod.student_forward = full_logits_forward
     try:
         yield
     finally:
-        student_mod.AutoModelForCausalLM, student_mod.AutoTokenizer = saved
+        step_mod.student_forward = saved
 
 
-def full_logits_forward(model, batch, _chunk_size: int) -> StudentOut:
-    """Baseline: what a trainer without the chunked gather does. The [S, L, V] logits (bf16
-    under autocast) are upcast to float32, log_softmax'ed (saved for backward) and gathered."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    rows = logp.reshape(-1, logp.shape[-1]).index_select(0, batch.rows)
-    gathered = scatter_rows(rows.gather(1, batch.index), batch.mask)
-    return StudentOut(token_logprobs=gathered[..., 0], topk_logprobs=gathered[..., 1:])
+def make_opt_for(row: Row, cfg: TrainConfig):
+    if row.setting == "before":
+        return lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return None  # the trainer's own choice
 
 
-# ----------------------------------------------------------------------------- one run
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# ----------------------------------------------------------------------------- simulated
+def simulate_row(row: Row) -> dict:
+    cfg = row.cfg()
+    t0 = time.perf_counter()
+    with forward_for(row.setting):
+        r = memory.simulate(cfg, Qwen2Config(**SHAPES[row.shape]), **row.shape_kw(), betas=(1.0,),
+                            make_opt=make_opt_for(row, cfg))
+    peak = r["peak"]
+    need = peak + allowance(peak)
+    return {"key": row.key, **dataclasses.asdict(row), "code": memory._code_version(),
+            "settings": memory.memory_settings(cfg), "peak_gib": peak / GIB, "needed_gib": need / GIB,
+            "fits_24": need <= CARD, "peak_where": r["peak_where"],
+            "breakdown_gib": {k: v / GIB for k, v in r["breakdown"].items()},
+            "largest_gib": r["largest"] / GIB, "largest_where": r["largest_where"],
+            "phase_gib": {k: v / GIB for k, v in r["phases"].items()},
+            "params": r["params"], "trainable": r["trainable"], "sequences": r["sequences"],
+            "seconds": time.perf_counter() - t0}
 
 
-def run_one(spec: dict) -> dict:
-    """One (variant, mode): build, `warmup` + `steps` trainer steps, timed phase by phase."""
-    v, mode = spec["variant"], spec["mode"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = {"variant": v["name"], "mode": mode, **{k: v[k] for k in
-           ("shape", "lora_r", "weights", "optim", "grad_ckpt", "target_gib", "needs")},
-           "chunk_size": spec["chunk_size"]}
-    if v["optim"] == "adamw8bit":
+def load_rows(path: Path) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            rows[r["key"]] = r  # a later line for the same row wins
+    return rows
+
+
+def run_simulated(rows: list[Row], path: Path) -> None:
+    done = load_rows(path)  # rows from older code stay until --fresh: say so in the report (code_versions)
+    todo = [r for r in rows if r.key not in done]
+    print(f"{len(rows) - len(todo)} rows cached, {len(todo)} to simulate", file=sys.stderr, flush=True)
+    torch.set_num_threads(1)
+    for i, row in enumerate(todo, 1):
+        if row.key in load_rows(path):  # another worker (--reverse) got there first
+            continue
         try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            return {**out, "status": "skipped: bitsandbytes not installed"}
-        if device.type != "cuda":
-            return {**out, "status": "skipped: bitsandbytes 8-bit AdamW needs CUDA"}
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        if spec["cap_gib"] * GIB < total:
-            torch.cuda.set_per_process_memory_fraction(spec["cap_gib"] * GIB / total)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-    cfg = TrainConfig(model=spec.get("model_dir") or "<from_config>", store=spec["store"],
-                      objective="adpa", max_steps=spec["warmup"] + spec["steps"],
-                      batch_groups=spec["batch_groups"], chunk_size=spec["chunk_size"],
-                      grad_checkpointing=v["grad_ckpt"], optim=v["optim"], lr=1e-5,
-                      lora_r=v["lora_r"], lora_targets=LORA_TARGETS, progress=False)
-    use_bf16 = device.type == "cuda"  # the trainer's rule (cfg.bf16 None)
-    forward = student_forward if mode == "ours" else full_logits_forward
-    spec_obj = OBJECTIVE_SPECS["adpa"]
-    res: dict = {"status": "ok"}
-    phase = "build"
-    try:
-        _set_seed(cfg.seed)
-        loader = (contextlib.nullcontext() if spec.get("model_dir")
-                  else from_config_student(SHAPES[v["shape"]], v["weights"], device))
-        with loader:
-            model, tok = load_student(cfg, device)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        out["params_total"] = sum(p.numel() for p in model.parameters())
-        out["params_trainable"] = sum(p.numel() for p in params)
-        out["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
-        out["trainable_dtypes"] = sorted({str(p.dtype) for p in params})
-        optimizer = _make_optimizer(cfg, params)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, cfg.max_steps))
-        store = open_store(cfg.store)
-        reader = StreamReader(store, fields=list(spec_obj.fields), shuffle=True, seed=cfg.seed)
-        groups = _group_stream(reader)
-        if device.type == "cuda":
-            out["mem_after_build_gib"] = torch.cuda.memory_allocated() / GIB
-        rows, losses = [], []
-        for step in range(cfg.max_steps):
-            t = {}
-            t0 = time.perf_counter()
-            phase = "data"
-            raw = [next(groups) for _ in range(cfg.batch_groups)]  # wait on fetch + decode
-            t1 = time.perf_counter()
-            records, block_ids = select_records(cfg.objective, raw)
-            batch = collate(records, pad_id=tok.pad_token_id or 0)
-            batch.block_ids, batch.betas = block_ids, tuple(store.meta.betas)
-            batch = batch.to(device)
-            _sync(device)
-            t2 = time.perf_counter()
-            t["stream"], t["collate"] = t1 - t0, t2 - t1
-            optimizer.zero_grad(set_to_none=True)
-            phase = "forward"
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                student = forward(model, batch, cfg.chunk_size)
-            _sync(device)
-            t3 = time.perf_counter()
-            phase = "loss"
-            loss, _metrics = spec_obj.loss(student, batch, cfg, step)
-            _sync(device)
-            t4 = time.perf_counter()
-            phase = "backward"
-            loss.backward()
-            losses.append(float(loss.detach()))  # the trainer reads metrics with float() too (a sync)
-            t5 = time.perf_counter()
-            phase = "optimizer"
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            _sync(device)
-            t6 = time.perf_counter()
-            t.update(forward=t3 - t2, loss=t4 - t3, backward=t5 - t4, optimizer=t6 - t5, step=t6 - t0)
-            t["tokens"] = batch.num_tokens  # response tokens: the trainer's tokens/s
-            t["input_tokens"] = int(batch.attention_mask.sum())
-            rows.append(t)
-            del student, loss, batch
-        meas = rows[spec["warmup"]:]
-        step_s = sum(r["step"] for r in meas)
-        data_s = sum(r["stream"] + r["collate"] for r in meas)
-        res.update(
-            steps_measured=len(meas),
-            tokens_per_s=sum(r["tokens"] for r in meas) / step_s,
-            input_tokens_per_s=sum(r["input_tokens"] for r in meas) / step_s,
-            step_s=step_s / len(meas),
-            phase_s={p: sum(r[p] for r in meas) / len(meas)
-                     for p in ("stream", "collate", "forward", "loss", "backward", "optimizer")},
-            data_share=data_s / step_s,
-            tokens_per_step=meas[0]["tokens"], input_tokens_per_step=meas[0]["input_tokens"],
-            losses=losses,
-        )
-    except torch.OutOfMemoryError as e:
-        res = {"status": f"OOM in {phase}", "error": str(e).splitlines()[0][:300]}
-    if device.type == "cuda":
-        res["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
-        res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-        if res["status"] == "ok":
-            res["meets_target"] = res["peak_reserved_gib"] <= v["target_gib"]
-    gc.collect()
-    return {**out, **res}
-
-
-def run_isolated(spec: dict) -> dict:
-    """run_one in a fresh interpreter: a clean allocator per row, and an OOM (or a crash in
-    bitsandbytes) cannot poison the rows after it."""
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", f.name]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-            return {"variant": spec["variant"]["name"], "mode": spec["mode"],
-                    "status": f"crashed (rc {p.returncode})", "error": " | ".join(tail)[:500]}
-        return json.loads(Path(f.name).read_text())
-
-
-# ----------------------------------------------------------------------------- smoke parity
-def trainer_parity(store_url: str, root: Path, chunk_size: int) -> dict:
-    """CPU check that the benchmark's step IS the trainer's step: run kdcache's `train()` and
-    the benchmark loop (real load_student on a saved tiny model) for 3 steps from the same
-    seed and store, and compare the per-step losses."""
-    from kdcache.train.tiny import build_tokenizer, save_tiny
-    from kdcache.train.trainer import train
-
-    tok = build_tokenizer([f"w{i}" for i in range(SHAPES["tiny"]["vocab_size"] - 6)])
-    model_dir = save_tiny(root / "tiny-student", tok, arch="qwen2", hidden=64, layers=2, heads=4,
-                          kv_heads=2, intermediate=128, max_positions=512, tie_embeddings=True)
-    steps = 3
-    tr = train(TrainConfig(model=str(model_dir), store=store_url, out=str(root / "run"),
-                           objective="adpa", max_steps=steps, batch_groups=1, lr=1e-5,
-                           chunk_size=chunk_size, lora_targets=LORA_TARGETS, log_every=1,
-                           progress=False))
-    trainer_losses = [json.loads(line)["loss"] for line in (root / "run" / "metrics.jsonl").open()]
-    v = dict(name="tiny-full/parity", shape="tiny", lora_r=0, weights="fp32", optim="adamw",
-             grad_ckpt=False, target_gib=math.inf, needs="")
-    ours = run_one(dict(variant=v, mode="ours", store=store_url, model_dir=str(model_dir),
-                        warmup=0, steps=steps, batch_groups=1, chunk_size=chunk_size, cap_gib=CAP_GIB))
-    return {"trainer_losses": trainer_losses, "bench_losses": ours["losses"],
-            "identical": trainer_losses == ours["losses"], "trainer_steps": tr.steps}
+            res = simulate_row(row)
+        except Exception as e:  # a row that cannot run is a result, not the end of the table
+            res = {"key": row.key, **dataclasses.asdict(row), "code": memory._code_version(),
+                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        with path.open("a") as f:
+            f.write(json.dumps(res) + "\n")
+        print(f"[{i}/{len(todo)}] {row.key:<36} peak {res.get('peak_gib', float('nan')):6.2f} GiB "
+              f"needed {res.get('needed_gib', float('nan')):6.2f} ({res.get('seconds', 0):.0f}s) "
+              f"{res.get('error', '')}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- report
-def machine() -> dict:
-    cuda = torch.cuda.is_available()
-    return {
-        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
-        "device_total_gib": torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def _fmt(x, spec=".2f"):
+def _g(x, spec=".2f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def markdown(report: dict) -> str:
-    m, a = report["machine"], report["args"]
-    lines = [f"# Trainer memory / speed ({'CPU SMOKE — not GPU figures' if a['smoke'] else 'GPU'})", "",
-             f"Machine: **{m['device']}**, torch {m['torch']} (CUDA {m['cuda']}), {m['date']}.  ",
-             f"Cap: {a['cap_gib']} GiB per process (simulated consumer card)"
-             + ("; not applied on CPU" if a["smoke"] else "")
-             + f". Objective ADPA, K={a['k']}, seq {a['seq_len']} (prompt {a['prompt_len']}), "
-             f"{a['batch_groups']} group(s) x (1 chosen + {a['rollouts']} rollout) per step, "
-             f"chunk_size {a['chunk_size']}, {a['warmup']} warm-up + {a['steps']} measured steps.", ""]
-    if a["smoke"]:
-        lines += ["**This is the `--smoke` run: tiny shapes on CPU. It checks the script end to end; "
-                  "its speeds and (absent) memory figures say nothing about a 24 GB GPU.**", ""]
-    lines += ["| variant | mode | status | tok/s | step s | data share | peak alloc GiB | "
-              "peak reserved GiB | target GiB | meets | needs |", "|" + "---|" * 11]
-    for r in report["results"]:
-        lines.append(
-            f"| {r['variant']} | {r['mode']} | {r['status']} | {_fmt(r.get('tokens_per_s'), '.0f')} | "
-            f"{_fmt(r.get('step_s'), '.3f')} | {_fmt(r.get('data_share') and 100 * r['data_share'], '.2f')}% | "
-            f"{_fmt(r.get('peak_allocated_gib'))} | {_fmt(r.get('peak_reserved_gib'))} | "
-            f"{r.get('target_gib', '')} | {r.get('meets_target', '—')} | {r.get('needs') or '—'} |")
-    lines += ["", "Ours / baseline (full logits) for the same variant:", "",
-              "| variant | tok/s ratio | peak alloc ratio | baseline |", "|---|---|---|---|"]
-    for c in report["ratios"]:
-        lines.append(f"| {c['variant']} | {_fmt(c.get('tokens_per_s_ratio'))} | "
-                     f"{_fmt(c.get('peak_alloc_ratio'))} | {c['baseline_status']} |")
-    if report.get("parity"):
-        p = report["parity"]
-        lines += ["", f"Trainer parity (CPU): `train()` losses {p['trainer_losses']} vs benchmark step "
-                      f"losses {p['bench_losses']}: identical = **{p['identical']}**."]
+def report(path: Path) -> dict:
+    rows = load_rows(path)
+    by = {k: r for k, r in rows.items() if "error" not in r}
+
+    def get(shape, mode, seq, obj, setting):
+        return by.get(Row(shape, mode, seq, obj, setting).key)
+
+    def largest(mode, setting, seq=2048):
+        """The largest size whose simulated rows (every objective simulated so far) all fit."""
+        fit, tried = None, {}
+        for size in ("0.5b", "1.5b", "3b", "7b"):
+            rs = [r for o in OBJECTIVES if (r := get(size, mode, seq, o, setting))]
+            if rs:
+                tried[size] = [r["objective"] for r in rs]
+                if all(r["fits_24"] for r in rs):
+                    fit = size
+        return {"largest": fit, "tried": tried}
+
+    calib = get("1.5b", "calib", 2048, "sft", "ours")
+    t1 = get("1.5b", "full", 2048, "adpa", "ours")
+    t2 = [get("3b", "lora", 2048, o, "ours") for o in OBJECTIVES]
+    summary = {
+        "calibration": calib and {"simulated_gib": calib["peak_gib"], "h100_gib": CALIBRATION_H100_GIB,
+                                  "error": calib["peak_gib"] / CALIBRATION_H100_GIB - 1},
+        "target_1.5b_full_2048_le_22": t1 and {"peak_gib": t1["peak_gib"], "met": t1["peak_gib"] <= 22},
+        "target_3b_lora_le_16": [r and {"objective": r["objective"], "peak_gib": r["peak_gib"],
+                                        "met": r["peak_gib"] <= 16} for r in t2],
+        "largest_fits_24": {"full (fp32 moments)": largest("full", "ours"),
+                            "full (8-bit moments)": largest("full", "ours-8bit"),
+                            "lora": largest("lora", "ours")},
+        "largest_fits_24_seq4096": {"full (8-bit moments)": largest("full", "ours-8bit", 4096),
+                                    "lora": largest("lora", "ours", 4096)},
+    }
+    out = {"machine": machine(), "card_gib": CARD / GIB, "code_versions": sorted({r.get("code") for r in rows.values()}),
+           "allowance": {
+        "cuda_context_gib": memory.CUDA_CONTEXT / GIB, "fragmentation": memory.FRAGMENTATION},
+        "summary": summary, "rows": sorted(rows.values(), key=lambda r: r["key"])}
+    (RESULTS / "train_sim.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / "train_sim.md").write_text(markdown(out, by))
+    return out
+
+
+def markdown(out: dict, by: dict) -> str:
+    m, s = out["machine"], out["summary"]
+    lines = ["# Trainer memory, simulated on CPU (fake tensors, the real train_step)", "",
+             f"Simulated on **{m['device']}**, torch {m['torch']}, {m['date']}; nothing here ran on a GPU. "
+             f"Peak = allocated bytes of a steady-state step (`max_memory_allocated` on CUDA). Fits 24 GiB = "
+             f"peak x {1 + out['allowance']['fragmentation']:.2f} + {out['allowance']['cuda_context_gib']:.2f} "
+             "GiB (CUDA context, fragmentation) <= 24 GiB. One group per micro-batch (2 sequences), prompt "
+             "seq/8, K=50, grad checkpointing on, chunk 1024. `benchmarks/bench_train.py` lists the settings.", ""]
+    c = s["calibration"]
+    if c:
+        lines += [f"**Calibration** (1.5B, 1 x 2048 tokens, bf16 weights/grads/AdamW states, fused AdamW, chunked "
+                  f"loss): simulated {c['simulated_gib']:.2f} GiB vs {c['h100_gib']:.2f} GiB measured on an H100 "
+                  f"({c['error']:+.1%}).", ""]
+    t1 = s["target_1.5b_full_2048_le_22"]
+    if t1:
+        lines.append(f"**Target 1.5B full fine-tune, seq 2048 <= 22 GiB**: {t1['peak_gib']:.2f} GiB (adpa): "
+                     + ("met" if t1["met"] else "NOT met") + ".")
+    t2 = [r for r in s["target_3b_lora_le_16"] if r]
+    if t2:
+        lines.append("**Target 3B LoRA <= 16 GiB**: " + ", ".join(
+            f"{r['objective']} {r['peak_gib']:.2f}" for r in t2) + " GiB: "
+            + ("met" if all(r["met"] for r in t2) else "NOT met") + ".")
+    for title, key in (("seq 2048", "largest_fits_24"), ("seq 4096", "largest_fits_24_seq4096")):
+        lines.append(f"**Largest that fits 24 GiB ({title})**: " + "; ".join(
+            f"{k}: {v['largest'] or 'none'} (simulated: " + (", ".join(
+                f"{size} [{'/'.join(objs)}]" for size, objs in v["tried"].items()) or "none") + ")"
+            for k, v in s[key].items()) + ".")
+    before = by.get(Row("1.5b", "full", 2048, "adpa", "before").key)
+    if before:
+        lines.append(f"The trainer before this change (fp32 weights, foreach AdamW, 1.5B adpa seq 2048): "
+                     f"{before['peak_gib']:.2f} GiB.")
+    lines += ["", "| model | mode | seq | objective | ours GiB | fits | 8-bit GiB | fits | baseline GiB | fits | "
+              "ours peak at | weights / grads / optim / act. GiB |", "|" + "---|" * 12]
+    keys = sorted({(r["shape"], r["mode"], r["seq"], r["objective"]) for r in by.values() if r["mode"] != "calib"},
+                  key=lambda t: (["0.5b", "1.5b", "3b", "7b", "tiny"].index(t[0]), t[1], t[2], t[3]))
+    for shape, mode, seq, obj in keys:
+        def cell(setting, shape=shape, mode=mode, seq=seq, obj=obj):
+            r = by.get(Row(shape, mode, seq, obj, setting).key)
+            return (_g(r and r["peak_gib"]), "—" if not r else ("yes" if r["fits_24"] else "no"))
+        ours = by.get(Row(shape, mode, seq, obj, "ours").key)
+        bd = ours and ours["breakdown_gib"]
+        lines.append(f"| {shape} | {mode} | {seq} | {obj} | {' | '.join(cell('ours'))} | "
+                     f"{' | '.join(cell('ours-8bit')) if mode == 'full' else '— | —'} | {' | '.join(cell('baseline'))} | "
+                     f"{ours['peak_where'] if ours else '—'} | "
+                     + (f"{bd['weights']:.2f} / {bd['grads']:.2f} / {bd['optimizer']:.2f} / {bd['activations']:.2f}"
+                        if bd else "—") + " |")
+    errs = [r for r in out["rows"] if "error" in r]
+    if errs:
+        lines += ["", "Rows that failed to simulate:", ""] + [f"- {r['key']}: {r['error']}" for r in errs]
     return "\n".join(lines) + "\n"
 
 
-def ratios(results: list[dict]) -> list[dict]:
-    by = {(r["variant"], r["mode"]): r for r in results}
-    out = []
-    for (name, mode), ours in by.items():
-        base = by.get((name, "baseline"))
-        if mode != "ours" or base is None:
-            continue
-        row = {"variant": name, "baseline_status": base["status"]}
-        if ours["status"] == "ok" and base["status"] == "ok":
-            row["tokens_per_s_ratio"] = ours["tokens_per_s"] / base["tokens_per_s"]
-        if ours.get("peak_allocated_gib") and base.get("peak_allocated_gib") and base["status"] == "ok":
-            row["peak_alloc_ratio"] = ours["peak_allocated_gib"] / base["peak_allocated_gib"]
-        out.append(row)
+def machine() -> dict:
+    cuda = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.machine()})",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+# ----------------------------------------------------------------------------- real GPU
+def write_store(url: str, row: Row, n_groups: int) -> None:
+    """n_groups copies of the estimate's synthetic group, written with StoreWriter."""
+    from kdcache.store import StoreMeta, StoreWriter
+
+    cfg, kw = row.cfg(), row.shape_kw()
+    vocab = SHAPES[row.shape]["vocab_size"]
+    group = memory.synthetic_groups(cfg, kw["seq_len"], kw["prompt_len"], kw["k"], vocab, (1.0,))
+    fields = sorted({f for r in group for f in r if f in ("topk_ids", "topk_logprobs", "token_logprob",
+                     "ref_topk_logprobs", "ref_token_logprob", "soft_value", "behavior_logprob")})
+    meta = StoreMeta(k=kw["k"], betas=[1.0], fields=fields, tokenizer={"vocab_size": vocab}, code_version="bench")
+    with StoreWriter(url, meta, shard_records=4 * len(group)) as w:
+        for e in range(n_groups):
+            w.add_group([{**r, "example_id": f"e{e}"} for r in group])
+
+
+def measure_row(spec: dict) -> dict:
+    """One row for real: the trainer's reader, next_batches and train_step on `device`; the
+    peak of the steady-state steps (after `warmup` steps have created the optimizer state)."""
+    from kdcache.store import StreamReader, open_store
+    from kdcache.train.checkpoint import set_seed
+    from kdcache.train.data import group_stream, next_batches
+    from kdcache.train.objectives import OBJECTIVE_SPECS
+    from kdcache.train.optim import make_optimizer, make_scheduler
+    from kdcache.train.student import load_student, prepare_student, weights_dtype
+
+    row = Row(**spec["row"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = dataclasses.replace(row.cfg(), store=spec["store"], max_steps=spec["warmup"] + spec["steps"])
+    if spec.get("model_dir"):
+        cfg = dataclasses.replace(cfg, model=spec["model_dir"])
+    out = {"key": row.key, "device": machine()["device"]}
+    cuda = device.type == "cuda"
+    if cuda and spec.get("cap_gib"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * GIB / total))
+    phase = "build"
+    losses = []
+    try:
+        set_seed(cfg.seed)
+        if spec.get("model_dir"):
+            model, _ = load_student(cfg, device)
+        else:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES[row.shape]),
+                                                         dtype=weights_dtype(cfg, device))
+            model = prepare_student(model, cfg)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_opt_for(row, cfg) or (lambda ps: make_optimizer(cfg, ps))
+        optimizer = optimizer(params)
+        scheduler = make_scheduler(cfg, optimizer, cfg.max_steps)
+        precision = step_mod.Precision.for_run(cfg, device)
+        store = open_store(cfg.store)
+        reader = StreamReader(store, fields=list(OBJECTIVE_SPECS[cfg.objective].fields), shuffle=True, seed=cfg.seed)
+        groups = group_stream(reader)
+        times, tokens = [], 0
+        with forward_for(row.setting):
+            for step in range(cfg.max_steps):
+                if step == spec["warmup"] and cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                phase = "data"
+                batches, n_tok = next_batches(groups, cfg, 0, (1.0,), device)
+                phase = "step"
+                metrics = step_mod.train_step(model, optimizer, scheduler, params, batches, cfg, step, precision)
+                losses.append(float(metrics["loss"]))  # a sync, as the trainer's log row
+                if step >= spec["warmup"]:
+                    times.append(time.perf_counter() - t0)
+                    tokens += n_tok
+        out.update(status="ok", losses=losses, step_s=sum(times) / max(1, len(times)),
+                   tokens_per_s=tokens / max(sum(times), 1e-9))
+    except torch.OutOfMemoryError as e:
+        out.update(status=f"OOM in {phase}", error=str(e).splitlines()[0][:300])
+    if cuda:
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
     return out
+
+
+def run_isolated(spec: dict) -> dict:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
+        p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--child-out", f.name],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+            return {"key": Row(**spec["row"]).key, "status": f"crashed (rc {p.returncode})",
+                    "error": " | ".join(tail)[:500]}
+        return json.loads(Path(f.name).read_text())
+
+
+def run_gpu(rows: list[Row], args, sim_path: Path) -> None:
+    """Measured peaks next to the estimate (simulated here if the table lacks the row)."""
+    sim = load_rows(sim_path)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-train-") as tmp:
+        for row in rows:
+            url = str(Path(tmp) / f"store-{row.shape}-{row.mode}-{row.seq}-{row.objective}")
+            if not Path(url).exists():
+                write_store(url, row, args.warmup + args.steps)
+            est = sim.get(row.key) or simulate_row(row)
+            got = run_isolated({"row": dataclasses.asdict(row), "store": url, "warmup": args.warmup,
+                                "steps": args.steps, "cap_gib": args.cap_gib})
+            if got.get("peak_allocated_gib") and "peak_gib" in est:
+                got["estimate_gib"] = est["peak_gib"]
+                got["estimate_error"] = est["peak_gib"] / got["peak_allocated_gib"] - 1
+            results.append(got)
+            print(f"{row.key:<36} {got['status']:<14} measured {_g(got.get('peak_allocated_gib'))} GiB "
+                  f"(reserved {_g(got.get('peak_reserved_gib'))}), estimate {_g(est.get('peak_gib'))} GiB, "
+                  f"error {_g(got.get('estimate_error') and 100 * got['estimate_error'], '+.1f')}%", flush=True)
+    out = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
+           "results": results}
+    (RESULTS / "train_gpu.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = ["# Trainer memory measured on a GPU, beside the CPU estimate", "",
+             f"Machine: **{out['machine']['device']}**, torch {out['machine']['torch']} (CUDA "
+             f"{out['machine']['cuda']}), {out['machine']['date']}. {args.warmup} warm-up + {args.steps} measured "
+             "steps; peak = max_memory_allocated over the measured steps.", "",
+             "| row | status | measured alloc GiB | reserved GiB | estimate GiB | error | tok/s |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['key']} | {r['status']} | {_g(r.get('peak_allocated_gib'))} | {_g(r.get('peak_reserved_gib'))} | "
+                     f"{_g(r.get('estimate_gib'))} | {_g(r.get('estimate_error') and 100 * r['estimate_error'], '+.1f')}% | "
+                     f"{_g(r.get('tokens_per_s'), '.0f')} |")
+    (RESULTS / "train_gpu.md").write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- smoke
+def smoke() -> None:
+    """CPU, tiny shapes: simulate a few rows, run one for real, and check that the benchmark's
+    real step is the trainer's (same losses as `train()` from the same seed and store)."""
+    from kdcache.train.tiny import build_tokenizer, save_tiny
+    from kdcache.train.trainer import train
+
+    torch.set_num_threads(1)
+    out = {"machine": machine(), "simulated": [], "parity": None}
+    for mode, obj, setting in [("full", "adpa", "ours"), ("lora", "dckd", "ours"), ("full", "tvkd", "baseline"),
+                               ("full", "adpa", "ours-8bit")]:
+        out["simulated"].append(simulate_row(Row("tiny", mode, 128, obj, setting)))
+    with tempfile.TemporaryDirectory() as tmp:
+        row = Row("tiny", "full", 128, "adpa", "ours")
+        url = str(Path(tmp) / "store")
+        write_store(url, row, 4)
+        tok = build_tokenizer([f"w{i}" for i in range(SHAPES["tiny"]["vocab_size"] - 6)])
+        model_dir = save_tiny(Path(tmp) / "student", tok, arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2,
+                              intermediate=128, max_positions=512, tie_embeddings=True)
+        base = dict(row.cfg().to_dict(), model=str(model_dir), store=url, out=str(Path(tmp) / "run"),
+                    max_steps=3, log_every=1, progress=False)
+        train(TrainConfig(**base))
+        trainer_losses = [json.loads(line)["loss"] for line in (Path(tmp) / "run" / "metrics.jsonl").open()]
+        got = measure_row({"row": dataclasses.asdict(row), "store": url, "warmup": 0, "steps": 3,
+                           "model_dir": str(model_dir)})
+        out["parity"] = {"trainer_losses": trainer_losses, "bench_losses": got.get("losses"),
+                         "identical": trainer_losses == got.get("losses")}
+    (RESULTS / "train_smoke.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = ["# bench_train --smoke (CPU, tiny shapes: checks the script end to end; no GPU figures)", "",
+             "| row | simulated peak MiB | needed GiB (with allowance) |", "|---|---|---|"]
+    lines += [f"| {r['key']} | {r['peak_gib'] * 1024:.2f} | {r['needed_gib']:.2f} |" for r in out["simulated"]]
+    p = out["parity"]
+    lines += ["", f"Trainer parity: `train()` losses {p['trainer_losses']} vs the benchmark's real step "
+                  f"{p['bench_losses']}: identical = **{p['identical']}**."]
+    (RESULTS / "train_smoke.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if not p["identical"]:
+        raise SystemExit("the benchmark's step differs from the trainer's")
+
+
+# ----------------------------------------------------------------------------- update rule
+def update_rule(out: Path) -> None:
+    """The bf16 update rule on the demo (CPU): students trained from the demo's SFT init on
+    its stores with fp32 weights, bf16 + stochastic rounding (the CUDA default) and bf16 +
+    round-to-nearest, at the demo's lr and 10x lower; rule-judged preference rate and top-K KL."""
+    from kdcache.cli import Demo, run_demo
+
+    base = run_demo(out, quick=False, methods=["sft", "dckd"], seed=0)  # teacher, stores, fp32 rows
+    torch.set_num_threads(1)
+    d = Demo(out, False, 0)
+    teacher, ref = str(out / "runs/teacher-dpo/model"), str(out / "runs/teacher-sft/model")
+    pref = d.precompute(data=str(d.data["pref"]), teacher=teacher, reference=ref)
+    evals = d.precompute(data=str(d.data["eval"]), teacher=teacher, reference=ref)
+    rows = []
+    for lr in (1e-3, 1e-4):
+        for name, kw in (("fp32", dict(weights_dtype="fp32")),
+                         ("bf16-sr", dict(weights_dtype="bf16", stochastic_rounding=True)),
+                         ("bf16-rtn", dict(weights_dtype="bf16", stochastic_rounding=False))):
+            for m, extra in (("sft", {}), ("dckd", {"dckd_alpha": 0.2})):
+                run = f"rule-{m}-{name}-lr{lr:g}"
+                model = d.train(run, str(out / "runs/student-sft-init/model"), pref, m, d.steps["student"],
+                                lr=lr, **kw, **extra)
+                rows.append({"method": m, "weights": name, "lr": lr, **d.evaluate(model, evals),
+                             "train_s": d.timings[run]})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    res = {"machine": machine(), "base": base["rows"], "rows": rows}
+    (RESULTS / "train_update_rule.json").write_text(json.dumps(res, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, no cap (< 60 s)")
-    ap.add_argument("--only", default="", help="run variants whose name contains this")
-    ap.add_argument("--modes", default="ours,baseline", help="ours, baseline or both")
-    ap.add_argument("--cap-gib", type=float, default=CAP_GIB, help="simulated card size")
-    ap.add_argument("--seq-len", type=int, default=2048, help="prompt + response tokens per record")
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--k", type=int, default=50)
-    ap.add_argument("--batch-groups", type=int, default=1, help="groups per step (TrainConfig.batch_groups)")
-    ap.add_argument("--rollouts", type=int, default=1, help="student rollouts per group")
-    ap.add_argument("--chunk-size", type=int, default=1024, help="TrainConfig.chunk_size")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps (>= 2: AdamW states exist)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps")
-    ap.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
-                    help="one subprocess per row (auto: on CUDA)")
-    ap.add_argument("--out", default="", help="output stem (default results/train or train_smoke)")
+    ap.add_argument("--only", default="0.5b,1.5b,3b,7b", help="model sizes, comma-separated")
+    ap.add_argument("--seqs", default="2048,4096")
+    ap.add_argument("--objectives", default=",".join(OBJECTIVES))
+    ap.add_argument("--settings", default="ours,ours-8bit,baseline")
+    ap.add_argument("--report", action="store_true", help="only rewrite results/train_sim.{md,json}")
+    ap.add_argument("--gpu", action="store_true", help="measure the rows on this CUDA GPU beside the estimate")
+    ap.add_argument("--cap-gib", type=float, default=0.0, help="--gpu: cap this process's CUDA memory (0: none)")
+    ap.add_argument("--warmup", type=int, default=1, help="--gpu: steps before the peak is measured")
+    ap.add_argument("--steps", type=int, default=2, help="--gpu: measured steps")
+    ap.add_argument("--rows-file", default=str(RESULTS / "train_sim.jsonl"))
+    ap.add_argument("--fresh", action="store_true", help="drop the rows simulated so far")
+    ap.add_argument("--reverse", action="store_true",
+                    help="simulate the rows last-first (a second worker on the same row file)")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--update-rule", default="", metavar="DIR",
+                    help="the bf16 update-rule comparison on the demo, working in DIR (~45 min on CPU)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
     if args.child:
-        Path(args.child_out).write_text(json.dumps(run_one(json.loads(args.child))))
+        Path(args.child_out).write_text(json.dumps(measure_row(json.loads(args.child))))
         return
-
-    variants = VARIANTS
     if args.smoke:
-        # same matrix on the toy shape; seq 128 keeps every row well under a second on CPU
-        variants = [{**v, "name": v["name"].replace("1.5b", "tiny").replace("3b", "tiny"), "shape": "tiny"}
-                    for v in VARIANTS]
-        if args.seq_len == 2048:
-            args.seq_len, args.prompt_len = 128, 32
-        args.steps = min(args.steps, 3)
-        # toy matmuls gain nothing from intra-op threads, and on a shared CPU the thread
-        # pool's spinning made each tiny step ~50x slower
-        torch.set_num_threads(1)
-    variants = [v for v in variants if args.only in v["name"]]
-    modes = [m for m in args.modes.split(",") if m]
-    isolate = args.isolate == "yes" or (args.isolate == "auto" and torch.cuda.is_available())
-    vocab = SHAPES[variants[0]["shape"]]["vocab_size"] if variants else 0
-    if any(SHAPES[v["shape"]]["vocab_size"] != vocab for v in variants):
-        raise SystemExit("all selected variants must share a vocabulary (one store serves them)")
-
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="kdcache-bench-train-") as tmp:
-        store_url = str(Path(tmp) / "store")
-        n_groups = (args.warmup + args.steps) * args.batch_groups
-        t0 = time.perf_counter()
-        build_store(store_url, n_groups, vocab, args.k, args.seq_len, args.prompt_len, args.rollouts)
-        print(f"store: {n_groups} groups written in {time.perf_counter() - t0:.1f}s", flush=True)
-        results = []
-        for v in variants:
-            for mode in modes:
-                spec = dict(variant=v, mode=mode, store=store_url, warmup=args.warmup, steps=args.steps,
-                            batch_groups=args.batch_groups, chunk_size=args.chunk_size, cap_gib=args.cap_gib)
-                r = run_isolated(spec) if isolate else run_one(spec)
-                results.append(r)
-                print(f"{r['variant']:<28} {mode:<8} {r['status']:<20} "
-                      f"tok/s={_fmt(r.get('tokens_per_s'), '.0f')} "
-                      f"peak={_fmt(r.get('peak_allocated_gib'))}/{_fmt(r.get('peak_reserved_gib'))} GiB "
-                      f"data={_fmt(r.get('data_share') and 100 * r['data_share'], '.2f')}%", flush=True)
-        parity = trainer_parity(store_url, Path(tmp), args.chunk_size) if args.smoke else None
-
-    report = {
-        "machine": machine(),
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
-        "note": ("CPU SMOKE RUN on tiny shapes: checks the script end to end; NOT the GPU figures, "
-                 "which are not yet measured." if args.smoke else
-                 "GPU run; the 24 GiB card is simulated with set_per_process_memory_fraction."),
-        "results": results,
-        "ratios": ratios(results),
-        "parity": parity,
-        "wall_s": time.perf_counter() - t_start,
-    }
-    stem = Path(args.out) if args.out else RESULTS / ("train_smoke" if args.smoke else "train")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {stem}.json / .md in {report['wall_s']:.1f}s")
+        smoke()
+        return
+    if args.update_rule:
+        update_rule(Path(args.update_rule))
+        return
+    path = Path(args.rows_file)
+    if args.fresh:
+        path.unlink(missing_ok=True)
+    rows = all_rows(args.only.split(","), [int(s) for s in args.seqs.split(",")], args.objectives.split(","),
+                    args.settings.split(","))
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device")
+        run_gpu(rows, args, path)
+        return
+    if not args.report:
+        run_simulated(rows[::-1] if args.reverse else rows, path)
+    out = report(path)
+    print(json.dumps(out["summary"], indent=1))
 
 
 if __name__ == "__main__":

@@ -149,3 +149,32 @@ def test_saves_no_full_logits():
     assert sum(saved) <= n * h + v * h + n * m + n
     out.sum().backward()
     assert hid.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block", [1 << 24, 96])  # CPU path: the whole weight, or many vocab blocks
+def test_bf16_weight_used_in_its_own_dtype(hidden_dtype, block, monkeypatch):
+    """A bf16 lm_head is never copied to float32 (V x H x 4 bytes per call, forward and
+    backward): each chunk's GEMM reads it as bf16 with float32 accumulation. The result keeps
+    the float64 reference's accuracy for the bf16-rounded inputs."""
+    from kdcache.train import chunked
+    from kdcache.train.memory import StorageTracker
+
+    monkeypatch.setattr(chunked, "BLOCK_ELEMS", block)
+    n, v, h, m = 20, 500, 16, 6
+    hid, w, idx = make(n, v, h, m, torch.float32, seed=21, dup=True)
+    hid, w = hid.to(hidden_dtype), w.bfloat16()
+    up = torch.randn(n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+    tracker = StorageTracker()
+    with tracker:
+        out, gh, gw = grads(lambda a, b, c: gather_logprobs(a, b, c, chunk_size=8), hid, w, idx, up.float())
+    if block * 4 < v * h * 4:  # no float32 copy of the weight, nor of its gradient
+        assert tracker.max_alloc < v * h * 4
+    assert out.dtype == torch.float32 and gh.dtype == hidden_dtype and gw.dtype == torch.bfloat16
+    # reference: the same bf16-rounded hidden rows and weight, float64 everywhere after that
+    ref, rh, rw = grads(reference, hid.bfloat16().double(), w.double(), idx, up)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the logit gradient is rounded to bf16 (8 bits) before the GEMMs, and bf16 grad_w /
+    # grad_h round their outputs: errors are a few 2^-9 of the gradients' scale
+    for got, want in ((gh, rh), (gw, rw)):
+        assert (got.double() - want).abs().max() <= 2**-6 * want.abs().max()

@@ -33,6 +33,7 @@ class SeqBatch:
     rows: torch.Tensor = None  # [N] flat positions of response-predicting hidden states
     index: torch.Tensor = None  # [N, M] vocab ids to gather (col 0: the response token)
     mask: torch.Tensor = None  # [S, T] bool, response tokens
+    mask_pos: torch.Tensor = None  # [N] flat positions of the True entries of `mask` (host-computed)
     targets: torch.Tensor = None  # [S, T] response ids (0 where padded)
     stored: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher fields, padded
     is_terminal: torch.Tensor | None = None  # [S] bool
@@ -55,6 +56,7 @@ class SeqBatch:
             rows=move(self.rows),
             index=move(self.index),
             mask=move(self.mask),
+            mask_pos=move(self.mask_pos),
             targets=move(self.targets),
             stored={k: move(v) for k, v in self.stored.items()},
             is_terminal=move(self.is_terminal),
@@ -140,6 +142,7 @@ def collate(
         rows=rows_t,
         index=index,
         mask=mask,
+        mask_pos=mask.flatten().nonzero().squeeze(1),
         targets=targets,
         stored=stored,
         is_terminal=seq_field("is_terminal", torch.bool),
@@ -159,8 +162,13 @@ def _pad(arrays: list[np.ndarray], length: int) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t.long()
 
 
-def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[N, ...] values at the response positions -> [S, T, ...] padded with zeros."""
-    out = values.new_zeros((*mask.shape, *values.shape[1:]))
-    out[mask] = values
-    return out
+def scatter_rows(values: torch.Tensor, mask: torch.Tensor, mask_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, ...] values at the response positions -> [S, T, ...] padded with zeros.
+
+    With `mask_pos` (collate's flat positions of the mask) no op depends on the mask's values,
+    so neither forward nor backward syncs the device, and the fake-tensor memory estimate can
+    run it."""
+    if mask_pos is None:
+        mask_pos = mask.flatten().nonzero().squeeze(1)
+    out = values.new_zeros((mask.numel(), *values.shape[1:])).index_copy(0, mask_pos, values)
+    return out.reshape(*mask.shape, *values.shape[1:])

@@ -29,7 +29,11 @@ STATE_FILE = "training_state.pt"
 LAST, MODEL = "last", "model"
 
 # options that may change between a run and its resumption without changing what it computes
-RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard", "dist_timeout_s"}
+RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard", "dist_timeout_s",
+               "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
+# options left unset (None: auto) that the run resolves at start; a resume that leaves them
+# unset matches whatever the first run resolved them to
+RESOLVED_AT_START = {"grad_checkpointing"}
 
 
 def set_seed(seed: int) -> None:
@@ -75,7 +79,8 @@ def check_same_run(cfg: TrainConfig, out: Path) -> None:
             f"resume with {ws} processes (torchrun --nproc-per-node/--nnodes so that "
             f"WORLD_SIZE={ws}), or start over with --no-resume or a new --out"
         )
-    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k, now[k]) != now[k])
+    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k, now[k]) != now[k]
+                  and not (k in RESOLVED_AT_START and now[k] is None))
     if diff:
         raise ValueError(
             f"{cfg.out} holds a run with different settings ({', '.join(diff)}): "

@@ -8,31 +8,72 @@ bias, index, per-row logsumexp) and recomputes the chunk's logits in backward. T
 fused-linear-cross-entropy idea of Liger-Kernel, in plain PyTorch, generalised from one
 target id per row to M ids per row (the response token plus the teacher's top-K).
 
-Precision: logits are computed and reduced in float32 (float64 if an input is float64),
-whatever the input dtype; the result is float32/float64. Autocast is disabled inside, so
-bf16 autocast regions give float32 logits rather than bf16 ones. A bf16/fp16 weight is
-upcast once per call (a transient V·H float32 copy, far smaller than N·V logits).
+Precision: logits are reduced in float32 (float64 if an input is float64), whatever the
+input dtype; the result is float32/float64. Autocast is disabled inside, so bf16 autocast
+regions give float32 logits rather than bf16 ones. A bf16/fp16 weight is used in its own
+dtype: each chunk's logits come from a bf16 GEMM with float32 accumulation and float32 output
+(`torch.mm(..., out_dtype=float32)` on CUDA; on CPU, which lacks that kernel, the weight is
+upcast one vocabulary block at a time), so no V x H float32 copy of the head is made; the
+chunk's hidden rows are rounded to the weight's dtype first, as autocast would. In backward
+the chunk's float32 logit gradient is rounded to the weight's dtype for the two GEMMs, and a
+bf16 weight's gradient is accumulated in bf16 (its .grad has the weight's dtype anyway).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd.function import once_differentiable
 
 __all__ = ["gather_logprobs"]
+
+
+def has_data(t: Tensor) -> bool:
+    """False for the fake / meta tensors of the memory estimate, whose values cannot be read."""
+    return not (t.is_meta or isinstance(t, FakeTensor))
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+LOW = (torch.bfloat16, torch.float16)
+BLOCK_ELEMS = 1 << 24  # CPU fallback: float32 weight block of at most 64 MB
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for bf16/fp16 `a`, `b` with float32 accumulation and a float32 result."""
+    if a.device.type == "cuda" or not has_data(a):  # the fake-tensor estimate models CUDA
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):  # an older GPU / torch without mm.dtype
+            pass
+    # upcast `b` one block of columns at a time; the sums are over exactly the same products
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    a32 = a.float()
+    step = max(1, BLOCK_ELEMS // max(1, b.shape[0]))
+    for s in range(0, b.shape[1], step):
+        out[:, s:s + step] = a32 @ b[:, s:s + step].float()
+    return out
+
+
 def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """[C, H] @ [V, H].T (+ b) in `dtype`; `w`, `b` are already in `dtype`."""
-    logits = h.to(dtype) @ w.t()
+    """[C, H] @ [V, H].T (+ b) in `dtype`; `b` is already in `dtype`. A low-precision `w` is
+    used as it is (float32 accumulation); otherwise `w` is already in `dtype`."""
+    if w.dtype in LOW and dtype == torch.float32:
+        logits = _mm_f32(h.to(w.dtype), w.t())
+    else:
+        logits = h.to(dtype) @ w.t()
     if b is not None:
         logits += b
     return logits
+
+
+def _weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight as the chunk GEMMs use it: bf16/fp16 stays (no V x H copy) unless the
+    compute dtype is float64; float32 is cast to the compute dtype (a no-op in float32)."""
+    return weight if weight.dtype in LOW and dtype == torch.float32 else weight.to(dtype)
 
 
 class _ChunkedGather(torch.autograd.Function):
@@ -43,7 +84,7 @@ class _ChunkedGather(torch.autograd.Function):
         out = torch.empty(index.shape, dtype=dtype, device=hidden.device)
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)  # no copy when weight already has the compute dtype
+            w = _weight(weight, dtype)
             b = None if bias is None else bias.to(dtype)
             for s in range(0, n, chunk_size):
                 e = min(s + chunk_size, n)
@@ -64,10 +105,11 @@ class _ChunkedGather(torch.autograd.Function):
         dtype = lse.dtype
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        w_dtype = weight.dtype if weight.dtype in LOW and dtype == torch.float32 else dtype
+        grad_w = torch.zeros(weight.shape, dtype=w_dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
+            w = _weight(weight, dtype)
             b = None if bias is None else bias.to(dtype)
             for s in range(0, n, ctx.chunk_size):
                 e = min(s + ctx.chunk_size, n)
@@ -86,12 +128,19 @@ class _ChunkedGather(torch.autograd.Function):
                 if grad_out is not None:
                     # scatter_add (not scatter): duplicate ids in a row must add up.
                     g.scatter_add_(1, index[s:e], grad_out[s:e].to(dtype))
-                if need_h:
-                    grad_h[s:e] = (g @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w.addmm_(g.t(), hidden[s:e].to(dtype))
                 if need_b:
                     grad_b += g.sum(0)
+                if w.dtype != dtype:  # low-precision head: both GEMMs in its dtype, fp32 accumulation
+                    g = g.to(w.dtype)
+                    if need_h:
+                        grad_h[s:e] = _mm_f32(g, w).to(hidden.dtype)
+                    if need_w:
+                        grad_w.addmm_(g.t(), hidden[s:e].to(w.dtype))
+                else:
+                    if need_h:
+                        grad_h[s:e] = (g @ w).to(hidden.dtype)
+                    if need_w:
+                        grad_w.addmm_(g.t(), hidden[s:e].to(dtype))
                 del g
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
@@ -131,7 +180,7 @@ def gather_logprobs(
         raise ValueError(f"gather_logprobs: bias must be [V]={weight.shape[0]}; got {tuple(bias.shape)}")
     if chunk_size < 1:
         raise ValueError(f"gather_logprobs: chunk_size must be >= 1, got {chunk_size}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= weight.shape[0]):
+    if index.numel() and has_data(index) and (int(index.min()) < 0 or int(index.max()) >= weight.shape[0]):
         raise IndexError(f"gather_logprobs: index out of range [0, {weight.shape[0]})")
     out, lse = _ChunkedGather.apply(hidden, weight, bias, index, chunk_size)
     return (out, lse) if return_lse else out

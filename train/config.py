@@ -45,7 +45,7 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "panel": "Optimisation"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping; 0 turns it off", "panel": "Optimisation"})
     optim: str = field(default="adamw", metadata={
-        "help": "optimizer; adamw8bit needs bitsandbytes and CUDA", "panel": "Optimisation",
+        "help": "optimizer; adamw8bit: torchao's 8-bit AdamW (pip install 'kdcache[gpu]')", "panel": "Optimisation",
         "choices": ("adamw", "adamw8bit")})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout", "panel": "Optimisation"})
 
@@ -55,15 +55,37 @@ class TrainConfig:
         "panel": "Memory"})
     packing: bool = field(default=False, metadata={
         "help": "pack a micro-batch into one row without padding (best with flash_attention_2)", "panel": "Memory"})
-    grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward pass: less memory, ~30% more time", "panel": "Memory"})
+    grad_checkpointing: bool | None = field(default=None, metadata={
+        "help": "recompute activations in the backward pass: less memory, ~30% more time; unset: auto (on "
+                "CUDA the fit check turns it on when the step needs it, else off)", "panel": "Memory"})
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 autocast; unset: on when CUDA is available", "panel": "Memory"})
-    # weights: fp32 | bf16 | auto (bf16 for a frozen LoRA base under bf16, else fp32: plain
-    # AdamW on bf16 weights rounds small updates away, so full fine-tunes keep fp32 masters)
+    # weights: fp32 | bf16 | auto (bf16 whenever bf16 autocast is on, i.e. on CUDA: full
+    # fine-tunes then keep fp32 AdamW moments and round each update stochastically, train/optim.py)
     weights_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the stored weights; auto: bf16 for a frozen LoRA base under bf16, else fp32",
+        "help": "dtype of the weights; auto: bf16 whenever bf16 autocast is on (CUDA), else fp32",
         "panel": "Memory", "choices": ("auto", "fp32", "bf16")})
+    optim_states: str = field(default="auto", metadata={
+        "help": "AdamW moments' dtype; auto: fp32 (bf16: 4 B/param less; adamw8bit: 1 byte)",
+        "panel": "Memory", "choices": ("auto", "fp32", "bf16")})
+    stochastic_rounding: bool = field(default=True, metadata={
+        "help": "bf16 weights: round each update stochastically (off: round-to-nearest loses small updates)",
+        "panel": "Memory"})
+    fit_check: bool = field(default=True, metadata={
+        "help": "CUDA: estimate the step's memory before loading weights; refuse, naming the switch to use, "
+                "if it cannot fit", "panel": "Memory estimate"})
+    estimate_memory: bool = field(default=False, metadata={
+        "help": "print the simulated GPU memory of one training step (loads no weights) and exit",
+        "panel": "Memory estimate"})
+    gpu_memory: str = field(default="", metadata={
+        "help": "card size for the estimate and the fit check, e.g. 24GiB; \"\": the CUDA device's free "
+                "memory, else 24GiB", "panel": "Memory estimate"})
+    require_fit: bool = field(default=False, metadata={
+        "help": "with --estimate-memory: exit 1 when the step does not fit (for scripts)",
+        "panel": "Memory estimate"})
+    estimate_seq_len: int = field(default=0, metadata={
+        "help": "tokens per sequence the estimate assumes; 0: the store's longest record",
+        "panel": "Memory estimate"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight (full fine-tune)", "panel": "Memory"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha", "panel": "Memory"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input, in [0, 1)", "panel": "Memory"})
@@ -161,6 +183,8 @@ class TrainConfig:
             raise ValueError("no store: pass --store URL (from `kdcache precompute`)")
         if self.weights_dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--weights-dtype {self.weights_dtype!r}: use auto, fp32 or bf16")
+        if self.optim_states not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--optim-states {self.optim_states!r}: use auto, fp32 or bf16")
         if self.batch_groups < 1 or self.grad_accum < 1:
             raise ValueError("--batch-groups and --grad-accum must be >= 1")
         checks = [
@@ -176,6 +200,7 @@ class TrainConfig:
             ("lora-dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)"),
             ("log-every", self.log_every, self.log_every >= 1, ">= 1"),
             ("save-every", self.save_every, self.save_every >= 0, ">= 0 (0: only at the end)"),
+            ("estimate-seq-len", self.estimate_seq_len, self.estimate_seq_len >= 0, ">= 0 (0: the store's longest)"),
         ]
         for flag, value, ok, rule in checks:
             if not ok:

@@ -23,9 +23,12 @@ class StudentOut:
     topk_logprobs: torch.Tensor | None  # [S, T, K] log π_θ(topk_ids|s_t), full-vocab normalised
 
 
-def weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-    if cfg.weights_dtype == "bf16" or (cfg.weights_dtype == "auto" and cfg.lora_r > 0 and bf16):
+def weights_dtype(cfg: TrainConfig, device: torch.device | str) -> torch.dtype:
+    """bf16 when asked, or under "auto" whenever the forward runs in bf16 anyway (CUDA by
+    default): a frozen LoRA base loses nothing, and a full fine-tune keeps its small updates
+    through the optimizer's fp32 moments and stochastic rounding (optim.py)."""
+    bf16 = cfg.bf16 if cfg.bf16 is not None else torch.device(device).type == "cuda"
+    if cfg.weights_dtype == "bf16" or (cfg.weights_dtype == "auto" and bf16 and not cfg.load_in_4bit):
         return torch.bfloat16
     return torch.float32
 
@@ -50,6 +53,12 @@ def load_student(cfg: TrainConfig, device: torch.device):
     model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
     if not cfg.load_in_4bit:
         model.to(device)
+    return prepare_student(model, cfg), tokenizer
+
+
+def prepare_student(model, cfg: TrainConfig):
+    """Gradient checkpointing and LoRA wiring of a loaded model; the memory estimate applies
+    it to its fake-tensor model, so both train the same modules."""
     if cfg.grad_checkpointing:
         # transformers 5 renamed the switch; 4.x only has the old name
         if hasattr(model, "activation_checkpointing_enable"):
@@ -72,7 +81,7 @@ def load_student(cfg: TrainConfig, device: torch.device):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-    return model, tokenizer
+    return model
 
 
 def base_causal_lm(model):
@@ -91,6 +100,6 @@ def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:
     head = lm.get_output_embeddings()
     rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)
     gathered = gather_logprobs(rows_h, head.weight, batch.index, chunk_size=chunk_size, bias=head.bias)
-    gathered = scatter_rows(gathered, batch.mask)  # [S, T, M]
+    gathered = scatter_rows(gathered, batch.mask, batch.mask_pos)  # [S, T, M]
     topk = gathered[..., 1:] if gathered.shape[-1] > 1 else None
     return StudentOut(token_logprobs=gathered[..., 0], topk_logprobs=topk)

@@ -157,6 +157,11 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
                                float(state.get("loss", float("nan"))), d.rank)
     set_seed(cfg.seed)
     device = d.device()
+    # before any weight is loaded (FSDP shards the step: the one-GPU estimate does not apply)
+    if device.type == "cuda" and cfg.fit_check and not cfg.fsdp:
+        from .memory import fit_or_fail
+
+        cfg = fit_or_fail(cfg, store)
     if resuming and not cfg.fsdp:  # under FSDP the weights are in last/dcp, loaded after sharding
         model, tokenizer = _load_resumed(cfg, device)
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..chunked import has_data
 from ._common import LossOutput, check_mask, check_pairs, check_same, logsigmoid_loss, masked
 
 
@@ -38,7 +39,7 @@ def tvkd_shaping(soft_value: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor
     b, t = mask.shape
     check_same("soft_value", soft_value, (b, t + 1))
     pos = torch.arange(t, device=mask.device)[None, :]
-    if not torch.equal(mask, pos < mask.sum(-1, keepdim=True)):
+    if has_data(mask) and not torch.equal(mask, pos < mask.sum(-1, keepdim=True)):  # (fake tensors: no values)
         raise ValueError("tvkd: mask must be a prefix per row (response tokens first, right padding)")
     # both reads are masked first: soft_value[b, t+1] for the last real token is V(s_{T+1}),
     # a real state; anything further right is padding and must not reach the arithmetic.
