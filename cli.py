@@ -187,10 +187,19 @@ def store_ls(root: str = typer.Argument(..., help="directory or URL holding stor
 
 
 @store_app.command("verify")
-def store_verify(url: str) -> None:
-    """Check every shard's checksum; exit 1 and name the shard on any mismatch."""
+def store_verify(url: str, repair: bool = typer.Option(
+        False, "--repair", help="drop the first damaged shard and all later ones from the "
+        "manifest, so re-running the command that wrote the store rewrites them")) -> None:
+    """Check every file's sha256 and the manifest; exit 1 and name shard and file on damage."""
+    from kdcache.store.verify import repair as repair_store
     from kdcache.store.verify import verify
 
+    if repair:
+        res = _friendly(repair_store, url)
+        for p in res["problems"]:
+            typer.secho(str(p), fg=typer.colors.RED, err=True)
+        _echo_json({k: v for k, v in res.items() if k != "problems"})
+        return
     problems = _friendly(verify, url)
     for p in problems:
         typer.secho(str(p), fg=typer.colors.RED)
@@ -200,11 +209,15 @@ def store_verify(url: str) -> None:
 
 
 @store_app.command("gc")
-def store_gc(root: str, dry_run: bool = typer.Option(False, "--dry-run")) -> None:
+def store_gc(root: str, dry_run: bool = typer.Option(False, "--dry-run"),
+             min_age: float = typer.Option(
+                 3600.0, "--min-age", help="remove unreferenced files only when at least this "
+                 "many seconds old (a live writer's next shard is unreferenced until it "
+                 "commits); temp files of dead writers go at any age")) -> None:
     """Remove shards no manifest references and uncommitted temporary files."""
     from kdcache.store.admin import gc
 
-    _echo_json(_friendly(lambda: gc(root, dry_run=dry_run)))
+    _echo_json(_friendly(lambda: gc(root, min_age_s=min_age, dry_run=dry_run)))
 
 
 @store_app.command("merge")

@@ -19,8 +19,11 @@ guesswork.  Schema v3 (written now):
   advantage, METHODS §1), zigzag-coded; the reader rebuilds ref from the two integer
   arrays, so ref's error is exactly that of quantising ref itself (≤ ε).
 
-Schema v2 stores (numcodecs `fixedscaleoffset` + `delta`, grid step in float64) are still
-decoded by `fastdecode` / zarr; `CodecSpec(version=2)` still writes them (tests only).
+Schema v4 (written now) is v3 with a `crc32c` codec appended to every chain: each chunk
+carries the crc32c of its compressed bytes, which `fastdecode` (and plain zarr) check on
+every decode.  Schema v2/v3 stores (v2: numcodecs `fixedscaleoffset` + `delta`, grid step in
+float64) are still decoded by `fastdecode` / zarr; `CodecSpec(version=2 or 3)` still writes
+them (tests of the backward-compatible reader only).
 """
 
 from __future__ import annotations
@@ -265,7 +268,18 @@ class CodecSpec:
         return {"step": self.step, "sign": 1, "delta": False, "zigzag": True}
 
     def zarr_codecs(self, name: str) -> dict[str, Any]:
-        """`filters`/`compressors` kwargs for `zarr.Group.create_array` for zarr array `name`."""
+        """`filters`/`compressors` kwargs for `zarr.Group.create_array` for zarr array `name`.
+
+        v4+: the chain ends in `crc32c` (a checksum of the compressed chunk, checked on read).
+        """
+        from zarr.codecs import Crc32cCodec
+
+        kw = self._zarr_codecs(name)
+        if self.version >= 4:
+            kw["compressors"] = [*kw["compressors"], Crc32cCodec()]
+        return kw
+
+    def _zarr_codecs(self, name: str) -> dict[str, Any]:
         from zarr.codecs import BloscCodec, TransposeCodec
 
         if self.version < 3:
@@ -312,6 +326,12 @@ class CodecSpec:
 
     def describe(self, name: str, fields: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
         """Human/manifest description of the pipeline for `name` (zarr.json is authoritative)."""
+        d = self._describe(name, fields)
+        if self.version >= 4:
+            d["pipeline"] = [*d["pipeline"], "crc32c"]
+        return d
+
+    def _describe(self, name: str, fields: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
         d: dict[str, Any] = {"mode": self.mode}
         f = TOKEN_FIELDS[name]
         if self.version < 3:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_store_util import ALL_FIELDS, make_groups, make_meta, write_store
 
-from kdcache.store import StoreWriter, open_store, resolve_codec
+from kdcache.store import SCHEMA_VERSION, StoreWriter, open_store, resolve_codec
 from kdcache.store.codecs import (
     ADV_ARRAY,
     MAX_ABS,
@@ -40,7 +40,7 @@ def test_compact_error_bound_and_exact_ids(tmp_path, bound, dtype, layout):
     r0["soft_value"][0] = [MAX_ABS, -MAX_ABS]
     write_store(str(tmp_path / "s"), meta, groups, shard_records=5)
     st = open_store(str(tmp_path / "s"))
-    assert st.schema_version == 3
+    assert st.schema_version == SCHEMA_VERSION
     for a, b in zip([r for g in groups for r in g], st, strict=True):
         assert np.array_equal(a["topk_ids"], b["topk_ids"])
         assert np.array_equal(a["response_ids"], b["response_ids"])
