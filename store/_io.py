@@ -124,7 +124,7 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | 
     path = join(root, MANIFEST)
     try:
         raw = fs.cat_file(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there, or `root` is a file
         return None
     except IsADirectoryError:
         raise ValueError(f"{path} is a directory, not a kdcache manifest") from None

@@ -448,10 +448,7 @@ def open_store(url: str, check_listing: bool = True) -> Store:
     """
     url = str(url)
     fs, root = open_fs(url)
-    try:
-        manifest = read_manifest(fs, root)
-    except NotADirectoryError:
-        manifest = None
+    manifest = read_manifest(fs, root)
     if manifest is None:
         raise NoStoreError(f"no kdcache store at {url}: run `kdcache precompute` first "
                            f"(or check the URL; expected {join(root, 'manifest.json')})")
