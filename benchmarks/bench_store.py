@@ -18,6 +18,7 @@ Results go to benchmarks/results/store.json and store.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from kdcache.store import StoreMeta, StoreWriter, StreamReader, open_store
+from kdcache.store.integrity import crc32c, is_chunk
 from kdcache.store.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +118,47 @@ def score(dpo: TinyLM, ref: TinyLM, data: np.ndarray, n_tokens: int) -> list[lis
         if s % 2 == 1:
             groups.append(recs)
             recs = []
+    return groups
+
+
+def save_groups(path: Path, groups: list[list[dict]]) -> None:
+    """Scored groups as one .npz (fields concatenated, plus lengths): no pickles."""
+    recs = [r for g in groups for r in g]
+    arrays: dict[str, np.ndarray] = {
+        "group_size": np.array([len(g) for g in groups], np.int32),
+        "n_tokens": np.array([len(r["response_ids"]) for r in recs], np.int32),
+        "prompt_len": np.array([len(r["prompt_ids"]) for r in recs], np.int32),
+        "prompt_ids": np.concatenate([np.asarray(r["prompt_ids"]) for r in recs]),
+    }
+    for f in ["response_ids", *FIELDS]:
+        arrays[f] = np.concatenate([np.asarray(r[f]) for r in recs])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_groups(path: Path) -> list[list[dict]]:
+    z = np.load(path, allow_pickle=False)
+    T, P = z["n_tokens"], z["prompt_len"]
+    to, po = np.concatenate([[0], np.cumsum(T)]), np.concatenate([[0], np.cumsum(P)])
+    so = np.concatenate([[0], np.cumsum(T + 1)])
+    cols = {f: z[f] for f in ["response_ids", *FIELDS]}
+    prompt = z["prompt_ids"]
+    recs = []
+    for i in range(len(T)):
+        r = {"prompt_ids": prompt[po[i]:po[i + 1]], "is_terminal": False}
+        for f, a in cols.items():
+            r[f] = a[so[i]:so[i + 1]] if f == "soft_value" else a[to[i]:to[i + 1]]
+        recs.append(r)
+    groups, k = [], 0
+    for gi, n in enumerate(z["group_size"]):
+        g = recs[k:k + n]
+        for j, r in enumerate(g):
+            r["example_id"] = f"ex{gi:06d}"
+            r["role"] = ("chosen", "rejected")[j] if n == 2 else "sft"
+        groups.append(g)
+        k += n
     return groups
 
 
@@ -202,7 +246,79 @@ def read_speed(url: str, repeats: int = 5) -> dict:
     return out
 
 
+def _epoch_tokens_per_s(st, fields: list[str]) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second of this process) for one epoch.
+
+    CPU time (all threads) is what a read costs on a shared machine: other jobs stretch the
+    wall time, not the CPU time, so ratios are taken on it."""
+    t, c = time.perf_counter(), time.process_time()
+    n = sum(r["n_tokens"] for g in StreamReader(st, fields=fields, prefetch=0) for r in g)
+    return n / (time.perf_counter() - t), n / (time.process_time() - c)
+
+
+def checksum_cost(groups: list[list[dict]], tmp: str, repeats: int) -> dict:
+    """What the read-path checks cost: StreamReader throughput (ADPA fields, prefetch 0) with
+    the checks on vs off on the very same bytes — v4 (crc32c per chunk + crc32c of parquet
+    and zarr.json) and v3 (sha256 of every file fetched).  Repetitions alternate between the
+    four readers so machine load hits them alike; reported: medians and the median of the
+    per-repetition ratios (checked / unchecked)."""
+    readers = {}
+    for v in (3, 4):
+        url = os.path.join(tmp, f"cks-v{v}")
+        write(url, groups, {"codec": "compact", "error_bound": 2e-3}, v)
+        on, off = open_store(url), open_store(url)
+        off._check_reads = False  # private switch: the same reader without its checks
+        readers[f"v{v} checked"], readers[f"v{v} unchecked"] = on, off
+    for st in readers.values():  # warm-up (page cache, thread pool)
+        _epoch_tokens_per_s(st, ADPA_FIELDS)
+    wall: dict[str, list[float]] = {k: [] for k in readers}
+    cpu: dict[str, list[float]] = {k: [] for k in readers}
+    for rep in range(repeats):
+        order = list(readers) if rep % 2 == 0 else list(readers)[::-1]
+        for k in order:
+            w, c = _epoch_tokens_per_s(readers[k], ADPA_FIELDS)
+            wall[k].append(w)
+            cpu[k].append(c)
+    out: dict = {k: {"median_cpu": float(np.median(cpu[k])), "median_wall": float(np.median(
+        wall[k])), "runs_cpu": cpu[k], "runs_wall": wall[k]} for k in readers}
+    for v in (3, 4):
+        ratios = [a / b for a, b in zip(cpu[f"v{v} checked"], cpu[f"v{v} unchecked"],
+                                        strict=True)]
+        out[f"v{v} checked/unchecked (cpu)"] = {"median": float(np.median(ratios)),
+                                                "runs": ratios}
+        # The end-to-end A/B above is noisy on a shared box; the checks' own work is timed
+        # in isolation too: exactly the hashing the reader does, on the same fetched bytes.
+        st = readers[f"v{v} unchecked"]
+        raws = [st.fetch_shard(i, ADPA_FIELDS) for i in range(len(st.shards))]
+        n_tok = st.num_tokens
+        work = []
+        for _ in range(repeats):
+            c = time.process_time()
+            for raw in raws:
+                for rel, data in raw.items():
+                    if v >= 4 and is_chunk(rel):
+                        google_crc32c.value(np.frombuffer(data, np.uint8)[:-4])
+                    elif v >= 4:
+                        crc32c(data)
+                    else:
+                        hashlib.sha256(data).digest()
+            work.append(time.process_time() - c)
+        epoch_s = n_tok / out[f"v{v} unchecked"]["median_cpu"]
+        check_s = float(np.median(work))
+        out[f"v{v} check work"] = {
+            "cpu_s_per_epoch": check_s, "unchecked_epoch_cpu_s": epoch_s,
+            "bytes_checked": sum(len(d) for raw in raws for d in raw.values()),
+            "throughput_ratio": epoch_s / (epoch_s + check_s)}
+    out["cpu_affinity"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else None
+    return out
+
+
 # ----------------------------------------------------------------------------- main
+class _Done(Exception):
+    """The sections asked for are done."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ref-steps", type=int, default=300)
@@ -212,26 +328,44 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--read-repeats", type=int, default=5)
     ap.add_argument("--note", default="shared 2-core container; other engineers' jobs running")
+    ap.add_argument("--sections", default="codecs,checksum",
+                    help="comma list: codecs (sizes, errors, curve, read speed), checksum "
+                         "(cost of the read-path checks, one core)")
+    ap.add_argument("--checksum-repeats", type=int, default=7)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "store.json"))
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "kdcache" / "bench_store"),
+                    help="scored teacher outputs are cached here (outside the repository)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 
     text = np.frombuffer(corpus((".md", ".py")), dtype=np.uint8)
     py = np.frombuffer(corpus((".py",)), dtype=np.uint8)
-    cut = int(len(text) * 0.9)
-    ref = TinyLM()
-    t0 = time.perf_counter()
-    steps_ref = train(ref, text[:cut], args.ref_steps, args.train_s)
-    dpo = TinyLM()
-    dpo.load_state_dict(ref.state_dict())
-    steps_dpo = train(dpo, py[: int(len(py) * 0.9)], args.dpo_steps, args.train_s, lr=1e-3)
-    train_s = time.perf_counter() - t0
-    ref.eval()
-    dpo.eval()
-    held = text[cut:]
-    t = time.perf_counter()
-    groups = score(dpo, ref, held, args.tokens)
-    score_s = time.perf_counter() - t
+    # keyed by the recipe, not the text: the corpus is this repository, which every commit
+    # changes (delete the cache to retrain on the current text)
+    key = hashlib.sha256(repr(("bytes", args.ref_steps, args.dpo_steps,
+                               args.tokens)).encode()).hexdigest()[:12]
+    cached = Path(args.cache).expanduser() / f"bytes-teacher-{key}.npz"
+    steps_ref = steps_dpo = train_s = score_s = None
+    if cached.exists():
+        groups = load_groups(cached)
+    else:
+        cut = int(len(text) * 0.9)
+        ref = TinyLM()
+        t0 = time.perf_counter()
+        steps_ref = train(ref, text[:cut], args.ref_steps, args.train_s)
+        dpo = TinyLM()
+        dpo.load_state_dict(ref.state_dict())
+        steps_dpo = train(dpo, py[: int(len(py) * 0.9)], args.dpo_steps, args.train_s, lr=1e-3)
+        train_s = time.perf_counter() - t0
+        ref.eval()
+        dpo.eval()
+        held = text[cut:]
+        t = time.perf_counter()
+        groups = score(dpo, ref, held, args.tokens)
+        score_s = time.perf_counter() - t
+        save_groups(cached, groups)
     n_tok = sum(len(r["response_ids"]) for g in groups for r in g)
     recs = [r for g in groups for r in g]
     mass = np.exp(np.concatenate([r["topk_logprobs"] for r in recs])).sum(1)
@@ -255,6 +389,21 @@ def main() -> None:
         "curve": [],
     }
     try:
+        if "checksum" in sections:
+            pinned = hasattr(os, "sched_setaffinity")
+            if pinned:
+                cpus = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, {min(cpus)})  # one core, as a DataLoader worker has
+            try:
+                res["checksum_cost"] = checksum_cost(groups, tmp, args.checksum_repeats)
+            finally:
+                if pinned:
+                    os.sched_setaffinity(0, cpus)
+            print("checksum cost", json.dumps(
+                {k: v.get("median", v.get("median_cpu", v.get("throughput_ratio")))
+                 for k, v in res["checksum_cost"].items() if isinstance(v, dict)}), flush=True)
+        if "codecs" not in sections:
+            raise _Done
         res["parquet_baseline"] = parquet_baseline(groups, os.path.join(tmp, "p.parquet"))
         configs: dict[str, tuple[dict, int | None]] = {
             "lossless": ({"codec": "lossless"}, None),
@@ -282,11 +431,13 @@ def main() -> None:
                                                         entry["errors"].items()
                                                         if k != "ids_exact")})
             print(name, round(signal_bytes, 1), "B/tok", flush=True)
+    except _Done:
+        pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "store.json").write_text(json.dumps(res, indent=1) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
 
 
