@@ -26,7 +26,7 @@ import google_crc32c
 import numcodecs
 import numpy as np
 
-from .codecs import GRIDQ, grid_ints
+from .codecs import GRIDQ, IDMAP, grid_ints, id_decode, unpack_table
 
 __all__ = ["decode_array", "decode_grid", "array_meta", "ChunkError"]
 
@@ -58,6 +58,8 @@ class _Plan:
         self.compressors: list[Any] = []
         self.transpose: tuple[int, ...] | None = None
         self.gridq: dict[str, Any] | None = None
+        self.idmap: np.ndarray | None = None  # code → id table (kdcache.idmap)
+        self.idmap_dtype = np.dtype("u2")
         self.endian = "little"
         self.crc32c = False  # chunks end in 4 bytes of crc32c (little endian)
 
@@ -90,11 +92,15 @@ def _plan(name: str, meta: dict[str, Any]) -> _Plan | None:
             return None
         elif cname == GRIDQ and i == 0 and p.dtype == np.float32:
             p.gridq = cfg
+        elif cname == IDMAP and i == 0 and p.dtype == np.int32 and cfg.get("dtype") in (
+                "uint16", "int32"):
+            p.idmap = unpack_table(cfg["table"], list(cfg["classes"]))
+            p.idmap_dtype = np.dtype("u2" if cfg["dtype"] == "uint16" else "i4")
         elif (cname == "transpose" and len(p.shape) == 2 and tuple(cfg["order"]) == (1, 0)
-              and p.transpose is None and not p.filters):
+              and p.transpose is None and not p.filters and p.idmap is None):
             p.transpose = (1, 0)
         elif (cname in ("numcodecs.fixedscaleoffset", "numcodecs.delta") and p.gridq is None
-              and p.transpose is None):
+              and p.transpose is None and p.idmap is None):
             p.filters.append(numcodecs.get_codec({"id": cname.split(".", 1)[1], **cfg}))
         else:
             return None
@@ -112,6 +118,8 @@ def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True):
     """Yield (lo, hi, encoded-side array or None for a fill chunk) per chunk."""
     if p.gridq is not None:
         inner = np.dtype("i4")
+    elif p.idmap is not None:
+        inner = p.idmap_dtype
     elif p.filters:  # the dtype the first filter *produces* is what `bytes` serialised
         inner = np.dtype(getattr(p.filters[-1], "astype", None) or p.filters[-1].dtype)
     else:
@@ -148,6 +156,10 @@ def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True):
         yield lo, hi, arr
 
 
+def _key(p: _Plan, lo: int) -> str:
+    return f"{p.name}/c/{lo // p.chunk[0]}" + ("/0" if len(p.shape) == 2 else "")
+
+
 def decode_array(files: dict[str, bytes], name: str, check: bool = True) -> np.ndarray | None:
     """Decode array `name` from a {key: bytes} map of a zarr v3 group, or None if unsupported.
 
@@ -164,6 +176,11 @@ def decode_array(files: dict[str, bytes], name: str, check: bool = True) -> np.n
         dst = out[lo:hi]
         if arr is None:
             dst[...] = p.fill
+        elif p.idmap is not None:
+            try:
+                id_decode(arr[: hi - lo], p.idmap, out=dst)
+            except ValueError as e:
+                raise ChunkError(_key(p, lo), f"cannot be decoded ({e})") from None
         elif g is not None:
             q = grid_ints(arr[: hi - lo], bool(g.get("delta")), bool(g.get("zigzag")))
             np.multiply(q, scale, out=dst, casting="unsafe")

@@ -37,10 +37,13 @@ __all__ = [
 #:       every chunk decoded), every file's crc32c is in the manifest (checked on fetch for
 #:       records.parquet and zarr.json), and `manifest_checksum` covers the manifest itself
 #:       (meta, store_key, shard list).  Same fields and codecs as 3 otherwise.
-SCHEMA_VERSION = 4
-SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4)
+#:   5 — `topk_ids` as codes into a per-shard table (`kdcache.idmap`: distinct ids, frequent
+#:       first), token-major, one zstd frame per chunk; the advantage array byte-shuffled.
+#:       −30 B/token at 32k-152k vocabularies; same fields, values and reader API.
+SCHEMA_VERSION = 5
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4, 5)
 #: Versions whose manifest and files carry crc32c checksums (cheap to check on every read).
-CRC_SCHEMA_VERSIONS = (4,)
+CRC_SCHEMA_VERSIONS = (4, 5)
 
 ROLES = ("chosen", "rejected", "sft", "student_rollout", "teacher_rollout")
 
