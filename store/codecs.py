@@ -328,10 +328,21 @@ _IDMAP_CLS: type | None = None
 def id_encode(ids: np.ndarray, table: np.ndarray, dtype: str) -> np.ndarray:
     """ids → codes (positions in `table`); an id missing from the table is a ValueError."""
     ids = np.asarray(ids)
+    if not ids.size:
+        return np.zeros(ids.shape, dtype)
+    if len(table) and int(table.max()) < 1 << 24 and int(ids.max()) < 1 << 24 \
+            and ids.min() >= 0:
+        # vocabulary-sized ids: a dense lookup table, one gather per id
+        lut = np.full(max(int(table.max()), int(ids.max())) + 1, -1, np.int64)
+        lut[table] = np.arange(len(table))
+        codes = lut[ids]
+        if (codes < 0).any():
+            raise ValueError(f"{IDMAP}: an id is missing from the array's table")
+        return codes.astype(dtype)
     order = np.argsort(table, kind="stable")
     sorted_ids = table[order]
     pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(table) - 1, 0))
-    if ids.size and (not len(table) or not np.array_equal(sorted_ids[pos], ids)):
+    if not len(table) or not np.array_equal(sorted_ids[pos], ids):
         raise ValueError(f"{IDMAP}: an id is missing from the array's table")
     return order[pos].astype(dtype)
 
@@ -342,7 +353,10 @@ def id_decode(codes: np.ndarray, table: np.ndarray, out: np.ndarray | None = Non
     if codes.size and int(codes.max()) >= len(table):
         raise ValueError(f"{IDMAP}: code {int(codes.max())} is outside the table of "
                          f"{len(table)} ids (corrupt chunk)")
-    return np.take(table, codes, out=out)
+    if not codes.size:
+        return np.zeros(codes.shape, np.int32) if out is None else out
+    # bounds checked above; "clip" skips numpy's per-element check (~40 % faster)
+    return np.take(table, codes, out=out, mode="clip")
 
 
 def IdMap(**config: Any) -> Any:  # noqa: N802
