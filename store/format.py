@@ -38,8 +38,9 @@ __all__ = [
 #:       records.parquet and zarr.json), and `manifest_checksum` covers the manifest itself
 #:       (meta, store_key, shard list).  Same fields and codecs as 3 otherwise.
 #:   5 — `topk_ids` as codes into a per-shard table (`kdcache.idmap`: distinct ids, frequent
-#:       first), token-major, one zstd frame per chunk; the advantage array byte-shuffled.
-#:       −30 B/token at 32k-152k vocabularies; same fields, values and reader API.
+#:       first), token-major, one zstd frame per chunk (or v4's rank-major blosc where that is
+#:       smaller, per shard); the advantage array byte- or bit-shuffled, whichever is
+#:       smaller.  −36 B/token at 32k-152k vocabularies; same fields, values and reader API.
 SCHEMA_VERSION = 5
 SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4, 5)
 #: Versions whose manifest and files carry crc32c checksums (cheap to check on every read).

@@ -106,6 +106,10 @@ def test_plain_zarr_decodes_v5_ids_like_fastdecode(tmp_path):
 
     meta = make_meta(codec="compact")
     groups = make_groups(8, meta, seed=3)
+    rng = np.random.default_rng(3)
+    runs = rng.integers(0, 50_000, (5, meta.k))  # rows share runs of ids: idmap is chosen
+    for r in (r for g in groups for r in g):
+        r["topk_ids"] = runs[rng.integers(0, 5, len(r["response_ids"]))]
     writer_mod.CHUNK_ROWS, old = 7, writer_mod.CHUNK_ROWS  # several chunks, a partial last one
     try:
         write_store(str(tmp_path / "s"), meta, groups, shard_records=100)
@@ -133,6 +137,34 @@ def test_plain_zarr_decodes_v5_ids_like_fastdecode(tmp_path):
     forged = body + np.uint32(google_crc32c.value(body)).tobytes()
     with pytest.raises(ChunkError, match="outside the table"):
         decode_array({**files, key: forged}, "topk_ids")
+
+
+def test_writer_picks_the_smaller_ids_pipeline_per_shard(tmp_path):
+    """Rank-major blosc wins where each rank repeats a few ids (tiny vocabularies), table
+    codes + zstd where rows share runs of ids over a large vocabulary; both round-trip."""
+    meta = make_meta(k=8, codec="compact", fields=["topk_ids", "topk_logprobs"])
+    rng = np.random.default_rng(5)
+    groups = []
+    for g in range(40):
+        T = 50
+        if g < 20:  # shard 0: rank r holds one of two ids (a 16-symbol vocabulary)
+            ids = np.arange(8)[None, :] * 2 + rng.integers(0, 2, (T, 8))
+        else:  # shard 1: rows repeat whole runs of ids from a 50k vocabulary
+            base = rng.integers(0, 50_000, (6, 8))
+            ids = base[rng.integers(0, 6, T)]
+        groups.append([{"example_id": f"e{g}", "role": "sft", "prompt_ids": [1],
+                        "response_ids": np.arange(T), "is_terminal": True, "topk_ids": ids,
+                        "topk_logprobs": -np.sort(rng.exponential(1, (T, 8)), 1)}])
+    write_store(str(tmp_path / "s"), meta, groups, shard_records=20)
+    first = {}
+    for i in range(2):
+        zj = tmp_path / "s" / "shards" / f"shard-{i:05d}" / "tokens.zarr" / "topk_ids" / \
+            "zarr.json"
+        first[i] = json.loads(zj.read_text())["codecs"][0]["name"]
+    assert first == {0: "transpose", 1: "kdcache.idmap"}
+    for a, b in zip([r for g in groups for r in g], open_store(str(tmp_path / "s")),
+                    strict=True):
+        assert np.array_equal(a["topk_ids"], b["topk_ids"])
 
 
 @pytest.mark.parametrize("version", [3, 4])
