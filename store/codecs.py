@@ -361,7 +361,7 @@ def id_decode(codes: np.ndarray, table: np.ndarray, out: np.ndarray | None = Non
 
 #: rows of a shard on which the writer compares the candidate pipelines (deterministic:
 #: the choice depends on the data only, so resumed and merged runs write the same bytes)
-TRIAL_ROWS = 16384
+TRIAL_ROWS = 4096
 
 
 def smaller(sizes: dict[str, int]) -> str:
