@@ -36,10 +36,10 @@ ESSENTIALS = "Essentials"
 # The config commands: where each one's dataclass lives and what it does. They are built
 # only when invoked: precompute's config module imports torch and transformers.
 CONFIG_COMMANDS = {
-    "precompute": ("kdcache.precompute.run:PrecomputeConfig",
+    "precompute": ("kdcache.precompute.config:PrecomputeConfig",
                    "Score a dataset or a rollout store with the DPO teacher and its reference; "
                    "write a store and print its URL."),
-    "rollout": ("kdcache.precompute.rollout:RolloutConfig",
+    "rollout": ("kdcache.precompute.config:RolloutConfig",
                 "Sample N responses per prompt with behavior log-probs (and rewards); write a "
                 "store and print its URL."),
     "train": ("kdcache.train.config:TrainConfig",

@@ -7,11 +7,28 @@ Public API (see docs/PRECOMPUTE.md):
 - `check_same_tokenizer`, `model_fingerprint`, `tokenizer_fingerprint`
 """
 
-from .launch import run_precompute
-from .models import check_same_tokenizer, model_fingerprint, tokenizer_fingerprint
-from .rollout import RolloutConfig, run_rollout
-from .run import PrecomputeConfig
-from .scoring import LMHead, score_chunked
+import importlib
+
+# Names resolve on first use (PEP 562): importing the package, or only its options
+# (`kdcache.precompute.config`, what the CLI's --help reads), loads no torch.
+_WHERE = {
+    "LMHead": "scoring",
+    "PrecomputeConfig": "config",
+    "RolloutConfig": "config",
+    "check_same_tokenizer": "models",
+    "model_fingerprint": "models",
+    "run_precompute": "launch",
+    "run_rollout": "rollout",
+    "score_chunked": "scoring",
+    "tokenizer_fingerprint": "models",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+
 
 __all__ = [
     "LMHead",

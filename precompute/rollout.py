@@ -29,20 +29,13 @@ import importlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .checks import (
-    check_choice,
-    check_codec,
-    check_device,
-    check_float,
-    check_int,
-    check_template,
-)
+from .config import RolloutConfig
 from .data import (
     DataError,
     DataOptions,
@@ -88,94 +81,6 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
     if not callable(obj):
         raise ValueError(f"reward {spec!r} is not callable")
     return obj
-
-
-@dataclass
-class RolloutConfig:
-    """Sampling N responses per prompt with the student (or the teacher, for SeqKD/PBSD)."""
-
-    model: str = field(
-        metadata={"help": "the sampler: a local HF model dir or cached hub id (the student, or the teacher for SeqKD/PBSD)", "panel": "Essentials"})
-    data: str = field(
-        metadata={"help": "prompts: JSONL/Parquet with a prompt column (chosen/completion for --include-chosen)", "panel": "Essentials"})
-    out: str | None = field(default=None,
-        metadata={"help": "store URL to write; unset: <out-root>/<store key>", "panel": "Store"})
-    out_root: str = field(default="stores",
-        metadata={"help": "directory or URL (s3://, gs://) under which stores are written by content key", "panel": "Essentials"})
-    role: str = field(default="student_rollout",
-        metadata={"help": "role of the sampled records", "panel": "Sampling", "choices": ("student_rollout", "teacher_rollout")})
-    n: int = field(default=4,
-        metadata={"help": "samples per prompt (the record's `group` is the sample index)", "panel": "Essentials"})
-    temperature: float = field(default=1.0,
-        metadata={"help": "sampling temperature (keep 1 for on-policy importance ratios)", "panel": "Sampling"})
-    top_p: float = field(default=1.0,
-        metadata={"help": "nucleus sampling mass; 1: off", "panel": "Sampling"})
-    top_k: int = field(default=0,
-        metadata={"help": "sample among the k most probable tokens; 0: off", "panel": "Sampling"})
-    max_new_tokens: int = field(default=256,
-        metadata={"help": "longest sampled response in tokens", "panel": "Essentials"})
-    seed: int = field(default=0,
-        metadata={"help": "sampling seed (each generate batch is seeded from it and its position)", "panel": "Sampling"})
-    batch_prompts: int = field(default=16,
-        metadata={"help": "prompts per generate call (times --n rows)", "panel": "Sampling"})
-    include_chosen: bool = field(default=False,
-        metadata={"help": "add the dataset's chosen/completion to each group as role chosen (ADPA's SFT term)", "panel": "Groups"})
-    use_context: bool = field(default=False,
-        metadata={"help": "teacher rollouts see the `context` column (PBSD's teacher)", "panel": "Groups"})
-    context_template: str = field(default="{context}\n\n{prompt}",
-        metadata={"help": "how the context joins the prompt ({context}, {prompt})", "panel": "Groups"})
-    chat_template: bool = field(default=True,
-        metadata={"help": "render prompts with the tokenizer's chat template (when it has one)", "panel": "Groups"})
-    max_prompt_length: int | None = field(default=None,
-        metadata={"help": "longest prompt in tokens; unset: no limit", "panel": "Groups"})
-    truncate: str = field(default="skip",
-        metadata={"help": "over-long prompts: drop the row, or fail", "panel": "Groups", "choices": ("skip", "fail")})
-    reward: str | Callable[..., float] | None = field(default=None,
-        metadata={"help": "reward per sample: module:function (a module.py in the current directory works) or built in: sort_rule, numeric_exact_match", "panel": "Groups"})
-    backend: str = field(default="hf",
-        metadata={"help": "sampler; vllm needs a GPU and `pip install kdcache[vllm]`", "panel": "Sampling", "choices": ("hf", "vllm")})
-    limit: int | None = field(default=None,
-        metadata={"help": "sample only the first N prompts; unset: all", "panel": "Groups"})
-    device: str = field(default="auto",
-        metadata={"help": "auto (cuda if available, else cpu), cpu, cuda or cuda:N", "panel": "Execution"})
-    dtype: str = field(default="auto",
-        metadata={"help": "sampler precision; auto: bf16 on GPU, fp32 on CPU", "panel": "Execution", "choices": ("auto", "bf16", "fp16", "fp32")})
-    trust_remote_code: bool = field(default=False,
-        metadata={"help": "allow models' own Python code (off unless you trust the model)", "panel": "Execution"})
-    shard_records: int = field(default=1024,
-        metadata={"help": "records per shard (the unit of resume and of streaming)", "panel": "Store"})
-    codec: str = field(default="compact",
-        metadata={"help": "compact: bounded-error reals; lossless: exact float32", "panel": "Store", "choices": ("compact", "lossless")})
-    resume: bool = field(default=True,
-        metadata={"help": "continue a killed run after its last committed shard", "panel": "Store"})
-    progress: bool = field(default=True,
-        metadata={"help": "progress bar on stderr", "panel": "Store"})
-
-    def validate(self) -> None:
-        """Check every option before anything is read, loaded or written (ValueError naming
-        the flag)."""
-        for name in ("model", "data"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"--{name} is required (got {getattr(self, name)!r})")
-        check_choice("role", self.role, ("student_rollout", "teacher_rollout"))
-        check_int("n", self.n, 1)
-        check_int("max_new_tokens", self.max_new_tokens, 1)
-        check_float("temperature", self.temperature, lo=0.0)
-        check_float("top_p", self.top_p, lo=0.0, hi=1.0)
-        check_int("top_k", self.top_k, 0)
-        check_int("seed", self.seed, 0)
-        check_int("batch_prompts", self.batch_prompts, 1)
-        check_int("max_prompt_length", self.max_prompt_length, 1, optional=True)
-        check_int("limit", self.limit, 1, optional=True)
-        check_int("shard_records", self.shard_records, 1)
-        check_choice("backend", self.backend, ("hf", "vllm"))
-        check_choice("truncate", self.truncate, ("skip", "fail"))
-        check_template("context_template", self.context_template, ("context", "prompt"))
-        if self.reward is not None and not (isinstance(self.reward, str) or callable(self.reward)):
-            raise ValueError(f"--reward must be 'module:function' or a callable, got {self.reward!r}")
-        check_codec(self.codec, None)
-        resolve_dtype(self.dtype, resolve_device("cpu"))  # names the accepted dtypes
-        check_device(self.device)
 
 
 @dataclass

@@ -27,16 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import (
-    check_choice,
-    check_codec,
-    check_device,
-    check_fields,
-    check_int,
-    check_template,
-    parse_betas,
-    parse_partition,
-)
+from .config import PrecomputeConfig
 from .data import (
     DataError,
     DataOptions,
@@ -62,7 +53,6 @@ from .models import (
     tokenizer_size,
     verify_head,
 )
-from .scoring import REF_MODES
 from .storeapi import NoStoreError, StoreMeta, open_store, store_key
 from .writing import GroupWriter
 
@@ -76,157 +66,6 @@ def code_version() -> str:
         return f"kdcache {version('kdcache')}"
     except Exception:  # noqa: BLE001 - provenance only
         return "kdcache unknown"
-
-
-@dataclass
-class PrecomputeConfig:
-    """Everything `run_precompute` needs. Models are local HF dirs or cached hub ids."""
-
-    teacher: str | None = field(default=None,
-        metadata={"help": "the preference-aligned (DPO) teacher: a local HF model dir or cached hub id; "
-                          "unset (with --tokenizer): a tokenized-only store", "panel": "Essentials"})
-    reference: str | None = field(default=None,
-        metadata={"help": "the teacher's pre-DPO reference (its SFT model); unset: no ref_* fields (no ADPA, DPO, DCKD advantages)", "panel": "Essentials"})
-    data: str | None = field(default=None,
-        metadata={"help": "dataset to score: JSONL/Parquet path, URL or glob (prompt, chosen, rejected | completion)", "panel": "Essentials"})
-    input_store: str | None = field(default=None,
-        metadata={"help": "instead of --data: rollout store URL(s) to score, comma-separated (joined by example id)", "panel": "Inputs and outputs"})
-    out: str | None = field(default=None,
-        metadata={"help": "store URL to write; unset: <out-root>/<store key>", "panel": "Inputs and outputs"})
-    out_root: str = field(default="stores",
-        metadata={"help": "directory or URL (s3://, gs://) under which stores are written by content key", "panel": "Essentials"})
-    student: str | None = field(default=None,
-        metadata={"help": "student model, only checked to share the teacher's tokenizer", "panel": "Inputs and outputs"})
-    tokenizer: str | None = field(default=None,
-        metadata={"help": "tokenizer dir; unset: the teacher's (required when there is no teacher)", "panel": "Inputs and outputs"})
-    k: int = field(default=50,
-        metadata={"help": "teacher top-K entries stored per token", "panel": "Essentials"})
-    betas: list[float] = field(default_factory=lambda: [1.0],
-        metadata={"help": "soft-value temperatures beta (TVKD), comma-separated", "panel": "Signals"})
-    # "exact" (gather at DPO ids) | "paper" (ADPA's approximation) | "paper-dpo-floor" (that
-    # approximation as the ADPA authors' released data pipeline builds it, METHODS §2)
-    ref_mode: str = field(default="exact",
-        metadata={"help": "reference log-probs at the teacher's top-K: exact gather, ADPA's paper "
-                          "approximation, or that approximation with the released pipeline's floor",
-                  "panel": "Signals", "choices": REF_MODES})
-    # per-token fields to store (default: all the models give). Only sequence log-probs, e.g.
-    # ["ref_token_logprob"] for DPO: no top-K, no soft values, only the models needed run
-    fields: list[str] | None = field(default=None,
-        metadata={"help": "per-token fields to store, comma-separated (e.g. ref_token_logprob for DPO: "
-                          "no top-K or soft values, only the models needed run); unset: all the models give",
-                  "panel": "Signals"})
-    # data (see precompute/data.py)
-    kind: str = field(default="auto",
-        metadata={"help": "dataset kind; auto: preference if it has chosen/rejected, else SFT", "panel": "Data", "choices": ("auto", "preference", "sft")})
-    max_length: int | None = field(default=2048,
-        metadata={"help": "longest prompt + response in tokens, as the teacher sees it; unset: no limit", "panel": "Data"})
-    truncate: str = field(default="truncate",
-        metadata={"help": "over-long sequences: cut the response, drop the row, or fail", "panel": "Data", "choices": ("truncate", "skip", "fail")})
-    chat_template: bool = field(default=True,
-        metadata={"help": "render prompts with the tokenizer's chat template (when it has one)", "panel": "Data"})
-    use_context: bool = field(default=True,
-        metadata={"help": "put a `context` column in front of the teacher's prompt (PBSD)", "panel": "Data"})
-    context_template: str = field(default="{context}\n\n{prompt}",
-        metadata={"help": "how the context joins the prompt ({context}, {prompt})", "panel": "Data"})
-    limit: int | None = field(default=None,
-        metadata={"help": "score only the first N rows; unset: all", "panel": "Data"})
-    partition: tuple[int, int] | str | None = field(default=None,
-        metadata={"help": "this process's share i/N of the batch plan, or auto (from torchrun's RANK/WORLD_SIZE "
-                          "or a Slurm array); merge the N parts with --merge-parts N", "panel": "Scale-out"})
-    # one box, several devices: one subprocess per device over partitions, then merged
-    # (precompute/launch.py); e.g. ["0", "1", "2", "3"] (CUDA ids), ["all"], ["cpu", "cpu"]
-    devices: list[str] | None = field(default=None,
-        metadata={"help": "one process per device, then a merge: CUDA ids (0,1,2,3), all, or cpu,cpu", "panel": "Scale-out"})
-    merge_parts: int | None = field(default=None,
-        metadata={"help": "merge the N complete --partition stores of this config into the full store (no model loaded)", "panel": "Scale-out"})
-    keep_parts: bool = field(default=False,
-        metadata={"help": "keep the partition stores after a merge", "panel": "Scale-out"})
-    # execution
-    batch_tokens: int = field(default=16384,
-        metadata={"help": "padded tokens per forward (packed: real tokens)", "panel": "Execution"})
-    max_batch_seqs: int = field(default=256,
-        metadata={"help": "sequences per forward at most", "panel": "Execution"})
-    # rows whose groups are sorted by length together and cut into batches: the dataset is
-    # streamed one window at a time, so memory does not grow with the dataset
-    bucket_window: int = field(default=4096,
-        metadata={"help": "rows sorted by length together before batching (the input streams one window "
-                          "at a time; part of the store key)", "panel": "Execution"})
-    # read and tokenize the whole dataset once before anything is written: every data error
-    # (and the row/token totals of the progress bar) up front, at the cost of one extra pass
-    check_data: bool = field(default=True,
-        metadata={"help": "read and tokenize the whole dataset once before writing: every data error up "
-                          "front, for one extra pass", "panel": "Data"})
-    chunk_size: int | None = field(default=None,
-        metadata={"help": "scored positions per logits chunk; unset: a ~1 GiB budget", "panel": "Execution"})
-    packed: bool = field(default=False,
-        metadata={"help": "one packed row per batch (position_ids restart per sequence)", "panel": "Execution"})
-    attn_implementation: str | None = field(default=None,
-        metadata={"help": "transformers attention backend, e.g. sdpa, flash_attention_2; unset: the model's default", "panel": "Execution"})
-    device: str = field(default="auto",
-        metadata={"help": "auto (cuda if available, else cpu), cpu, cuda or cuda:N", "panel": "Execution"})
-    dtype: str = field(default="auto",
-        metadata={"help": "teacher precision; auto: bf16 on GPU, fp32 on CPU (part of the store key)", "panel": "Execution", "choices": ("auto", "bf16", "fp16", "fp32")})
-    trust_remote_code: bool = field(default=False,
-        metadata={"help": "allow models' own Python code (off unless you trust the model)", "panel": "Execution"})
-    verify_head: bool = field(default=True,
-        metadata={"help": "compare our chunked head with the model's own logits once on load", "panel": "Execution"})
-    # store
-    shard_records: int = field(default=1024,
-        metadata={"help": "records per shard (the unit of resume and of streaming)", "panel": "Store"})
-    codec: str = field(default="compact",
-        metadata={"help": "compact: bounded-error reals (~2.3x smaller); lossless: exact float32", "panel": "Store", "choices": ("compact", "lossless")})
-    error_bound: float | None = field(default=None,
-        metadata={"help": "compact codec's absolute error bound in nats; unset: 0.002", "panel": "Store"})
-    resume: bool = field(default=True,
-        metadata={"help": "continue a killed run after its last committed shard", "panel": "Store"})
-    progress: bool = field(default=True,
-        metadata={"help": "progress bar on stderr", "panel": "Store"})
-
-    def validate(self) -> None:
-        """Check every option before anything is read, loaded or written (ValueError naming
-        the flag); normalises `betas` to floats and `partition` to (i, N)."""
-        if (self.data is None) == (self.input_store is None):
-            raise ValueError("pass exactly one of --data FILE (a dataset) or --input-store URL "
-                             "(a rollout store to score)")
-        if self.teacher is None and self.reference is not None:
-            raise ValueError("--reference needs a --teacher (without a teacher, precompute writes "
-                             "a tokenized-only store with no teacher signals)")
-        if self.teacher is None and self.tokenizer is None:
-            raise ValueError("no --teacher: pass --teacher DIR (the DPO teacher) to score the "
-                             "data, or only --tokenizer DIR for a tokenized-only store (token "
-                             "ids, no teacher signals; e.g. SFT data)")
-        check_int("k", self.k, 1)
-        self.betas = parse_betas(self.betas)
-        if self.fields is not None:
-            self.fields = check_fields(self.fields, self.teacher, self.reference)
-        check_choice("ref_mode", self.ref_mode, REF_MODES)
-        check_choice("truncate", self.truncate, ("truncate", "skip", "fail"))
-        check_choice("kind", self.kind, ("auto", "preference", "sft"))
-        check_int("max_length", self.max_length, 1, optional=True)
-        check_int("limit", self.limit, 1, optional=True)
-        check_template("context_template", self.context_template, ("context", "prompt"))
-        self.partition = parse_partition(self.partition)
-        if self.devices is not None:
-            if isinstance(self.devices, str):
-                self.devices = [d for d in self.devices.split(",")]
-            if not self.devices or any(not str(d).strip() for d in self.devices):
-                raise ValueError(f"--devices {self.devices!r} has an empty entry; e.g. --devices "
-                                 "0,1,2,3, --devices all or --devices cpu,cpu")
-        check_int("merge_parts", self.merge_parts, 1, optional=True)
-        modes = [name for name, v in (("--partition", self.partition), ("--devices", self.devices),
-                                      ("--merge-parts", self.merge_parts)) if v]
-        if len(modes) > 1:
-            raise ValueError(f"set only one of {' / '.join(modes)}: --devices runs every partition "
-                             "itself and merges them; --merge-parts merges partitions run elsewhere")
-        check_int("batch_tokens", self.batch_tokens, 1)
-        check_int("max_batch_seqs", self.max_batch_seqs, 1)
-        check_int("bucket_window", self.bucket_window, 1)
-        check_int("chunk_size", self.chunk_size, 1, optional=True)
-        check_int("shard_records", self.shard_records, 1)
-        check_codec(self.codec, self.error_bound)
-        resolve_dtype(self.dtype, resolve_device("cpu"))  # names the accepted dtypes
-        if not self.devices:  # the launcher picks each worker's device itself
-            check_device(self.device)
 
 
 # ------------------------------------------------------------------------------- inputs

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+# how ref_topk_logprobs is filled (exact gather, or the ADPA paper's approximation)
+from .config import REF_MODES
+
 # Scratch budget for one chunk of float32 logits plus its temporaries (~3 copies).
 DEFAULT_CHUNK_BYTES = 1 << 30
-# how ref_topk_logprobs is filled: the exact gather at the DPO ids, the ADPA paper's
-# approximation, or the approximation as the ADPA authors' released data pipeline builds it
-REF_MODES = ("exact", "paper", "paper-dpo-floor")
 
 
 @dataclass
