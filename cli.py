@@ -66,6 +66,30 @@ class _Group(TyperGroup):
             self.commands[args[0]] = build_config_command(args[0])
         return super().resolve_command(ctx, args)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """A usage error (unknown option, unparsable value, unknown command) is one `error:`
+        line on stderr with exit code 2, like every other bad input, not a boxed panel."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        except Exception as e:
+            # click's exceptions (vendored by newer typer, so matched by their interface)
+            if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+                raise
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:  # `kdcache store`
+                typer.echo(ctx.get_help(), err=True)
+            elif ctx is not None:  # a usage error: say where the options are listed
+                typer.echo(f"error: {e.format_message()} (see `{ctx.command_path} --help`)", err=True)
+            else:
+                typer.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     cls=_Group,

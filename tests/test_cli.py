@@ -350,3 +350,19 @@ def _restore_log_level():
     level = logging.getLogger("kdcache").level
     yield
     logging.getLogger("kdcache").setLevel(level)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--no-such-flag", "1"], "No such option: --no-such-flag"),
+    (["train", "--lr", "abc"], "Invalid value for '--lr'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+    (["store", "verify"], "Missing argument 'url'"),
+])
+def test_usage_errors_are_one_error_line(args, needle):
+    """Unknown options, unparsable values and unknown commands: one `error:` line on stderr
+    naming the problem and where the options are listed, exit code 2 (no boxed panel)."""
+    res = runner.invoke(cli.app, args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+    assert "--help`)" in lines[0] and res.stdout == ""
