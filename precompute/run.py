@@ -271,6 +271,7 @@ def check_data(cfg: PrecomputeConfig, prep: Prepared) -> DataStats:
 
 
 def _progress(enabled: bool, total: int | None, label: str = "precompute"):
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -284,7 +285,7 @@ def _progress(enabled: bool, total: int | None, label: str = "precompute"):
                     TextColumn("rows, {task.fields[seqs]} seqs, {task.fields[tokens]} tokens"),
                     TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled,
-                    transient=False)
+                    transient=False, console=Console(stderr=True))
 
 
 # ------------------------------------------------------------------------------- the plan

@@ -1,9 +1,11 @@
-"""A small rich progress bar for long loops: items, rate, ETA and the running loss."""
+"""A small rich progress bar for long loops: steps, tokens/s, ETA and the running loss, on
+stderr (stdout carries only a command's result)."""
 
 from __future__ import annotations
 
 import sys
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,15 +22,16 @@ class StepProgress:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.speed} it/s"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
             TextColumn("loss {task.fields[loss]:.4f}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             transient=False,
             disable=not sys.stderr.isatty(),
+            console=Console(stderr=True),
         )
         self._progress.start()
-        self._task = self._progress.add_task(desc, total=total, completed=start, loss=float("nan"))
+        self._task = self._progress.add_task(desc, total=total, completed=start, loss=float("nan"), tps=0.0)
 
     def update(self, n: int = 1, **fields) -> None:
         self._progress.update(self._task, advance=n, **fields)

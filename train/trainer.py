@@ -203,6 +203,7 @@ def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: i
     optimizer = make_optimizer(cfg, params)
     scheduler = make_scheduler(cfg, optimizer, total)
     step, tokens, pending, prior_s, last_loss = 0, 0, 0, 0.0, float("nan")
+    row_tps = 0.0  # tokens/s at the last log row (the progress bar shows it)
     metrics_path = out / METRICS
     if state is not None:
         if cfg.fsdp:
@@ -256,8 +257,9 @@ def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: i
             tokens, pending = tokens + new, 0
             last_loss = row["loss"]
             elapsed = time.perf_counter() - t0
+            row_tps = (tokens - tokens0) / max(elapsed, 1e-9)
             row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                   "tokens_per_s": (tokens - tokens0) / max(elapsed, 1e-9), **row}
+                   "tokens_per_s": row_tps, **row}
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -265,7 +267,7 @@ def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: i
                 for k, v in row.items():
                     tb.add_scalar(f"train/{k}", v, step)
         if progress is not None:
-            progress.update(1, loss=last_loss)
+            progress.update(1, loss=last_loss, tps=row_tps)
         if cfg.save_every and step % cfg.save_every == 0:
             checkpoint()
             saved_at = step
