@@ -103,3 +103,42 @@ def test_different_tokenizers_stay_an_error(work, tmp_path):
     TOK.save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match="has 50 output rows .* tokenizer has 52 token ids"):
         run_precompute(_cfg(work, reference=str(tmp_path / "small")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_padded_student_normalises_over_the_scored_ids(work, tmp_path, dtype):
+    """A student whose lm_head has padding rows (Qwen2.5-0.5B: 151,936 rows, 151,665 ids)
+    is scored over the store's ids only, as the teachers were: its log-probs equal a float64
+    log_softmax over [0, V), and the padded rows (made large here) change nothing."""
+    from kdcache.train.batch import collate
+    from kdcache.train.config import TrainConfig
+    from kdcache.train.data import next_batches
+    from kdcache.train.student import student_forward
+    from kdcache.train.trainer import scored_vocab, train
+
+    student = _save(tmp_path / "student", 64, seed=5)
+    store = open_store(run_precompute(_cfg(work)))
+    assert scored_vocab(store) == V
+    records = list(store)[:3]
+    cfg = TrainConfig(model=str(student), store=store.url, objective="kd", batch_groups=1)
+    groups = iter([[r] for r in records])
+    (batch,), _ = next_batches(groups, cfg, 0, tuple(store.meta.betas), torch.device("cpu"), V)
+    assert batch.vocab == V
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(student).to(dtype).eval()
+    with torch.no_grad():
+        got = student_forward(m, batch, chunk_size=3)
+        full = student_forward(m, collate([records[0]]), chunk_size=3)  # vocab unset: 64 rows
+        for s, rec in enumerate(records[:1]):
+            ids = [*map(int, rec["prompt_ids"]), *map(int, rec["response_ids"])]
+            p, t = len(rec["prompt_ids"]), len(rec["response_ids"])
+            lp, _ = _logprobs64(student, ids, p)
+            want = lp[:t].gather(1, torch.from_numpy(rec["topk_ids"]).long())
+            tol = 1e-10 if dtype == torch.float64 else 1e-4
+            torch.testing.assert_close(got.topk_logprobs[s, :t].double(), want, atol=tol, rtol=0)
+            # over all 64 rows the (large) padded rows would take mass: visibly different
+            assert (full.topk_logprobs[0, :t].double() - want).abs().max() > 1e-2
+    res = train(TrainConfig(model=str(student), store=store.url, out=str(tmp_path / "run"),
+                            objective="kd", max_steps=1, batch_groups=2, progress=False))
+    assert res.steps == 1

@@ -42,6 +42,9 @@ class SeqBatch:
     example_ids: list[str] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # which objective block each sequence fills
     betas: tuple[float, ...] = ()  # the store's soft-value β list (soft_value's last axis)
+    # ids [0, vocab) the teachers scored: a student whose lm_head has more (padding) rows
+    # normalises over these only, as precompute did for the teachers (METHODS §1)
+    vocab: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +68,7 @@ class SeqBatch:
             example_ids=self.example_ids,
             block_ids=self.block_ids,
             betas=self.betas,
+            vocab=self.vocab,
         )
 
 

@@ -86,13 +86,15 @@ def _load(model_dir: str, store, device):
     return model.to(device).eval(), tok
 
 
-def _score(model, records, pad_id, chunk_size, device):
+def _score(model, records, pad_id, chunk_size, device, vocab: int | None = None):
     import torch
 
     from .batch import collate
     from .student import student_forward
 
-    batch = collate(records, pad_id=pad_id).to(device)
+    batch = collate(records, pad_id=pad_id)
+    batch.vocab = vocab  # the student normalises over the ids the teachers scored
+    batch = batch.to(device)
     with torch.no_grad():
         return student_forward(model, batch, chunk_size), batch
 
@@ -160,7 +162,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i : i + cfg.batch_size]
         records = [c for c, _ in chunk] + [r for _, r in chunk]
-        out, batch = _score(model, records, pad_id, cfg.chunk_size, device)
+        out, batch = _score(model, records, pad_id, cfg.chunk_size, device, _store_vocab(store))
         avg = (out.token_logprobs * batch.mask).sum(-1) / batch.mask.sum(-1).clamp(min=1)
         n = len(chunk)
         wins += int((avg[:n] > avg[n:]).sum())

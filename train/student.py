@@ -93,7 +93,8 @@ def base_causal_lm(model):
 
 
 def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:
-    """Student log-probs at the response tokens and at the stored teacher top-K ids."""
+    """Student log-probs at the response tokens and at the stored teacher top-K ids,
+    normalised over the ids the teachers scored (`batch.vocab`; all head rows if unset)."""
     lm = base_causal_lm(model)
     decoder = lm.get_decoder()
     hidden = decoder(
@@ -101,8 +102,11 @@ def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:
         position_ids=batch.position_ids, use_cache=False,
     ).last_hidden_state
     head = lm.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if batch.vocab is not None and batch.vocab < weight.shape[0]:  # padded rows: no token
+        weight, bias = weight[: batch.vocab], None if bias is None else bias[: batch.vocab]
     rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)
-    gathered = gather_logprobs(rows_h, head.weight, batch.index, chunk_size=chunk_size, bias=head.bias)
+    gathered = gather_logprobs(rows_h, weight, batch.index, chunk_size=chunk_size, bias=bias)
     gathered = scatter_rows(gathered, batch.mask, batch.mask_pos)  # [S, T, M]
     topk = gathered[..., 1:] if gathered.shape[-1] > 1 else None
     return StudentOut(token_logprobs=gathered[..., 0], topk_logprobs=topk)

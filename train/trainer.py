@@ -69,6 +69,13 @@ def resolve_store(cfg: TrainConfig):
     return open_store(url)
 
 
+def scored_vocab(store) -> int | None:
+    """How many ids [0, V) the store's teachers scored (their tokenizer's; padded output rows
+    beyond it were dropped); None when the store does not say."""
+    tok_meta = store.meta.tokenizer if isinstance(store.meta.tokenizer, dict) else {}
+    return None if tok_meta.get("vocab_size") is None else int(tok_meta["vocab_size"])
+
+
 def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
     """Up front: the objective's fields are stored, and the student reads the same ids."""
     spec = OBJECTIVE_SPECS[cfg.objective]
@@ -79,8 +86,7 @@ def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
             f"{cfg.store!r} lacks: re-run `kdcache precompute` with a teacher"
             + (" and a --reference" if any(f.startswith("ref_") for f in missing) else "")
         )
-    tok_meta = store.meta.tokenizer if isinstance(store.meta.tokenizer, dict) else {}
-    store_vocab = tok_meta.get("vocab_size")
+    store_vocab = scored_vocab(store)
     if store_vocab is not None and int(store_vocab) != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
@@ -227,6 +233,7 @@ def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: i
     tb = _tensorboard(out) if cfg.tensorboard and d.main else None
     pad_id = tokenizer.pad_token_id or 0
     betas = tuple(store.meta.betas)
+    vocab = scored_vocab(store)  # a padded student head normalises over these ids only
     model.train()
     groups = group_stream(reader, budget)
     t0, tokens0, saved_at = time.perf_counter(), tokens, step
@@ -248,7 +255,7 @@ def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: i
         D.barrier(d)  # nobody goes on before the checkpoint is complete
 
     while step < total and (stop_after is None or step < stop_after):
-        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device)
+        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab)
         metrics = train_step(step_model, optimizer, scheduler, params, batches, cfg, step, precision)
         step += 1
         pending += step_tokens  # this rank's; summed over ranks when logged or saved
