@@ -2,7 +2,7 @@
 
 Why these codecs: every step is a registered Zarr codec written into each array's
 `zarr.json`, so a reader (ours or plain zarr after `import kdcache.store`) decodes without
-guesswork.  Schema v3 (written now):
+guesswork.  Schema v3:
 
 * ids: `transpose([1, 0])` → `bytes` → blosc(zstd, byte shuffle).  Rank-major order puts
   ids of one rank together (their distributions differ a lot by rank); exact in every mode.
@@ -19,10 +19,11 @@ guesswork.  Schema v3 (written now):
   advantage, METHODS §1), zigzag-coded; the reader rebuilds ref from the two integer
   arrays, so ref's error is exactly that of quantising ref itself (≤ ε).
 
-Schema v4 (written now) is v3 with a `crc32c` codec appended to every chain: each chunk
+Schema v4 is v3 with a `crc32c` codec appended to every chain: each chunk
 carries the crc32c of its compressed bytes, which `fastdecode` (and plain zarr) check on
-every decode.  Schema v2/v3 stores (v2: numcodecs `fixedscaleoffset` + `delta`, grid step in
-float64) are still decoded by `fastdecode` / zarr; `CodecSpec(version=2 or 3)` still writes
+every decode.  Schema v5 (written now) stores ids as `kdcache.idmap` codes (a per-shard
+table, token-major, zstd) where that is smaller, see `choose_ids_pipeline`.  Schema v2/v3
+stores (v2: numcodecs `fixedscaleoffset` + `delta`, grid step in float64) are still decoded by `fastdecode` / zarr; `CodecSpec(version=2 or 3)` still writes
 them (tests of the backward-compatible reader only).
 """
 

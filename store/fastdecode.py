@@ -141,8 +141,9 @@ _SCRATCH = threading.local()
 
 
 def _scratch(slot: str, nbytes: int) -> np.ndarray:
-    """A per-thread reusable byte buffer: fresh memory for every decompressed chunk costs
-    page faults that, on shard-sized chunks, take longer than the decompression itself."""
+    """A per-thread reusable byte buffer: fresh memory for every decompressed chunk cost
+    page faults that made decompression ~1.7x slower (benchmarks/results/store.md).  Memory
+    held: at most two chunks per decoding thread (2 × 13 MB for 65536-row K=50 chunks)."""
     bufs = _SCRATCH.__dict__.setdefault("bufs", {})
     b = bufs.get(slot)
     if b is None or len(b) < nbytes:
