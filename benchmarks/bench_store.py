@@ -3,8 +3,8 @@ realistic vocabularies (32k and a Qwen-like 151,936), against Parquet and the pr
 format; alternative id codings; StreamReader read speed on one core; the cost of the
 read-path checksums.  Not a test.
 
-Run:  python benchmarks/bench_store.py [--sections realistic,ids,checksum[,bytes]]
-      [--vocabs 32k,152k] [--real-tokens 52000] [--read-repeats 9]
+Run:  python benchmarks/bench_store.py [--sections realistic,ids,checksum,before_after[,bytes]]
+      [--vocabs 32k,152k] [--real-tokens 52000] [--read-repeats 9] [--baseline-rev REV]
 
 Teachers (section "realistic"): byte-level BPE tokenizers (32,000 and 151,643 tokens,
 `tokenizers`) trained on local Python text (the stdlib and the installed torch,
@@ -28,6 +28,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -616,6 +618,91 @@ def read_ab(urls: dict[str, str], repeats: int) -> dict:
     return out
 
 
+def baseline_store_package(rev: str, tmp: str):
+    """The `store` package as of git revision `rev`, imported under its own name, so that
+    the code before a change and after it read the same store in one process."""
+    import importlib.util
+    import tarfile
+
+    dest = Path(tmp) / f"store-{rev}"
+    dest.mkdir(parents=True, exist_ok=True)
+    blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "store"], check=True,
+                          capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(dest, filter="data")
+    name = f"kdcache_store_{rev}"
+    spec = importlib.util.spec_from_file_location(
+        name, dest / "store" / "__init__.py", submodule_search_locations=[str(dest / "store")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    # its codecs registered themselves with zarr under our names: put ours back
+    from zarr.registry import register_codec
+
+    from kdcache.store import codecs
+
+    register_codec(codecs.GRIDQ, codecs._gridq_class())
+    register_codec(codecs.IDMAP, codecs._idmap_class())
+    return mod
+
+
+def _decompress_floor(st, fields: list[str]) -> float:
+    """CPU seconds to decompress (only) every chunk of the arrays an epoch of `fields`
+    reads — zstd/blosc into reused buffers, nothing else: what no decoder of these bytes
+    can avoid."""
+    import numcodecs
+
+    from kdcache.store.fastdecode import _frame_size, _plan, array_meta
+
+    raws = [st.fetch_shard(i, fields) for i in range(len(st.shards))]
+    jobs = []
+    for raw in raws:
+        z = {k[len("tokens.zarr/"):]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
+        for a in {k.split("/")[0] for k in z if "/c/" in k}:
+            plan = _plan(a, array_meta(z, a))
+            for k, v in z.items():
+                if k.startswith(f"{a}/c/"):
+                    out = np.empty(int(np.prod(plan.chunk)) * 4, np.uint8)
+                    jobs.append((plan.compressors[-1], np.frombuffer(v, np.uint8)[:-4], out))
+    jobs = [(c, b, o[: _frame_size(c, b)]) for c, b, o in jobs
+            if isinstance(c, numcodecs.Blosc | numcodecs.Zstd)]
+    t = time.process_time()
+    for codec, buf, out in jobs:
+        codec.decode(buf, out=out)
+    return time.process_time() - t
+
+
+def read_before_after(url: str, rev: str, tmp: str, repeats: int) -> dict:
+    """StreamReader epochs (ADPA fields, prefetch 0) on one core with the reader of git
+    revision `rev` ("before") and of the working tree ("after") on the same store,
+    alternating every repetition; tokens per CPU second of this process, medians and the
+    median of the per-repetition ratios; plus the decompression-only floor of the same
+    bytes (alternated with them)."""
+    old = baseline_store_package(rev, tmp)
+    readers = {"before": (old.StreamReader, old.open_store(url)),
+               "after": (StreamReader, open_store(url))}
+    n_tok = readers["after"][1].num_tokens
+    cpu: dict[str, list[float]] = {k: [] for k in (*readers, "decompress_only")}
+    with one_core() as core:
+        for cls, st in readers.values():  # warm-up
+            sum(1 for _ in cls(st, fields=ADPA_FIELDS, prefetch=0))
+        for rep in range(repeats):
+            for k in (list(readers) if rep % 2 == 0 else list(readers)[::-1]):
+                cls, st = readers[k]
+                c = time.process_time()
+                n = sum(r["n_tokens"] for g in cls(st, fields=ADPA_FIELDS, prefetch=0)
+                        for r in g)
+                cpu[k].append(n / (time.process_time() - c))
+            cpu["decompress_only"].append(n_tok / _decompress_floor(readers["after"][1],
+                                                                      ADPA_FIELDS))
+    ratios = [a / b for a, b in zip(cpu["after"], cpu["before"], strict=True)]
+    return {"baseline_rev": rev, "core": core, "load_avg": os.getloadavg(),
+            **{k: {"cpu_tok_s_median": float(np.median(v)), "cpu_runs": v}
+               for k, v in cpu.items()},
+            "after_over_before_cpu_median": float(np.median(ratios)),
+            "ratio_runs": ratios}
+
+
 def store_row(url: str, groups: list[list[dict]], options: dict,
               version: int | None = None) -> dict:
     n_tok = sum(len(r["response_ids"]) for g in groups for r in g)
@@ -871,6 +958,15 @@ def realistic_section(name: str, args: argparse.Namespace, tmp: str) -> dict:
                                     "v5": urls["v5 compact (default)"]}, args.read_repeats)
     print(name, "read v5/v4 (cpu)", out["read_one_core"]["v5"]["cpu_ratio_to_v4_median"],
           flush=True)
+    if "before_after" in args.sections:
+        try:
+            out["read_before_after"] = read_before_after(
+                urls["v5 compact (default)"], args.baseline_rev, tmp, args.read_repeats)
+            print(name, "read after/before (cpu)",
+                  out["read_before_after"]["after_over_before_cpu_median"], flush=True)
+        except (OSError, subprocess.CalledProcessError) as e:  # no git, or no such revision
+            out["read_before_after"] = {"skipped": f"{type(e).__name__}: {e}"}
+            print(name, "before_after skipped:", e, file=sys.stderr, flush=True)
     if "ids" in args.sections:
         out["ids_alternatives"] = ids_alternatives(groups, 256 * RESPONSE_T)
     if name == "32k":
@@ -886,12 +982,16 @@ def realistic_section(name: str, args: argparse.Namespace, tmp: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="realistic,ids,checksum",
+    ap.add_argument("--sections", default="realistic,ids,checksum,before_after",
                     help="comma list: realistic (32k and 152k vocabularies: sizes, errors, "
                          "read speed on one core), ids (alternative id codings), checksum "
-                         "(cost of the read-path checks), bytes (the byte-level teacher rows "
-                         "of earlier runs)")
+                         "(cost of the read-path checks), before_after (this reader vs the one at "
+                         "--baseline-rev, one core), bytes (the byte-level teacher rows of "
+                         "earlier runs)")
     ap.add_argument("--vocabs", default="32k,152k")
+    ap.add_argument("--baseline-rev", default="51048ae",
+                    help="before_after section: the git revision whose reader is compared "
+                         "with the working tree's (default: before the read-path speed-up)")
     ap.add_argument("--real-tokens", type=int, default=52_000)
     ap.add_argument("--read-repeats", type=int, default=9)
     ap.add_argument("--checksum-repeats", type=int, default=9)

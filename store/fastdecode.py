@@ -10,25 +10,31 @@ zarr.  It never guesses: every step comes from the metadata, and the tests check
 zarr's own decoding.  A chunk whose crc32c does not match, or that cannot be decoded, raises
 `ChunkError` naming the chunk's key (the reader adds the store and shard).
 
-Speed: chunks are decompressed straight into place and a `kdcache.gridq` array is
-dequantised by one fused numpy op into a preallocated float32 buffer; `decode_grid` returns
-the integer grid indices instead, which is how `ref_topk_logprobs` is rebuilt exactly from
-the `topk_adv` array.  blosc/zstd and the numpy loops release the GIL, so the reader decodes
-a shard's arrays in threads.
+Speed (benchmarks/results/store.md): after decompression, every per-element step — the
+id table lookup, the grid's zigzag / cumulative sum / scaling, and the rebuild of
+`ref_topk_logprobs` from `topk_adv` (`decode_topk_ref`) — runs over blocks of about
+`codecs.BLOCK_ELEMS` elements, so a block's intermediates stay in the core's L2 cache instead of
+streaming shard-sized temporaries through memory once per step.  `decode_grid` returns the
+integer grid indices (the plain, unblocked reference the tests compare against).
+blosc/zstd and the numpy loops release the GIL, so the reader can decode a shard's arrays
+in threads when it has more than one core.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import google_crc32c
 import numcodecs
 import numpy as np
 
+from . import codecs
 from .codecs import GRIDQ, IDMAP, grid_ints, id_decode, unpack_table
 
-__all__ = ["decode_array", "decode_grid", "array_meta", "ChunkError"]
+__all__ = ["decode_array", "decode_grid", "decode_topk_ref", "grid_config", "array_meta",
+           "ChunkError"]
 
 
 class ChunkError(ValueError):
@@ -114,8 +120,58 @@ def array_meta(files: dict[str, bytes], name: str) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
-def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True):
-    """Yield (lo, hi, encoded-side array or None for a fill chunk) per chunk."""
+def _frame_size(codec: Any, u8: np.ndarray) -> int | None:
+    """Decompressed size a blosc or zstd frame declares in its header (None: not stated)."""
+    if isinstance(codec, numcodecs.Blosc) and len(u8) >= 16:
+        return int.from_bytes(u8[4:8].tobytes(), "little")  # blosc1 header: nbytes
+    if isinstance(codec, numcodecs.Zstd) and len(u8) >= 6 \
+            and int.from_bytes(u8[:4].tobytes(), "little") == 0xFD2FB528:
+        fhd = int(u8[4])
+        single = (fhd >> 5) & 1
+        pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+        width = (single, 2, 4, 8)[fhd >> 6]
+        if not width or len(u8) < pos + width:
+            return None
+        return int.from_bytes(u8[pos : pos + width].tobytes(), "little") + (256 if width == 2
+                                                                            else 0)
+    return None
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, nbytes: int) -> np.ndarray:
+    """A per-thread reusable byte buffer: fresh memory for every decompressed chunk cost
+    page faults that made decompression ~1.7x slower (benchmarks/results/store.md).  Memory
+    held: at most two chunks per decoding thread (2 × 13 MB for 65536-row K=50 chunks)."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    b = bufs.get(slot)
+    if b is None or len(b) < nbytes:
+        b = bufs[slot] = np.empty(nbytes, np.uint8)
+    return b[:nbytes]
+
+
+def _decompress(compressors: list[Any], buf: Any, nbytes: int, slot: str | None) -> Any:
+    """Decompressed bytes of a chunk: into this thread's scratch buffer `slot` when the
+    frame's header states exactly the expected size, else into fresh memory (any size; the
+    caller then rejects a wrong one)."""
+    if slot is not None and len(compressors) == 1:
+        u8 = np.frombuffer(buf, np.uint8)
+        if _frame_size(compressors[0], u8) == nbytes:
+            try:
+                return compressors[0].decode(u8, out=_scratch(slot, nbytes))
+            except Exception:  # noqa: BLE001 - let the plain path decide what is wrong
+                pass
+    for c in reversed(compressors):
+        buf = c.decode(buf)
+    return buf
+
+
+def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True, slot: str | None = None):
+    """Yield (lo, hi, encoded-side array or None for a fill chunk) per chunk.
+
+    With `slot`, a chunk may be decompressed into this thread's scratch buffer `slot`: the
+    array yielded is then only valid until the next chunk is requested."""
     if p.gridq is not None:
         inner = np.dtype("i4")
     elif p.idmap is not None:
@@ -144,8 +200,8 @@ def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True):
                 raise ChunkError(key, "failed its crc32c check (corrupted bytes)", True)
             buf = u8[:-4]
         try:
-            for c in reversed(p.compressors):
-                buf = c.decode(buf)
+            buf = _decompress(p.compressors, buf, int(np.prod(enc_shape)) * inner.itemsize,
+                              slot)
             arr = np.frombuffer(buf, dtype=inner)
             if not p.filters:
                 arr = arr.reshape(enc_shape)
@@ -160,6 +216,33 @@ def _key(p: _Plan, lo: int) -> str:
     return f"{p.name}/c/{lo // p.chunk[0]}" + ("/0" if len(p.shape) == 2 else "")
 
 
+def _block_rows(row_elems: int) -> int:
+    return max(1, codecs.BLOCK_ELEMS // max(1, row_elems))
+
+
+def _blocks(n_rows: int, row_elems: int) -> list[tuple[int, int]]:
+    """Row ranges of about `codecs.BLOCK_ELEMS` elements covering `n_rows` rows."""
+    step = _block_rows(row_elems)
+    return [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+
+def _row_elems(a: np.ndarray) -> int:
+    return int(np.prod(a.shape[1:], dtype=np.int64)) if a.ndim > 1 else 1
+
+
+def _grid_into(codes: np.ndarray, g: dict[str, Any], scale: np.float32,
+               dst: np.ndarray) -> None:
+    """dst[...] = grid_ints(codes)·scale (float32), block by block (float32 loop: exact
+    conversion of |q| < 2^24, see `decode_topk_ref`)."""
+    delta, zigzag = bool(g.get("delta")), bool(g.get("zigzag"))
+    row = _row_elems(codes)
+    q = np.empty(max(1, min(len(codes), _block_rows(row)) * row), np.int32)
+    for a, b in _blocks(len(codes), row):
+        qb = q[: (b - a) * row].reshape((b - a, *codes.shape[1:]))
+        grid_ints(codes[a:b], delta, zigzag, qb)
+        np.multiply(qb, scale, out=dst[a:b], dtype=np.float32, casting="unsafe")
+
+
 def decode_array(files: dict[str, bytes], name: str, check: bool = True) -> np.ndarray | None:
     """Decode array `name` from a {key: bytes} map of a zarr v3 group, or None if unsupported.
 
@@ -172,7 +255,7 @@ def decode_array(files: dict[str, bytes], name: str, check: bool = True) -> np.n
     out = np.empty(p.shape, dtype=p.dtype)
     g = p.gridq
     scale = None if g is None else np.float32(int(g.get("sign", 1)) * float(g["step"]))
-    for lo, hi, arr in _chunks(p, files, check):
+    for lo, hi, arr in _chunks(p, files, check, slot="a"):
         dst = out[lo:hi]
         if arr is None:
             dst[...] = p.fill
@@ -182,8 +265,7 @@ def decode_array(files: dict[str, bytes], name: str, check: bool = True) -> np.n
             except ValueError as e:
                 raise ChunkError(_key(p, lo), f"cannot be decoded ({e})") from None
         elif g is not None:
-            q = grid_ints(arr[: hi - lo], bool(g.get("delta")), bool(g.get("zigzag")))
-            np.multiply(q, scale, out=dst, casting="unsafe")
+            _grid_into(arr[: hi - lo], g, scale, dst)
         elif p.filters:
             for f in reversed(p.filters):
                 arr = f.decode(arr)
@@ -193,6 +275,14 @@ def decode_array(files: dict[str, bytes], name: str, check: bool = True) -> np.n
         else:
             dst[...] = arr[: hi - lo]
     return out
+
+
+def grid_config(files: dict[str, bytes], name: str) -> dict[str, Any] | None:
+    """The `kdcache.gridq` configuration of array `name`; None if it is not such an array
+    (or is outside the fast decoder's subset)."""
+    meta = array_meta(files, name)
+    p = None if meta is None else _plan(name, meta)
+    return None if p is None else p.gridq
 
 
 def decode_grid(files: dict[str, bytes], name: str,
@@ -214,3 +304,64 @@ def decode_grid(files: dict[str, bytes], name: str,
         else:
             grid_ints(arr[: hi - lo], bool(g.get("delta")), bool(g.get("zigzag")), out[lo:hi])
     return out, int(g.get("sign", 1)) * float(g["step"])
+
+
+def _encoded_rows(p: _Plan, files: dict[str, bytes], check: bool, slot: str | None):
+    """(lo, hi, encoded int32 rows lo:hi) per chunk; a fill chunk is encoded zeros (grid
+    index 0 under every gridq option)."""
+    for lo, hi, arr in _chunks(p, files, check, slot):
+        yield lo, hi, (np.zeros((hi - lo, *p.shape[1:]), np.int32) if arr is None
+                       else arr[: hi - lo])
+
+
+def decode_topk_ref(files: dict[str, bytes], adv: str, want_topk: bool,
+                    check: bool = True) -> tuple[np.ndarray | None, np.ndarray] | None:
+    """(topk_logprobs or None, ref_topk_logprobs) rebuilt from the gridq arrays
+    `topk_logprobs` and `adv` (= q(topk) − q(ref)) in one blocked pass; None when either is
+    not a gridq array of the fast decoder's subset (the caller checks the metadata first).
+
+    Values equal the plain rebuild from `decode_grid`: topk = (sign·q_topk)·(sign·step),
+    ref = (sign·q_topk ∓ q_adv)·(sign·step), each one correctly rounded float32 product.
+    """
+    # Products use numpy's float32 loop (faster than float64 + a cast): float32(q) is exact
+    # for |q| < 2^24, which the grid guarantees (codecs.MAX_GRID_INT), so the one rounding
+    # of the product is the same either way.
+    mt, ma = array_meta(files, "topk_logprobs"), array_meta(files, adv)
+    pt = None if mt is None else _plan("topk_logprobs", mt)
+    pa = None if ma is None else _plan(adv, ma)
+    if pt is None or pa is None or pt.gridq is None or pa.gridq is None \
+            or pt.shape != pa.shape:
+        return None
+    gt, ga = pt.gridq, pa.gridq
+    s = np.float32(int(gt.get("sign", 1)) * float(gt["step"]))
+    combine = np.add if s < 0 else np.subtract  # sign·q_ref = sign·q_topk ∓ q_adv
+    topk = np.empty(pt.shape, np.float32) if want_topk else None
+    ref = np.empty(pt.shape, np.float32)
+    if pt.chunk == pa.chunk:  # the writer's layout: chunk i of one pairs with chunk i of the other
+        pairs: Any = ((lo, et, ea) for (lo, _, et), (_, _, ea) in
+                      zip(_encoded_rows(pt, files, check, "a"), _encoded_rows(pa, files, check, "b"),
+                          strict=True))
+    else:
+        full = []
+        for p in (pt, pa):
+            e = np.empty(p.shape, np.int32)
+            for lo, hi, rows in _encoded_rows(p, files, check, None):
+                e[lo:hi] = rows
+            full.append(e)
+        pairs = [(0, full[0], full[1])]
+    row = _row_elems(ref)
+    qt = np.empty(max(1, min(len(ref), _block_rows(row)) * row), np.int32)
+    qa = np.empty_like(qt)
+    dt, zt = bool(gt.get("delta")), bool(gt.get("zigzag"))
+    da, za = bool(ga.get("delta")), bool(ga.get("zigzag"))
+    for lo, et, ea in pairs:
+        for a, b in _blocks(len(et), row):
+            shape = (b - a, *et.shape[1:])
+            bt = grid_ints(et[a:b], dt, zt, qt[: (b - a) * row].reshape(shape))
+            if topk is not None:
+                np.multiply(bt, s, out=topk[lo + a : lo + b], dtype=np.float32,
+                            casting="unsafe")
+            ba = grid_ints(ea[a:b], da, za, qa[: (b - a) * row].reshape(shape))
+            combine(bt, ba, out=ba)
+            np.multiply(ba, s, out=ref[lo + a : lo + b], dtype=np.float32, casting="unsafe")
+    return topk, ref

@@ -9,16 +9,16 @@ disk that it does not list are ignored.
 from __future__ import annotations
 
 import bisect
-import io
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._io import SHARDS_DIR, join, open_fs, read_manifest
+from ._io import SHARDS_DIR, cat_files, join, open_fs, read_manifest
 from .codecs import ADV_ARRAY
 from .fingerprint import hash_bytes
 from .format import CRC_SCHEMA_VERSIONS, TOKEN_FIELDS, StoreMeta
@@ -48,21 +48,22 @@ class Shard:
         self.n = table.num_rows
         self.table = table  # the records.parquet Arrow table
         self.tokens = tokens
-        self._seq: dict[str, Any] = {}
-        for col in ("example_id", "role"):
+        # Plain Python lists: a record is built from them per group, and indexing a list
+        # is several times cheaper than converting a numpy scalar.
+        self._seq: dict[str, list[Any]] = {}
+        for col in ("example_id", "role", "group", "n_tokens", "reward"):
             self._seq[col] = table.column(col).to_pylist()
-        for col in ("group", "n_tokens"):
-            self._seq[col] = table.column(col).to_numpy()
-        self._seq["is_terminal"] = table.column("is_terminal").to_numpy(zero_copy_only=False)
-        self._seq["reward"] = table.column("reward").to_pylist()
+        self._seq["is_terminal"] = [bool(x) for x in table.column("is_terminal").to_pylist()]
         self.token_offset = table.column("token_offset").to_numpy()
-        self._lists: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        self._starts: list[int] = self.token_offset.tolist()
+        self._lists: dict[str, tuple[list[int], np.ndarray, list[bool] | None]] = {}
         for col in ("prompt_ids", "response_ids", "teacher_prompt_ids"):
             arr = table.column(col).combine_chunks()
-            offs = arr.offsets.to_numpy()
+            offs = arr.offsets.to_numpy().tolist()
             vals = arr.values.to_numpy(zero_copy_only=False)
-            valid = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
+            valid = None if arr.null_count == 0 else arr.is_valid().to_pylist()
             self._lists[col] = (offs, vals, valid)
+        self._extra = [(name, arr, TOKEN_FIELDS[name].extra_row) for name, arr in tokens.items()]
         # group boundaries: records of one example are contiguous
         eids = self._seq["example_id"]
         starts = [i for i in range(self.n) if i == 0 or eids[i] != eids[i - 1]]
@@ -72,22 +73,24 @@ class Shard:
         return self.n
 
     def record(self, i: int) -> dict[str, Any]:
+        seq = self._seq
+        T = seq["n_tokens"][i]
         out: dict[str, Any] = {
-            "example_id": self._seq["example_id"][i],
-            "role": self._seq["role"][i],
-            "group": int(self._seq["group"][i]),
-            "is_terminal": bool(self._seq["is_terminal"][i]),
-            "reward": self._seq["reward"][i],
-            "n_tokens": int(self._seq["n_tokens"][i]),
+            "example_id": seq["example_id"][i],
+            "role": seq["role"][i],
+            "group": seq["group"][i],
+            "is_terminal": seq["is_terminal"][i],
+            "reward": seq["reward"][i],
+            "n_tokens": T,
         }
         for col, (offs, vals, valid) in self._lists.items():
             if valid is not None and not valid[i]:
                 out[col] = None
             else:
                 out[col] = vals[offs[i] : offs[i + 1]]
-        start, T = int(self.token_offset[i]), out["n_tokens"]
-        for name, arr in self.tokens.items():
-            if TOKEN_FIELDS[name].extra_row:  # T+1 rows: one extra row per earlier record
+        start = self._starts[i]
+        for name, arr, extra_row in self._extra:
+            if extra_row:  # T+1 rows: one extra row per earlier record
                 s = start + i
                 out[name] = arr[s : s + T + 1]
             else:
@@ -127,6 +130,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _cores() -> int:
+    """CPUs this process may run on (a pinned DataLoader worker: often 1)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _needed_arrays(fields: Sequence[str], zarr_keys: Any) -> list[str]:
     """zarr arrays to decode for `fields` (a compact v3 ref also needs its base array)."""
     want: list[str] = []
@@ -149,18 +160,20 @@ def decode_shard(
     Chunks with a crc32c codec are checked as they are decoded (`check=False`: benchmarks
     of the check's cost only).
     """
-    from .fastdecode import ChunkError, decode_array, decode_grid
+    from .fastdecode import ChunkError, decode_array, decode_topk_ref, grid_config
 
     zfiles = {k[len("tokens.zarr/") :]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
     arrays = _needed_arrays(fields, zfiles)
     adv = ADV_ARRAY in arrays
     zarr_group: list[Any] = []
+    threads = threads and _cores() > 1  # on one core threads only add switching
 
-    def one(a: str) -> Any:
+    def named(fn: Any, a: str) -> Any:
+        """fn() with damage reported as a ShardFileError naming the file."""
         if f"{a}/zarr.json" not in zfiles:
             raise ShardFileError(f"tokens.zarr/{a}/zarr.json", "is missing from the shard")
         try:
-            return decode_one(a)
+            return fn()
         except ChunkError as e:
             raise ShardFileError(f"tokens.zarr/{e.key}", e.what) from None
         except ShardFileError:
@@ -169,53 +182,50 @@ def decode_shard(
             raise ShardFileError(f"tokens.zarr/{a}",
                                  f"cannot be decoded ({type(e).__name__}: {e})") from None
 
-    def decode_one(a: str) -> Any:
-        if adv and a in (ADV_ARRAY, "topk_logprobs"):
-            got = decode_grid(zfiles, a, check)
-            if got is None:
+    def one(a: str) -> Any:
+        def plain() -> Any:
+            arr = decode_array(zfiles, a, check)  # fast path for the subset of zarr we write
+            return _zarr_read(zfiles, a, zarr_group) if arr is None else arr
+        return named(plain, a)
+
+    def topk_ref() -> tuple[np.ndarray | None, np.ndarray]:
+        # ref = topk − adv on the integer grid, rebuilt with topk in one blocked pass
+        steps = {}
+        for a in (ADV_ARRAY, "topk_logprobs"):
+            g = named(lambda a=a: grid_config(zfiles, a), a)
+            if g is None:
                 raise ShardFileError(f"tokens.zarr/{a}/zarr.json",
                                      f"does not declare a kdcache.gridq array, so "
                                      f"ref_topk_logprobs cannot be rebuilt from {ADV_ARRAY} "
                                      f"(not written by kdcache, or corrupt)")
-            return got
-        arr = decode_array(zfiles, a, check)  # fast path for the subset of zarr we write
-        if arr is None:
-            arr = _zarr_read(zfiles, a, zarr_group)
-        return arr
+            steps[a] = abs(float(g["step"]))
+        if steps[ADV_ARRAY] != steps["topk_logprobs"]:
+            raise ShardFileError(f"tokens.zarr/{ADV_ARRAY}/zarr.json",
+                                 f"has step {steps[ADV_ARRAY]}, not topk_logprobs' step "
+                                 f"{steps['topk_logprobs']} (corrupt metadata)")
+        got = named(lambda: decode_topk_ref(zfiles, ADV_ARRAY, "topk_logprobs" in fields,
+                                            check), ADV_ARRAY)
+        if got is None:
+            raise ShardFileError(f"tokens.zarr/{ADV_ARRAY}/zarr.json",
+                                 "does not have topk_logprobs' shape (corrupt metadata)")
+        return got
 
-    if threads and len(arrays) > 1:
-        futs = [_decode_pool().submit(one, a) for a in arrays]
+    jobs: dict[str, Any] = {a: (lambda a=a: one(a)) for a in arrays
+                            if not (adv and a in (ADV_ARRAY, "topk_logprobs"))}
+    if adv:
+        jobs[ADV_ARRAY] = topk_ref
+    if threads and len(jobs) > 1:
+        futs = {a: _decode_pool().submit(fn) for a, fn in jobs.items()}
         table = _read_records(raw)
-        dec = dict(zip(arrays, (f.result() for f in futs), strict=True))
+        dec = {a: f.result() for a, f in futs.items()}
     else:
-        dec = {a: one(a) for a in arrays}
+        dec = {a: fn() for a, fn in jobs.items()}
         table = _read_records(raw)
     tokens: dict[str, np.ndarray] = {}
     if adv:
-        (q_topk, s_topk), (q_adv, s_adv) = dec["topk_logprobs"], dec[ADV_ARRAY]
-        if abs(s_adv) != abs(s_topk):
-            raise ShardFileError(f"tokens.zarr/{ADV_ARRAY}/zarr.json",
-                                 f"has step {abs(s_adv)}, not topk_logprobs' step "
-                                 f"{abs(s_topk)} (corrupt metadata)")
-
-        def topk_values() -> np.ndarray:
-            return np.multiply(q_topk, np.float32(s_topk), dtype=np.float32, casting="unsafe")
-
-        def ref_values() -> np.ndarray:
-            # topk holds sign·q_topk (sign = s_topk/step), adv holds q_topk − q_ref:
-            # sign·q_ref = sign·q_topk − sign·q_adv, value = (sign·q_ref)·(sign·step)
-            sq = np.add(q_topk, q_adv) if s_topk < 0 else np.subtract(q_topk, q_adv)
-            return np.multiply(sq, np.float32(s_topk), out=sq.view(np.float32),
-                               casting="unsafe")
-
-        if "topk_logprobs" in fields and threads:
-            fut = _decode_pool().submit(topk_values)
-            tokens["ref_topk_logprobs"] = ref_values()
-            tokens["topk_logprobs"] = fut.result()
-        else:
-            if "topk_logprobs" in fields:
-                tokens["topk_logprobs"] = topk_values()
-            tokens["ref_topk_logprobs"] = ref_values()
+        topk, tokens["ref_topk_logprobs"] = dec[ADV_ARRAY]
+        if topk is not None:
+            tokens["topk_logprobs"] = topk
     for f in fields:
         if f not in tokens:
             tokens[f] = dec[f]
@@ -239,7 +249,10 @@ def _read_records(raw: dict[str, bytes]) -> Any:
     if "records.parquet" not in raw:
         raise ShardFileError("records.parquet", "is missing from the shard")
     try:
-        return pq.read_table(io.BytesIO(raw["records.parquet"]))
+        # a few hundred rows: pyarrow's dataset layer, pre-buffering and thread pool cost
+        # more than they save (half the time of read_table)
+        return pq.ParquetFile(pa.BufferReader(raw["records.parquet"]),
+                              pre_buffer=False).read(use_threads=False)
     except Exception as e:  # pyarrow raises several types for bad bytes
         raise ShardFileError("records.parquet",
                              f"cannot be read ({type(e).__name__}: {e})") from None
@@ -335,7 +348,7 @@ class Store:
         rels = self.shard_files(index, fields)
         base = join(self.root, SHARDS_DIR, name)
         paths = [join(base, r) for r in rels]
-        got = self.fs.cat(paths, on_error="return")
+        got = cat_files(self.fs, paths)
         raw = {}
         for r, p in zip(rels, paths, strict=True):
             data = got.get(p)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._io import SHARDS_DIR, join, open_fs, read_manifest
+from ._io import SHARDS_DIR, cat_files, join, open_fs, read_manifest
 from .fingerprint import hash_bytes
 from .integrity import manifest_problems
 from .writer import NoStoreError, commit_manifest
@@ -43,7 +43,7 @@ def _problems(url: str) -> tuple[list[str], set[int], bool, Any, str, dict | Non
         name = shard["name"]
         base = join(root, SHARDS_DIR, name)
         paths = {rel: join(base, rel) for rel in shard["files"]}
-        got = fs.cat(list(paths.values()), on_error="return")
+        got = cat_files(fs, list(paths.values()))
         for rel, path in paths.items():
             info = shard["files"][rel]
             data = got.get(path)
