@@ -430,10 +430,23 @@ def store_ls(root: str = typer.Argument(..., help="directory or URL holding stor
 
 
 @store_app.command("verify")
-def store_verify(url: str = typer.Argument(..., help="store URL or path")) -> None:
-    """Check every shard's checksum; print `ok`, or each problem and exit 1."""
+def store_verify(
+        url: str = typer.Argument(..., help="store URL or path"),
+        repair: bool = typer.Option(
+            False, "--repair", help="drop the first damaged shard and all later ones from the "
+            "manifest, so re-running the command that wrote the store rewrites them "
+            "(default: off, only report)")) -> None:
+    """Check every file's checksum and the manifest; print `ok`, or name each damaged shard
+    and file and exit 1."""
+    from kdcache.store.verify import repair as repair_store
     from kdcache.store.verify import verify
 
+    if repair:
+        res = _friendly(repair_store, url)
+        for p in res["problems"]:
+            typer.secho(str(p), fg=typer.colors.RED, err=True)
+        _echo_json({k: v for k, v in res.items() if k != "problems"})
+        return
     problems = _friendly(verify, url)
     for p in problems:
         typer.secho(str(p), fg=typer.colors.RED)
@@ -444,11 +457,16 @@ def store_verify(url: str = typer.Argument(..., help="store URL or path")) -> No
 
 @store_app.command("gc")
 def store_gc(root: str = typer.Argument(..., help="directory or URL holding stores"),
-             dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed")) -> None:
+             dry_run: bool = typer.Option(False, "--dry-run",
+                                          help="only list what would be removed (default: off)"),
+             min_age: float = typer.Option(
+                 3600.0, "--min-age", help="remove unreferenced files only when at least this "
+                 "many seconds old (default 3600: a live writer's next shard is unreferenced "
+                 "until it commits); temp files of dead writers go at any age")) -> None:
     """Remove shards no manifest references and uncommitted temporary files; print JSON."""
     from kdcache.store.admin import gc
 
-    _echo_json(_friendly(lambda: gc(root, dry_run=dry_run)))
+    _echo_json(_friendly(lambda: gc(root, min_age_s=min_age, dry_run=dry_run)))
 
 
 @store_app.command("merge")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import uuid
 from typing import Any
 
@@ -27,11 +28,44 @@ __all__ = [
     "write_files",
     "read_manifest",
     "is_local",
+    "temp_name",
+    "temp_owner_dead",
 ]
 
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 TMP_MARK = ".tmp-"  # every temporary file name contains this; gc() removes them
+
+
+def temp_name(base: str) -> str:
+    """`.<base>.tmp-<uuid>-<pid>@<host>`: unique, and names the process that owns it, so a
+    resuming writer or gc can tell a dead writer's leftover from a live writer's file."""
+    return f".{base}{TMP_MARK}{uuid.uuid4().hex}-{os.getpid()}@{socket.gethostname()}"
+
+
+def temp_owner_dead(name: str) -> bool:
+    """True when `name` is a `temp_name` of a process on this host that no longer runs.
+
+    False when it cannot tell (another host, an older naming, a live or reused pid): the
+    caller then falls back to the file's age.
+    """
+    tail = name.rsplit(TMP_MARK, 1)[-1]
+    if "@" not in tail or "-" not in tail:
+        return False
+    who, host = tail.split("@", 1)
+    pid_s = who.rsplit("-", 1)[-1]
+    if host != socket.gethostname() or not pid_s.isdigit():
+        return False
+    pid = int(pid_s)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists but not ours (EPERM): alive
+        return False
+    return False
 
 
 def open_fs(url: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -57,7 +91,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if is_local(fs):
         d = os.path.dirname(path)
         os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".{os.path.basename(path)}{TMP_MARK}{uuid.uuid4().hex}")
+        tmp = os.path.join(d, temp_name(os.path.basename(path)))
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -82,10 +116,28 @@ def write_files(fs: fsspec.AbstractFileSystem, files: dict[str, bytes]) -> None:
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | None:
-    """The parsed manifest, or None when no store exists at `root`."""
+    """The parsed manifest, or None when no store exists at `root`.
+
+    A manifest that is not a JSON object (truncated, overwritten) is a ValueError naming
+    the file, never a bare parser message.
+    """
     path = join(root, MANIFEST)
     try:
         raw = fs.cat_file(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there, or `root` is a file
         return None
-    return json.loads(raw)
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a kdcache manifest") from None
+    try:
+        m = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}; {len(raw)} bytes): the manifest is truncated or "
+            f"corrupt, so the store cannot be read; restore manifest.json from a copy, or "
+            f"delete the store and re-run precompute"
+        ) from None
+    if not isinstance(m, dict):
+        raise ValueError(f"{path} holds JSON {type(m).__name__}, not a kdcache manifest object; "
+                         f"restore manifest.json from a copy, or delete the store and re-run "
+                         f"precompute")
+    return m

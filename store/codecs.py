@@ -19,8 +19,11 @@ guesswork.  Schema v3 (written now):
   advantage, METHODS §1), zigzag-coded; the reader rebuilds ref from the two integer
   arrays, so ref's error is exactly that of quantising ref itself (≤ ε).
 
-Schema v2 stores (numcodecs `fixedscaleoffset` + `delta`, grid step in float64) are still
-decoded by `fastdecode` / zarr; `CodecSpec(version=2)` still writes them (tests only).
+Schema v4 (written now) is v3 with a `crc32c` codec appended to every chain: each chunk
+carries the crc32c of its compressed bytes, which `fastdecode` (and plain zarr) check on
+every decode.  Schema v2/v3 stores (v2: numcodecs `fixedscaleoffset` + `delta`, grid step in
+float64) are still decoded by `fastdecode` / zarr; `CodecSpec(version=2 or 3)` still writes
+them (tests of the backward-compatible reader only).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from .format import SCHEMA_VERSION, TOKEN_FIELDS
 
 __all__ = ["CodecSpec", "resolve_codec", "MAX_ABS", "DEFAULT_ERROR_BOUND", "MIN_ERROR_BOUND",
            "GridQuant", "grid_step", "grid_encode", "grid_ints", "ADV_ARRAY", "stored_arrays",
-           "array_field"]
+           "array_field", "IdMap", "IDMAP", "id_table", "idmap_config", "unpack_table",
+           "id_encode", "id_decode"]
 
 #: Largest |value| the compact mode accepts (nats).  Teacher log-probs of top-K tokens and
 #: soft values of real LMs are far inside this; anything beyond is masked logits or a bug.
@@ -50,6 +54,10 @@ DEFAULT_CODEC = "compact"
 #: zarr array holding q(topk_logprobs) − q(ref_topk_logprobs) in compact v3 stores.
 ADV_ARRAY = "topk_adv"
 GRIDQ = "kdcache.gridq"
+IDMAP = "kdcache.idmap"
+#: zstd level of the ids chain (v5): within 0.2 B/token of level 19 on realistic teachers at
+#: ~20x its compression speed (benchmarks/results/store.md)
+ID_ZSTD_LEVEL = 9
 
 
 # Module-wide as well: catch_warnings is not thread-safe and shards decode in threads.
@@ -194,9 +202,206 @@ def GridQuant(**config: Any) -> Any:  # noqa: N802 - reads like a class at call 
     return _gridq_class()(**config)
 
 
+# ----------------------------------------------------------------------------- id codec
+def id_table(ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The code table of an id array: its distinct ids, most frequent first.
+
+    Ids are grouped by frequency class ⌊log2(count)⌋ (descending) and sorted by id inside a
+    class, so a code is roughly a frequency rank (small codes for frequent ids, which is what
+    zstd packs best) while the table stays cheap to store: inside a class the ids are
+    ascending, so the table is stored as gaps.  The fill value 0 is always in the table:
+    zarr pads a partial last chunk with it before encoding.  Returns (table, class sizes).
+    """
+    flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+    u, cnt = np.unique(np.concatenate([flat, [0]]), return_counts=True)
+    cls = np.floor(np.log2(cnt)).astype(np.int64)
+    order = np.lexsort((u, -cls))
+    sizes = np.bincount(cls.max() - cls[order])
+    return u[order].astype(np.int32), [int(x) for x in sizes if x]
+
+
+def _pack_table(table: np.ndarray, sizes: list[int]) -> str:
+    import base64
+
+    from numcodecs import Zstd
+
+    gaps = np.diff(table.astype(np.int64), prepend=0)
+    starts = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+    gaps[starts[starts < len(gaps)]] = table[starts[starts < len(gaps)]]
+    return base64.b64encode(Zstd(level=19).encode(gaps.astype("<i4"))).decode("ascii")
+
+
+def unpack_table(packed: str, sizes: list[int]) -> np.ndarray:
+    """The code → id table of a `kdcache.idmap` configuration (int32)."""
+    import base64
+
+    from numcodecs import Zstd
+
+    gaps = np.frombuffer(Zstd().decode(base64.b64decode(packed)), dtype="<i4").astype(np.int64)
+    if int(sum(sizes)) != len(gaps) or any(int(x) <= 0 for x in sizes):
+        raise ValueError(f"{IDMAP}: class sizes {sizes} do not add up to the {len(gaps)} table "
+                         f"entries")
+    if not len(gaps):
+        return np.zeros(0, np.int32)
+    starts = np.cumsum([0, *sizes[:-1]])
+    out = np.cumsum(gaps)
+    out -= np.repeat(out[starts] - gaps[starts], sizes)  # restart the sum at each class
+    return out.astype(np.int32)
+
+
+def idmap_config(ids: np.ndarray) -> dict[str, Any]:
+    """`kdcache.idmap` configuration for an id array (its own table; uint16 codes when the
+    table has at most 65536 entries, int32 otherwise)."""
+    table, sizes = id_table(ids)
+    return {"table": _pack_table(table, sizes), "classes": sizes,
+            "dtype": "uint16" if len(table) <= 1 << 16 else "int32"}
+
+
+def _idmap_class() -> type:
+    """The zarr ArrayArrayCodec for `kdcache.idmap` (built lazily, like gridq)."""
+    global _IDMAP_CLS
+    if _IDMAP_CLS is not None:
+        return _IDMAP_CLS
+    from zarr.abc.codec import ArrayArrayCodec
+    from zarr.core.common import parse_named_configuration
+    from zarr.core.dtype import Int32, UInt16
+    from zarr.registry import register_codec
+
+    @dataclass(frozen=True)
+    class IdMapCodec(ArrayArrayCodec):
+        """int32 ids ↔ codes: code = position of the id in a per-array table stored in the
+        configuration (distinct ids, frequency classes first; see `id_table`)."""
+
+        is_fixed_size = True
+        table: str
+        classes: tuple[int, ...]
+        dtype: str
+
+        def __init__(self, *, table: str, classes: list[int], dtype: str = "uint16") -> None:
+            if dtype not in ("uint16", "int32"):
+                raise ValueError(f"{IDMAP}: dtype={dtype!r} must be 'uint16' or 'int32'")
+            object.__setattr__(self, "table", str(table))
+            object.__setattr__(self, "classes", tuple(int(c) for c in classes))
+            object.__setattr__(self, "dtype", dtype)
+
+        @property
+        def ids(self) -> np.ndarray:
+            got = self.__dict__.get("_ids")
+            if got is None:
+                got = unpack_table(self.table, list(self.classes))
+                object.__setattr__(self, "_ids", got)
+            return got
+
+        @classmethod
+        def from_dict(cls, data: dict[str, Any]) -> IdMapCodec:
+            _, cfg = parse_named_configuration(data, IDMAP)
+            return cls(**cfg)
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"name": IDMAP, "configuration": {
+                "table": self.table, "classes": list(self.classes), "dtype": self.dtype}}
+
+        def resolve_metadata(self, chunk_spec: Any) -> Any:
+            dt = UInt16() if self.dtype == "uint16" else Int32()
+            return replace(chunk_spec, dtype=dt, fill_value=dt.cast_scalar(0))
+
+        async def _decode_single(self, chunk_array: Any, chunk_spec: Any) -> Any:
+            codes = chunk_array.as_numpy_array()
+            return chunk_spec.prototype.nd_buffer.from_numpy_array(
+                id_decode(codes, self.ids))
+
+        async def _encode_single(self, chunk_array: Any, chunk_spec: Any) -> Any:
+            codes = id_encode(chunk_array.as_numpy_array(), self.ids, self.dtype)
+            return chunk_spec.prototype.nd_buffer.from_numpy_array(codes)
+
+        def compute_encoded_size(self, input_byte_length: int, _spec: Any) -> int:
+            return input_byte_length // 2 if self.dtype == "uint16" else input_byte_length
+
+    register_codec(IDMAP, IdMapCodec)
+    _IDMAP_CLS = IdMapCodec
+    return IdMapCodec
+
+
+_IDMAP_CLS: type | None = None
+
+
+def id_encode(ids: np.ndarray, table: np.ndarray, dtype: str) -> np.ndarray:
+    """ids → codes (positions in `table`); an id missing from the table is a ValueError."""
+    ids = np.asarray(ids)
+    if not ids.size:
+        return np.zeros(ids.shape, dtype)
+    if len(table) and int(table.max()) < 1 << 24 and int(ids.max()) < 1 << 24 \
+            and ids.min() >= 0:
+        # vocabulary-sized ids: a dense lookup table, one gather per id
+        lut = np.full(max(int(table.max()), int(ids.max())) + 1, -1, np.int64)
+        lut[table] = np.arange(len(table))
+        codes = lut[ids]
+        if (codes < 0).any():
+            raise ValueError(f"{IDMAP}: an id is missing from the array's table")
+        return codes.astype(dtype)
+    order = np.argsort(table, kind="stable")
+    sorted_ids = table[order]
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(table) - 1, 0))
+    if not len(table) or not np.array_equal(sorted_ids[pos], ids):
+        raise ValueError(f"{IDMAP}: an id is missing from the array's table")
+    return order[pos].astype(dtype)
+
+
+def id_decode(codes: np.ndarray, table: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """codes → int32 ids (into `out` if given); a code outside the table is a ValueError."""
+    codes = np.asarray(codes)
+    if codes.size and int(codes.max()) >= len(table):
+        raise ValueError(f"{IDMAP}: code {int(codes.max())} is outside the table of "
+                         f"{len(table)} ids (corrupt chunk)")
+    if not codes.size:
+        return np.zeros(codes.shape, np.int32) if out is None else out
+    # bounds checked above; "clip" skips numpy's per-element check (~40 % faster)
+    return np.take(table, codes, out=out, mode="clip")
+
+
+#: rows of a shard on which the writer compares the candidate pipelines (deterministic:
+#: the choice depends on the data only, so resumed and merged runs write the same bytes)
+TRIAL_ROWS = 4096
+
+
+def smaller(sizes: dict[str, int]) -> str:
+    """The key with the smallest size (the first one on ties)."""
+    return min(sizes, key=lambda k: sizes[k])
+
+
+def _blosc_size(a: np.ndarray, clevel: int, shuffle: int) -> int:
+    from numcodecs import Blosc
+
+    return len(Blosc("zstd", clevel, shuffle).encode(np.ascontiguousarray(a[:TRIAL_ROWS])))
+
+
+def choose_ids_pipeline(ids: np.ndarray, clevel: int) -> str:
+    """"idmap" (table codes, token-major, zstd) or "transpose" (raw ids rank-major, blosc
+    shuffle: v3/v4's pipeline), whichever is smaller on the shard's first TRIAL_ROWS rows.
+
+    At 32k-152k vocabularies idmap is ~45 % smaller; at a 256-symbol vocabulary (ids of
+    one rank repeat a lot, rows rarely) rank-major is ~20 % smaller."""
+    from numcodecs import Zstd
+
+    sample = np.asarray(ids)[:TRIAL_ROWS]
+    if sample.ndim != 2 or not sample.size:
+        return "idmap"
+    cfg = idmap_config(sample)
+    codes = id_encode(sample, unpack_table(cfg["table"], cfg["classes"]), cfg["dtype"])
+    sizes = {"idmap": len(cfg["table"]) + len(Zstd(ID_ZSTD_LEVEL).encode(codes)),
+             "transpose": _blosc_size(sample.astype(np.int32).T, clevel, 1)}
+    return smaller(sizes)
+
+
+def IdMap(**config: Any) -> Any:  # noqa: N802
+    """A `kdcache.idmap` zarr codec instance (registers the codec with zarr on first use)."""
+    return _idmap_class()(**config)
+
+
 def register() -> None:
-    """Make `kdcache.gridq` known to zarr (done on `import kdcache.store`)."""
+    """Make `kdcache.gridq` and `kdcache.idmap` known to zarr (done on `import kdcache.store`)."""
     _gridq_class()
+    _idmap_class()
 
 
 # ----------------------------------------------------------------------------- layout
@@ -264,17 +469,46 @@ class CodecSpec:
             return {"step": self.step, "sign": -1, "delta": f.descending, "zigzag": False}
         return {"step": self.step, "sign": 1, "delta": False, "zigzag": True}
 
-    def zarr_codecs(self, name: str) -> dict[str, Any]:
-        """`filters`/`compressors` kwargs for `zarr.Group.create_array` for zarr array `name`."""
-        from zarr.codecs import BloscCodec, TransposeCodec
+    def zarr_codecs(self, name: str, data: np.ndarray | None = None) -> dict[str, Any]:
+        """`filters`/`compressors` kwargs for `zarr.Group.create_array` for zarr array `name`
+        (`data`: the array's values; v5 ids build their code table from them).
+
+        v4+: the chain ends in `crc32c` (a checksum of the compressed chunk, checked on read).
+        """
+        from zarr.codecs import Crc32cCodec
+
+        kw = self._zarr_codecs(name, data)
+        if self.version >= 4:
+            kw["compressors"] = [*kw["compressors"], Crc32cCodec()]
+        return kw
+
+    def _zarr_codecs(self, name: str, data: np.ndarray | None) -> dict[str, Any]:
+        from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
         if self.version < 3:
             return self._zarr_codecs_v2(name)
         if name == ADV_ARRAY:
+            shuffle = "bitshuffle"
+            if self.version >= 5 and data is not None:
+                # v5: byte or bit shuffle, whichever packs this shard's advantage smaller
+                # (byte: −6 % at 32k-152k vocabularies; bit: −3 % at 256)
+                codes = grid_encode(data, self.step, **{k: v for k, v in
+                                                        self.gridq_config(name).items()
+                                                        if k != "step"})
+                shuffle = smaller({"shuffle": _blosc_size(codes, self.clevel, 1),
+                                   "bitshuffle": _blosc_size(codes, self.clevel, 2)})
             return {"filters": [GridQuant(**self.gridq_config(name))],
                     "compressors": [BloscCodec(cname="zstd", clevel=self.clevel,
-                                               shuffle="bitshuffle")]}
+                                               shuffle=shuffle)]}
         f = TOKEN_FIELDS[name]
+        if f.kind == "ids" and self.version >= 5:
+            if data is None:
+                raise ValueError(f"the v5 codec of {name!r} needs the array's values")
+            if choose_ids_pipeline(data, self.clevel) == "idmap":
+                # token-major codes from a per-shard table, one zstd frame per chunk: rows
+                # of similar contexts share long runs of ids, which zstd matches
+                return {"filters": [IdMap(**idmap_config(data))],
+                        "compressors": [ZstdCodec(level=ID_ZSTD_LEVEL, checksum=False)]}
         if f.kind == "ids":
             return {"filters": [TransposeCodec(order=(1, 0))] if f.trailing else [],
                     "compressors": [BloscCodec(cname="zstd", clevel=self.clevel,
@@ -312,6 +546,12 @@ class CodecSpec:
 
     def describe(self, name: str, fields: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
         """Human/manifest description of the pipeline for `name` (zarr.json is authoritative)."""
+        d = self._describe(name, fields)
+        if self.version >= 4:
+            d["pipeline"] = [*d["pipeline"], "crc32c"]
+        return d
+
+    def _describe(self, name: str, fields: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
         d: dict[str, Any] = {"mode": self.mode}
         f = TOKEN_FIELDS[name]
         if self.version < 3:
@@ -323,7 +563,12 @@ class CodecSpec:
             else:
                 d["pipeline"] = ["bytes", "blosc(zstd, shuffle)"]
             return d
-        if f.kind == "ids":
+        if f.kind == "ids" and self.version >= 5:
+            d["pipeline"] = [f"{IDMAP}(per-shard table, frequency classes first)", "bytes",
+                             f"zstd {ID_ZSTD_LEVEL}"]
+            d["per_shard"] = ("or transpose([1,0]) → bytes → blosc(zstd, shuffle) where that "
+                              "is smaller (zarr.json says which)")
+        elif f.kind == "ids":
             d["pipeline"] = (["transpose([1,0])"] if f.trailing else []) + \
                 ["bytes", f"blosc(zstd {self.clevel}, shuffle)"]
         elif not self.quantises(name):
@@ -333,6 +578,8 @@ class CodecSpec:
             arr = ADV_ARRAY if self.ref_as_adv(name, fields) else name
             cfg = self.gridq_config(arr)
             shuffle = "shuffle" if cfg["delta"] else "bitshuffle"
+            if arr == ADV_ARRAY and self.version >= 5:
+                shuffle = "shuffle or bitshuffle, whichever is smaller per shard"
             d["pipeline"] = [f"{GRIDQ}({', '.join(f'{k}={v}' for k, v in cfg.items())})",
                              "bytes", f"blosc(zstd {self.clevel}, {shuffle})"]
             if arr == ADV_ARRAY:

@@ -58,16 +58,18 @@ def hash_json(obj: Any) -> str:
     return hash_bytes(canonical_json(obj).encode("utf-8"))
 
 
-def store_key(meta: Any) -> str:
+def store_key(meta: Any, schema_version: int | None = None) -> str:
     """Content address of a store: 16 hex chars of sha256 over everything that shapes the data.
 
     Accepts a `StoreMeta` or its dict form.  Excludes `code_version` and times on purpose.
+    `schema_version` (default: the version this code writes) is part of the key: stores of
+    different on-disk formats never share an address.
     """
     from .format import SCHEMA_VERSION, StoreMeta
 
     m = meta if isinstance(meta, StoreMeta) else StoreMeta.from_dict(meta)
     payload = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION if schema_version is None else int(schema_version),
         "models": m.models,
         "tokenizer": m.tokenizer,
         "dataset": m.dataset,

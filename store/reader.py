@@ -21,14 +21,19 @@ import pyarrow.parquet as pq
 from ._io import SHARDS_DIR, join, open_fs, read_manifest
 from .codecs import ADV_ARRAY
 from .fingerprint import hash_bytes
-from .format import TOKEN_FIELDS, StoreMeta
-from .writer import NoStoreError, check_schema_version
+from .format import CRC_SCHEMA_VERSIONS, TOKEN_FIELDS, StoreMeta
+from .integrity import (
+    ChecksumError,
+    check_files,
+    check_manifest,
+    check_schema_version,
+    crc32c,
+    file_error,
+    is_chunk,
+)
+from .writer import NoStoreError
 
 __all__ = ["Store", "Shard", "open_store", "ChecksumError"]
-
-
-class ChecksumError(ValueError):
-    """A shard file's bytes do not match the sha256 recorded in the manifest."""
 
 
 class Shard:
@@ -135,13 +140,16 @@ def _needed_arrays(fields: Sequence[str], zarr_keys: Any) -> list[str]:
 
 
 def decode_shard(
-    name: str, raw: dict[str, bytes], fields: Sequence[str], threads: bool = True
+    name: str, raw: dict[str, bytes], fields: Sequence[str], threads: bool = True,
+    check: bool = True,
 ) -> Shard:
     """Decode fetched shard files ({relative path: bytes}) into a `Shard`.
 
     A shard's arrays are decoded concurrently in a small shared thread pool (`threads`).
+    Chunks with a crc32c codec are checked as they are decoded (`check=False`: benchmarks
+    of the check's cost only).
     """
-    from .fastdecode import decode_array, decode_grid
+    from .fastdecode import ChunkError, decode_array, decode_grid
 
     zfiles = {k[len("tokens.zarr/") :]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
     arrays = _needed_arrays(fields, zfiles)
@@ -149,31 +157,46 @@ def decode_shard(
     zarr_group: list[Any] = []
 
     def one(a: str) -> Any:
+        if f"{a}/zarr.json" not in zfiles:
+            raise ShardFileError(f"tokens.zarr/{a}/zarr.json", "is missing from the shard")
+        try:
+            return decode_one(a)
+        except ChunkError as e:
+            raise ShardFileError(f"tokens.zarr/{e.key}", e.what) from None
+        except ShardFileError:
+            raise
+        except Exception as e:  # zarr fallback, or corrupt metadata in a store without crc
+            raise ShardFileError(f"tokens.zarr/{a}",
+                                 f"cannot be decoded ({type(e).__name__}: {e})") from None
+
+    def decode_one(a: str) -> Any:
         if adv and a in (ADV_ARRAY, "topk_logprobs"):
-            got = decode_grid(zfiles, a)
+            got = decode_grid(zfiles, a, check)
             if got is None:
-                raise ValueError(f"shard {name}: array {a!r} is not a kdcache.gridq array, so "
-                                 f"ref_topk_logprobs cannot be rebuilt from {ADV_ARRAY}; the "
-                                 f"shard was not written by kdcache (or is corrupt)")
+                raise ShardFileError(f"tokens.zarr/{a}/zarr.json",
+                                     f"does not declare a kdcache.gridq array, so "
+                                     f"ref_topk_logprobs cannot be rebuilt from {ADV_ARRAY} "
+                                     f"(not written by kdcache, or corrupt)")
             return got
-        arr = decode_array(zfiles, a)  # fast path for the subset of zarr we write
+        arr = decode_array(zfiles, a, check)  # fast path for the subset of zarr we write
         if arr is None:
             arr = _zarr_read(zfiles, a, zarr_group)
         return arr
 
     if threads and len(arrays) > 1:
         futs = [_decode_pool().submit(one, a) for a in arrays]
-        table = pq.read_table(io.BytesIO(raw["records.parquet"]))
+        table = _read_records(raw)
         dec = dict(zip(arrays, (f.result() for f in futs), strict=True))
     else:
         dec = {a: one(a) for a in arrays}
-        table = pq.read_table(io.BytesIO(raw["records.parquet"]))
+        table = _read_records(raw)
     tokens: dict[str, np.ndarray] = {}
     if adv:
         (q_topk, s_topk), (q_adv, s_adv) = dec["topk_logprobs"], dec[ADV_ARRAY]
         if abs(s_adv) != abs(s_topk):
-            raise ValueError(f"shard {name}: {ADV_ARRAY} step {abs(s_adv)} differs from "
-                             f"topk_logprobs step {abs(s_topk)}; the shard is corrupt")
+            raise ShardFileError(f"tokens.zarr/{ADV_ARRAY}/zarr.json",
+                                 f"has step {abs(s_adv)}, not topk_logprobs' step "
+                                 f"{abs(s_topk)} (corrupt metadata)")
 
         def topk_values() -> np.ndarray:
             return np.multiply(q_topk, np.float32(s_topk), dtype=np.float32, casting="unsafe")
@@ -196,7 +219,30 @@ def decode_shard(
     for f in fields:
         if f not in tokens:
             tokens[f] = dec[f]
-    return Shard(name, table, {f: tokens[f] for f in fields})
+    try:
+        return Shard(name, table, {f: tokens[f] for f in fields})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ShardFileError("records.parquet", f"does not hold the expected columns ({e})") \
+            from None
+
+
+class ShardFileError(ValueError):
+    """A shard file is damaged; `rel` names it (the Store adds its URL and shard name)."""
+
+    def __init__(self, rel: str, what: str) -> None:
+        super().__init__(f"{rel} {what}")
+        self.rel = rel
+        self.what = what
+
+
+def _read_records(raw: dict[str, bytes]) -> Any:
+    if "records.parquet" not in raw:
+        raise ShardFileError("records.parquet", "is missing from the shard")
+    try:
+        return pq.read_table(io.BytesIO(raw["records.parquet"]))
+    except Exception as e:  # pyarrow raises several types for bad bytes
+        raise ShardFileError("records.parquet",
+                             f"cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _zarr_read(zfiles: dict[str, bytes], a: str, cache: list[Any]) -> np.ndarray:
@@ -224,6 +270,10 @@ class Store:
         self.manifest = manifest
         self.meta = StoreMeta.from_dict(manifest["meta"])
         self.schema_version: int = manifest["schema_version"]
+        # v4+: crc32c of parquet/zarr.json on fetch, chunks check their own crc32c while
+        # decoding.  Older stores only have sha256: every fetched file is hashed (slower).
+        self.crc = self.schema_version in CRC_SCHEMA_VERSIONS
+        self._check_reads = True  # False: benchmarks of the checks' cost only
         self.shards: list[dict[str, Any]] = manifest["shards"]
         counts = [s["n_records"] for s in self.shards]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64).tolist()
@@ -272,22 +322,50 @@ class Store:
     def fetch_shard(
         self, index: int, fields: Sequence[str] | None = None, verify: bool = False
     ) -> dict[str, bytes]:
-        """Fetch the raw bytes of a shard's files (one concurrent `cat` on async filesystems)."""
+        """Fetch the raw bytes of a shard's files (one concurrent `cat` on async filesystems).
+
+        Checked against the manifest before anything is returned: v4+ stores check the
+        crc32c of records.parquet and every zarr.json (chunks check their own crc32c as they
+        are decoded; `verify=True` checks the chunks' manifest crc32c here as well, without
+        decoding); older stores check the sha256 of every file.  A mismatch raises a
+        one-line ChecksumError naming the store, shard and file.
+        """
         entry = self.shards[index]
+        name = entry["name"]
         rels = self.shard_files(index, fields)
-        base = join(self.root, SHARDS_DIR, entry["name"])
+        base = join(self.root, SHARDS_DIR, name)
         paths = [join(base, r) for r in rels]
-        got = self.fs.cat(paths)
-        raw = {r: got[p] for r, p in zip(rels, paths, strict=True)}
-        if verify:
-            for r, data in raw.items():
-                if hash_bytes(data) != entry["files"][r]["sha256"]:
-                    raise ChecksumError(
-                        f"{self.url}: shard {entry['name']} file {r} fails its sha256 check; "
-                        f"the store is corrupt — run `kdcache verify` and re-run precompute "
-                        f"for that shard"
-                    )
+        got = self.fs.cat(paths, on_error="return")
+        raw = {}
+        for r, p in zip(rels, paths, strict=True):
+            data = got.get(p)
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                what = type(data).__name__ if isinstance(data, Exception) else "no data"
+                raise file_error(self.url, name, r, f"is missing or unreadable ({what})")
+            raw[r] = data
+        for r, data in raw.items():
+            info = entry["files"][r]
+            if not self._check_reads:
+                continue
+            if len(data) != info["bytes"]:
+                raise file_error(self.url, name, r, f"is {len(data)} bytes but the manifest "
+                                 f"says {info['bytes']} (truncated or replaced)")
+            if self.crc:
+                if (verify or not is_chunk(r)) and crc32c(data) != info.get("crc32c"):
+                    raise file_error(self.url, name, r,
+                                     "failed its crc32c check (corrupted bytes)")
+            elif hash_bytes(data) != info.get("sha256"):
+                raise file_error(self.url, name, r, "failed its sha256 check (corrupted bytes)")
         return raw
+
+    def decode(self, index: int, raw: dict[str, bytes], fields: Sequence[str]) -> Shard:
+        """Decode fetched files of shard `index`; damage is a one-line ChecksumError/ValueError
+        naming the store, shard and file."""
+        name = self.shards[index]["name"]
+        try:
+            return decode_shard(name, raw, fields, check=self._check_reads)
+        except ShardFileError as e:
+            raise file_error(self.url, name, e.rel, e.what) from None
 
     def load_shard(
         self, index: int, fields: Sequence[str] | None = None, verify: bool = False
@@ -300,8 +378,7 @@ class Store:
         key = (index, fields)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        shard = decode_shard(self.shards[index]["name"],
-                             self.fetch_shard(index, fields, verify), fields)
+        shard = self.decode(index, self.fetch_shard(index, fields, verify), fields)
         self._cache = (key, shard)
         return shard
 
@@ -340,11 +417,11 @@ class Store:
         fields = tuple(self.fields if fields is None else fields)
         if prefetch <= 0:
             for s in order:
-                yield s, decode_shard(self.shards[s]["name"], self.fetch_shard(s, fields), fields)
+                yield s, self.decode(s, self.fetch_shard(s, fields), fields)
             return
 
         def work(s: int) -> Shard:
-            return decode_shard(self.shards[s]["name"], self.fetch_shard(s, fields), fields)
+            return self.decode(s, self.fetch_shard(s, fields), fields)
 
         with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="kdcache-prefetch") as ex:
             futs = []
@@ -361,15 +438,24 @@ class Store:
                 yield s, fut.result()
 
 
-def open_store(url: str) -> Store:
-    """Open the committed part of the store at `url` (local path or fsspec URL)."""
+def open_store(url: str, check_listing: bool = True) -> Store:
+    """Open the committed part of the store at `url` (local path or fsspec URL).
+
+    Checks before returning: the manifest parses, its version is supported, its checksum
+    (v4+; older: shard-entry checksums) and store_key match, and — `check_listing`, one
+    listing of shards/ — every listed file exists with its recorded size, so a missing
+    shard is reported now, not at the training step that needs it.
+    """
+    url = str(url)
     fs, root = open_fs(url)
     manifest = read_manifest(fs, root)
     if manifest is None:
         raise NoStoreError(f"no kdcache store at {url}: run `kdcache precompute` first "
                            f"(or check the URL; expected {join(root, 'manifest.json')})")
-    check_schema_version(manifest, str(url))
-    return Store(str(url), fs, root, manifest)
-
+    check_schema_version(manifest, url)
+    check_manifest(manifest, url)
+    if check_listing:
+        check_files(fs, root, manifest, url)
+    return Store(url, fs, root, manifest)
 
 

@@ -26,7 +26,9 @@ Resume: `state_dict()` is `{epoch, seed, consumed}` (plus `shuffle_window` when 
 `consumed` counts groups this rank has taken.  With num_workers = 0 the reader counts them
 itself; behind a torch DataLoader (batch_size=None, in-order) pass the count you took to
 `state_dict(consumed=n)`: on load, each worker recomputes its own skip count by replaying
-the DataLoader's round-robin.  Whole windows are skipped without fetching them.
+the DataLoader's round-robin.  Whole windows are skipped without fetching them.  A state
+saved when the whole epoch was consumed resumes at the start of the next epoch (the order
+an uninterrupted run continues with after `set_epoch(epoch + 1)`).
 """
 
 from __future__ import annotations
@@ -232,5 +234,17 @@ class StreamReader(_Base):  # type: ignore[misc,valid-type]
             raise ValueError(f"state_dict has shuffle_window={state.get('shuffle_window', 1)} "
                              f"but this reader has shuffle_window={self.shuffle_window}; "
                              f"construct the reader with the saved shuffle_window")
-        self.epoch = int(state["epoch"])
-        self.consumed = int(state["consumed"])
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        self.epoch = epoch
+        n = len(self)  # this rank's share depends on the epoch's shard order
+        if consumed < 0 or consumed > n:
+            raise ValueError(f"state_dict has consumed={consumed} groups but this rank's epoch "
+                             f"holds {n} (store {self.store.url}, rank {self.rank} of "
+                             f"{self.world_size}): resume with the store and world size the "
+                             f"state was saved with")
+        if n and consumed == n:
+            # Saved exactly at the end of an epoch (before the caller's set_epoch ran): the
+            # next group is the first of the next epoch, as in an uninterrupted run.
+            epoch, consumed = epoch + 1, 0
+        self.epoch = epoch
+        self.consumed = consumed

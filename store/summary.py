@@ -4,6 +4,8 @@ Why these: bytes/token per field tells users what each signal costs on disk, and
 mass (Σ_k exp(topk_logprobs)) tells them what truncating to K loses (METHODS.md §1).
 Sizes come from the manifest (stored file sizes), so only `topk_logprobs` is decoded, one
 shard at a time; roles are counted on the Arrow `role` column (no record dicts are built).
+Every file of every shard is fetched and checked against the manifest's crc32c (v4+) or
+sha256 (older), so `kdcache inspect` also reports damage anywhere in the store.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def summarize(store: Store | str, mass_bins: int = 10) -> dict[str, Any]:
     mass_sum = 0.0
     has_topk = "topk_logprobs" in st.fields
     for s in range(len(st.shards)):
-        shard = st.load_shard(s, ["topk_logprobs"] if has_topk else [])
+        raw = st.fetch_shard(s, st.fields, verify=True)
+        shard = st.decode(s, raw, ["topk_logprobs"] if has_topk else [])
         vc = pc.value_counts(shard.table.column("role"))
         roles.update({str(v["values"]): int(v["counts"]) for v in vc.to_pylist()})
         if has_topk:

@@ -12,6 +12,7 @@ byte, and the same manifest apart from its timestamps.
 from __future__ import annotations
 
 import io
+import os
 import time
 from typing import Any
 
@@ -19,10 +20,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._io import MANIFEST, SHARDS_DIR, atomic_write, join, open_fs, read_manifest, write_files
+from ._io import (
+    MANIFEST,
+    SHARDS_DIR,
+    TMP_MARK,
+    atomic_write,
+    is_local,
+    join,
+    open_fs,
+    read_manifest,
+    temp_owner_dead,
+    write_files,
+)
 from .codecs import ADV_ARRAY, MAX_ABS, CodecSpec, resolve_codec
 from .fingerprint import hash_bytes, hash_json, store_key
 from .format import (
+    CRC_SCHEMA_VERSIONS,
     ROLES,
     SCHEMA_VERSION,
     SEQUENCE_FIELDS,
@@ -30,35 +43,25 @@ from .format import (
     StoreMeta,
     token_shape,
 )
+from .integrity import check_manifest, check_schema_version, crc32c, manifest_checksum
 
-__all__ = ["StoreWriter", "CHUNK_ROWS", "check_schema_version", "NoStoreError"]
+__all__ = ["StoreWriter", "CHUNK_ROWS", "check_schema_version", "NoStoreError",
+           "WRITABLE_VERSIONS", "STALE_TEMP_S", "commit_manifest"]
 
-#: Rows per Zarr chunk along the token axis (a few MB per chunk at K=50).
-CHUNK_ROWS = 16384
+#: Rows per Zarr chunk along the token axis (13 MB of float32 at K=50).  Larger chunks give
+#: zstd a longer window over the ids (−1 B/token going from 16384 to 32768 rows at a 32k
+#: vocabulary); a chunk is decoded whole, and a shard is read whole anyway.
+CHUNK_ROWS = 65536
 _INT32_MAX = 2**31 - 1
+#: On-disk versions this code can write (older ones for tests of the backward-compatible
+#: reader, and for merging old stores without re-rounding their values).
+WRITABLE_VERSIONS = (2, 3, 4, SCHEMA_VERSION)
+#: A temporary file older than this (seconds) is no longer written by anyone.
+STALE_TEMP_S = 3600.0
 
 
 class NoStoreError(FileNotFoundError):
     """Raised when a URL holds no kdcache store."""
-
-
-def check_schema_version(manifest: dict[str, Any], url: str) -> int:
-    """Refuse manifests written by a newer (unknown) schema version with a clear message."""
-    from .format import SUPPORTED_SCHEMA_VERSIONS
-
-    v = manifest.get("schema_version")
-    if not isinstance(v, int) or v not in SUPPORTED_SCHEMA_VERSIONS:
-        newest = max(SUPPORTED_SCHEMA_VERSIONS)
-        hint = (
-            "it was written by a newer kdcache: upgrade kdcache to read it"
-            if isinstance(v, int) and v > newest
-            else "the manifest is not a kdcache manifest or is corrupt"
-        )
-        raise ValueError(
-            f"store at {url} has schema_version={v!r}; this kdcache reads versions "
-            f"{list(SUPPORTED_SCHEMA_VERSIONS)} — {hint}"
-        )
-    return v
 
 
 def _now() -> str:
@@ -98,20 +101,22 @@ class StoreWriter:
     `resume=True` an existing store with the same meta is continued after its last committed
     shard (`done_example_ids` tells the caller what to skip); with `resume=False` an existing
     store is an error.  `_schema_version` writes an older on-disk version (tests of the
-    backward-compatible reader only).
+    backward-compatible reader, merges of old stores).  `_staged=True` commits nothing until
+    `close()` (one manifest write at the end) and removes the shards it wrote on `abort()`:
+    `merge` uses it on object stores so a failed merge leaves nothing at its output.
     """
 
     def __init__(
         self, url: str, meta: StoreMeta, shard_records: int = 1024, resume: bool = True,
-        _schema_version: int = SCHEMA_VERSION,
+        _schema_version: int = SCHEMA_VERSION, _staged: bool = False,
     ) -> None:
-        if shard_records < 1:
+        if int(shard_records) < 1:
             raise ValueError(f"shard_records must be >= 1, got {shard_records}")
         self.url = str(url)
         self.meta = meta
         self.shard_records = int(shard_records)
-        if _schema_version not in (2, SCHEMA_VERSION):
-            raise ValueError(f"can write schema versions 2 and {SCHEMA_VERSION}, "
+        if _schema_version not in WRITABLE_VERSIONS:
+            raise ValueError(f"can write schema versions {list(WRITABLE_VERSIONS)}, "
                              f"not {_schema_version}")
         self.schema_version = int(_schema_version)
         self.codec = resolve_codec(meta.options, version=self.schema_version)
@@ -120,13 +125,16 @@ class StoreWriter:
         self._pending_ids: list[str] = []
         self._done: set[str] = set()
         self._closed = False
+        self._staged = bool(_staged)
+        self._written: list[str] = []  # shard directories written (removed on a staged abort)
         existing = read_manifest(self.fs, self.root)
+        self._remove_stale_temps()
         if existing is None:
             now = _now()
             self._manifest: dict[str, Any] = {
                 "format": "kdcache-store",
                 "schema_version": self.schema_version,
-                "store_key": store_key(meta),
+                "store_key": store_key(meta, self.schema_version),
                 "meta": meta.to_dict(),
                 "fields": field_layout(meta, self.codec),
                 "shard_records": self.shard_records,
@@ -136,9 +144,32 @@ class StoreWriter:
                 "created": now,
                 "updated": now,
             }
-            self._commit()
+            if not self._staged:
+                self._commit()
         else:
             self._open_existing(existing, resume)
+
+    def _remove_stale_temps(self) -> None:
+        """Delete `.manifest.json.tmp-*` left by a killed writer (local stores only: object
+        stores are written with single PUTs and have no temp files).
+
+        Stale = its owner process is gone (same host), or it is older than STALE_TEMP_S
+        (another host, or a temp name from before v4).  A live writer's temp file exists
+        for the milliseconds of one atomic write and is never removed here.
+        """
+        if not is_local(self.fs) or not os.path.isdir(self.root):
+            return
+        prefix = f".{MANIFEST}{TMP_MARK}"
+        now = time.time()
+        for name in os.listdir(self.root):
+            if not name.startswith(prefix):
+                continue
+            path = os.path.join(self.root, name)
+            try:
+                if temp_owner_dead(name) or now - os.path.getmtime(path) >= STALE_TEMP_S:
+                    os.remove(path)
+            except FileNotFoundError:
+                pass
 
     # ------------------------------------------------------------------ opening
     def _open_existing(self, manifest: dict[str, Any], resume: bool) -> None:
@@ -148,6 +179,7 @@ class StoreWriter:
                 f"it, or delete it / choose another URL to start over"
             )
         v = check_schema_version(manifest, self.url)
+        check_manifest(manifest, self.url)  # never extend a damaged manifest
         if v != self.schema_version:
             raise ValueError(
                 f"store at {self.url} was written with schema_version={v}; this kdcache writes "
@@ -219,10 +251,18 @@ class StoreWriter:
         self._closed = True
 
     def abort(self) -> None:
-        """Drop buffered records without committing them (the store stays incomplete)."""
+        """Drop buffered records without committing them (the store stays incomplete).
+
+        A staged writer also removes the shards it wrote: nothing of it stays behind.
+        """
         self._pending.clear()
         self._pending_ids.clear()
         self._closed = True
+        if self._staged:
+            for d in self._written:
+                if self.fs.exists(d):
+                    self.fs.rm(d, recursive=True)
+            self._written.clear()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -351,28 +391,41 @@ class StoreWriter:
         # Anything already at this name is an uncommitted leftover of a killed run.
         if self.fs.exists(shard_dir):
             self.fs.rm(shard_dir, recursive=True)
+        self._written.append(shard_dir)
         write_files(self.fs, {join(shard_dir, rel): data for rel, data in files.items()})
-        entry = shard_entry(name, recs, len(ids), files)
+        entry = shard_entry(name, recs, len(ids), files,
+                            crc=self.schema_version in CRC_SCHEMA_VERSIONS)
         self._manifest["shards"].append(entry)
         self._manifest["complete"] = False
-        self._commit()
+        if not self._staged:
+            self._commit()
         self._done.update(ids)
         self._pending, self._pending_ids = [], []
 
     def _commit(self) -> None:
-        m = self._manifest
-        shards = m["shards"]
-        m["totals"] = {
-            "n_shards": len(shards),
-            "n_records": sum(s["n_records"] for s in shards),
-            "n_groups": sum(s["n_groups"] for s in shards),
-            "n_tokens": sum(s["n_tokens"] for s in shards),
-            "n_bytes": sum(f["bytes"] for s in shards for f in s["files"].values()),
-        }
-        m["checksum"] = hash_json([s["checksum"] for s in shards])
-        m["updated"] = _now()
-        data = (json_dumps(m) + "\n").encode("utf-8")
-        atomic_write(self.fs, join(self.root, MANIFEST), data)
+        commit_manifest(self.fs, self.root, self._manifest)
+
+
+def commit_manifest(fs: Any, root: str, m: dict[str, Any]) -> None:
+    """Recompute totals and checksums of manifest `m` and replace manifest.json atomically."""
+    shards = m["shards"]
+    m["totals"] = {
+        "n_shards": len(shards),
+        "n_records": sum(s["n_records"] for s in shards),
+        "n_groups": sum(s["n_groups"] for s in shards),
+        "n_tokens": sum(s["n_tokens"] for s in shards),
+        "n_bytes": sum(f["bytes"] for s in shards for f in s["files"].values()),
+    }
+    m["checksum"] = hash_json([s["checksum"] for s in shards])
+    m["updated"] = _now()
+    m.pop("manifest_checksum", None)
+    if m.get("schema_version") in CRC_SCHEMA_VERSIONS:
+        # over the JSON form, exactly as a reader will parse it (tuples → lists, ...)
+        import json
+
+        m["manifest_checksum"] = manifest_checksum(json.loads(json_dumps(m)))
+    data = (json_dumps(m) + "\n").encode("utf-8")
+    atomic_write(fs, join(root, MANIFEST), data)
 
 
 def json_dumps(obj: Any) -> str:
@@ -445,7 +498,7 @@ def build_shard_files(
             dtype=f.dtype,
             fill_value=0,
             attributes=attrs or None,
-            **codec.zarr_codecs(array_name),
+            **codec.zarr_codecs(array_name, data),
         )
         if data.size:
             arr[...] = data
@@ -455,9 +508,14 @@ def build_shard_files(
 
 
 def shard_entry(
-    name: str, recs: list[dict[str, Any]], n_groups: int, files: dict[str, bytes]
+    name: str, recs: list[dict[str, Any]], n_groups: int, files: dict[str, bytes],
+    crc: bool = True,
 ) -> dict[str, Any]:
-    """Manifest entry for a shard; `checksum` covers counts and per-file hashes, no times."""
+    """Manifest entry for a shard; `checksum` covers counts and per-file hashes, no times.
+
+    Each file has its sha256 (`kdcache store verify`) and, with `crc` (v4+), its crc32c
+    (checked by readers on every fetch; cheap).
+    """
     entry: dict[str, Any] = {
         "name": name,
         "n_records": len(recs),
@@ -466,7 +524,8 @@ def shard_entry(
         "first_example_id": recs[0]["example_id"],
         "last_example_id": recs[-1]["example_id"],
         "files": {
-            rel: {"sha256": hash_bytes(data), "bytes": len(data)}
+            rel: {"sha256": hash_bytes(data), "bytes": len(data),
+                  **({"crc32c": crc32c(data)} if crc else {})}
             for rel, data in sorted(files.items())
         },
     }

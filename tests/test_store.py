@@ -429,9 +429,42 @@ def test_stream_state_dict_resume(stream_store, workers):
         r2 = StreamReader(st, seed=5)
         r2.load_state_dict(state)
         rest = _ids(_loader(r2, workers))
-        assert taken + rest == full, cut
+        if cut == len(full):  # saved at the epoch boundary: the next epoch, from its start
+            assert rest == _ids(_loader(StreamReader(st, seed=5, epoch=3), workers))
+        else:
+            assert taken + rest == full, cut
     with pytest.raises(ValueError, match="seed"):
         StreamReader(st, seed=6).load_state_dict(state)
+
+
+@pytest.mark.parametrize("workers, window", [(0, 1), (0, 3), (2, 3)])
+def test_stream_resume_saved_exactly_at_epoch_boundary(stream_store, workers, window):
+    """A checkpoint taken right after the last group of an epoch (before the trainer's
+    set_epoch) resumes at the start of the next epoch, as the uninterrupted run goes on."""
+    url, _ = stream_store
+    st = open_store(url)
+
+    def run(reader, n):  # the trainer's loop: epochs back to back until n groups
+        out: list[str] = []
+        while True:
+            for g in _loader(reader, workers):
+                out.append(g[0]["example_id"])
+                if len(out) == n:
+                    return out
+            reader.set_epoch(reader.epoch + 1)
+
+    n = len(StreamReader(st, seed=9, shuffle_window=window))
+    whole = run(StreamReader(st, seed=9, shuffle_window=window), 2 * n + 5)
+    first = StreamReader(st, seed=9, shuffle_window=window)
+    assert run(first, n) == whole[:n]
+    state = first.state_dict(consumed=n if workers else None)
+    assert state["epoch"] == 0 and state["consumed"] == n  # the epoch is used up
+    resumed = StreamReader(st, seed=9, shuffle_window=window)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 1 and resumed.consumed == 0
+    assert run(resumed, n + 5) == whole[n:]
+    with pytest.raises(ValueError, match="consumed=48 groups but this rank's epoch holds 47"):
+        resumed.load_state_dict({**state, "consumed": n + 1})
 
 
 def test_worker_replay():
@@ -502,7 +535,12 @@ def test_stream_window_state_dict_resume(stream_store, workers):
         assert state["shuffle_window"] == 3
         r2 = StreamReader(st, seed=5, shuffle_window=3)
         r2.load_state_dict(state)
-        assert taken + _ids(_loader(r2, workers)) == full, cut
+        rest = _ids(_loader(r2, workers))
+        if cut == len(full):  # the epoch boundary: the next epoch, from its start
+            assert rest == _ids(_loader(StreamReader(st, seed=5, epoch=3, shuffle_window=3),
+                                        workers))
+        else:
+            assert taken + rest == full, cut
     with pytest.raises(ValueError, match="shuffle_window"):
         StreamReader(st, seed=5).load_state_dict(state)
 

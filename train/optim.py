@@ -18,6 +18,8 @@ weights), for comparison.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import TrainConfig
@@ -25,13 +27,27 @@ from .config import TrainConfig
 SLICE = 1 << 23  # elements per fp32 working slice: bounds the update's temporaries (~100 MB)
 
 
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """Warm-up length: `warmup_steps`, or `warmup_ratio` of the run (as HF's TrainingArguments
+    rounds it: ceil)."""
+    return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+
+
 def lr_lambda(cfg: TrainConfig, total: int):
-    """Linear warm-up over `warmup_steps`, then linear decay to 0 at step `total`."""
+    """The learning-rate factor at each step: linear warm-up from lr/warmup to lr, then
+    `linear` decay to 0 at step `total`, `cosine` decay to 0 (half a cosine, as HF's
+    get_cosine_schedule_with_warmup and the papers' recipes), or `constant`."""
+    warm = warmup_steps(cfg, total)
 
     def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        return max(0.0, (total - step) / max(1, total - cfg.warmup_steps))
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
 
     return f
 

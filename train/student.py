@@ -26,9 +26,12 @@ class StudentOut:
 def weights_dtype(cfg: TrainConfig, device: torch.device | str) -> torch.dtype:
     """bf16 when asked, or under "auto" whenever the forward runs in bf16 anyway (CUDA by
     default): a frozen LoRA base loses nothing, and a full fine-tune keeps its small updates
-    through the optimizer's fp32 moments and stochastic rounding (optim.py)."""
+    through the optimizer's fp32 moments and stochastic rounding (optim.py). Under FSDP "auto"
+    keeps fp32: the shards are the fp32 masters and FSDP's mixed-precision policy gathers
+    them in bf16 for the forward (train/distributed.py)."""
     bf16 = cfg.bf16 if cfg.bf16 is not None else torch.device(device).type == "cuda"
-    if cfg.weights_dtype == "bf16" or (cfg.weights_dtype == "auto" and bf16 and not cfg.load_in_4bit):
+    auto_bf16 = bf16 and not cfg.load_in_4bit and not cfg.fsdp
+    if cfg.weights_dtype == "bf16" or (cfg.weights_dtype == "auto" and auto_bf16):
         return torch.bfloat16
     return torch.float32
 
