@@ -187,7 +187,11 @@ def gather_logprobs(
         raise ValueError(f"gather_logprobs: bias must be [V]={weight.shape[0]}; got {tuple(bias.shape)}")
     if chunk_size < 1:
         raise ValueError(f"gather_logprobs: chunk_size must be >= 1, got {chunk_size}")
-    if index.numel() and has_data(index) and (int(index.min()) < 0 or int(index.max()) >= weight.shape[0]):
+    # checked where it is free: on CPU. On a GPU reading min/max would sync the device on every
+    # forward; there the trainer has already checked that the store's ids fit the head
+    # (trainer._check_store) and gather's own device-side bounds check remains.
+    if index.numel() and has_data(index) and index.device.type == "cpu" and (
+            int(index.min()) < 0 or int(index.max()) >= weight.shape[0]):
         raise IndexError(f"gather_logprobs: index out of range [0, {weight.shape[0]})")
     out, lse = _ChunkedGather.apply(hidden, weight, bias, index, chunk_size)
     return (out, lse) if return_lse else out
