@@ -178,3 +178,14 @@ def test_bf16_weight_used_in_its_own_dtype(hidden_dtype, block, monkeypatch):
     # grad_h round their outputs: errors are a few 2^-9 of the gradients' scale
     for got, want in ((gh, rh), (gw, rw)):
         assert (got.double() - want).abs().max() <= 2**-6 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_rows_gives_zero_weight_grad(dtype):
+    """No response rows: the head's gradient is zeros of its shape and dtype (the backward
+    writes the first chunk's product instead of adding it to a zero-filled buffer)."""
+    hid, w, idx = make(0, 11, 3, 2, dtype)
+    out, gh, gw = grads(lambda a, b, c: gather_logprobs(a, b, c, chunk_size=4), hid, w, idx,
+                        torch.zeros(0, 2))
+    assert out.shape == (0, 2) and gh.shape == (0, 3)
+    assert gw.dtype == dtype and gw.shape == w.shape and not gw.any()

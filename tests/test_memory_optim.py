@@ -134,7 +134,7 @@ def test_make_optimizer_choices():
     f32 = [torch.nn.Parameter(torch.zeros(4))]
     bf = [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
     assert make_optimizer(_cfg(), f32, device_type="cuda").defaults["fused"] is True
-    assert not make_optimizer(_cfg(), f32, device_type="cpu").defaults["fused"]
+    assert make_optimizer(_cfg(), f32, device_type="cpu").defaults["fused"] is True  # fused on CPU too: 4-6x faster step
     sr = make_optimizer(_cfg(), bf)
     assert isinstance(sr, AdamW) and sr.state_dtype == torch.float32 and sr.stochastic
     assert make_optimizer(_cfg(optim_states="bf16"), bf).state_dtype == torch.bfloat16

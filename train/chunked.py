@@ -76,6 +76,11 @@ def _weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return weight if weight.dtype in LOW and dtype == torch.float32 else weight.to(dtype)
 
 
+def _acc(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """acc + a @ b, where a None `acc` is zero: the first product is written, not added."""
+    return a @ b if acc is None else acc.addmm_(a, b)
+
+
 class _ChunkedGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, chunk_size: int):
@@ -106,7 +111,7 @@ class _ChunkedGather(torch.autograd.Function):
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
         w_dtype = weight.dtype if weight.dtype in LOW and dtype == torch.float32 else dtype
-        grad_w = torch.zeros(weight.shape, dtype=w_dtype, device=weight.device) if need_w else None
+        grad_w = None  # the first chunk's GEMM writes it (no V x H zero fill), later ones add
         grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
             w = _weight(weight, dtype)
@@ -135,13 +140,15 @@ class _ChunkedGather(torch.autograd.Function):
                     if need_h:
                         grad_h[s:e] = _mm_f32(g, w).to(hidden.dtype)
                     if need_w:
-                        grad_w.addmm_(g.t(), hidden[s:e].to(w.dtype))
+                        grad_w = _acc(grad_w, g.t(), hidden[s:e].to(w.dtype))
                 else:
                     if need_h:
                         grad_h[s:e] = (g @ w).to(hidden.dtype)
                     if need_w:
-                        grad_w.addmm_(g.t(), hidden[s:e].to(dtype))
+                        grad_w = _acc(grad_w, g.t(), hidden[s:e].to(dtype))
                 del g
+        if need_w and grad_w is None:  # no rows
+            grad_w = torch.zeros(weight.shape, dtype=w_dtype, device=weight.device)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
@@ -180,7 +187,11 @@ def gather_logprobs(
         raise ValueError(f"gather_logprobs: bias must be [V]={weight.shape[0]}; got {tuple(bias.shape)}")
     if chunk_size < 1:
         raise ValueError(f"gather_logprobs: chunk_size must be >= 1, got {chunk_size}")
-    if index.numel() and has_data(index) and (int(index.min()) < 0 or int(index.max()) >= weight.shape[0]):
+    # checked where it is free: on CPU. On a GPU reading min/max would sync the device on every
+    # forward; there the trainer has already checked that the store's ids fit the head
+    # (trainer._check_store) and gather's own device-side bounds check remains.
+    if index.numel() and has_data(index) and index.device.type == "cpu" and (
+            int(index.min()) < 0 or int(index.max()) >= weight.shape[0]):
         raise IndexError(f"gather_logprobs: index out of range [0, {weight.shape[0]})")
     out, lse = _ChunkedGather.apply(hidden, weight, bias, index, chunk_size)
     return (out, lse) if return_lse else out

@@ -231,13 +231,20 @@ def _rank_state(reader) -> dict:
     return {"reader": reader.state_dict(), "torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
 
 
-def restore_rank_state(d: Dist, state: dict, reader) -> None:
-    """This rank's saved reader position (and, for ranks > 0, its RNG; rank 0 restores the
-    full single-process RNG state from state["rng"])."""
+def rank_reader_state(d: Dist, state: dict) -> dict:
+    """This rank's saved reader position."""
     ranks = state.get("ranks")
-    mine = ranks[d.rank] if ranks else {"reader": state["reader"]}
-    reader.load_state_dict(mine["reader"])
+    return ranks[d.rank]["reader"] if ranks else state["reader"]
+
+
+def restore_rank_state(d: Dist, state: dict, reader=None) -> None:
+    """This rank's saved reader position (unless `reader` is None: the trainer restores it
+    before the model loads, see train/prefetch.py) and, for ranks > 0, its RNG; rank 0
+    restores the full single-process RNG state from state["rng"]."""
+    if reader is not None:
+        reader.load_state_dict(rank_reader_state(d, state))
     if d.rank > 0:
+        mine = state["ranks"][d.rank]
         torch.set_rng_state(mine["torch_rng"])
         if mine["cuda_rng"].numel() and torch.cuda.is_available():
             torch.cuda.set_rng_state(mine["cuda_rng"])

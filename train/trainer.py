@@ -16,7 +16,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from .config import TrainConfig
 from .data import group_stream, next_batches
 from .objectives import OBJECTIVE_SPECS
 from .optim import make_optimizer, make_scheduler
+from .prefetch import FirstAhead
 from .step import Precision, train_step
 from .student import base_causal_lm, load_student
 
@@ -76,8 +77,8 @@ def scored_vocab(store) -> int | None:
     return None if tok_meta.get("vocab_size") is None else int(tok_meta["vocab_size"])
 
 
-def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
-    """Up front: the objective's fields are stored, and the student reads the same ids."""
+def _check_fields(cfg: TrainConfig, store) -> None:
+    """Up front, before the reader opens: the objective's fields are stored."""
     spec = OBJECTIVE_SPECS[cfg.objective]
     missing = [f for f in spec.fields if f not in store.fields]
     if missing:
@@ -86,6 +87,10 @@ def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
             f"{cfg.store!r} lacks: re-run `kdcache precompute` with a teacher"
             + (" and a --reference" if any(f.startswith("ref_") for f in missing) else "")
         )
+
+
+def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
+    """Once the student is loaded: it reads the same ids as the store's teacher."""
     store_vocab = scored_vocab(store)
     if store_vocab is not None and int(store_vocab) != len(tokenizer):
         raise ValueError(
@@ -161,6 +166,16 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
         if state["step"] >= total and (out / MODEL).exists():  # finished: nothing to do
             return TrainResult(str(out), state["step"], state["tokens"], float(state.get("seconds", 0.0)),
                                float(state.get("loss", float("nan"))), d.rank)
+    _check_fields(cfg, store)
+    # the reader at its (restored) position; the first group is read while the student loads
+    reader = StreamReader(store, fields=list(OBJECTIVE_SPECS[cfg.objective].fields), shuffle=True,
+                          seed=cfg.seed, rank=d.rank, world_size=d.world_size)
+    if state is not None:
+        reader.load_state_dict(D.rank_reader_state(d, state))
+    start = state["step"] if state else 0
+    groups = group_stream(reader, budget)
+    if start < total and (stop_after is None or start < stop_after):  # a step will take it
+        groups = FirstAhead(groups)
     set_seed(cfg.seed)
     device = d.device()
     # before any weight is loaded (FSDP shards the step: the one-GPU estimate does not apply)
@@ -190,19 +205,16 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
             with (out / "config.yaml").open("a") as f:
                 f.write(f"# effective batch: {cfg.batch_groups * cfg.grad_accum * d.world_size} groups per "
                         f"optimizer step = batch_groups x grad_accum x world_size\n")
-        return _loop(cfg, out, store, model, tokenizer, device, total, state, stop_after, d, budget)
+        return _loop(cfg, out, store, reader, groups, model, tokenizer, device, total, state, stop_after, d)
     except BaseException:
         if d.main and not has_checkpoint(out):  # nothing to resume from: leave nothing behind
             _remove_run_files(out, created)
         raise
 
 
-def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: int,
-          state: dict | None, stop_after: int | None, d: D.Dist,
-          budget: Callable[[int], int] | None) -> TrainResult:
-    spec = OBJECTIVE_SPECS[cfg.objective]
-    reader = StreamReader(store, fields=list(spec.fields), shuffle=True, seed=cfg.seed,
-                          rank=d.rank, world_size=d.world_size)
+def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iterator[list[dict]],
+          model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
+          d: D.Dist) -> TrainResult:
     precision = Precision.for_run(cfg, device)
     step_model = D.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
@@ -217,7 +229,7 @@ def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: i
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        D.restore_rank_state(d, state, reader)  # this rank's reader (and RNG on ranks > 0)
+        D.restore_rank_state(d, state)  # RNG on ranks > 0 (the reader was restored in _train)
         if d.main:
             set_rng_state(state["rng"])
         step, tokens, prior_s = state["step"], state["tokens"], float(state.get("seconds", 0.0))
@@ -235,7 +247,6 @@ def _loop(cfg: TrainConfig, out: Path, store, model, tokenizer, device, total: i
     betas = tuple(store.meta.betas)
     vocab = scored_vocab(store)  # a padded student head normalises over these ids only
     model.train()
-    groups = group_stream(reader, budget)
     t0, tokens0, saved_at = time.perf_counter(), tokens, step
     metrics: dict[str, torch.Tensor] = {}
     progress = _progress(cfg, total, step) if d.main else None
