@@ -29,8 +29,9 @@ TRL-chat-format JSONL; kdcache precompute and TRL tokenise it with the same chat
 the benchmark checks the ids agree), order (TRL reads the dataset in kdcache's StreamReader
 order through a sequential sampler), batch (pairs / sequences per step), fp32 on CPU,
 `torch.set_num_threads(n)` + OMP/MKL_NUM_THREADS=n, AdamW (lr, betas, eps, weight decay 0,
-clip 1.0, linear decay to 0 with no warm-up; each side's own AdamW: kdcache's
-`torch.optim.AdamW`, TRL's `--optim adamw_torch`, both the same torch kernel on CPU), dropout
+clip 1.0, linear decay to 0 with no warm-up; each side's own AdamW: kdcache's default,
+torch's fused kernel; TRL's `--optim adamw_torch` as shipped, the per-op one, or with
+`--trl-optim adamw_torch_fused` the same fused kernel as kdcache), dropout
 off, no gradient checkpointing, logging every 10 steps, no saving inside the loop.
 Timed: the loop, from just before the first batch is fetched to the end of the last optimizer
 step (TRL: on_train_begin .. last on_step_end; kdcache: the loop's first read .. last
