@@ -52,15 +52,12 @@ class EvalConfig:
                 "--model runs/x/model), else the model directory", "panel": "Essentials"})
 
 
-def _store_vocab(store) -> int | None:
-    meta = store.meta.tokenizer if isinstance(store.meta.tokenizer, dict) else {}
-    return None if meta.get("vocab_size") is None else int(meta["vocab_size"])
-
-
 def _load(model_dir: str, store, device):
     """Tokenizer, then the vocabulary check (the store's ids must mean the same tokens to the
     student, as `train` checks), then the weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .student import scored_vocab
 
     def fail(e: Exception) -> ValueError:
         return ValueError(f"cannot load model {model_dir!r} for eval: {e.__class__.__name__}: {e}")
@@ -69,7 +66,7 @@ def _load(model_dir: str, store, device):
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise fail(e) from e
-    vocab = _store_vocab(store)
+    vocab = scored_vocab(store)
     if vocab is not None and vocab != len(tok):
         raise ValueError(
             f"teacher vocab {vocab} != student vocab {len(tok)} ({model_dir}): the store's ids "
@@ -93,7 +90,7 @@ def _score(model, records, pad_id, chunk_size, device, vocab: int | None = None)
     from .student import student_forward
 
     batch = collate(records, pad_id=pad_id)
-    batch.vocab = vocab  # the student normalises over the ids the teachers scored
+    batch.vocab = vocab
     batch = batch.to(device)
     with torch.no_grad():
         return student_forward(model, batch, chunk_size), batch
@@ -136,6 +133,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from . import losses as L
     from .rewards import resolve_reward
+    from .student import scored_vocab
 
     if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_groups < 0:
         raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
@@ -159,10 +157,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     has_topk = "topk_logprobs" in store.fields and "topk_ids" in store.fields
 
     wins, kl_sum, kl_tokens = 0, 0.0, 0
+    vocab = scored_vocab(store)  # the student normalises over the ids the teachers scored
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i : i + cfg.batch_size]
         records = [c for c, _ in chunk] + [r for _, r in chunk]
-        out, batch = _score(model, records, pad_id, cfg.chunk_size, device, _store_vocab(store))
+        out, batch = _score(model, records, pad_id, cfg.chunk_size, device, vocab)
         avg = (out.token_logprobs * batch.mask).sum(-1) / batch.mask.sum(-1).clamp(min=1)
         n = len(chunk)
         wins += int((avg[:n] > avg[n:]).sum())

@@ -46,7 +46,7 @@ from .objectives import OBJECTIVE_SPECS
 from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
-from .student import base_causal_lm, load_student
+from .student import base_causal_lm, load_student, scored_vocab
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -70,13 +70,6 @@ def resolve_store(cfg: TrainConfig):
     return open_store(url)
 
 
-def scored_vocab(store) -> int | None:
-    """How many ids [0, V) the store's teachers scored (their tokenizer's; padded output rows
-    beyond it were dropped); None when the store does not say."""
-    tok_meta = store.meta.tokenizer if isinstance(store.meta.tokenizer, dict) else {}
-    return None if tok_meta.get("vocab_size") is None else int(tok_meta["vocab_size"])
-
-
 def _check_fields(cfg: TrainConfig, store) -> None:
     """Up front, before the reader opens: the objective's fields are stored."""
     spec = OBJECTIVE_SPECS[cfg.objective]
@@ -92,13 +85,13 @@ def _check_fields(cfg: TrainConfig, store) -> None:
 def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
     """Once the student is loaded: it reads the same ids as the store's teacher."""
     store_vocab = scored_vocab(store)
-    if store_vocab is not None and int(store_vocab) != len(tokenizer):
+    if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
             f"would mean other tokens to this student; use a student that shares the teachers' "
             f"tokenizer (same model family)"
         )
-    if store_vocab is not None and int(store_vocab) > head_rows:
+    if store_vocab is not None and store_vocab > head_rows:
         raise ValueError(
             f"teacher vocab {store_vocab} > student output rows {head_rows}: the student's "
             f"lm_head cannot score every stored id; resize its embeddings or pick another student"
