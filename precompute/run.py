@@ -39,7 +39,7 @@ from .data import (
     iter_rows,
     tokenize_rows,
 )
-from .engine import REF_FIELDS, TEACHER_FIELDS, TOPK_FIELDS, needs_teacher
+from .engine import REF_FIELDS, TEACHER_FIELDS, TOPK_FIELDS, needs_teacher, text_fields
 from .models import (
     check_same_tokenizer,
     check_vocab_rows,
@@ -49,11 +49,19 @@ from .models import (
     model_vocab_size,
     resolve_device,
     resolve_dtype,
+    tokenizer_files,
     tokenizer_fingerprint,
     tokenizer_size,
     verify_head,
 )
-from .storeapi import NoStoreError, StoreMeta, open_store, store_key
+from .storeapi import (
+    TOKENIZER_FILE_NAMES,
+    NoStoreError,
+    StoreMeta,
+    describe_files,
+    open_store,
+    store_key,
+)
 from .writing import GroupWriter
 
 log = logging.getLogger("kdcache.precompute")
@@ -145,7 +153,8 @@ class GroupSource:
         yield from joined.values()
 
     def _sequence(self, r: dict[str, Any]) -> Sequence:
-        extra: dict[str, Any] = {"reward": r.get("reward")}
+        extra: dict[str, Any] = {"reward": r.get("reward"), "prompt_source": r.get("prompt_source"),
+                                 "response_text": r.get("response_text")}
         if self.has_behavior:
             extra["behavior_logprob"] = np.asarray(r["behavior_logprob"], np.float32)
         tp = r.get("teacher_prompt_ids")
@@ -165,6 +174,7 @@ class Prepared:
     source: GroupSource
     scored: tuple[str, ...] = ()  # the per-token fields the models compute
     same_model: bool = False  # teacher and reference have one fingerprint: one forward
+    tok_files: dict[str, bytes] | None = None  # the tokenizer's files, stored (METHODS §5)
 
 
 def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
@@ -202,6 +212,7 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
         raise ValueError(f"--k {cfg.k} > the teacher's vocabulary of {vocab.size} tokens; pass a "
                          f"--k of at most {vocab.size} (typically 20-100)")
     tok_fp = tokenizer_fingerprint(tok)
+    tok_files = tokenizer_files(cfg.tokenizer or cfg.teacher, TOKENIZER_FILE_NAMES)
     source = GroupSource(cfg, tok)
     ds_fp = source.fingerprint(tok_fp)
 
@@ -234,10 +245,11 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
     meta = StoreMeta(k=cfg.k if topk or cfg.fields is None else 0,
                      betas=list(cfg.betas) if "soft_value" in scored or cfg.fields is None else [],
                      fields=fields, models=models,
-                     tokenizer={"sha256": tok_fp, "vocab_size": vocab.size},
+                     tokenizer={"sha256": tok_fp, "vocab_size": vocab.size,
+                                **({"files": describe_files(tok_files)} if tok_files else {})},
                      dataset=ds_fp, options=options, code_version=code_version())
     same = len(fingerprints) == 2 and fingerprints["dpo"] == fingerprints["ref"]
-    return Prepared(meta, tok, vocab, source, scored, same)
+    return Prepared(meta, tok, vocab, source, scored, same, tok_files or None)
 
 
 def partition_plan(cfg: PrecomputeConfig) -> dict[str, Any]:
@@ -409,7 +421,8 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
         report_data(cfg, checked)
     try:
         with GroupWriter(url, prep.meta, cfg.shard_records, cfg.resume, "precompute_report",
-                         SUM_KEYS, background=BACKGROUND_WRITER) as writer:
+                         SUM_KEYS, background=BACKGROUND_WRITER,
+                         tokenizer_files=prep.tok_files) as writer:
             if writer.done:
                 of = "" if cfg.partition or checked is None else \
                     f" of {checked.rows - checked.skipped}"
@@ -560,6 +573,7 @@ def _tokenized_record(s: Sequence, eos_id: int) -> dict[str, Any]:
     }
     if s.extra.get("behavior_logprob") is not None:
         rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], np.float32)
+    rec.update(text_fields(s))
     return rec
 
 

@@ -6,9 +6,12 @@ from kdcache.store import (
     NoStoreError,
     StoreMeta,
     StoreWriter,
+    describe_files,
     open_store,
     resolve_codec,
     store_key,
 )
+from kdcache.store.tokfiles import TOKENIZER_FILE_NAMES
 
-__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "open_store", "resolve_codec", "store_key"]
+__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "TOKENIZER_FILE_NAMES", "describe_files",
+           "open_store", "resolve_codec", "store_key"]

@@ -51,8 +51,10 @@ class GroupWriter:
 
     def __init__(self, url: str, meta: StoreMeta, shard_records: int, resume: bool,
                  report_key: str = "report", sum_keys: Sequence[str] = (),
-                 background: bool = False, max_queue_bytes: int = MAX_QUEUE_BYTES) -> None:
+                 background: bool = False, max_queue_bytes: int = MAX_QUEUE_BYTES,
+                 tokenizer_files: dict[str, bytes] | None = None) -> None:
         self.url, self.meta = url, meta
+        self.tokenizer_files = tokenizer_files  # handed to the store, which owns their format
         self.background, self.max_queue_bytes = background, int(max_queue_bytes)
         # background state: queue of (records, sums), its bytes, the thread, its error
         self._queue: deque[Any] = deque()
@@ -76,14 +78,15 @@ class GroupWriter:
         self._committed = 0
         self.done: set[str] = set()
         if exists:  # refuses other settings / resume=False now, before any model is loaded
-            self._w = StoreWriter(url, meta, shard_records=shard_records, resume=resume)
+            self._w = StoreWriter(url, meta, shard_records=shard_records, resume=resume,
+                                  tokenizer_files=tokenizer_files)
             self.done = self._w.done_example_ids
             self._resume_sums()
 
     def _writer(self) -> StoreWriter:
         if self._w is None:
             self._w = StoreWriter(self.url, self.meta, shard_records=self.shard_records,
-                                  resume=self.resume)
+                                  resume=self.resume, tokenizer_files=self.tokenizer_files)
         return self._w
 
     def _report(self) -> dict[str, Any]:

@@ -39,11 +39,13 @@ from .format import (
     ROLES,
     SCHEMA_VERSION,
     SEQUENCE_FIELDS,
+    TEXT_FIELDS,
     TOKEN_FIELDS,
     StoreMeta,
     token_shape,
 )
 from .integrity import check_manifest, check_schema_version, crc32c, manifest_checksum
+from .tokfiles import write_tokenizer_files
 
 __all__ = ["StoreWriter", "CHUNK_ROWS", "check_schema_version", "NoStoreError",
            "WRITABLE_VERSIONS", "STALE_TEMP_S", "commit_manifest"]
@@ -100,7 +102,8 @@ class StoreWriter:
     target (a group never spans shards) and as soon as it reaches the target.  With
     `resume=True` an existing store with the same meta is continued after its last committed
     shard (`done_example_ids` tells the caller what to skip); with `resume=False` an existing
-    store is an error.  `_schema_version` writes an older on-disk version (tests of the
+    store is an error.  `tokenizer_files` ({name: bytes}, listed in
+    `meta.tokenizer["files"]` by `describe_files`) are written under `tokenizer/`.  `_schema_version` writes an older on-disk version (tests of the
     backward-compatible reader, merges of old stores).  `_staged=True` commits nothing until
     `close()` (one manifest write at the end) and removes the shards it wrote on `abort()`:
     `merge` uses it on object stores so a failed merge leaves nothing at its output.
@@ -109,6 +112,7 @@ class StoreWriter:
     def __init__(
         self, url: str, meta: StoreMeta, shard_records: int = 1024, resume: bool = True,
         _schema_version: int = SCHEMA_VERSION, _staged: bool = False,
+        tokenizer_files: dict[str, bytes] | None = None,
     ) -> None:
         if int(shard_records) < 1:
             raise ValueError(f"shard_records must be >= 1, got {shard_records}")
@@ -129,6 +133,9 @@ class StoreWriter:
         self._written: list[str] = []  # shard directories written (removed on a staged abort)
         existing = read_manifest(self.fs, self.root)
         self._remove_stale_temps()
+        if tokenizer_files:  # before any manifest lists them (METHODS §5; store/tokfiles.py)
+            write_tokenizer_files(self.fs, self.root, tokenizer_files,
+                                  meta.tokenizer.get("files"))
         if existing is None:
             now = _now()
             self._manifest: dict[str, Any] = {
@@ -328,6 +335,11 @@ class StoreWriter:
             if not np.isfinite(rew):
                 raise ValueError(f"{where}: reward={rew} is not finite; use None for 'no reward'")
         out["reward"] = rew
+        for name in TEXT_FIELDS:
+            v = r.get(name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{where}: {name} must be a str or None, got {type(v).__name__}")
+            out[name] = v
 
         k, nb = self.meta.k, len(self.meta.betas)
         for name in self.meta.fields:
@@ -455,7 +467,9 @@ def build_shard_files(
     offsets = np.concatenate([[0], np.cumsum(n_tok)[:-1]]).astype(np.int64)
     cols: dict[str, pa.Array] = {}
     for col, f in SEQUENCE_FIELDS.items():
-        cols[col] = pa.array([r[col] for r in recs], type=f.arrow_type)
+        if col in TEXT_FIELDS and all(r.get(col) is None for r in recs):
+            continue  # no text in this shard: the columns of a store without text, unchanged
+        cols[col] = pa.array([r.get(col) for r in recs], type=f.arrow_type)
     cols["token_offset"] = pa.array(offsets, type=pa.int64())
     table = pa.table(cols)
     buf = io.BytesIO()
