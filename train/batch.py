@@ -22,6 +22,10 @@ TOKEN_FIELDS = (
     "ref_topk_logprobs",
     "ref_token_logprob",
     "behavior_logprob",
+    # a student with another tokenizer (train/xtok/translate.py)
+    "xtok_slots",
+    "xtok_aligned",
+    "uld_teacher",
 )
 
 
@@ -45,6 +49,7 @@ class SeqBatch:
     # ids [0, vocab) the teachers scored: a student whose lm_head has more (padding) rows
     # normalises over these only, as precompute did for the teachers (METHODS §1)
     vocab: int | None = None
+    own_topk: int = 0  # ULD: also gather the student's own K largest log-probs (METHODS §5)
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +74,7 @@ class SeqBatch:
             block_ids=self.block_ids,
             betas=self.betas,
             vocab=self.vocab,
+            own_topk=self.own_topk,
         )
 
 

@@ -47,6 +47,8 @@ from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
 from .student import base_causal_lm, load_student, scored_vocab
+from .xtok.setup import prepare as prepare_xtok
+from .xtok.setup import xtok_cache_dir
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -82,14 +84,15 @@ def _check_fields(cfg: TrainConfig, store) -> None:
         )
 
 
-def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
-    """Once the student is loaded: it reads the same ids as the store's teacher."""
-    store_vocab = scored_vocab(store)
+def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int, xtok=None) -> None:
+    """Once the student is loaded: it reads the same ids as the store's teacher (or, with
+    --cross-tokenizer, its own ids, translated by `xtok`; train/xtok/setup.py)."""
+    store_vocab = len(tokenizer) if xtok is not None else scored_vocab(store)
     if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
-            f"would mean other tokens to this student; use a student that shares the teachers' "
-            f"tokenizer (same model family)"
+            f"would mean other tokens to this student; pass --cross-tokenizer map (or uld) to "
+            f"align the two tokenizers, or use a student that shares the teachers' tokenizer"
         )
     if store_vocab is not None and store_vocab > head_rows:
         raise ValueError(
@@ -180,7 +183,8 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
         model, tokenizer = _load_resumed(cfg, device)
     else:
         model, tokenizer = load_student(cfg, device)
-    _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0])
+    xtok = prepare_xtok(cfg, store, tokenizer, xtok_cache_dir(), cfg.store)
+    _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0], xtok)
     if d.main:
         per_rank = cfg.batch_groups * cfg.grad_accum
         log.info("effective batch: %d groups per optimizer step = %d per micro-batch x %d micro-batches "
@@ -198,7 +202,8 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
             with (out / "config.yaml").open("a") as f:
                 f.write(f"# effective batch: {cfg.batch_groups * cfg.grad_accum * d.world_size} groups per "
                         f"optimizer step = batch_groups x grad_accum x world_size\n")
-        return _loop(cfg, out, store, reader, groups, model, tokenizer, device, total, state, stop_after, d)
+        return _loop(cfg, out, store, reader, groups, model, tokenizer, device, total, state, stop_after, d,
+                     xtok)
     except BaseException:
         if d.main and not has_checkpoint(out):  # nothing to resume from: leave nothing behind
             _remove_run_files(out, created)
@@ -207,7 +212,7 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
 
 def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iterator[list[dict]],
           model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
-          d: D.Dist) -> TrainResult:
+          d: D.Dist, xtok=None) -> TrainResult:
     precision = Precision.for_run(cfg, device)
     step_model = D.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
@@ -239,6 +244,8 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
     pad_id = tokenizer.pad_token_id or 0
     betas = tuple(store.meta.betas)
     vocab = scored_vocab(store)  # a padded student head normalises over these ids only
+    if xtok is not None:  # the student's own ids (train/xtok)
+        vocab = len(tokenizer)
     model.train()
     t0, tokens0, saved_at = time.perf_counter(), tokens, step
     metrics: dict[str, torch.Tensor] = {}
@@ -259,7 +266,7 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
         D.barrier(d)  # nobody goes on before the checkpoint is complete
 
     while step < total and (stop_after is None or step < stop_after):
-        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab)
+        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab, xtok)
         metrics = train_step(step_model, optimizer, scheduler, params, batches, cfg, step, precision)
         step += 1
         pending += step_tokens  # this rank's; summed over ranks when logged or saved
@@ -271,6 +278,9 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
             row_tps = (tokens - tokens0) / max(elapsed, 1e-9)
             row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                    "tokens_per_s": row_tps, **row}
+            if xtok is not None:  # so far in this process (METHODS §5 report)
+                row["aligned_fraction"] = xtok.stats.aligned_fraction
+                row["mapped_topk_mass"] = xtok.stats.mapped_mass_fraction
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -284,6 +294,10 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
             saved_at = step
     if progress is not None:
         progress.close()
+    if xtok is not None and d.main:
+        log.info("cross-tokenizer (%s): %.1f%% of student tokens aligned, %.1f%% of the teacher's "
+                 "top-K mass at aligned positions maps", cfg.cross_tokenizer,
+                 100 * xtok.stats.aligned_fraction, 100 * xtok.stats.mapped_mass_fraction)
     if metrics:
         last_loss = D.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
     tokens, pending = tokens + D.sum_int(d, pending), 0
