@@ -8,10 +8,11 @@ from kdcache.store import (
     StoreWriter,
     describe_files,
     open_store,
+    probe_writable,
     resolve_codec,
     store_key,
 )
 from kdcache.store.tokfiles import TOKENIZER_FILE_NAMES
 
 __all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "TOKENIZER_FILE_NAMES", "describe_files",
-           "open_store", "resolve_codec", "store_key"]
+           "open_store", "probe_writable", "resolve_codec", "store_key"]

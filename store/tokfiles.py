@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._io import join, write_files
+from ._io import UnsafeFile, cat_files, join, write_files
 from .fingerprint import hash_bytes
 
 __all__ = ["TOKENIZER_DIR", "TOKENIZER_FILE_NAMES", "MAX_TOKENIZER_BYTES", "describe_files",
@@ -58,16 +58,23 @@ def read_tokenizer_files(fs: Any, root: str, listed: Any, url: str) -> dict[str,
     if sum(sizes) > MAX_TOKENIZER_BYTES:
         raise ValueError(f"store at {url} lists {sum(sizes)} bytes of tokenizer files "
                          f"(> {MAX_TOKENIZER_BYTES}); refusing to read them")
+    paths = {name: join(root, TOKENIZER_DIR, name) for name in sorted(listed)}
+    # local stores: only regular files inside the root, at most the recorded size + 1 bytes
+    raw = cat_files(fs, list(paths.values()), root=root,
+                    limits={p: int(listed[n]["bytes"]) for n, p in paths.items()})
     out: dict[str, bytes] = {}
-    for name, entry in sorted(listed.items()):
-        path = join(root, TOKENIZER_DIR, name)
-        try:
-            data = fs.cat_file(path)
-        except FileNotFoundError:
+    for name, path in paths.items():
+        entry, data = listed[name], raw.get(path)
+        if isinstance(data, FileNotFoundError) or data is None:
             raise ValueError(f"store at {url}: {TOKENIZER_DIR}/{name} is missing; copy the "
-                             "store whole, or re-run precompute") from None
+                             "store whole, or re-run precompute")
+        if isinstance(data, UnsafeFile):
+            raise ValueError(f"store at {url}: {TOKENIZER_DIR}/{name} {data.what}: kdcache reads "
+                             "only regular files inside a store")
+        if isinstance(data, BaseException):
+            raise ValueError(f"store at {url}: cannot read {TOKENIZER_DIR}/{name} ({data})")
         if len(data) != entry["bytes"] or hash_bytes(data) != entry.get("sha256"):
             raise ValueError(f"store at {url}: {TOKENIZER_DIR}/{name} does not match its "
                              "recorded size/sha256 (damaged); re-copy the store or re-run precompute")
-        out[name] = data
+        out[name] = bytes(data)
     return out
