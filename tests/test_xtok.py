@@ -340,3 +340,18 @@ def test_old_store_says_what_to_rerun(work, tmp_path):
     commit_manifest(fs, root, m)
     with pytest.raises(ValueError, match="re-run the same `kdcache precompute` command"):
         train(_train_cfg(d, str(old), tmp_path / "r", cross_tokenizer="map"))
+
+
+def test_inspect_student_reports_both_numbers(work, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import app
+
+    d, url = work
+    monkeypatch.setenv("KDCACHE_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["inspect", url, "--student", str(d / "split"), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)["cross_tokenizer"]
+    assert 0 < rep["aligned_fraction"] < 1 and 0 < rep["mapped_topk_mass"] <= 1
+    res = CliRunner().invoke(app, ["inspect", url, "--student", str(d / "student")])
+    assert res.exit_code == 0 and "aligned fraction of student tokens   100.0%" in res.stdout
