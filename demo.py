@@ -77,13 +77,14 @@ class Demo(Stages):
                           batch_groups=64, lr=3e-3)
 
 
-def xtok_row(d: Demo, m: str, student: str, pref: str, steps: int, **kw) -> str:
+def xtok_row(d: Demo, m: str, student: str, pref: str, steps: int, name: str | None = None,
+             **kw) -> str:
     """One cross-tokenizer row: SFT on chosen, or DCKD's Eq. 7 (α 0.2) with the KD term on
-    the vocabulary map (tail mode) or ULD, at aligned positions."""
+    the vocabulary map (tail mode) or ULD, at aligned positions. `name`: the run's name."""
     if m == "sft-xtok":
-        return d.train(m, student, pref, "sft", steps, cross_tokenizer="map", **kw)
+        return d.train(name or m, student, pref, "sft", steps, cross_tokenizer="map", **kw)
     mode = {"kd-xtok": "map", "uld-xtok": "uld"}[m]
-    return d.train(m, student, pref, "dckd", steps, dckd_alpha=0.2, kd_mode="tail",
+    return d.train(name or m, student, pref, "dckd", steps, dckd_alpha=0.2, kd_mode="tail",
                    cross_tokenizer=mode, **kw)
 
 
