@@ -62,9 +62,11 @@ class Demo(Stages):
     def evaluate(self, model: str, eval_store: str, cross_tokenizer: bool = False) -> dict:
         from kdcache.train.eval import EvalConfig, evaluate
 
+        # the split tokenizer spends up to two tokens per digit (" ", "7"): its answers get
+        # twice the token budget, the same budget in characters
         return evaluate(EvalConfig(model=str(model), store=eval_store, reward="sort_rule",
-                                   samples=4, max_new_tokens=12, seed=self.seed,
-                                   cross_tokenizer=cross_tokenizer))
+                                   samples=4, max_new_tokens=24 if cross_tokenizer else 12,
+                                   seed=self.seed, cross_tokenizer=cross_tokenizer))
 
     def split_student(self, sft_data: str) -> str:
         """The student with the split tokenizer, SFT'd on the corpus as `student-sft-init`."""

@@ -299,9 +299,11 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
     if progress is not None:
         progress.close()
     if xtok is not None and d.main:
-        log.info("cross-tokenizer (%s): %.1f%% of student tokens aligned, %.1f%% of the teacher's "
-                 "top-K mass at aligned positions maps", cfg.cross_tokenizer,
-                 100 * xtok.stats.aligned_fraction, 100 * xtok.stats.mapped_mass_fraction)
+        mass = xtok.stats.mapped_mass_fraction
+        log.info("cross-tokenizer (%s): %.1f%% of student tokens aligned%s", cfg.cross_tokenizer,
+                 100 * xtok.stats.aligned_fraction,
+                 "" if mass != mass else f", {100 * mass:.1f}% of the teacher's top-K mass at aligned "
+                 "positions maps")
     if metrics:
         last_loss = D.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
     tokens, pending = tokens + D.sum_int(d, pending), 0

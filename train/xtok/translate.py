@@ -141,12 +141,12 @@ class CrossTokenizer:
         if "topk_logprobs" in record:
             lp = np.asarray(record["topk_logprobs"], dtype=np.float32)
             K = lp.shape[1]
-            stats.topk_mass = float(np.exp(lp[src].astype(np.float64)).sum())
-            if self.mode == "uld":
+            if self.mode == "uld":  # no map: no mapped mass to report
                 u = np.full((T, K), FLOOR, dtype=np.float32)
                 u[ok] = lp[src]
                 out["uld_teacher"] = u
             elif "topk_ids" in record:
+                stats.topk_mass = float(np.exp(lp[src].astype(np.float64)).sum())
                 self._mapped(record, lp, ok, src, out, stats)
         for name in SEQ_SUM_FIELDS:
             if name in record and record[name] is not None:
