@@ -261,6 +261,27 @@ def decode_shard(
             from None
 
 
+def check_shard(raw: dict[str, bytes], entry: dict[str, Any], meta: StoreMeta) -> None:
+    """Every size a shard's files declare against its manifest entry, without decoding the
+    arrays (`store verify`): each array's zarr.json and chunk frame headers, and
+    records.parquet (footer counts, then per-record lengths).  A ShardFileError names the
+    first problem."""
+    from .fastdecode import ChunkError, check_layout
+
+    expect, counts = shard_expect(entry, meta)
+    zfiles = {k[len("tokens.zarr/"):]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
+    arrays = sorted({k.split("/", 1)[0] for k in zfiles if k.count("/") >= 1})
+    for a in arrays:
+        try:
+            check_layout(zfiles, a, expect)
+        except ChunkError as e:
+            raise ShardFileError(f"tokens.zarr/{e.key}", e.what) from None
+        except Exception as e:  # noqa: BLE001 - malformed metadata of any kind
+            raise ShardFileError(f"tokens.zarr/{a}/zarr.json",
+                                 f"cannot be read ({type(e).__name__}: {e})") from None
+    _read_records(raw, counts)
+
+
 class ShardFileError(ValueError):
     """A shard file is damaged; `rel` names it (the Store adds its URL and shard name)."""
 
@@ -474,6 +495,15 @@ class Store:
             elif hash_bytes(data) != info.get("sha256"):
                 raise file_error(self.url, name, r, "failed its sha256 check (corrupted bytes)")
         return raw
+
+    def check_shard(self, index: int, raw: dict[str, bytes]) -> None:
+        """Every size shard `index`'s fetched files declare, against the manifest, without
+        decoding its arrays (`check_shard`); a one-line error naming store, shard, file."""
+        entry = self.shards[index]
+        try:
+            check_shard(raw, entry, self.meta)
+        except ShardFileError as e:
+            raise file_error(self.url, entry["name"], e.rel, e.what) from None
 
     def decode(self, index: int, raw: dict[str, bytes], fields: Sequence[str]) -> Shard:
         """Decode fetched files of shard `index`; damage is a one-line ChecksumError/ValueError
