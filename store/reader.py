@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._io import SHARDS_DIR, UnsafeFile, cat_files, join, open_fs, read_manifest
@@ -338,14 +339,15 @@ def _check_records(table: Any, counts: dict[str, int]) -> Any:
         arr = table.column(col).combine_chunks()
         if isinstance(arr.type, pa.DictionaryType):
             d = arr.dictionary
-            longest = max((len(x) for x in d.to_pylist() if x is not None), default=0)
+            longest = int(pc.max(pc.utf8_length(d)).as_py() or 0) if len(d) else 0
             if longest > MAX_ID_CHARS:
                 raise ShardFileError("records.parquet", f"holds a {col} of {longest} "
                                                         f"characters (at most {MAX_ID_CHARS})")
             if col == "role" and set(d.to_pylist()) - set(ROLES) - {None}:
                 raise ShardFileError("records.parquet", f"holds roles outside {list(ROLES)}")
-            i = table.schema.get_field_index(col)
-            table = table.set_column(i, col, arr.cast(pa.string()))
+            if col == "role":  # plain strings for callers (value_counts in summary)
+                i = table.schema.get_field_index(col)
+                table = table.set_column(i, col, arr.cast(pa.string()))
     n_tok = table.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64)
     resp = table.column("response_ids").combine_chunks()
     lens = np.diff(resp.offsets.to_numpy().astype(np.int64))
@@ -357,8 +359,16 @@ def _check_records(table: Any, counts: dict[str, int]) -> Any:
                                                 f"(response_ids lengths, n_tokens, token_offset "
                                                 f"or their total {counts['n_tokens']}; crafted "
                                                 f"or corrupt)")
-    eids = table.column("example_id").to_pylist()
-    groups = sum(1 for i in range(n) if i == 0 or eids[i] != eids[i - 1])
+    eids = table.column("example_id").combine_chunks()
+    if n == 0:
+        groups = 0
+    elif isinstance(eids.type, pa.DictionaryType) \
+            and len(pc.unique(eids.dictionary)) == len(eids.dictionary):
+        idx = eids.indices.to_numpy(zero_copy_only=False)  # distinct entries: ids == indices
+        groups = 1 + int(np.count_nonzero(idx[1:] != idx[:-1]))
+    else:
+        ids = eids.to_pylist()
+        groups = 1 + sum(1 for i in range(1, n) if ids[i] != ids[i - 1])
     if groups != counts["n_groups"]:
         raise ShardFileError("records.parquet", f"holds {groups} groups but the manifest says "
                                                 f"{counts['n_groups']} (crafted or corrupt)")
