@@ -5,8 +5,11 @@ prototypes) costs about as much as the actual decompression for our few-MB chunk
 arrays we write use a tiny subset of Zarr v3 — regular chunk grid, default "/" chunk keys,
 `transpose`, `kdcache.gridq` or `numcodecs.*` array-to-array filters, `bytes`,
 `blosc`/`zstd`, and a final `crc32c` — so this module decodes exactly that subset straight
-from `zarr.json` and returns None for anything else, in which case the caller falls back to
-zarr.  It never guesses: every step comes from the metadata, and the tests check it equals
+from `zarr.json` and returns None for anything else, which the reader refuses (a store is
+untrusted input: zarr's generic codecs would decompress whatever a frame declares).  With
+an `Expect` from the manifest, shapes, chunk shapes and id tables are checked before
+anything is allocated, and every frame must state exactly its chunk's size.  It never
+guesses: every step comes from the metadata, and the tests check it equals
 zarr's own decoding.  A chunk whose crc32c does not match, or that cannot be decoded, raises
 `ChunkError` naming the chunk's key (the reader adds the store and shard).
 
