@@ -6,11 +6,12 @@ from kdcache.store import (
     NoStoreError,
     StoreMeta,
     StoreWriter,
+    lock_for,
     open_store,
     probe_writable,
     resolve_codec,
     store_key,
 )
 
-__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "open_store", "probe_writable",
+__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "lock_for", "open_store", "probe_writable",
            "resolve_codec", "store_key"]

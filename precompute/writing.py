@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store
+from .storeapi import NoStoreError, StoreMeta, StoreWriter, lock_for, open_store
 
 UNCOMMITTED = "uncommitted_sums"
 MAX_QUEUE_BYTES = 256 << 20  # record arrays waiting for the writer thread
@@ -66,6 +66,22 @@ class GroupWriter:
         self.shard_records, self.resume = shard_records, resume
         self.report_key, self.sum_keys = report_key, tuple(sum_keys)
         self._w: StoreWriter | None = None
+        # the store's writer lock, from before anything is read or a model is loaded until
+        # close/abort: a second precompute/rollout on this output fails now, naming the first
+        self._lock = lock_for(url)
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            self._open(url, meta, shard_records, resume)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def _open(self, url: str, meta: StoreMeta, shard_records: int, resume: bool) -> None:
         try:
             open_store(url)
             exists = True
@@ -76,14 +92,15 @@ class GroupWriter:
         self._committed = 0
         self.done: set[str] = set()
         if exists:  # refuses other settings / resume=False now, before any model is loaded
-            self._w = StoreWriter(url, meta, shard_records=shard_records, resume=resume)
+            self._w = StoreWriter(url, meta, shard_records=shard_records, resume=resume,
+                                  _lock=False)  # held by this GroupWriter
             self.done = self._w.done_example_ids
             self._resume_sums()
 
     def _writer(self) -> StoreWriter:
         if self._w is None:
             self._w = StoreWriter(self.url, self.meta, shard_records=self.shard_records,
-                                  resume=self.resume)
+                                  resume=self.resume, _lock=False)  # held by this GroupWriter
         return self._w
 
     def _report(self) -> dict[str, Any]:
@@ -215,13 +232,19 @@ class GroupWriter:
         for k, v in sums.items():
             rep[f"sum_{k}"] = v
         rep.update(report(sums) if callable(report) else (report or {}))
-        w.close()
+        try:
+            w.close()
+        finally:
+            self._release()
 
     def abort(self) -> None:
         """Drop what is not committed; the committed shards stay for a resume."""
-        self._stop(discard=True)
-        if self._w is not None:
-            self._w.abort()
+        try:
+            self._stop(discard=True)
+            if self._w is not None:
+                self._w.abort()
+        finally:
+            self._release()
 
     def __enter__(self) -> GroupWriter:
         return self

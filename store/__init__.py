@@ -13,7 +13,7 @@ from .format import (
     TOKEN_FIELDS,
     StoreMeta,
 )
-from .lock import StoreLockedError, probe_writable
+from .lock import StoreLockedError, lock_for, probe_writable
 from .reader import ChecksumError, Store, open_store
 from .stream import StreamReader
 from .summary import summarize
@@ -38,6 +38,7 @@ __all__ = [
     "StreamReader",
     "hash_bytes",
     "hash_json",
+    "lock_for",
     "open_store",
     "resolve_codec",
     "store_key",

@@ -64,7 +64,9 @@ def test_report_sums_count_each_committed_group_once_after_a_kill(tmp_path, size
     w = GroupWriter(url, meta, shard_records=3, resume=True, report_key="r", sum_keys=keys)
     for i, n in enumerate(sizes[:-2]):
         w.add_group(_records(_group(i, n)), value[f"e{i}"])
-    # killed here: nothing else runs; the manifest on disk is the last commit
+    # killed here: nothing else runs; the manifest on disk is the last commit, and the
+    # kernel drops the dead process's store lock
+    w._release()
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert m["r"].get(UNCOMMITTED)  # groups in flight are recorded, not counted
 
