@@ -39,7 +39,7 @@ from .data import (
     iter_rows,
     tokenize_rows,
 )
-from .engine import REF_FIELDS, TEACHER_FIELDS, TOPK_FIELDS, needs_teacher
+from .engine import needs_teacher
 from .models import (
     check_same_tokenizer,
     check_vocab_rows,
@@ -53,7 +53,15 @@ from .models import (
     tokenizer_size,
     verify_head,
 )
-from .storeapi import NoStoreError, StoreMeta, open_store, store_key
+from .storeapi import (
+    REF_FIELDS,
+    TEACHER_FIELDS,
+    TOPK_FIELDS,
+    NoStoreError,
+    StoreMeta,
+    open_store,
+    store_key,
+)
 from .writing import GroupWriter
 
 log = logging.getLogger("kdcache.precompute")

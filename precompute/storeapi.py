@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from kdcache.store import (
+    REF_FIELDS,
+    TEACHER_FIELDS,
+    TOPK_FIELDS,
     NoStoreError,
     StoreMeta,
     StoreWriter,
@@ -11,4 +14,4 @@ from kdcache.store import (
     store_key,
 )
 
-__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "open_store", "resolve_codec", "store_key"]
+__all__ = ["REF_FIELDS", "TEACHER_FIELDS", "TOPK_FIELDS", "NoStoreError", "StoreMeta", "StoreWriter", "open_store", "resolve_codec", "store_key"]
