@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from kdcache.store import (
+    REF_FIELDS,
+    TEACHER_FIELDS,
+    TOPK_FIELDS,
     NoStoreError,
     StoreMeta,
     StoreWriter,
     describe_files,
+    lock_for,
     open_store,
     probe_writable,
     resolve_codec,
@@ -14,5 +18,6 @@ from kdcache.store import (
 )
 from kdcache.store.tokfiles import TOKENIZER_FILE_NAMES
 
-__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "TOKENIZER_FILE_NAMES", "describe_files",
-           "open_store", "probe_writable", "resolve_codec", "store_key"]
+__all__ = ["REF_FIELDS", "TEACHER_FIELDS", "TOKENIZER_FILE_NAMES", "TOPK_FIELDS", "NoStoreError",
+           "StoreMeta", "StoreWriter", "describe_files", "lock_for", "open_store", "probe_writable",
+           "resolve_codec", "store_key"]

@@ -314,17 +314,32 @@ def save_sharded_checkpoint(out: Path, d, module, tokenizer, optimizer, schedule
     return out / LAST
 
 
+def load_dcp(path: Path, sd: dict, no_dist: bool = False) -> None:
+    """`dcp.load` of `sd` from `path` through the safe reader and planner. A refusal is our
+    ValueError naming the file, not torch's CheckpointException (a BaseException that
+    wraps it, traceback included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_dcp_metadata(path)  # refused here, before torch reads anything
+    reader, planner = safe_dcp_reader(path)
+    try:
+        dcp.load(sd, storage_reader=reader, planner=planner, no_dist=no_dist)
+    except CheckpointException as e:
+        ours = [f[0] for f in e.failures.values()
+                if isinstance(f, tuple) and f and isinstance(f[0], ValueError)]
+        if ours:
+            raise ours[0] from None
+        raise
+
+
 def load_sharded(out: Path, module, optimizer) -> None:
     """FSDP resume: each rank reads its shards of weights and optimizer state from last/dcp."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(module, optimizer)
     sd = {"model": model_sd, "optimizer": optim_sd}
-    path = out / LAST / "dcp"
-    read_dcp_metadata(path)  # a refusal here is a ValueError, not torch's CheckpointException
-    reader, planner = safe_dcp_reader(path)
-    dcp.load(sd, storage_reader=reader, planner=planner)
+    load_dcp(out / LAST / "dcp", sd)
     set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
 
 

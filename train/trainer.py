@@ -48,7 +48,7 @@ from .objectives import OBJECTIVE_SPECS
 from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
-from .student import base_causal_lm, load_student, scored_vocab
+from .student import base_causal_lm, load_student
 from .xtok.setup import prepare as prepare_xtok
 from .xtok.setup import xtok_cache_dir
 
@@ -66,14 +66,6 @@ class TrainResult:
     rank: int = 0  # under torchrun only rank 0 reports (the CLI prints nothing on other ranks)
 
 
-def resolve_store(cfg: TrainConfig):
-    """A store URL/path, or a content key looked up under cfg.store_root."""
-    url = cfg.store
-    if cfg.store_root and "/" not in url and "://" not in url:
-        url = f"{cfg.store_root.rstrip('/')}/{url}"
-    return open_store(url)
-
-
 def _check_fields(cfg: TrainConfig, store) -> None:
     """Up front, before the reader opens: the objective's fields are stored."""
     spec = OBJECTIVE_SPECS[cfg.objective]
@@ -89,7 +81,7 @@ def _check_fields(cfg: TrainConfig, store) -> None:
 def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int, xtok=None) -> None:
     """Once the student is loaded: it reads the same ids as the store's teacher (or, with
     --cross-tokenizer, its own ids, translated by `xtok`; train/xtok/setup.py)."""
-    store_vocab = len(tokenizer) if xtok is not None else scored_vocab(store)
+    store_vocab = len(tokenizer) if xtok is not None else store.meta.scored_vocab
     if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
@@ -154,7 +146,7 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
         check_same_run(cfg, out)
         if cfg.fsdp:  # refuse a damaged or hostile DCP checkpoint before any weight loads
             read_dcp_metadata(out / LAST / "dcp")
-    store = resolve_store(cfg)
+    store = open_store(cfg.store, root=cfg.store_root)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
         budget = D.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
@@ -247,7 +239,7 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
     tb = _tensorboard(out) if cfg.tensorboard and d.main else None
     pad_id = tokenizer.pad_token_id or 0
     betas = tuple(store.meta.betas)
-    vocab = scored_vocab(store)  # a padded student head normalises over these ids only
+    vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
     if xtok is not None:  # the student's own ids (train/xtok)
         vocab = len(tokenizer)
     model.train()
