@@ -27,12 +27,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the demo's quick sizes (smoke test)")
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (0 = the demo's own rows)")
     ap.add_argument("--base", default="sft,dckd", help="same-tokenizer demo rows run beside (seed 0)")
+    ap.add_argument("--assemble", action="store_true", help="only write the results table")
     ap.add_argument("--no-demo", action="store_true",
                     help="skip the seed-0 demo run (its stages must be done): only retrain the "
                          "xtok rows for the other seeds, e.g. one process per seed")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
+    if args.assemble:
+        return assemble(args.out, args.quick, 0.0)
     rows_dir = args.out / "xtok-rows"
     if not args.no_demo:
         base = [m for m in args.base.split(",") if m]
@@ -55,7 +58,8 @@ def main() -> None:
 
 def assemble(out_dir: Path, quick: bool, seconds: float) -> None:
     """The seed-0 demo rows (results.json) and every retrained row so far, as one table."""
-    rows = [{"seed": 0, **r} for r in json.loads((out_dir / "results.json").read_text())["rows"]]
+    demo = out_dir / "results.json"  # absent while the seed-0 process is still running
+    rows = [{"seed": 0, **r} for r in json.loads(demo.read_text())["rows"]] if demo.is_file() else []
     rows += [json.loads(p.read_text()) for p in sorted((out_dir / "xtok-rows").glob("*.json"))]
     rows.sort(key=lambda r: (r["method"], r["seed"]))
     out = {"seconds_this_process": seconds, "quick": quick, "rows": rows}
