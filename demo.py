@@ -72,8 +72,9 @@ class Demo(Stages):
         """The student with the split tokenizer, SFT'd on the corpus as `student-sft-init`."""
         from kdcache.train.tiny import build_split_tokenizer, save_tiny
 
-        init = save_tiny(self.out / "models" / "student-split-init", build_split_tokenizer(),
-                         hidden=64, layers=2, heads=4, seed=self.seed + 1)
+        init = self.out / "models" / "student-split-init"
+        if not (init / "config.json").is_file():  # a second process (another seed) reuses it
+            save_tiny(init, build_split_tokenizer(), hidden=64, layers=2, heads=4, seed=self.seed + 1)
         store = self.precompute(data=sft_data, teacher=None, tokenizer=str(init))
         return self.train("student-split-sft-init", init, store, "sft", self.steps["student_sft"],
                           batch_groups=64, lr=3e-3)
