@@ -276,7 +276,8 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
                    "tokens_per_s": row_tps, **row}
             if xtok is not None:  # so far in this process (METHODS §5 report)
                 row["aligned_fraction"] = xtok.stats.aligned_fraction
-                row["mapped_topk_mass"] = xtok.stats.mapped_mass_fraction
+                if xtok.stats.topk_mass > 0:  # none with ULD: no map
+                    row["mapped_topk_mass"] = xtok.stats.mapped_mass_fraction
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
