@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from kdcache.store import (
+    REF_FIELDS,
+    TEACHER_FIELDS,
+    TOPK_FIELDS,
     NoStoreError,
     StoreMeta,
     StoreWriter,
@@ -13,5 +16,5 @@ from kdcache.store import (
     store_key,
 )
 
-__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "lock_for", "open_store", "probe_writable",
-           "resolve_codec", "store_key"]
+__all__ = ["REF_FIELDS", "TEACHER_FIELDS", "TOPK_FIELDS", "NoStoreError", "StoreMeta", "StoreWriter",
+           "lock_for", "open_store", "probe_writable", "resolve_codec", "store_key"]

@@ -6,11 +6,15 @@ See docs/ARCHITECTURE.md for the contract and docs/STORE_FORMAT.md for the on-di
 from .codecs import CodecSpec, register, resolve_codec
 from .fingerprint import hash_bytes, hash_json, store_key
 from .format import (
+    PADDED_FIELDS,
+    REF_FIELDS,
     ROLES,
     SCHEMA_VERSION,
     SEQUENCE_FIELDS,
     SUPPORTED_SCHEMA_VERSIONS,
+    TEACHER_FIELDS,
     TOKEN_FIELDS,
+    TOPK_FIELDS,
     StoreMeta,
 )
 from .lock import StoreLockedError, lock_for, probe_writable
@@ -27,11 +31,15 @@ __all__ = [
     "NoStoreError",
     "StoreLockedError",
     "probe_writable",
+    "PADDED_FIELDS",
+    "REF_FIELDS",
     "ROLES",
     "SCHEMA_VERSION",
     "SEQUENCE_FIELDS",
     "SUPPORTED_SCHEMA_VERSIONS",
+    "TEACHER_FIELDS",
     "TOKEN_FIELDS",
+    "TOPK_FIELDS",
     "Store",
     "StoreMeta",
     "StoreWriter",

@@ -48,7 +48,7 @@ from .objectives import OBJECTIVE_SPECS
 from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
-from .student import base_causal_lm, load_student, scored_vocab
+from .student import base_causal_lm, load_student
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -62,14 +62,6 @@ class TrainResult:
     seconds: float  # training time of the whole run, summed over its resumed segments
     final_loss: float
     rank: int = 0  # under torchrun only rank 0 reports (the CLI prints nothing on other ranks)
-
-
-def resolve_store(cfg: TrainConfig):
-    """A store URL/path, or a content key looked up under cfg.store_root."""
-    url = cfg.store
-    if cfg.store_root and "/" not in url and "://" not in url:
-        url = f"{cfg.store_root.rstrip('/')}/{url}"
-    return open_store(url)
 
 
 def _check_fields(cfg: TrainConfig, store) -> None:
@@ -86,7 +78,7 @@ def _check_fields(cfg: TrainConfig, store) -> None:
 
 def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
     """Once the student is loaded: it reads the same ids as the store's teacher."""
-    store_vocab = scored_vocab(store)
+    store_vocab = store.meta.scored_vocab
     if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
@@ -151,7 +143,7 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
         check_same_run(cfg, out)
         if cfg.fsdp:  # refuse a damaged or hostile DCP checkpoint before any weight loads
             read_dcp_metadata(out / LAST / "dcp")
-    store = resolve_store(cfg)
+    store = open_store(cfg.store, root=cfg.store_root)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
         budget = D.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
@@ -242,7 +234,7 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
     tb = _tensorboard(out) if cfg.tensorboard and d.main else None
     pad_id = tokenizer.pad_token_id or 0
     betas = tuple(store.meta.betas)
-    vocab = scored_vocab(store)  # a padded student head normalises over these ids only
+    vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
     model.train()
     t0, tokens0, saved_at = time.perf_counter(), tokens, step
     metrics: dict[str, torch.Tensor] = {}
