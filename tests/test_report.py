@@ -191,6 +191,11 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tiny, tmp_path, offline):
     assert first["id"] == second["id"]
     assert [h["train/step"] for h in first["history"]] == [1, 2]
     assert [h["train/step"] for h in second["history"]] == [3]
+    # started over in the same --out: a new W&B run, not the old one continued
+    train(TrainConfig(**{**cfg.to_dict(), "resume": False, "max_steps": 1}))
+    third = _runs(offline)[2]
+    assert third["id"] != first["id"] and [h["train/step"] for h in third["history"]] == [1]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["wandb"]["id"] == third["id"]
 
 
 def test_default_reports_nowhere(tiny, tmp_path, offline):

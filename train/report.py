@@ -69,11 +69,11 @@ class Reporter:
 
     def __init__(self, names: list[str], out: Path, config: dict[str, Any],
                  run_name: str | None = None, project: str | None = None,
-                 job: str = "train") -> None:
+                 job: str = "train", fresh: bool = False) -> None:
         self.names, self.out = names, Path(out)
         self._tb = self._wandb = None
         check_available(names)
-        state = _read_state(self.out)
+        state = {} if fresh else _read_state(self.out)  # fresh: a new run in a used --out
         saved = state.get("wandb") or {}
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
@@ -125,11 +125,14 @@ class Reporter:
 
 
 def open_reporter(names: list[str], out: Path, config: dict[str, Any], store: Any,
-                  run_name: str | None = None, project: str | None = None) -> Reporter | None:
-    """The training run's trackers (None when --report-to none)."""
+                  resuming: bool, run_name: str | None = None, project: str | None = None
+                  ) -> Reporter | None:
+    """The training run's trackers (None when --report-to none); a resumed run continues
+    the W&B run it started, a run started over (--no-resume, a new run) gets a new one."""
     if not names:
         return None
-    return Reporter(names, out, {"train": config, "store": provenance(store)}, run_name, project)
+    return Reporter(names, out, {"train": config, "store": provenance(store)}, run_name, project,
+                    fresh=not resuming)
 
 
 def report_eval(names: list[str] | None, run: Path, result: dict[str, Any],

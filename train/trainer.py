@@ -207,7 +207,7 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
             from .report import open_reporter, parse_report_to
 
             reporter = open_reporter(parse_report_to(cfg.report_to), out, cfg.to_dict(), store,
-                                     cfg.run_name, cfg.wandb_project)
+                                     resuming, cfg.run_name, cfg.wandb_project)
         try:
             return _loop(cfg, out, store, reader, groups, model, tokenizer, device, total, state,
                          stop_after, d, reporter)
