@@ -5,9 +5,9 @@ dataset id (with `--data-config` / `--split`), a local dataset folder (a hub sna
 files + a README.md dataset card with `configs:`), a `save_to_disk` folder, and data files
 of the other formats `datasets` reads (csv/tsv, optionally compressed, e.g. .csv.gz).
 
-Every source is read as an IterableDataset (`streaming=True`, `to_iterable_dataset()` for a
-`save_to_disk` folder), so rows arrive one at a time and memory does not grow with the
-dataset. Each row's `where` is "<dataset> split <split> row <i>", as precise as the file
+Every source is read as an IterableDataset (`streaming=True`; a `save_to_disk` folder's
+Arrow files through the `arrow` builder, not memory-mapped), so rows arrive one at a time
+and memory does not grow with the dataset. Each row's `where` is "<dataset> split <split> row <i>", as precise as the file
 reader's "<file> line <n>". Imported only when such a source is opened: `--help` and JSONL
 runs never import `datasets`.
 """
@@ -74,27 +74,32 @@ class HFSource:
         """Pick the split (checked now, before anything is scored) and note the data files."""
         if self.kind == "saved":
             splits = self._saved_splits()
-        else:
-            import datasets
+            self._pick_split(splits)
+            self._builder = self._saved_builder()
+            return
+        import datasets
 
-            try:
-                if self.kind == "files":
-                    ext = _strip_compression(self.url.lower())
-                    if not ext.endswith(CSV):
-                        raise DataError(f"{self.url!r}: unknown format; use .jsonl / .json (JSON "
-                                        "lines), .parquet or .csv / .tsv, optionally compressed "
-                                        "(.gz), or a dataset folder")
-                    kw = {"delimiter": "\t"} if ext.endswith(".tsv") else {}
-                    self._builder = datasets.load_dataset_builder(
-                        "csv", data_files=self.url, **kw)
-                else:
-                    self._builder = datasets.load_dataset_builder(self.url, name=self.config)
-            except DataError:
-                raise
-            except Exception as e:  # noqa: BLE001 - datasets raises many kinds; one line
-                raise self._fail(e) from None
-            files = self._builder.config.data_files or {}
-            splits = list(files) or list(self._builder.info.splits or {})
+        try:
+            if self.kind == "files":
+                ext = _strip_compression(self.url.lower())
+                if not ext.endswith(CSV):
+                    raise DataError(f"{self.url!r}: unknown format; use .jsonl / .json (JSON "
+                                    "lines), .parquet or .csv / .tsv, optionally compressed "
+                                    "(.gz), or a dataset folder")
+                kw = {"delimiter": "\t"} if ext.endswith(".tsv") else {}
+                self._builder = datasets.load_dataset_builder(
+                    "csv", data_files=self.url, **kw)
+            else:
+                self._builder = datasets.load_dataset_builder(self.url, name=self.config)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds; one line
+            raise self._fail(e) from None
+        files = self._builder.config.data_files or {}
+        splits = list(files) or list(self._builder.info.splits or {})
+        self._pick_split(splits)
+
+    def _pick_split(self, splits: list[str]) -> None:
         if self.split is None:
             if "train" in splits or not splits:
                 self.split = "train"
@@ -117,15 +122,38 @@ class HFSource:
                                 "save_to_disk folder?") from None
         return ["train"]  # a single Dataset: one split, named train here
 
-    def _iterable(self) -> Any:
+    def _saved_dir(self) -> Path:
+        d = Path(self.url)
+        return d / self.split if (d / _SAVED_DICT).is_file() else d
+
+    def _saved_builder(self) -> Any:
+        """A save_to_disk folder's Arrow files, streamed by `datasets`' arrow builder: record
+        batch by record batch from a plain file (`load_from_disk` memory-maps the whole
+        table: every page read stays in the process's RSS)."""
         import datasets
 
+        d = self._saved_dir()
+        if Path(self.split).name != self.split or self.split in (".", ".."):
+            raise DataError(f"--split {self.split!r} is not a split name")
         try:
-            if self.kind == "saved":
-                ds = datasets.load_from_disk(self.url)
-                if isinstance(ds, datasets.DatasetDict):
-                    ds = ds[self.split]
-                return ds.to_iterable_dataset()
+            state = json.loads((d / _SAVED[0]).read_text())
+            names = [str(f["filename"]) for f in state["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{d}: unreadable {_SAVED[0]} ({type(e).__name__}: {e}); is it a "
+                            "complete save_to_disk folder?") from None
+        bad = [n for n in names if Path(n).name != n or n in ("", ".", "..")
+               or not (d / n).is_file()]
+        if bad or not names:
+            raise DataError(f"{d}/{_SAVED[0]} names data files {bad or names} that are not files "
+                            "in that folder; is it a complete save_to_disk folder?")
+        self._saved_files = [str(d / n) for n in names]
+        try:
+            return datasets.load_dataset_builder("arrow", data_files={self.split: self._saved_files})
+        except Exception as e:  # noqa: BLE001 - one line
+            raise self._fail(e) from None
+
+    def _iterable(self) -> Any:
+        try:
             return self._builder.as_streaming_dataset(split=self.split)
         except Exception as e:  # noqa: BLE001 - one line
             raise self._fail(e) from None
@@ -134,9 +162,7 @@ class HFSource:
     def files(self) -> list[str]:
         """The local files behind the split (empty for a dataset only on the hub)."""
         if self.kind == "saved":
-            d = Path(self.url)
-            sub = d / self.split if (d / _SAVED_DICT).is_file() else d
-            return sorted(str(p) for p in sub.iterdir() if p.is_file())
+            return self._saved_files
         data_files = (self._builder.config.data_files or {}).get(self.split, [])
         files = [str(f) for f in data_files]
         return files if files and all(Path(f).is_file() for f in files) else []
