@@ -644,6 +644,7 @@ def pbsd(st: Stages, student: str, prompts_data: str, steps: int, n: int = 1,
 pipeline_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
                            help="Multi-stage recipes, one command each; each prints the final model's directory.")
 _OUT_HELP = "directory of the pipeline's stores (stores/) and runs (runs/); a re-run reuses both"
+_BACKEND_HELP = "rollout sampler: hf or vllm (rollout --backend); default hf"
 app.add_typer(pipeline_app, name="pipeline")
 
 
@@ -665,9 +666,10 @@ def pipeline_adpa_plus(
     batch_groups: int = typer.Option(8, help="example groups per micro-batch"),
     max_new_tokens: int = typer.Option(256, help="longest rollout in tokens"),
     seed: int = typer.Option(0, help="seed of rollouts and training"),
+    backend: str = typer.Option("hf", help=_BACKEND_HELP),
 ) -> None:
     """DCKD -> rollouts -> precompute -> ADPA, one command (ADPA+)."""
-    st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
+    st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens, "backend": backend},
                 train={"lr": lr, "batch_groups": batch_groups})
     model, _ = _friendly(adpa_plus, st, student, teacher, reference, data, prompts or data,
                          dckd_steps, adpa_steps, n, {"dckd_alpha": dckd_alpha}, {"adpa_gamma": adpa_gamma})
@@ -690,9 +692,10 @@ def pipeline_tgpo(
     batch_groups: int = typer.Option(4, help="prompts (groups of n rollouts) per micro-batch"),
     max_new_tokens: int = typer.Option(512, help="longest rollout in tokens"),
     seed: int = typer.Option(0, help="seed of rollouts and training"),
+    backend: str = typer.Option("hf", help=_BACKEND_HELP),
 ) -> None:
     """TGPO in offline rounds: rollout -> reward -> precompute -> train N steps -> repeat."""
-    st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
+    st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens, "backend": backend},
                 train={"lr": lr, "batch_groups": batch_groups})
     model, _ = _friendly(tgpo_rounds, st, student, teacher, prompts, reward, steps, rounds, n,
                          {"tgpo_shaping": shaping})
