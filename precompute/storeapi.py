@@ -7,8 +7,10 @@ from kdcache.store import (
     StoreMeta,
     StoreWriter,
     open_store,
+    probe_writable,
     resolve_codec,
     store_key,
 )
 
-__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "open_store", "resolve_codec", "store_key"]
+__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "open_store", "probe_writable",
+           "resolve_codec", "store_key"]

@@ -13,6 +13,7 @@ from .format import (
     TOKEN_FIELDS,
     StoreMeta,
 )
+from .lock import StoreLockedError, probe_writable
 from .reader import ChecksumError, Store, open_store
 from .stream import StreamReader
 from .summary import summarize
@@ -24,6 +25,8 @@ __all__ = [
     "CodecSpec",
     "ChecksumError",
     "NoStoreError",
+    "StoreLockedError",
+    "probe_writable",
     "ROLES",
     "SCHEMA_VERSION",
     "SEQUENCE_FIELDS",

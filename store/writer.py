@@ -44,6 +44,7 @@ from .format import (
     token_shape,
 )
 from .integrity import check_manifest, check_schema_version, crc32c, manifest_checksum
+from .lock import StoreLock
 
 __all__ = ["StoreWriter", "CHUNK_ROWS", "check_schema_version", "NoStoreError",
            "WRITABLE_VERSIONS", "STALE_TEMP_S", "commit_manifest"]
@@ -104,11 +105,13 @@ class StoreWriter:
     backward-compatible reader, merges of old stores).  `_staged=True` commits nothing until
     `close()` (one manifest write at the end) and removes the shards it wrote on `abort()`:
     `merge` uses it on object stores so a failed merge leaves nothing at its output.
+    On a local filesystem the writer holds the store's lock (store/lock.py) from here until
+    `close()`/`abort()`; a second writer of the same store fails at once, naming the holder.
     """
 
     def __init__(
         self, url: str, meta: StoreMeta, shard_records: int = 1024, resume: bool = True,
-        _schema_version: int = SCHEMA_VERSION, _staged: bool = False,
+        _schema_version: int = SCHEMA_VERSION, _staged: bool = False, _lock: bool = True,
     ) -> None:
         if int(shard_records) < 1:
             raise ValueError(f"shard_records must be >= 1, got {shard_records}")
@@ -121,11 +124,20 @@ class StoreWriter:
         self.schema_version = int(_schema_version)
         self.codec = resolve_codec(meta.options, version=self.schema_version)
         self.fs, self.root = open_fs(self.url)
+        self._staged = bool(_staged)
+        # one writer per local store: a second one fails here, naming the holder
+        self._lock = StoreLock(self.root).acquire() if is_local(self.fs) and _lock else None
+        try:
+            self._open(meta, resume)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, meta: StoreMeta, resume: bool) -> None:
         self._pending: list[dict[str, Any]] = []
         self._pending_ids: list[str] = []
         self._done: set[str] = set()
         self._closed = False
-        self._staged = bool(_staged)
         self._written: list[str] = []  # shard directories written (removed on a staged abort)
         existing = read_manifest(self.fs, self.root)
         self._remove_stale_temps()
@@ -244,11 +256,18 @@ class StoreWriter:
         """Commit the last partial shard and mark the store complete."""
         if self._closed:
             return
-        if self._pending:
-            self._flush()
-        self._manifest["complete"] = True
-        self._commit()
-        self._closed = True
+        try:
+            if self._pending:
+                self._flush()
+            self._manifest["complete"] = True
+            self._commit()
+            self._closed = True
+        finally:  # closed, or failed for good (the caller cannot finish it): let go
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def abort(self) -> None:
         """Drop buffered records without committing them (the store stays incomplete).
@@ -258,11 +277,14 @@ class StoreWriter:
         self._pending.clear()
         self._pending_ids.clear()
         self._closed = True
-        if self._staged:
-            for d in self._written:
-                if self.fs.exists(d):
-                    self.fs.rm(d, recursive=True)
-            self._written.clear()
+        try:
+            if self._staged:
+                for d in self._written:
+                    if self.fs.exists(d):
+                        self.fs.rm(d, recursive=True)
+                self._written.clear()
+        finally:
+            self._release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -392,7 +414,15 @@ class StoreWriter:
         if self.fs.exists(shard_dir):
             self.fs.rm(shard_dir, recursive=True)
         self._written.append(shard_dir)
-        write_files(self.fs, {join(shard_dir, rel): data for rel, data in files.items()})
+        try:
+            write_files(self.fs, {join(shard_dir, rel): data for rel, data in files.items()})
+        except BaseException:  # e.g. a full disk: leave no half-written shard behind
+            try:
+                if self.fs.exists(shard_dir):
+                    self.fs.rm(shard_dir, recursive=True)
+            except OSError:
+                pass  # gc removes it later (unreferenced, owner gone)
+            raise
         entry = shard_entry(name, recs, len(ids), files,
                             crc=self.schema_version in CRC_SCHEMA_VERSIONS)
         self._manifest["shards"].append(entry)
