@@ -355,3 +355,25 @@ def test_inspect_student_reports_both_numbers(work, tmp_path, monkeypatch):
     assert 0 < rep["aligned_fraction"] < 1 and 0 < rep["mapped_topk_mass"] <= 1
     res = CliRunner().invoke(app, ["inspect", url, "--student", str(d / "student")])
     assert res.exit_code == 0 and "aligned fraction of student tokens   100.0%" in res.stdout
+
+
+def test_records_without_text_keep_the_old_columns(tmp_path):
+    """A shard whose records carry no text has exactly the columns (and bytes) it had."""
+    import pyarrow.parquet as pq
+
+    from kdcache.store import StoreMeta, StoreWriter
+
+    def rec(eid, **kw):
+        return {"example_id": eid, "role": "sft", "prompt_ids": [1, 2], "response_ids": [3, 2],
+                "is_terminal": True, **kw}
+
+    meta = StoreMeta(k=0, fields=[], tokenizer={"vocab_size": 8})
+    for name, extra in (("plain", {}), ("text", {"prompt_source": '"a"'})):
+        with StoreWriter(str(tmp_path / name), meta, shard_records=4) as w:
+            w.add_group([rec("e0", **extra)])
+    plain = pq.read_schema(tmp_path / "plain" / "shards" / "shard-00000" / "records.parquet").names
+    text = pq.read_schema(tmp_path / "text" / "shards" / "shard-00000" / "records.parquet").names
+    assert "prompt_source" not in plain and "response_text" not in plain
+    assert "prompt_source" in text and "response_text" not in text  # each column only when set
+    assert "prompt_source" not in open_store(str(tmp_path / "plain"))[0]
+    assert open_store(str(tmp_path / "text"))[0]["prompt_source"] == '"a"'
