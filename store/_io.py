@@ -219,11 +219,18 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         d = os.path.dirname(path)
         os.makedirs(d, exist_ok=True)
         tmp = os.path.join(d, temp_name(os.path.basename(path)))
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # e.g. a full disk: no temp file stays behind
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
     else:
         fs.pipe_file(path, data)
 
@@ -267,7 +274,7 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | 
         m = load_json(raw, path)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(
-            f"{path} is not valid JSON ({e}; {len(raw)} bytes): the manifest is truncated or "
+            f"{path} is not valid JSON ({str(e)[:200]}; {len(raw)} bytes): the manifest is truncated or "
             f"corrupt, so the store cannot be read; restore manifest.json from a copy, or "
             f"delete the store and re-run precompute"
         ) from None

@@ -74,6 +74,15 @@ class Shard:
     def __len__(self) -> int:
         return self.n
 
+    def column(self, name: str) -> list[Any]:
+        """A per-sequence column as a list: example_id, role, group, n_tokens, reward,
+        is_terminal."""
+        return self._seq[name]
+
+    def lengths(self, name: str) -> np.ndarray:
+        """Per-record lengths of a token-id column: prompt_ids, response_ids, teacher_prompt_ids."""
+        return np.diff(self._lists[name][0])
+
     def record(self, i: int) -> dict[str, Any]:
         seq = self._seq
         T = seq["n_tokens"][i]
@@ -598,8 +607,9 @@ class Store:
                 yield s, fut.result()
 
 
-def open_store(url: str, check_listing: bool = True) -> Store:
-    """Open the committed part of the store at `url` (local path or fsspec URL).
+def open_store(url: str, check_listing: bool = True, root: str | None = None) -> Store:
+    """Open the committed part of the store at `url` (local path or fsspec URL), or, given
+    `root`, a bare content key (no `/`, no `://`) names the store `root/key`.
 
     Checks before returning: the manifest parses, its version is supported, its checksum
     (v4+; older: shard-entry checksums) and store_key match, and — `check_listing`, one
@@ -607,6 +617,8 @@ def open_store(url: str, check_listing: bool = True) -> Store:
     shard is reported now, not at the training step that needs it.
     """
     url = str(url)
+    if root and "/" not in url and "://" not in url:
+        url = f"{str(root).rstrip('/')}/{url}"
     fs, root = open_fs(url)
     manifest = read_manifest(fs, root)
     if manifest is None:
