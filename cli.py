@@ -428,7 +428,7 @@ def _error_line(e: BaseException) -> str | None:
     elif isinstance(e, RuntimeError) and not isinstance(e, NotImplementedError):
         low = msg.lower()
         if not any(w in low for w in ("no space left", "file write failed", "enospc",
-                                      "disk quota")):
+                                      "disk quota", "pytorchstreamwriter failed writing")):
             return None  # a bug or a device error, not bad input: keep the traceback
         msg = (f"the disk is full ({msg}): free space and re-run the same command (a run "
                "resumes from its last checkpoint or committed shard)")

@@ -371,9 +371,10 @@ def truncate_metrics(path: Path, step: int) -> None:
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the kill
+        except (json.JSONDecodeError, RecursionError):  # a line cut short by the kill
             continue
-        if row.get("step", 0) <= step:
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int) \
+                and row.get("step", 0) <= step:
             keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
