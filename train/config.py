@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .recipe import RECIPE_HELP, with_recipe
+from .recipe import RECIPE_HELP
 
 OBJECTIVES = ("sft", "seqkd", "kd", "dckd", "adpa", "tvkd", "dpo", "tgpo", "pbsd")
 
@@ -242,24 +242,3 @@ def check_variant_weights(cfg: TrainConfig) -> None:
                 f"not used {'with' if on else 'without'} {flag}: set {use} instead"
                 + ("" if on else f", or add {flag}")
             )
-
-
-def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """Layers, lowest first: the recipe (named by the file or a flag), the config file, then
-    explicit overrides (CLI flags the user actually set)."""
-    values: dict = {}
-    if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must be a YAML mapping of TrainConfig fields")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values = with_recipe(values)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown config keys {unknown}: valid keys are the TrainConfig fields "
-            f"({', '.join(sorted(known))})"
-        )
-    return TrainConfig(**values)
