@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import os
+import reprlib
 import sys
 import types
 import typing
@@ -288,11 +289,11 @@ def _parse(where: str, tp, value, about: str = ""):
         if isinstance(items, int | float) and not isinstance(items, bool):
             items = [items]  # YAML `betas: 2`
         if not isinstance(items, list) or any(isinstance(v, str) and not v.strip() for v in items):
-            raise ValueError(f"{where} {value!r}: expected {form}")
+            raise ValueError(f"{where} {_clip(value)}: expected {form}")
         try:
             return [_scalar(item, v.strip() if isinstance(v, str) else v) for v in items]
         except (TypeError, ValueError):
-            raise ValueError(f"{where} {value!r}: expected {form}") from None
+            raise ValueError(f"{where} {_clip(value)}: expected {form}") from None
     if origin is tuple:  # (index, count) partitions
         parts = value.split("/") if isinstance(value, str) else value
         try:
@@ -300,13 +301,23 @@ def _parse(where: str, tp, value, about: str = ""):
                 raise ValueError
             return tuple(_scalar(int, p.strip() if isinstance(p, str) else p) for p in parts)
         except (TypeError, ValueError):
-            raise ValueError(f"{where} {value!r}: expected i/N (this part, the number of parts), e.g. 0/4") from None
+            raise ValueError(f"{where} {_clip(value)}: expected i/N (this part, the number of parts), e.g. 0/4") from None
     if tp in (str, int, float, bool):
         try:
             return _scalar(tp, value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+            raise ValueError(f"{where}: expected {tp.__name__}, got {_clip(value)}") from None
     return value  # e.g. a reward given as `module:function` or a callable
+
+
+def _clip(value, limit: int = 80) -> str:
+    """repr of a parsed value for an error message, cut to `limit` characters (a config's
+    value may be large; it is never echoed whole)."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlevel = 3
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _scalar(tp, v):
@@ -326,16 +337,26 @@ def _scalar(tp, v):
 
 
 def _read_config(path: Path, cls) -> dict:
+    import stat
+
     import yaml
 
+    from kdcache import plainyaml
+
     try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a device never end
+            raise ValueError(f"--config {path}: not a regular file; pass the YAML config file")
+        if st.st_size > plainyaml.MAX_BYTES:
+            raise ValueError(f"--config {path}: larger than a config may be "
+                             f"({plainyaml.MAX_BYTES} bytes); pass the YAML config file")
         text = path.read_text()
     except FileNotFoundError:
         raise ValueError(f"--config {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        values = yaml.safe_load(text)
+    try:  # no aliases (billion laughs), bounded depth (RecursionError)
+        values = plainyaml.load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -467,12 +488,52 @@ def _friendly(fn: Callable, *args):
     try:
         with contextlib.redirect_stdout(sys.stderr):
             return fn(*args)
-    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, PermissionError, ...
-        if _verbose:
+    except (ValueError, OSError, RecursionError, MemoryError, RuntimeError) as e:
+        # OSError: FileNotFoundError, PermissionError, ...; UnpicklingError and YAMLError are
+        # matched by name (their modules load only with the commands that raise them)
+        msg = _error_line(e)
+        if _verbose or msg is None:
             raise
-        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    except Exception as e:
+        if _verbose or type(e).__name__ not in _INPUT_ERRORS:
+            raise
+        typer.secho(f"error: {_error_line(e)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+# a damaged or hostile pickle / YAML file (checkpoint, weights, config)
+_INPUT_ERRORS = {"UnpicklingError": "a pickled file (checkpoint or weights) is damaged or holds "
+                 "code, which is never run",
+                 "ConstructorError": "a YAML file holds a Python object tag, which is never built",
+                 "ComposerError": "a YAML file holds anchors, aliases or deep nesting"}
+_MAX_ERROR_CHARS = 2000  # an error quotes input; a hostile input is not echoed whole
+
+
+def _error_line(e: BaseException) -> str | None:
+    """The one `error:` line for `e` (None: a bug, shown as a traceback), cut short."""
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    name = type(e).__name__
+    if isinstance(e, RecursionError):
+        msg = (f"an input is nested too deeply to read ({msg or name}): a manifest, config or "
+               "checkpoint file is damaged or hostile; check stores with `kdcache store verify`, "
+               "restore or delete the damaged file")
+    elif isinstance(e, MemoryError):
+        msg = (f"out of memory ({msg or name}): an input declares more than this machine holds "
+               "(a damaged or hostile store or checkpoint, or too large a batch); check stores "
+               "with `kdcache store verify`, or lower the batch/sequence settings")
+    elif isinstance(e, RuntimeError) and not isinstance(e, NotImplementedError):
+        low = msg.lower()
+        if not any(w in low for w in ("no space left", "file write failed", "enospc",
+                                      "disk quota")):
+            return None  # a bug or a device error, not bad input: keep the traceback
+        msg = (f"the disk is full ({msg}): free space and re-run the same command (a run "
+               "resumes from its last checkpoint or committed shard)")
+    elif name in _INPUT_ERRORS:  # the first sentence: torch's goes on to suggest unsafe loading
+        msg = f"{_INPUT_ERRORS[name]} ({name}: {msg.split('. ')[0][:200]}); delete or replace that file"
+    msg = msg or name
+    return msg if len(msg) <= _MAX_ERROR_CHARS else msg[:_MAX_ERROR_CHARS] + " ..."
 
 
 def _echo_json(obj) -> None:
@@ -561,7 +622,10 @@ def store_ls(root: str = typer.Argument(..., help="directory or URL holding stor
     from kdcache.store.admin import list_stores
 
     for row in _friendly(list_stores, root):
-        typer.echo(json.dumps(row, default=str))
+        if "damaged" in row:  # reported, not listed: the others still are
+            typer.secho(f"warning: skipped {row['url']}: {row['damaged']}", fg=typer.colors.YELLOW, err=True)
+        else:
+            typer.echo(json.dumps(row, default=str))
 
 
 @store_app.command("verify", cls=_Command)
@@ -601,7 +665,10 @@ def store_gc(root: str = typer.Argument(..., help="directory or URL holding stor
     """Remove shards no manifest references and uncommitted temporary files; print JSON."""
     from kdcache.store.admin import gc
 
-    _echo_json(_friendly(lambda: gc(root, min_age_s=min_age, dry_run=dry_run)))
+    report = _friendly(lambda: gc(root, min_age_s=min_age, dry_run=dry_run))
+    for why in report["skipped"]:
+        typer.secho(f"warning: skipped {why}", fg=typer.colors.YELLOW, err=True)
+    _echo_json(report)
 
 
 @store_app.command("merge", cls=_Command)

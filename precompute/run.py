@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,7 @@ from .storeapi import (
     NoStoreError,
     StoreMeta,
     open_store,
+    probe_writable,
     store_key,
 )
 from .writing import GroupWriter
@@ -347,12 +349,9 @@ def check_writable(url: str) -> None:
     while not os.path.exists(d) and os.path.dirname(d) != d:
         created.append(d)
         d = os.path.dirname(d)
-    probe = os.path.join(path, f".kdcache-write-probe-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
+        probe_writable(path)  # removes its probe on every path, a full disk included
     except OSError as e:
         raise OSError(f"output directory {path!r} is not writable ({e.strerror or e}); pass a "
                       "writable --out / --out-root, or fix its permissions") from None
@@ -378,7 +377,10 @@ def check_out_is_free(url: str) -> None:
         return  # a store: the writer resumes it or refuses other settings
     except (NoStoreError, NotADirectoryError, PermissionError):
         pass
-    other = sorted(n for n in os.listdir(path) if ".tmp-" not in n)
+    # a write probe of a run killed by an older kdcache (`.kdcache-write-probe-<pid>`) is
+    # a leftover too, not someone else's data
+    other = sorted(n for n in os.listdir(path) if ".tmp-" not in n
+                   and not re.fullmatch(r"\.kdcache-write-probe-\d+", n))
     if other:
         raise ValueError(f"--out {path} is a directory with other files ({', '.join(other[:3])}"
                          f"{', ...' if len(other) > 3 else ''}) and no kdcache store; pass a new "
@@ -434,9 +436,10 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(f"no space left on the device writing {url} ({e.strerror or e}); the "
-                          "shards committed so far are kept: free space (`kdcache store gc` "
-                          "removes uncommitted leftovers) and re-run the same command to "
-                          "resume") from None
+                          "shards committed so far are kept and the failed one was removed: "
+                          f"free space (`kdcache store gc {url} --min-age 0` removes any other "
+                          "uncommitted leftovers of kdcache there; it skips a store whose "
+                          "writer still runs) and re-run the same command to resume") from None
         raise
     times["wall_s"] = time.perf_counter() - t_start
     waited = times["writer_wait_s"] + times["writer_drain_s"]

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store
+from .storeapi import NoStoreError, StoreMeta, StoreWriter, lock_for, open_store
 
 MAX_QUEUE_BYTES = 256 << 20  # record arrays waiting for the writer thread
 _STOP = object()
@@ -62,6 +62,22 @@ class GroupWriter:
         self._writer_kw = {"shard_records": shard_records, "resume": resume,
                            "report_key": report_key, "sum_keys": tuple(sum_keys), "clamp": clamp}
         self._w: StoreWriter | None = None
+        # the store's writer lock, from before anything is read or a model is loaded until
+        # close/abort: a second precompute/rollout on this output fails now, naming the first
+        self._lock = lock_for(url)
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            self._open(url, meta, shard_records, resume)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def _open(self, url: str, meta: StoreMeta, shard_records: int, resume: bool) -> None:
         try:
             open_store(url)
             exists = True
@@ -69,12 +85,13 @@ class GroupWriter:
             exists = False
         self.done: set[str] = set()
         if exists:  # refuses other settings / resume=False now, before any model is loaded
-            self._w = StoreWriter(url, meta, **self._writer_kw)
+            self._w = StoreWriter(url, meta, **self._writer_kw, _lock=False)  # held by this GroupWriter
             self.done = self._w.done_example_ids
 
     def _writer(self) -> StoreWriter:
         if self._w is None:
-            self._w = StoreWriter(self.url, self.meta, **self._writer_kw)
+            self._w = StoreWriter(self.url, self.meta, **self._writer_kw,
+                                  _lock=False)  # held by this GroupWriter
         return self._w
 
     def add_group(self, records: list[dict[str, Any]], sums: dict[str, float] | None = None
@@ -151,13 +168,19 @@ class GroupWriter:
         """Commit the last shard and mark the store complete (creating it if still empty);
         `report` goes to `StoreWriter.close`."""
         self._stop(discard=False)
-        self._writer().close(report)
+        try:
+            self._writer().close(report)
+        finally:
+            self._release()
 
     def abort(self) -> None:
         """Drop what is not committed; the committed shards stay for a resume."""
-        self._stop(discard=True)
-        if self._w is not None:
-            self._w.abort()
+        try:
+            self._stop(discard=True)
+            if self._w is not None:
+                self._w.abort()
+        finally:
+            self._release()
 
     def __enter__(self) -> GroupWriter:
         return self

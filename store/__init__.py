@@ -17,6 +17,7 @@ from .format import (
     TOPK_FIELDS,
     StoreMeta,
 )
+from .lock import StoreLockedError, lock_for, probe_writable
 from .reader import ChecksumError, Store, open_store
 from .stream import StreamReader
 from .summary import summarize
@@ -28,6 +29,8 @@ __all__ = [
     "CodecSpec",
     "ChecksumError",
     "NoStoreError",
+    "StoreLockedError",
+    "probe_writable",
     "PADDED_FIELDS",
     "REF_FIELDS",
     "ROLES",
@@ -43,6 +46,7 @@ __all__ = [
     "StreamReader",
     "hash_bytes",
     "hash_json",
+    "lock_for",
     "open_store",
     "resolve_codec",
     "store_key",

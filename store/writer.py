@@ -45,6 +45,7 @@ from .format import (
     token_shape,
 )
 from .integrity import check_manifest, check_schema_version, crc32c, manifest_checksum
+from .lock import StoreLock
 
 __all__ = ["StoreWriter", "CHUNK_ROWS", "check_schema_version", "NoStoreError", "LOGPROB_FLOOR", "UNCOMMITTED",
            "WRITABLE_VERSIONS", "STALE_TEMP_S", "commit_manifest"]
@@ -111,6 +112,8 @@ class StoreWriter:
     backward-compatible reader, merges of old stores).  `_staged=True` commits nothing until
     `close()` (one manifest write at the end) and removes the shards it wrote on `abort()`:
     `merge` uses it on object stores so a failed merge leaves nothing at its output.
+    On a local filesystem the writer holds the store's lock (store/lock.py) from here until
+    `close()`/`abort()`; a second writer of the same store fails at once, naming the holder.
 
     Report: with `report_key`, the manifest's section of that name holds `sum_<key>` for
     each of `sum_keys`, the sums (`add_group(..., sums=)`) of exactly the committed groups
@@ -121,7 +124,7 @@ class StoreWriter:
 
     def __init__(
         self, url: str, meta: StoreMeta, shard_records: int = 1024, resume: bool = True,
-        _schema_version: int = SCHEMA_VERSION, _staged: bool = False,
+        _schema_version: int = SCHEMA_VERSION, _staged: bool = False, _lock: bool = True,
         report_key: str | None = None, sum_keys: Sequence[str] = (), clamp: bool = False,
     ) -> None:
         if int(shard_records) < 1:
@@ -135,13 +138,22 @@ class StoreWriter:
         self.schema_version = int(_schema_version)
         self.codec = resolve_codec(meta.options, version=self.schema_version)
         self.fs, self.root = open_fs(self.url)
+        self._staged = bool(_staged)
+        self.report_key, self.sum_keys, self.clamp = report_key, tuple(sum_keys), bool(clamp)
+        # one writer per local store: a second one fails here, naming the holder
+        self._lock = StoreLock(self.root).acquire() if is_local(self.fs) and _lock else None
+        try:
+            self._open(meta, resume)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, meta: StoreMeta, resume: bool) -> None:
         self._pending: list[dict[str, Any]] = []
         self._pending_ids: list[str] = []
         self._done: set[str] = set()
         self._closed = False
-        self._staged = bool(_staged)
         self._written: list[str] = []  # shard directories written (removed on a staged abort)
-        self.report_key, self.sum_keys, self.clamp = report_key, tuple(sum_keys), bool(clamp)
         self._sums = dict.fromkeys(self.sum_keys, 0.0)  # of committed groups
         self._group_sums: dict[str, list[float]] = {}  # of buffered groups
         existing = read_manifest(self.fs, self.root)
@@ -296,16 +308,23 @@ class StoreWriter:
         report(final sums)) is merged into the report section (needs `report_key`)."""
         if self._closed:
             return
-        if self._pending:
-            self._flush()
-        if self.report_key is not None:
-            rep = self._report()
-            rep.update(report(dict(self._sums)) if callable(report) else (report or {}))
-        elif report:
+        if report and self.report_key is None:
             raise ValueError("StoreWriter.close(report=...) needs a report_key")
-        self._manifest["complete"] = True
-        self._commit()
-        self._closed = True
+        try:
+            if self._pending:
+                self._flush()
+            if self.report_key is not None:
+                rep = self._report()
+                rep.update(report(dict(self._sums)) if callable(report) else (report or {}))
+            self._manifest["complete"] = True
+            self._commit()
+            self._closed = True
+        finally:  # closed, or failed for good (the caller cannot finish it): let go
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def abort(self) -> None:
         """Drop buffered records without committing them (the store stays incomplete).
@@ -316,11 +335,14 @@ class StoreWriter:
         self._pending_ids.clear()
         self._group_sums.clear()
         self._closed = True
-        if self._staged:
-            for d in self._written:
-                if self.fs.exists(d):
-                    self.fs.rm(d, recursive=True)
-            self._written.clear()
+        try:
+            if self._staged:
+                for d in self._written:
+                    if self.fs.exists(d):
+                        self.fs.rm(d, recursive=True)
+                self._written.clear()
+        finally:
+            self._release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -452,7 +474,15 @@ class StoreWriter:
         if self.fs.exists(shard_dir):
             self.fs.rm(shard_dir, recursive=True)
         self._written.append(shard_dir)
-        write_files(self.fs, {join(shard_dir, rel): data for rel, data in files.items()})
+        try:
+            write_files(self.fs, {join(shard_dir, rel): data for rel, data in files.items()})
+        except BaseException:  # e.g. a full disk: leave no half-written shard behind
+            try:
+                if self.fs.exists(shard_dir):
+                    self.fs.rm(shard_dir, recursive=True)
+            except OSError:
+                pass  # gc removes it later (unreferenced, owner gone)
+            raise
         entry = shard_entry(name, recs, len(ids), files,
                             crc=self.schema_version in CRC_SCHEMA_VERSIONS)
         self._manifest["shards"].append(entry)

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ def _load(model_dir: str, store, device):
             f"teachers' tokenizer, on a store precomputed with it")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:  # *.bin: weights_only
         raise fail(e) from e
     rows = model.get_output_embeddings().weight.shape[0]
     if vocab is not None and vocab > rows:

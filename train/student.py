@@ -7,6 +7,7 @@ batch never exist (forward or backward).
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,13 @@ def load_student(cfg: TrainConfig, device: torch.device):
             load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
         )
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    except (pickle.UnpicklingError, EOFError) as e:  # transformers loads *.bin weights_only
+        raise ValueError(
+            f"cannot load the student weights from {cfg.model!r} ({type(e).__name__}: "
+            f"{str(e).split('. ')[0][:120]}): a weights file is damaged or holds code, which is "
+            f"never run; pass a model directory with model.safetensors") from None
     if not cfg.load_in_4bit:
         model.to(device)
     return prepare_student(model, cfg), tokenizer

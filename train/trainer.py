@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from .checkpoint import (
     has_checkpoint,
     load_sharded,
     load_state,
+    read_dcp_metadata,
     save_checkpoint,
     save_sharded_checkpoint,
     seed_rank,
@@ -140,6 +142,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
     resuming = cfg.resume and has_checkpoint(out)
     if resuming:
         check_same_run(cfg, out)
+        if cfg.fsdp:  # refuse a damaged or hostile DCP checkpoint before any weight loads
+            read_dcp_metadata(out / LAST / "dcp")
     store = open_store(cfg.store, root=cfg.store_root)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
@@ -314,7 +318,12 @@ def _load_resumed(cfg: TrainConfig, device):
         base, tokenizer = load_student(TrainConfig(**{**cfg.to_dict(), "lora_r": 0}), device)
         if cfg.grad_checkpointing:
             base.enable_input_require_grads()
-        model = PeftModel.from_pretrained(base, last, is_trainable=True)
+        try:  # peft reads adapter_model.bin weights_only
+            model = PeftModel.from_pretrained(base, last, is_trainable=True)
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"cannot load the LoRA adapter in {last} ({type(e).__name__}): the "
+                             f"checkpoint is damaged or holds code, which is never run; delete "
+                             f"{last} or pass --no-resume to start over") from None
         return model, tokenizer
     return load_student(TrainConfig(**{**cfg.to_dict(), "model": last}), device)
 
