@@ -275,11 +275,11 @@ def _make_sampler(cfg: RolloutConfig, model: Any, pad: int, eos: int):
 
 def _rollout_into(cfg: RolloutConfig, writer: GroupWriter, todo: list[PromptItem], sampler: Any,
                   model: Any, tok: Any, reward_fn: Callable[..., float] | None) -> None:
-    from .run import _progress
+    from .run import progress
 
     eos = tok.eos_token_id
     t0, samples, tokens = time.perf_counter(), 0, 0
-    with _progress(cfg.progress, len(todo), "rollout") as bar:  # rows = prompts
+    with progress(cfg.progress, len(todo), "rollout") as bar:  # rows = prompts
         task = bar.add_task("rollout", total=len(todo), seqs=0, tokens=0, tps="-")
         for b in range(0, len(todo), cfg.batch_prompts):
             batch = todo[b: b + cfg.batch_prompts]
