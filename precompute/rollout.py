@@ -45,7 +45,6 @@ from .data import (
     _check_field,
     dataset_fingerprint,
     example_id,
-    open_data,
     parse_columns,
     row_prompts,
 )
@@ -59,6 +58,7 @@ from .models import (
     tokenizer_fingerprint,
 )
 from .run import cache_hit, check_out_is_free, check_writable, code_version
+from .sources import open_data
 from .storeapi import StoreMeta, store_key
 from .writing import GroupWriter
 

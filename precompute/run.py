@@ -35,7 +35,6 @@ from .data import (
     DataStats,
     Sequence,
     dataset_fingerprint,
-    open_data,
     parse_columns,
     tokenize_rows,
 )
@@ -53,6 +52,7 @@ from .models import (
     tokenizer_size,
     verify_head,
 )
+from .sources import open_data
 from .storeapi import (
     REF_FIELDS,
     TEACHER_FIELDS,
