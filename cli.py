@@ -400,7 +400,7 @@ def _train(cfg) -> str | Outcome | None:
         from kdcache.train.memory import estimate_for_cli
 
         est = estimate_for_cli(cfg, progress=lambda msg: typer.echo(f"memory estimate: {msg} ...", err=True))
-        return Outcome(est.format(), 1 if cfg.require_fit and not est.fits else 0)
+        return Outcome(est.format(), 1 if cfg.require_fit and not est.runs else 0)
     from kdcache.train.distributed import PeerFailure
     from kdcache.train.trainer import train
 

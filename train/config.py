@@ -80,6 +80,9 @@ class TrainConfig:
     fit_check: bool = field(default=True, metadata={
         "help": "CUDA: estimate the step's memory before loading weights; refuse, naming the switch to use, "
                 "if it cannot fit", "panel": "Memory estimate"})
+    auto_fit: bool = field(default=True, metadata={
+        "help": "CUDA: when the step does not fit, run it as smaller micro-batches with more --grad-accum (the "
+                "same optimizer step) and say so; off: refuse instead", "panel": "Memory estimate"})
     estimate_memory: bool = field(default=False, metadata={
         "help": "print the simulated GPU memory of one training step (loads no weights) and exit",
         "panel": "Memory estimate"})

@@ -146,7 +146,7 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     out = Path(cfg.out)
     resuming = cfg.resume and has_checkpoint(out)
     if resuming:
-        check_same_run(cfg, out)
+        cfg = check_same_run(cfg, out)
     store = resolve_store(cfg)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
