@@ -176,3 +176,34 @@ def test_tgpo_guidance_schedule_continues_across_rounds(setup, tmp_path):
 
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["w"] == pytest.approx(guidance_weight(150))
+
+
+def test_tvkd_beta_defaults_to_the_store_s_only_beta(setup, tmp_path, caplog):
+    """Issue 23 §6: a default TVKD run works on a store of one β (precompute --betas defaults
+    to 1) and says which β it took; a store of several asks for --tvkd-beta, naming them."""
+    import logging
+
+    import yaml
+
+    model_dir, url, _ = setup
+    tok = build_tokenizer()
+    rng = np.random.default_rng(1)
+    meta = StoreMeta(k=K, betas=[1.0], fields=FIELDS, models={}, tokenizer={"vocab_size": len(tok)},
+                     dataset={}, options={"codec": "lossless"}, code_version="test")
+    one = str(tmp_path / "one-beta")
+    with StoreWriter(one, meta) as w:
+        for e in range(4):
+            recs = [_record(rng, f"ex{e}", role, 0, len(tok), tok.eos_token_id) for role in ("chosen", "rejected")]
+            for r in recs:
+                r["soft_value"] = r["soft_value"][:, :1]
+            w.add_group(recs)
+    with caplog.at_level(logging.INFO, logger="kdcache.train.trainer"):
+        res = train(_cfg(setup, "tvkd", tmp_path / "run", store=one, tvkd_beta=None))
+    assert res.steps == 2
+    assert any("beta 1, the store's only soft-value beta" in r.getMessage() for r in caplog.records)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["tvkd_beta"] == 1.0
+    with pytest.raises(ValueError, match=r"holds soft values at betas \[1.0, 2.0\]: pick one with --tvkd-beta"):
+        train(_cfg(setup, "tvkd", tmp_path / "two", tvkd_beta=None))
+    with pytest.raises(ValueError, match=r"--tvkd-beta 2.0 is not among the store's soft-value betas \[1.0\]"):
+        train(_cfg(setup, "tvkd", tmp_path / "three", store=one, tvkd_beta=2.0))
+    assert not (tmp_path / "two").exists() and not (tmp_path / "three").exists()

@@ -37,7 +37,7 @@ RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard", "
                "fit_check", "auto_fit", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 # options left unset (None: auto) that the run resolves at start; a resume that leaves them
 # unset matches whatever the first run resolved them to
-RESOLVED_AT_START = {"grad_checkpointing"}
+RESOLVED_AT_START = {"grad_checkpointing", "tvkd_beta"}
 
 
 def set_seed(seed: int) -> None:

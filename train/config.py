@@ -133,8 +133,9 @@ class TrainConfig:
         "help": "adpa (released code): weight w of the advantage term; unset: 1.6", "panel": "Objective: ADPA"})
     tvkd_alpha: float = field(default=0.7, metadata={
         "help": "tvkd: weight alpha of the teacher's value shaping psi in the token reward", "panel": "Objective: TVKD"})
-    tvkd_beta: float = field(default=2.0, metadata={
-        "help": "tvkd: which stored soft-value beta to use (one of the store's --betas)", "panel": "Objective: TVKD"})
+    tvkd_beta: float | None = field(default=None, metadata={
+        "help": "tvkd: which stored soft-value beta to use (one of the store's --betas); unset: the store's beta "
+                "when it holds one (the paper's best, 2, is in --recipe tvkd)", "panel": "Objective: TVKD"})
     tvkd_beta_s: float = field(default=1.0, metadata={
         "help": "tvkd: beta_s, the weight of the student's log-prob in the token reward", "panel": "Objective: TVKD"})
     tvkd_gamma: float = field(default=1.0, metadata={

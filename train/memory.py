@@ -464,7 +464,8 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
     extra_inputs = max(0, cfg.grad_accum - 3)
     cfg = _variant(cfg, grad_accum=min(cfg.grad_accum, 3))
     precision, wdtype = cuda_choices(cfg)
-    if cfg.objective == "tvkd":
+    if cfg.objective == "tvkd":  # unset: the store's only beta (train.trainer.resolve_tvkd_beta)
+        cfg = cfg if cfg.tvkd_beta is not None else _variant(cfg, tvkd_beta=float(betas[0]))
         betas = tuple(sorted({*betas, cfg.tvkd_beta}))
     vocab = hf_config.vocab_size
     group = synthetic_groups(cfg, seq_len, prompt_len, k, vocab, betas, per_block)

@@ -70,6 +70,25 @@ def resolve_store(cfg: TrainConfig):
     return open_store(url)
 
 
+def resolve_tvkd_beta(cfg: TrainConfig, store) -> TrainConfig:
+    """TVKD reads one β column of the stored soft values: --tvkd-beta, or, unset, the store's
+    only β (said in one line); refused, naming the store's betas, when it cannot be found."""
+    if cfg.objective != "tvkd":
+        return cfg
+    betas = [float(b) for b in (store.meta.betas or ())]
+    if cfg.tvkd_beta is None:
+        if len(betas) != 1:
+            raise ValueError(f"store {cfg.store!r} holds soft values at betas {betas}: pick one with --tvkd-beta")
+        log.info("tvkd: beta %g, the store's only soft-value beta (--tvkd-beta picks another store's)", betas[0])
+        return dataclasses.replace(cfg, tvkd_beta=betas[0])
+    if not any(abs(b - cfg.tvkd_beta) < 1e-9 for b in betas):
+        raise ValueError(
+            f"--tvkd-beta {cfg.tvkd_beta} is not among the store's soft-value betas "
+            f"{betas}: pick one of those, leave it unset for a store of one beta, or precompute with --betas"
+        )
+    return cfg
+
+
 def _check_fields(cfg: TrainConfig, store) -> None:
     """Up front, before the reader opens: the objective's fields are stored."""
     spec = OBJECTIVE_SPECS[cfg.objective]
@@ -95,11 +114,6 @@ def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
         raise ValueError(
             f"teacher vocab {store_vocab} > student output rows {head_rows}: the student's "
             f"lm_head cannot score every stored id; resize its embeddings or pick another student"
-        )
-    if cfg.objective == "tvkd" and not any(abs(b - cfg.tvkd_beta) < 1e-9 for b in store.meta.betas):
-        raise ValueError(
-            f"--tvkd-beta {cfg.tvkd_beta} is not among the store's soft-value betas "
-            f"{list(store.meta.betas)}: pick one of those or precompute with --betas"
         )
 
 
@@ -148,6 +162,7 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     if resuming:
         cfg = check_same_run(cfg, out)
     store = resolve_store(cfg)
+    cfg = resolve_tvkd_beta(cfg, store)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
         budget = D.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
