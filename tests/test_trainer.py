@@ -86,11 +86,20 @@ def test_packed_training_matches_padded(setup, tmp_path):
     assert a.final_loss == pytest.approx(b.final_loss, rel=1e-4)
 
 
-def test_lora_and_grad_checkpointing(setup, tmp_path):
-    res = train(_cfg(setup, "adpa", tmp_path / "lora", lora_r=4, lora_targets=["q_proj", "v_proj"],
-                     grad_checkpointing=True))
+def test_lora_and_grad_checkpointing(setup, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="kdcache.train.trainer"):
+        res = train(_cfg(setup, "adpa", tmp_path / "lora", lora_r=4, lora_targets=["q_proj", "v_proj"],
+                         grad_checkpointing=True))
     assert res.steps == 2
-    AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged, plain HF
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged, plain HF
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA r=4")]
+    # A [r, in] and B [out, r] per adapted linear layer
+    lora = sum(4 * (m.in_features + m.out_features) for n, m in merged.named_modules()
+               if n.endswith(("q_proj", "v_proj")))
+    base = sum(p.numel() for p in merged.parameters())
+    assert f"{lora:,} trainable parameters of {base + lora:,}" in line and "merged" in line
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -25,7 +25,8 @@ class TrainConfig:
         "help": "teacher-signal store: URL, path, or content key under --store-root (from `kdcache precompute`)",
         "panel": "Essentials"})
     out: str = field(default="runs/student", metadata={
-        "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/", "panel": "Essentials"})
+        "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/ (a plain HF model; "
+                "LoRA adapters merged into its weights)", "panel": "Essentials"})
     objective: str = field(default="sft", metadata={
         "help": "loss to train with (docs/LOSSES.md)", "panel": "Essentials", "choices": OBJECTIVES})
     # a paper's published setting (train/recipes/NAME.yaml); its values sit below --config and flags

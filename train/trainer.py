@@ -196,6 +196,11 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     else:
         model, tokenizer = load_student(cfg, device)
     _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0])
+    if d.main and cfg.lora_r > 0:
+        params = list(model.parameters())
+        n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        log.info("LoRA r=%d on %s: %s trainable parameters of %s (%.2f%%); model/ gets the merged weights",
+                 cfg.lora_r, ",".join(cfg.lora_targets), f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(n_all, 1))
     if d.main:
         per_rank = cfg.batch_groups * cfg.grad_accum
         log.info("effective batch: %d groups per optimizer step = %d per micro-batch x %d micro-batches "
