@@ -795,13 +795,13 @@ def store_shape(store, cfg: TrainConfig) -> dict:
                     "length; pass --estimate-seq-len to set it", MAX_SHARDS_READ, n)
     for i in picked:
         shard = store.load_shard(int(i), fields=())  # the records table only
-        plens = np.diff(shard._lists["prompt_ids"][0])
-        total = plens + shard._seq["n_tokens"]
+        plens = shard.lengths("prompt_ids")
+        total = plens + shard.column("n_tokens")
         j = int(np.argmax(total))
         if int(total[j]) > longest:
             longest, prompt = int(total[j]), int(plens[j])
         counts: dict = {}
-        for e, r in zip(shard._seq["example_id"], shard._seq["role"], strict=True):
+        for e, r in zip(shard.column("example_id"), shard.column("role"), strict=True):
             c = counts.setdefault(e, [0] * len(spec.blocks))
             for b, rs in enumerate(spec.blocks):
                 if r in rs:
@@ -879,9 +879,9 @@ def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = 
     shape = {"seq_len": cfg.estimate_seq_len or 2048, "prompt_len": None, "k": 50, "per_block": (),
              "uniform_groups": True}
     if cfg.store:
-        from .trainer import resolve_store
+        from kdcache.store import open_store
 
-        s = store_shape(resolve_store(cfg), cfg)
+        s = store_shape(open_store(cfg.store, root=cfg.store_root), cfg)
         shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block")}, uniform_groups=s["uniform"])
     gpu = detected_gpu_bytes(cfg) or DEFAULT_GPU
     if cfg.grad_checkpointing is None:  # auto: the estimate shows what the trainer would start with

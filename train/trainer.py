@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from .checkpoint import (
     has_checkpoint,
     load_sharded,
     load_state,
+    read_dcp_metadata,
     save_checkpoint,
     save_sharded_checkpoint,
     set_rng_state,
@@ -46,7 +48,7 @@ from .objectives import OBJECTIVE_SPECS
 from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
-from .student import base_causal_lm, load_student, scored_vocab
+from .student import base_causal_lm, load_student
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -60,14 +62,6 @@ class TrainResult:
     seconds: float  # training time of the whole run, summed over its resumed segments
     final_loss: float
     rank: int = 0  # under torchrun only rank 0 reports (the CLI prints nothing on other ranks)
-
-
-def resolve_store(cfg: TrainConfig):
-    """A store URL/path, or a content key looked up under cfg.store_root."""
-    url = cfg.store
-    if cfg.store_root and "/" not in url and "://" not in url:
-        url = f"{cfg.store_root.rstrip('/')}/{url}"
-    return open_store(url)
 
 
 def resolve_tvkd_beta(cfg: TrainConfig, store) -> TrainConfig:
@@ -103,7 +97,7 @@ def _check_fields(cfg: TrainConfig, store) -> None:
 
 def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
     """Once the student is loaded: it reads the same ids as the store's teacher."""
-    store_vocab = scored_vocab(store)
+    store_vocab = store.meta.scored_vocab
     if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
@@ -161,7 +155,9 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     resuming = cfg.resume and has_checkpoint(out)
     if resuming:
         cfg = check_same_run(cfg, out)
-    store = resolve_store(cfg)
+        if cfg.fsdp:  # refuse a damaged or hostile DCP checkpoint before any weight loads
+            read_dcp_metadata(out / LAST / "dcp")
+    store = open_store(cfg.store, root=cfg.store_root)
     cfg = resolve_tvkd_beta(cfg, store)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
@@ -258,7 +254,7 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
     tb = _tensorboard(out) if cfg.tensorboard and d.main else None
     pad_id = tokenizer.pad_token_id or 0
     betas = tuple(store.meta.betas)
-    vocab = scored_vocab(store)  # a padded student head normalises over these ids only
+    vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
     model.train()
     t0, tokens0, saved_at = time.perf_counter(), tokens, step
     metrics: dict[str, torch.Tensor] = {}
@@ -341,7 +337,12 @@ def _load_resumed(cfg: TrainConfig, device):
         base, tokenizer = load_student(TrainConfig(**{**cfg.to_dict(), "lora_r": 0}), device)
         if cfg.grad_checkpointing:
             base.enable_input_require_grads()
-        model = PeftModel.from_pretrained(base, last, is_trainable=True)
+        try:  # peft reads adapter_model.bin weights_only
+            model = PeftModel.from_pretrained(base, last, is_trainable=True)
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"cannot load the LoRA adapter in {last} ({type(e).__name__}): the "
+                             f"checkpoint is damaged or holds code, which is never run; delete "
+                             f"{last} or pass --no-resume to start over") from None
         return model, tokenizer
     return load_student(TrainConfig(**{**cfg.to_dict(), "model": last}), device)
 
