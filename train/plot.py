@@ -168,7 +168,7 @@ def draw(sources: list[Path], table: bool = False, log_y: bool = False):
         ax.plot([r["step"] for r in m], [r["loss"] for r in m], label=run["name"],
                 marker="o" if len(m) == 1 else None, **style)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per-sequence sums, as trained)")
+    ax.set_ylabel("loss (as trained)")
     ax.set_title("training loss")
     if log_y:
         positive = all(r["loss"] > 0 for run in runs for r in run["_metrics"])
