@@ -433,7 +433,7 @@ def _error_line(e: BaseException) -> str | None:
     elif isinstance(e, RuntimeError) and not isinstance(e, NotImplementedError):
         low = msg.lower()
         if not any(w in low for w in ("no space left", "file write failed", "enospc",
-                                      "disk quota")):
+                                      "disk quota", "pytorchstreamwriter failed writing")):
             return None  # a bug or a device error, not bad input: keep the traceback
         msg = (f"the disk is full ({msg}): free space and re-run the same command (a run "
                "resumes from its last checkpoint or committed shard)")
@@ -643,7 +643,7 @@ def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
                      batch_groups: tuple[int, str], max_new_tokens: int) -> Callable:
     """Registers `kdcache pipeline NAME`: the decorated function declares the pipeline's own
     options; the options every pipeline shares (--out, --n, --lr, --batch-groups,
-    --max-new-tokens, --seed, with this pipeline's defaults) are added here, once, and the
+    --max-new-tokens, --seed, --backend, with this pipeline's defaults) are added here, once, and the
     command prints `run(PipelineOptions(...), **own options)`."""
     shared = {
         "out": (Path, typer.Option(Path(f"runs/{name}"), help="directory of the pipeline's stores "
@@ -653,6 +653,7 @@ def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
         "batch_groups": (int, typer.Option(batch_groups[0], help=batch_groups[1])),
         "max_new_tokens": (int, typer.Option(max_new_tokens, help="longest rollout in tokens")),
         "seed": (int, typer.Option(0, help="seed of rollouts and training")),
+        "backend": (str, typer.Option("hf", help="rollout sampler (rollout --backend): hf or vllm")),
     }
 
     def register(fn: Callable) -> Callable:

@@ -42,7 +42,7 @@ STATE_FILE = "training_state.pt"
 LAST, MODEL = "last", "model"
 
 # options that may change between a run and its resumption without changing what it computes
-RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard", "dist_timeout_s",
+RESUME_FREE = {"resume", "progress", "log_every", "save_every", "report_to", "run_name", "wandb_project", "dist_timeout_s",
                "fit_check", "auto_fit", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 # options left unset (None: auto) that the run resolves at start; a resume that leaves them
 # unset matches whatever the first run resolved them to
@@ -386,9 +386,10 @@ def truncate_metrics(path: Path, step: int) -> None:
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the kill
+        except (json.JSONDecodeError, RecursionError):  # a line cut short by the kill
             continue
-        if row.get("step", 0) <= step:
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int) \
+                and row.get("step", 0) <= step:
             keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
