@@ -49,8 +49,13 @@ CONFIG_COMMANDS = {
               "Train a student from a store (sft, seqkd, kd, dckd, adpa, tvkd, dpo, tgpo, pbsd); "
               "print the trained model's directory."),
     "eval": ("kdcache.train.eval:EvalConfig",
-             "Reward accuracy, top-K KL to the teacher and a rule reward on an eval store; "
-             "print them as JSON and save eval.json/eval.csv next to the run."),
+             "Reward accuracy, top-K KL to the teacher and a reward on samples, on an eval store; "
+             "print them as JSON and save eval.json/eval.csv next to the run.\n\n"
+             "reward_accuracy: the share of pairs whose chosen response has the higher mean token log-prob "
+             "under the student. kl_topk: the KL from the teacher (renormalised over its stored top-K) to the "
+             "student, nats per token. With --reward: reward_mean, the mean of fn(prompt_text, response_text, "
+             "None) over samples (prompt_text: the prompt decoded without special tokens), and eos_rate, the "
+             "share of samples that end with the tokenizer's EOS (eos_token)."),
 }
 # Values a config command takes below its --config file and flags: `kdcache train --recipe`.
 CONFIG_LAYERS = {"train": "kdcache.train.recipe:with_recipe"}
@@ -575,7 +580,7 @@ def _train(cfg) -> str | Outcome | None:
         from kdcache.train.memory import estimate_for_cli
 
         est = estimate_for_cli(cfg, progress=lambda msg: typer.echo(f"memory estimate: {msg} ...", err=True))
-        return Outcome(est.format(), 1 if cfg.require_fit and not est.fits else 0)
+        return Outcome(est.format(), 1 if cfg.require_fit and not est.runs else 0)
     from kdcache.train.distributed import PeerFailure
     from kdcache.train.trainer import train
 
@@ -695,12 +700,15 @@ def plot(sources: list[Path] = typer.Argument(
          out: Path = _essential(typer.Option, Path("plot.png"), "--out", "-o", help="image to write"),
          table: bool = _essential(typer.Option, False, "--table",
                                     help="also print a table of the runs' eval results and final "
-                                         "loss (stdout) and draw the eval bars")) -> None:
+                                         "loss (stdout), one row per run, and draw the eval bars"),
+         log_y: bool = typer.Option(False, "--log-y",
+                                    help="log loss axis (symlog if a loss is <= 0): losses are per-sequence "
+                                         "sums that fall by orders of magnitude; default: linear")) -> None:
     """Loss curves of training runs; with --table, their eval results as a table too. Prints
     the image path (with --table: the table; the path goes to stderr)."""
     from kdcache.train.plot import plot_runs
 
-    path, text = _friendly(plot_runs, sources, out, table)
+    path, text = _friendly(plot_runs, sources, out, table, log_y)
     if text is None:
         typer.echo(path)
         return

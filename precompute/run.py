@@ -180,8 +180,8 @@ class Prepared:
 def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
     """The tokenizer all models must share, and the vocabulary precompute scores.
     Tokenizers must be identical; output rows may differ (padding) but must cover it."""
-    main_name = cfg.tokenizer or cfg.teacher
-    main_role = "teacher" if cfg.teacher else "tokenizer"
+    main_name = cfg.tokenizer or cfg.teacher or cfg.reference
+    main_role = "teacher" if cfg.teacher else "tokenizer" if cfg.tokenizer else "reference"
     tok = load_tokenizer(main_name, cfg.trust_remote_code, role=main_role)
     size = tokenizer_size(tok)
     rows: dict[str, int] = {}
@@ -205,7 +205,7 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
     cfg.validate()
     tok, vocab = _tokenizer_and_vocab(cfg)
     scored: tuple[str, ...] = ()
-    if cfg.teacher:
+    if cfg.scores:
         scored = tuple(cfg.fields or TEACHER_FIELDS + (REF_FIELDS if cfg.reference else ()))
     topk = any(f in TOPK_FIELDS for f in scored)
     if topk and cfg.k > vocab.size:
@@ -228,16 +228,16 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
         "codec": cfg.codec,
         "ref_mode": cfg.ref_mode if "ref_topk_logprobs" in scored else None,
         # the teacher's numeric precision changes the stored numbers, so it is in the key
-        "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.teacher else None,
+        "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.scores else None,
         "partition": list(cfg.partition) if cfg.partition else None,
     }
-    if cfg.teacher:  # the record order: groups are length-sorted within windows of rows
+    if cfg.scores:  # the record order: groups are length-sorted within windows of rows
         options["bucket_window"] = cfg.bucket_window
     if cfg.partition is not None:  # which examples a part holds depends on the batch plan
         options["partition_plan"] = partition_plan(cfg)
     if cfg.error_bound is not None:
         options["error_bound"] = cfg.error_bound
-    if cfg.teacher and vocab.padded:  # logits of padded rows dropped before log_softmax
+    if cfg.scores and vocab.padded:  # logits of padded rows dropped before log_softmax
         options["vocab"] = {"scored": vocab.size, "model_rows": dict(vocab.rows)}
     if cfg.fields is not None:  # a chosen subset: K and betas only count when stored
         options["fields"] = list(scored)
@@ -298,7 +298,7 @@ def iter_batches(cfg: PrecomputeConfig, groups: Iterator[list[Sequence]]
     resumed run recomputes exactly the batches an uninterrupted run computes. A partition
     (i, n) is batches i, i+n, ... of this plan, so its forwards are the single run's forwards,
     number for number."""
-    if cfg.teacher is None:  # tokenized-only: data order, no forwards
+    if not cfg.scores:  # tokenized-only: data order, no forwards
         for g in groups:
             yield [g]
         return
@@ -507,7 +507,7 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
         for b, batch in enumerate(iter_batches(cfg, groups)):
             n_groups += len(batch)
             todo = [g for g in batch if g[0].example_id not in done] if b % n_parts == part else []
-            if todo and cfg.teacher is None:
+            if todo and not cfg.scores:
                 for g in todo:
                     writer.add_group([_tokenized_record(s, eos) for s in g])
             elif todo:

@@ -284,6 +284,14 @@ def test_demo_table_on_stdout_stages_on_stderr(monkeypatch):
     assert "sft" in res.stdout and "0.500" in res.stdout
 
 
+def test_demo_table_names_the_tokenizer_s_eos():
+    from kdcache.demo import demo_table
+
+    row = {"method": "sft", "reward_mean": 0.5, "eos_rate": 1.0, "eos_token": "<|im_end|>"}
+    assert "ends <|im_end|>" in demo_table([row])
+    assert "ends EOS" in demo_table([{k: v for k, v in row.items() if k != "eos_token"}])
+
+
 def _tiny_store(url):
     import numpy as np
 

@@ -25,7 +25,8 @@ class TrainConfig:
         "help": "teacher-signal store: URL, path, or content key under --store-root (from `kdcache precompute`)",
         "panel": "Essentials"})
     out: str = field(default="runs/student", metadata={
-        "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/", "panel": "Essentials"})
+        "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/ (a plain HF model; "
+                "LoRA adapters merged into its weights)", "panel": "Essentials"})
     objective: str = field(default="sft", metadata={
         "help": "loss to train with (docs/LOSSES.md)", "panel": "Essentials", "choices": OBJECTIVES})
     # a paper's published setting (train/recipes/NAME.yaml); its values sit below --config and flags
@@ -80,6 +81,9 @@ class TrainConfig:
     fit_check: bool = field(default=True, metadata={
         "help": "CUDA: estimate the step's memory before loading weights; refuse, naming the switch to use, "
                 "if it cannot fit", "panel": "Memory estimate"})
+    auto_fit: bool = field(default=True, metadata={
+        "help": "CUDA: when the step does not fit, run it as smaller micro-batches with more --grad-accum (the "
+                "same optimizer step) and say so; off: refuse instead", "panel": "Memory estimate"})
     estimate_memory: bool = field(default=False, metadata={
         "help": "print the simulated GPU memory of one training step (loads no weights) and exit",
         "panel": "Memory estimate"})
@@ -130,8 +134,9 @@ class TrainConfig:
         "help": "adpa (released code): weight w of the advantage term; unset: 1.6", "panel": "Objective: ADPA"})
     tvkd_alpha: float = field(default=0.7, metadata={
         "help": "tvkd: weight alpha of the teacher's value shaping psi in the token reward", "panel": "Objective: TVKD"})
-    tvkd_beta: float = field(default=2.0, metadata={
-        "help": "tvkd: which stored soft-value beta to use (one of the store's --betas)", "panel": "Objective: TVKD"})
+    tvkd_beta: float | None = field(default=None, metadata={
+        "help": "tvkd: which stored soft-value beta to use (one of the store's --betas); unset: the store's beta "
+                "when it holds one (the paper's best, 2, is in --recipe tvkd)", "panel": "Objective: TVKD"})
     tvkd_beta_s: float = field(default=1.0, metadata={
         "help": "tvkd: beta_s, the weight of the student's log-prob in the token reward", "panel": "Objective: TVKD"})
     tvkd_gamma: float = field(default=1.0, metadata={

@@ -65,6 +65,25 @@ class TrainResult:
     rank: int = 0  # under torchrun only rank 0 reports (the CLI prints nothing on other ranks)
 
 
+def resolve_tvkd_beta(cfg: TrainConfig, store) -> TrainConfig:
+    """TVKD reads one β column of the stored soft values: --tvkd-beta, or, unset, the store's
+    only β (said in one line); refused, naming the store's betas, when it cannot be found."""
+    if cfg.objective != "tvkd":
+        return cfg
+    betas = [float(b) for b in (store.meta.betas or ())]
+    if cfg.tvkd_beta is None:
+        if len(betas) != 1:
+            raise ValueError(f"store {cfg.store!r} holds soft values at betas {betas}: pick one with --tvkd-beta")
+        log.info("tvkd: beta %g, the store's only soft-value beta (--tvkd-beta picks another store's)", betas[0])
+        return dataclasses.replace(cfg, tvkd_beta=betas[0])
+    if not any(abs(b - cfg.tvkd_beta) < 1e-9 for b in betas):
+        raise ValueError(
+            f"--tvkd-beta {cfg.tvkd_beta} is not among the store's soft-value betas "
+            f"{betas}: pick one of those, leave it unset for a store of one beta, or precompute with --betas"
+        )
+    return cfg
+
+
 def _check_fields(cfg: TrainConfig, store) -> None:
     """Up front, before the reader opens: the objective's fields are stored."""
     spec = OBJECTIVE_SPECS[cfg.objective]
@@ -90,11 +109,6 @@ def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
         raise ValueError(
             f"teacher vocab {store_vocab} > student output rows {head_rows}: the student's "
             f"lm_head cannot score every stored id; resize its embeddings or pick another student"
-        )
-    if cfg.objective == "tvkd" and not any(abs(b - cfg.tvkd_beta) < 1e-9 for b in store.meta.betas):
-        raise ValueError(
-            f"--tvkd-beta {cfg.tvkd_beta} is not among the store's soft-value betas "
-            f"{list(store.meta.betas)}: pick one of those or precompute with --betas"
         )
 
 
@@ -141,10 +155,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
     out = Path(cfg.out)
     resuming = cfg.resume and has_checkpoint(out)
     if resuming:
-        check_same_run(cfg, out)
+        cfg = check_same_run(cfg, out)
         if cfg.fsdp:  # refuse a damaged or hostile DCP checkpoint before any weight loads
             read_dcp_metadata(out / LAST / "dcp")
     store = open_store(cfg.store, root=cfg.store_root)
+    cfg = resolve_tvkd_beta(cfg, store)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
         budget = distributed.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
@@ -178,6 +193,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
     else:
         model, tokenizer = load_student(cfg, device)
     _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0])
+    if d.main and cfg.lora_r > 0:
+        params = list(model.parameters())
+        n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        log.info("LoRA r=%d on %s: %s trainable parameters of %s (%.2f%%); model/ gets the merged weights",
+                 cfg.lora_r, ",".join(cfg.lora_targets), f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(n_all, 1))
     if d.main:
         per_rank = cfg.batch_groups * cfg.grad_accum
         log.info("effective batch: %d groups per optimizer step = %d per micro-batch x %d micro-batches "
