@@ -428,7 +428,7 @@ def _error_line(e: BaseException) -> str | None:
     elif isinstance(e, RuntimeError) and not isinstance(e, NotImplementedError):
         low = msg.lower()
         if not any(w in low for w in ("no space left", "file write failed", "enospc",
-                                      "disk quota")):
+                                      "disk quota", "pytorchstreamwriter failed writing")):
             return None  # a bug or a device error, not bad input: keep the traceback
         msg = (f"the disk is full ({msg}): free space and re-run the same command (a run "
                "resumes from its last checkpoint or committed shard)")
@@ -527,7 +527,10 @@ def store_ls(root: str = typer.Argument(..., help="directory or URL holding stor
     from kdcache.store.admin import list_stores
 
     for row in _friendly(list_stores, root):
-        typer.echo(json.dumps(row, default=str))
+        if "damaged" in row:  # reported, not listed: the others still are
+            typer.secho(f"warning: skipped {row['url']}: {row['damaged']}", fg=typer.colors.YELLOW, err=True)
+        else:
+            typer.echo(json.dumps(row, default=str))
 
 
 @store_app.command("verify")
@@ -567,7 +570,10 @@ def store_gc(root: str = typer.Argument(..., help="directory or URL holding stor
     """Remove shards no manifest references and uncommitted temporary files; print JSON."""
     from kdcache.store.admin import gc
 
-    _echo_json(_friendly(lambda: gc(root, min_age_s=min_age, dry_run=dry_run)))
+    report = _friendly(lambda: gc(root, min_age_s=min_age, dry_run=dry_run))
+    for why in report["skipped"]:
+        typer.secho(f"warning: skipped {why}", fg=typer.colors.YELLOW, err=True)
+    _echo_json(report)
 
 
 @store_app.command("merge")

@@ -34,13 +34,12 @@ from .data import (
     DataOptions,
     DataStats,
     Sequence,
-    data_files,
     dataset_fingerprint,
-    files_sha256,
-    iter_rows,
+    open_data,
+    parse_columns,
     tokenize_rows,
 )
-from .engine import REF_FIELDS, TEACHER_FIELDS, TOPK_FIELDS, needs_teacher
+from .engine import needs_teacher
 from .models import (
     check_same_tokenizer,
     check_vocab_rows,
@@ -54,7 +53,16 @@ from .models import (
     tokenizer_size,
     verify_head,
 )
-from .storeapi import NoStoreError, StoreMeta, open_store, probe_writable, store_key
+from .storeapi import (
+    REF_FIELDS,
+    TEACHER_FIELDS,
+    TOPK_FIELDS,
+    NoStoreError,
+    StoreMeta,
+    open_store,
+    probe_writable,
+    store_key,
+)
 from .writing import GroupWriter
 
 log = logging.getLogger("kdcache.precompute")
@@ -94,11 +102,12 @@ class GroupSource:
         self.cfg, self.tok = cfg, tok
         self.has_behavior = False
         if cfg.data is not None:
-            self.files = data_files(cfg.data)
+            self.source = open_data(cfg.data, cfg.data_config, cfg.split)
             self.opts = DataOptions(kind=cfg.kind, max_length=cfg.max_length,
                                     truncate=cfg.truncate, chat_template=cfg.chat_template,
                                     use_context=cfg.use_context,
-                                    context_template=cfg.context_template, limit=cfg.limit)
+                                    context_template=cfg.context_template, limit=cfg.limit,
+                                    **parse_columns(cfg.columns))
         else:
             self.stores = [open_store(u.strip()) for u in cfg.input_store.split(",") if u.strip()]
             if not self.stores:
@@ -112,14 +121,14 @@ class GroupSource:
     def fingerprint(self, tok_fp: str) -> dict[str, Any]:
         """The dataset part of the store key (reads every data file once, in blocks)."""
         if self.cfg.data is not None:
-            return {"sha256": dataset_fingerprint(files_sha256(self.files), self.opts, tok_fp)}
+            return {"sha256": dataset_fingerprint(self.source.sha256(), self.opts, tok_fp)}
         fps = [{"input_store": st.manifest.get("store_key"),
                 "checksum": st.manifest.get("checksum")} for st in self.stores]
         return dict(fps[0] if len(fps) == 1 else {"input_stores": fps}, limit=self.cfg.limit)
 
     def groups(self, stats: DataStats, check_ids: bool = True) -> Iterator[list[Sequence]]:
         if self.cfg.data is not None:
-            yield from tokenize_rows(iter_rows(self.files, self.cfg.limit), self.tok, self.opts,
+            yield from tokenize_rows(self.source.rows(self.cfg.limit), self.tok, self.opts,
                                      stats, check_ids=check_ids)
             return
         for i, g in enumerate(self._store_groups()):
@@ -410,7 +419,7 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
         report_data(cfg, checked)
     try:
         with GroupWriter(url, prep.meta, cfg.shard_records, cfg.resume, "precompute_report",
-                         SUM_KEYS, background=BACKGROUND_WRITER) as writer:
+                         SUM_KEYS, background=BACKGROUND_WRITER, clamp=True) as writer:
             if writer.done:
                 of = "" if cfg.partition or checked is None else \
                     f" of {checked.rows - checked.skipped}"
@@ -499,7 +508,6 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
     tok = prep.tok
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    floor = -255.0 if cfg.codec == "compact" else None  # store's compact codec bound (|x|<=256)
     scorers = None
     total = None if checked is None else checked.rows - checked.skipped
     t0, toks, seqs, n_groups = time.perf_counter(), 0, 0, 0
@@ -517,7 +525,7 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
                     t_load = time.perf_counter()
                     scorers = _load_scorers(cfg, prep)
                     times["load_s"] = time.perf_counter() - t_load
-                recs, per_seq = _score(cfg, prep, batch, scorers, pad, eos, floor)
+                recs, per_seq = _score(cfg, prep, batch, scorers, pad, eos)
                 it = iter(zip(recs, per_seq, strict=True))
                 for g in batch:
                     pairs = [next(it) for _ in g]
@@ -535,7 +543,7 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
 
 
 def _score(cfg: PrecomputeConfig, prep: Prepared, batch: list[list[Sequence]],
-           scorers: tuple[Any, Any], pad: int, eos: int, floor: float | None
+           scorers: tuple[Any, Any], pad: int, eos: int
            ) -> tuple[list[dict], list[dict[str, float]]]:
     from . import engine
 
@@ -544,8 +552,6 @@ def _score(cfg: PrecomputeConfig, prep: Prepared, batch: list[list[Sequence]],
     recs, _ = engine.score_sequences([s for g in batch for s in g], dpo, ref, cfg.k, cfg.betas,
                                      pad, eos, cfg.chunk_size, cfg.ref_mode, cfg.packed,
                                      per_seq=per_seq, fields=prep.scored)
-    if floor is not None:
-        _clamp(recs, floor)
     return recs, per_seq
 
 
@@ -563,14 +569,6 @@ def _tokenized_record(s: Sequence, eos_id: int) -> dict[str, Any]:
     if s.extra.get("behavior_logprob") is not None:
         rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], np.float32)
     return rec
-
-
-def _clamp(recs: list[dict], floor: float) -> None:
-    """Log-probs below -255 nats (p < 1e-110) are stored as -255: the compact codec's range."""
-    for r in recs:
-        for key in ("topk_logprobs", "token_logprob", "ref_topk_logprobs", "ref_token_logprob"):
-            if key in r:
-                np.maximum(r[key], floor, out=r[key])
 
 
 def config_dict(cfg: PrecomputeConfig) -> dict[str, Any]:

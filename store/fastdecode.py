@@ -5,8 +5,11 @@ prototypes) costs about as much as the actual decompression for our few-MB chunk
 arrays we write use a tiny subset of Zarr v3 — regular chunk grid, default "/" chunk keys,
 `transpose`, `kdcache.gridq` or `numcodecs.*` array-to-array filters, `bytes`,
 `blosc`/`zstd`, and a final `crc32c` — so this module decodes exactly that subset straight
-from `zarr.json` and returns None for anything else, in which case the caller falls back to
-zarr.  It never guesses: every step comes from the metadata, and the tests check it equals
+from `zarr.json` and returns None for anything else, which the reader refuses (a store is
+untrusted input: zarr's generic codecs would decompress whatever a frame declares).  With
+an `Expect` from the manifest, shapes, chunk shapes and id tables are checked before
+anything is allocated, and every frame must state exactly its chunk's size.  It never
+guesses: every step comes from the metadata, and the tests check it equals
 zarr's own decoding.  A chunk whose crc32c does not match, or that cannot be decoded, raises
 `ChunkError` naming the chunk's key (the reader adds the store and shard).
 
@@ -35,7 +38,7 @@ from ._io import load_json
 from .codecs import GRIDQ, IDMAP, grid_ints, id_decode, unpack_table
 
 __all__ = ["decode_array", "decode_grid", "decode_topk_ref", "grid_config", "array_meta",
-           "ChunkError", "Expect"]
+           "ChunkError", "Expect", "check_layout"]
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,22 @@ def _scratch(slot: str, nbytes: int) -> np.ndarray:
     return b[:nbytes]
 
 
+def _check_frame(codec: Any, u8: np.ndarray, nbytes: int) -> None:
+    """Refuse a compressed frame whose header does not state exactly `nbytes` (a ValueError):
+    checked before anything is allocated or decompressed."""
+    declared = _frame_size(codec, u8)
+    if declared != nbytes:
+        raise ValueError(f"its compressed frame declares {declared} bytes, but the chunk "
+                         f"holds {nbytes} (crafted or corrupt)" if declared is not None else
+                         f"its compressed frame does not state its size (the chunk holds "
+                         f"{nbytes} bytes; kdcache writes frames that do)")
+    if isinstance(codec, numcodecs.Blosc) and len(u8) >= 16:
+        cbytes = int.from_bytes(u8[12:16].tobytes(), "little")
+        if cbytes != len(u8):  # blosc reads as many bytes as its header says
+            raise ValueError(f"its blosc frame declares {cbytes} compressed bytes, but the "
+                             f"chunk holds {len(u8)} (crafted or corrupt)")
+
+
 def _decompress(compressors: list[Any], buf: Any, nbytes: int, slot: str | None) -> Any:
     """Decompressed bytes of a chunk, never more than `nbytes` (the chunk's size from its
     shape): the frame's header must state exactly that size, or the chunk is refused
@@ -219,26 +238,13 @@ def _decompress(compressors: list[Any], buf: Any, nbytes: int, slot: str | None)
     if not compressors:
         return buf
     u8 = np.frombuffer(buf, np.uint8)
-    declared = _frame_size(compressors[0], u8)
-    if isinstance(compressors[0], numcodecs.Blosc) and len(u8) >= 16 \
-            and int.from_bytes(u8[12:16].tobytes(), "little") != len(u8):
-        # blosc reads as many bytes as its header says: never more than the chunk holds
-        raise ValueError(f"its blosc frame declares {int.from_bytes(u8[12:16].tobytes(), 'little')} "
-                         f"compressed bytes, but the chunk holds {len(u8)} (crafted or corrupt)")
-    if declared != nbytes:
-        raise ValueError(f"its compressed frame declares {declared} bytes, but the chunk "
-                         f"holds {nbytes} (crafted or corrupt)" if declared is not None else
-                         f"its compressed frame does not state its size (the chunk holds "
-                         f"{nbytes} bytes; kdcache writes frames that do)")
+    _check_frame(compressors[0], u8, nbytes)
     out = _scratch(slot, nbytes) if slot is not None else np.empty(nbytes, np.uint8)
     return compressors[0].decode(u8, out=out)
 
 
-def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True, slot: str | None = None):
-    """Yield (lo, hi, encoded-side array or None for a fill chunk) per chunk.
-
-    With `slot`, a chunk may be decompressed into this thread's scratch buffer `slot`: the
-    array yielded is then only valid until the next chunk is requested."""
+def _inner(p: _Plan) -> np.dtype:
+    """The dtype the `bytes` codec serialised (what a decompressed chunk holds)."""
     if p.gridq is not None:
         inner = np.dtype("i4")
     elif p.idmap is not None:
@@ -247,7 +253,15 @@ def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True, slot: str | N
         inner = np.dtype(getattr(p.filters[-1], "astype", None) or p.filters[-1].dtype)
     else:
         inner = p.dtype
-    inner = inner.newbyteorder("<" if p.endian == "little" else ">")
+    return inner.newbyteorder("<" if p.endian == "little" else ">")
+
+
+def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True, slot: str | None = None):
+    """Yield (lo, hi, encoded-side array or None for a fill chunk) per chunk.
+
+    With `slot`, a chunk may be decompressed into this thread's scratch buffer `slot`: the
+    array yielded is then only valid until the next chunk is requested."""
+    inner = _inner(p)
     n_chunks = -(-p.shape[0] // p.chunk[0]) if p.shape[0] else 0
     enc_shape = p.chunk[::-1] if p.transpose else p.chunk
     for i in range(n_chunks):
@@ -277,6 +291,30 @@ def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True, slot: str | N
         except Exception as e:  # corrupt bytes in a store without checksums
             raise ChunkError(key, f"cannot be decoded ({type(e).__name__}: {e})") from None
         yield lo, hi, arr
+
+
+def check_layout(files: dict[str, bytes], name: str, expect: Expect) -> None:
+    """What `decode_array` checks before allocating, without decoding (`store verify`):
+    the array's metadata against `expect`, and every stored chunk's frame header.  A
+    ChunkError names what is wrong; an array outside the decoder's subset is one too."""
+    meta = array_meta(files, name)
+    p = None if meta is None else _plan(name, meta, expect)
+    if p is None:
+        raise _bad(name, "declares a layout or codec chain kdcache does not write (not a "
+                         "kdcache store, or crafted)")
+    enc_rows = p.chunk[0] * (p.chunk[1] if len(p.chunk) > 1 else 1)
+    itemsize = _inner(p).itemsize
+    n_chunks = -(-p.shape[0] // p.chunk[0]) if p.shape[0] else 0
+    for i in range(n_chunks):
+        key = f"{p.name}/c/{i}" + ("/0" if len(p.shape) == 2 else "")
+        raw = files.get(key)
+        if raw is None or not p.compressors:
+            continue
+        u8 = np.frombuffer(raw, np.uint8)[:-4] if p.crc32c else np.frombuffer(raw, np.uint8)
+        try:
+            _check_frame(p.compressors[0], u8, enc_rows * itemsize)
+        except ValueError as e:
+            raise ChunkError(key, f"cannot be decoded ({e})") from None
 
 
 def _key(p: _Plan, lo: int) -> str:

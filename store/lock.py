@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = ["StoreLock", "StoreLockedError", "lock_path", "lock_holder", "LOCK_SUFFIX",
            "TEMP_MARKER", "write_temp_marker", "read_temp_marker", "owner_state",
-           "WRITE_PROBE", "probe_writable"]
+           "WRITE_PROBE", "probe_writable", "lock_for"]
 
 LOCK_SUFFIX = ".kdcache-lock"
 _INFO_MAX = 4096  # a lock file is one short JSON line; never read more
@@ -228,3 +228,12 @@ def probe_writable(directory: str) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(probe)
+
+
+def lock_for(url: str) -> StoreLock | None:
+    """The (not yet taken) writer lock of the store at `url`; None on object stores and
+    memory://, which have no lock (docs/STORE_FORMAT.md)."""
+    from ._io import is_local, open_fs
+
+    fs, root = open_fs(url)
+    return StoreLock(root) if is_local(fs) else None

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._io import SHARDS_DIR, UnsafeFile, cat_files, join, open_fs, read_manifest
@@ -72,6 +73,15 @@ class Shard:
 
     def __len__(self) -> int:
         return self.n
+
+    def column(self, name: str) -> list[Any]:
+        """A per-sequence column as a list: example_id, role, group, n_tokens, reward,
+        is_terminal."""
+        return self._seq[name]
+
+    def lengths(self, name: str) -> np.ndarray:
+        """Per-record lengths of a token-id column: prompt_ids, response_ids, teacher_prompt_ids."""
+        return np.diff(self._lists[name][0])
 
     def record(self, i: int) -> dict[str, Any]:
         seq = self._seq
@@ -261,6 +271,27 @@ def decode_shard(
             from None
 
 
+def check_shard(raw: dict[str, bytes], entry: dict[str, Any], meta: StoreMeta) -> None:
+    """Every size a shard's files declare against its manifest entry, without decoding the
+    arrays (`store verify`): each array's zarr.json and chunk frame headers, and
+    records.parquet (footer counts, then per-record lengths).  A ShardFileError names the
+    first problem."""
+    from .fastdecode import ChunkError, check_layout
+
+    expect, counts = shard_expect(entry, meta)
+    zfiles = {k[len("tokens.zarr/"):]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
+    arrays = sorted({k.split("/", 1)[0] for k in zfiles if k.count("/") >= 1})
+    for a in arrays:
+        try:
+            check_layout(zfiles, a, expect)
+        except ChunkError as e:
+            raise ShardFileError(f"tokens.zarr/{e.key}", e.what) from None
+        except Exception as e:  # noqa: BLE001 - malformed metadata of any kind
+            raise ShardFileError(f"tokens.zarr/{a}/zarr.json",
+                                 f"cannot be read ({type(e).__name__}: {e})") from None
+    _read_records(raw, counts)
+
+
 class ShardFileError(ValueError):
     """A shard file is damaged; `rel` names it (the Store adds its URL and shard name)."""
 
@@ -317,14 +348,15 @@ def _check_records(table: Any, counts: dict[str, int]) -> Any:
         arr = table.column(col).combine_chunks()
         if isinstance(arr.type, pa.DictionaryType):
             d = arr.dictionary
-            longest = max((len(x) for x in d.to_pylist() if x is not None), default=0)
+            longest = int(pc.max(pc.utf8_length(d)).as_py() or 0) if len(d) else 0
             if longest > MAX_ID_CHARS:
                 raise ShardFileError("records.parquet", f"holds a {col} of {longest} "
                                                         f"characters (at most {MAX_ID_CHARS})")
             if col == "role" and set(d.to_pylist()) - set(ROLES) - {None}:
                 raise ShardFileError("records.parquet", f"holds roles outside {list(ROLES)}")
-            i = table.schema.get_field_index(col)
-            table = table.set_column(i, col, arr.cast(pa.string()))
+            if col == "role":  # plain strings for callers (value_counts in summary)
+                i = table.schema.get_field_index(col)
+                table = table.set_column(i, col, arr.cast(pa.string()))
     n_tok = table.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64)
     resp = table.column("response_ids").combine_chunks()
     lens = np.diff(resp.offsets.to_numpy().astype(np.int64))
@@ -336,8 +368,16 @@ def _check_records(table: Any, counts: dict[str, int]) -> Any:
                                                 f"(response_ids lengths, n_tokens, token_offset "
                                                 f"or their total {counts['n_tokens']}; crafted "
                                                 f"or corrupt)")
-    eids = table.column("example_id").to_pylist()
-    groups = sum(1 for i in range(n) if i == 0 or eids[i] != eids[i - 1])
+    eids = table.column("example_id").combine_chunks()
+    if n == 0:
+        groups = 0
+    elif isinstance(eids.type, pa.DictionaryType) \
+            and len(pc.unique(eids.dictionary)) == len(eids.dictionary):
+        idx = eids.indices.to_numpy(zero_copy_only=False)  # distinct entries: ids == indices
+        groups = 1 + int(np.count_nonzero(idx[1:] != idx[:-1]))
+    else:
+        ids = eids.to_pylist()
+        groups = 1 + sum(1 for i in range(1, n) if ids[i] != ids[i - 1])
     if groups != counts["n_groups"]:
         raise ShardFileError("records.parquet", f"holds {groups} groups but the manifest says "
                                                 f"{counts['n_groups']} (crafted or corrupt)")
@@ -475,6 +515,15 @@ class Store:
                 raise file_error(self.url, name, r, "failed its sha256 check (corrupted bytes)")
         return raw
 
+    def check_shard(self, index: int, raw: dict[str, bytes]) -> None:
+        """Every size shard `index`'s fetched files declare, against the manifest, without
+        decoding its arrays (`check_shard`); a one-line error naming store, shard, file."""
+        entry = self.shards[index]
+        try:
+            check_shard(raw, entry, self.meta)
+        except ShardFileError as e:
+            raise file_error(self.url, entry["name"], e.rel, e.what) from None
+
     def decode(self, index: int, raw: dict[str, bytes], fields: Sequence[str]) -> Shard:
         """Decode fetched files of shard `index`; damage is a one-line ChecksumError/ValueError
         naming the store, shard and file."""
@@ -558,8 +607,9 @@ class Store:
                 yield s, fut.result()
 
 
-def open_store(url: str, check_listing: bool = True) -> Store:
-    """Open the committed part of the store at `url` (local path or fsspec URL).
+def open_store(url: str, check_listing: bool = True, root: str | None = None) -> Store:
+    """Open the committed part of the store at `url` (local path or fsspec URL), or, given
+    `root`, a bare content key (no `/`, no `://`) names the store `root/key`.
 
     Checks before returning: the manifest parses, its version is supported, its checksum
     (v4+; older: shard-entry checksums) and store_key match, and — `check_listing`, one
@@ -567,6 +617,8 @@ def open_store(url: str, check_listing: bool = True) -> Store:
     shard is reported now, not at the training step that needs it.
     """
     url = str(url)
+    if root and "/" not in url and "://" not in url:
+        url = f"{str(root).rstrip('/')}/{url}"
     fs, root = open_fs(url)
     manifest = read_manifest(fs, root)
     if manifest is None:

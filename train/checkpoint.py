@@ -38,7 +38,7 @@ STATE_FILE = "training_state.pt"
 LAST, MODEL = "last", "model"
 
 # options that may change between a run and its resumption without changing what it computes
-RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard", "dist_timeout_s",
+RESUME_FREE = {"resume", "progress", "log_every", "save_every", "report_to", "run_name", "wandb_project", "dist_timeout_s",
                "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 # options left unset (None: auto) that the run resolves at start; a resume that leaves them
 # unset matches whatever the first run resolved them to
@@ -314,17 +314,32 @@ def save_sharded_checkpoint(out: Path, d, module, tokenizer, optimizer, schedule
     return out / LAST
 
 
+def load_dcp(path: Path, sd: dict, no_dist: bool = False) -> None:
+    """`dcp.load` of `sd` from `path` through the safe reader and planner. A refusal is our
+    ValueError naming the file, not torch's CheckpointException (a BaseException that
+    wraps it, traceback included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_dcp_metadata(path)  # refused here, before torch reads anything
+    reader, planner = safe_dcp_reader(path)
+    try:
+        dcp.load(sd, storage_reader=reader, planner=planner, no_dist=no_dist)
+    except CheckpointException as e:
+        ours = [f[0] for f in e.failures.values()
+                if isinstance(f, tuple) and f and isinstance(f[0], ValueError)]
+        if ours:
+            raise ours[0] from None
+        raise
+
+
 def load_sharded(out: Path, module, optimizer) -> None:
     """FSDP resume: each rank reads its shards of weights and optimizer state from last/dcp."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(module, optimizer)
     sd = {"model": model_sd, "optimizer": optim_sd}
-    path = out / LAST / "dcp"
-    read_dcp_metadata(path)  # a refusal here is a ValueError, not torch's CheckpointException
-    reader, planner = safe_dcp_reader(path)
-    dcp.load(sd, storage_reader=reader, planner=planner)
+    load_dcp(out / LAST / "dcp", sd)
     set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
 
 
@@ -356,9 +371,10 @@ def truncate_metrics(path: Path, step: int) -> None:
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the kill
+        except (json.JSONDecodeError, RecursionError):  # a line cut short by the kill
             continue
-        if row.get("step", 0) <= step:
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int) \
+                and row.get("step", 0) <= step:
             keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))

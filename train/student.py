@@ -99,13 +99,6 @@ def base_causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def scored_vocab(store) -> int | None:
-    """How many ids [0, V) the store's teachers scored (their tokenizer's; padded output rows
-    beyond it were dropped): what `SeqBatch.vocab` holds. None when the store does not say."""
-    tok_meta = store.meta.tokenizer if isinstance(store.meta.tokenizer, dict) else {}
-    return None if tok_meta.get("vocab_size") is None else int(tok_meta["vocab_size"])
-
-
 def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:
     """Student log-probs at the response tokens and at the stored teacher top-K ids,
     normalised over the ids the teachers scored (`batch.vocab`; all head rows if unset)."""
