@@ -610,12 +610,12 @@ def _eval(cfg) -> str:
 @app.command("inspect", cls=_Command)
 def inspect_(url: str = typer.Argument(..., help="store URL or path"),
              as_json: bool = _essential(typer.Option, False, "--json", help="print the summary as JSON"),
-             student: str | None = typer.Option(
-                 None, "--student", help="a student model directory with another tokenizer: also "
+             student: str | None = _essential(
+                 typer.Option, None, "--student", help="a student model directory with another tokenizer: also "
                  "report the aligned fraction of its tokens and the teacher top-K mass that maps "
                  "(METHODS §5; default: none)"),
-             student_records: int = typer.Option(
-                 2000, "--student-records", help="records the --student report reads (default 2000)")) -> None:
+             student_records: int = _essential(
+                 typer.Option, 2000, "--student-records", help="records the --student report reads (default 2000)")) -> None:
     """Manifest summary, sequences and tokens, bytes/token per field, top-K mass."""
     from kdcache.store import open_store, summarize
 
