@@ -182,10 +182,16 @@ class Prepared:
     tok_files: dict[str, bytes] | None = None  # the tokenizer's files, stored (METHODS §5)
 
 
+def tokenizer_source(cfg: PrecomputeConfig) -> str:
+    """Where the store's tokenizer comes from: --tokenizer, else the teacher, else the
+    reference (a DPO store written by --reference alone)."""
+    return cfg.tokenizer or cfg.teacher or cfg.reference
+
+
 def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
     """The tokenizer all models must share, and the vocabulary precompute scores.
     Tokenizers must be identical; output rows may differ (padding) but must cover it."""
-    main_name = cfg.tokenizer or cfg.teacher or cfg.reference
+    main_name = tokenizer_source(cfg)
     main_role = "teacher" if cfg.teacher else "tokenizer" if cfg.tokenizer else "reference"
     tok = load_tokenizer(main_name, cfg.trust_remote_code, role=main_role)
     size = tokenizer_size(tok)
@@ -217,7 +223,7 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
         raise ValueError(f"--k {cfg.k} > the teacher's vocabulary of {vocab.size} tokens; pass a "
                          f"--k of at most {vocab.size} (typically 20-100)")
     tok_fp = tokenizer_fingerprint(tok)
-    tok_files = tokenizer_files(cfg.tokenizer or cfg.teacher, TOKENIZER_FILE_NAMES)
+    tok_files = tokenizer_files(tokenizer_source(cfg), TOKENIZER_FILE_NAMES)
     source = GroupSource(cfg, tok)
     ds_fp = source.fingerprint(tok_fp)
 
