@@ -107,7 +107,8 @@ class _Command(TyperCommand):
         _keep_option_names()
         if self.help:  # docstrings as prose: a single line break is a space, a blank line a paragraph
             self.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(self.help).split("\n\n"))
-        if ctx.meta.get("kdcache_help_all") or not self._has_panels():
+        if (ctx.meta.get("kdcache_help_all") or not self._has_panels()
+                or not any(p.name == "help_all" for p in self.params)):  # nowhere else to list them
             return super().format_help(ctx, formatter)
         rest = [p for p in self.params if getattr(p, "rich_help_panel", None) != ESSENTIALS
                 and not p.hidden and isinstance(p, click_option_types())]
@@ -701,7 +702,7 @@ def plot(sources: list[Path] = typer.Argument(
          table: bool = _essential(typer.Option, False, "--table",
                                     help="also print a table of the runs' eval results and final "
                                          "loss (stdout), one row per run, and draw the eval bars"),
-         log_y: bool = typer.Option(False, "--log-y",
+         log_y: bool = _essential(typer.Option, False, "--log-y",
                                     help="log loss axis (symlog if a loss is <= 0): losses are per-sequence "
                                          "sums that fall by orders of magnitude; default: linear")) -> None:
     """Loss curves of training runs; with --table, their eval results as a table too. Prints
