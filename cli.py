@@ -107,7 +107,8 @@ class _Command(TyperCommand):
         _keep_option_names()
         if self.help:  # docstrings as prose: a single line break is a space, a blank line a paragraph
             self.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(self.help).split("\n\n"))
-        if ctx.meta.get("kdcache_help_all") or not self._has_panels():
+        if (ctx.meta.get("kdcache_help_all") or not self._has_panels()
+                or not any(p.name == "help_all" for p in self.params)):  # nowhere else to list them
             return super().format_help(ctx, formatter)
         rest = [p for p in self.params if getattr(p, "rich_help_panel", None) != ESSENTIALS
                 and not p.hidden and isinstance(p, click_option_types())]
