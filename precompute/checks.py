@@ -10,6 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+# "exact" (gather at DPO ids) | "paper" (ADPA's approximation) | "paper-dpo-floor" (that
+# approximation as the ADPA authors' released data pipeline builds it, METHODS §2). Here,
+# with the other rules: config (no torch) and scoring both read it.
+REF_MODES = ("exact", "paper", "paper-dpo-floor")
+
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .checks import (
+    REF_MODES,
     check_choice,
     check_codec,
     check_device,
@@ -21,10 +22,6 @@ from .checks import (
     parse_columns,
     parse_partition,
 )
-
-# "exact" (gather at DPO ids) | "paper" (ADPA's approximation) | "paper-dpo-floor" (that
-# approximation as the ADPA authors' released data pipeline builds it, METHODS §2)
-REF_MODES = ("exact", "paper", "paper-dpo-floor")
 
 
 @dataclass

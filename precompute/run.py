@@ -35,7 +35,6 @@ from .data import (
     DataStats,
     Sequence,
     dataset_fingerprint,
-    open_data,
     parse_columns,
     tokenize_rows,
 )
@@ -53,6 +52,7 @@ from .models import (
     tokenizer_size,
     verify_head,
 )
+from .sources import open_data
 from .storeapi import (
     REF_FIELDS,
     TEACHER_FIELDS,
@@ -270,7 +270,7 @@ def check_data(cfg: PrecomputeConfig, prep: Prepared) -> DataStats:
     error (a bad row, a duplicate id, an over-long row with --truncate fail) surfaces now,
     and the totals feed the progress bar. Memory: one row at a time, ~8 bytes per id."""
     stats = DataStats()
-    with _progress(cfg.progress and cfg.data is not None, None, "checking data") as bar:
+    with progress(cfg.progress and cfg.data is not None, None, "checking data") as bar:
         task = bar.add_task("check", total=None, seqs=0, tokens=0, tps="-")
         for i, _ in enumerate(prep.source.groups(stats, check_ids=True)):
             if i % 1024 == 0:
@@ -280,22 +280,12 @@ def check_data(cfg: PrecomputeConfig, prep: Prepared) -> DataStats:
     return stats
 
 
-def _progress(enabled: bool, total: int | None, label: str = "precompute"):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def progress(enabled: bool, total: int | None, label: str = "precompute"):
+    """The bar of precompute and rollout loops: rows, sequences, tokens, tokens/s, ETA."""
+    from kdcache.progress import progress_bar
 
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("rows, {task.fields[seqs]} seqs, {task.fields[tokens]} tokens"),
-                    TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled,
-                    transient=False, console=Console(stderr=True))
+    return progress_bar(label, "rows, {task.fields[seqs]} seqs, {task.fields[tokens]} tokens",
+                        "{task.fields[tps]} tok/s", enabled=enabled, eta_label=True)
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -512,7 +502,7 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
     total = None if checked is None else checked.rows - checked.skipped
     t0, toks, seqs, n_groups = time.perf_counter(), 0, 0, 0
     groups = prep.source.groups(stats, check_ids=checked is None)
-    with _progress(cfg.progress, total) as bar:
+    with progress(cfg.progress, total) as bar:
         task = bar.add_task("precompute", total=total, seqs=0, tokens=0, tps="-")
         for b, batch in enumerate(iter_batches(cfg, groups)):
             n_groups += len(batch)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdcache.cli import make_config
 from kdcache.store import StoreMeta, StoreWriter
 from kdcache.train.batch import collate
-from kdcache.train.config import OBJECTIVES, TrainConfig, load_config
+from kdcache.train.config import OBJECTIVES, TrainConfig
 from kdcache.train.student import student_forward
 from kdcache.train.tiny import build_tokenizer, save_tiny
 from kdcache.train.trainer import train
@@ -161,11 +162,11 @@ def test_vocab_mismatch_names_both_sizes(setup, tmp_path):
 def test_config_file_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("objective: dckd\nlr: 0.5\ndckd_alpha: 1.0\n")
-    cfg = load_config(f, {"lr": 0.1, "dckd_alpha": None})
+    cfg = make_config("train", TrainConfig, f, {"lr": 0.1, "dckd_alpha": None})
     assert (cfg.objective, cfg.lr, cfg.dckd_alpha) == ("dckd", 0.1, 1.0)
     f.write_text("learning_rate: 1\n")
-    with pytest.raises(ValueError, match="unknown config keys"):
-        load_config(f, {})
+    with pytest.raises(ValueError, match="unknown keys"):
+        make_config("train", TrainConfig, f, {})
 
 
 def test_resume_refuses_a_different_run(setup, tmp_path):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
+from .distributed import Dist, barrier
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_rank(d: Dist, seed: int) -> None:
+    """Give ranks > 0 their own RNG stream (dropout must differ across ranks); rank 0 keeps
+    the single-process stream. Called after the model is built: DDP copies rank 0's weights."""
+    if d.rank == 0:
+        return
+    set_seed(int(np.random.SeedSequence([seed, d.rank]).generate_state(1)[0]))
 
 
 def rng_state() -> dict:
@@ -314,7 +323,6 @@ def save_sharded_checkpoint(out: Path, d, module, tokenizer, optimizer, schedule
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from .distributed import barrier
 
     tmp = out / f".last-tmp-{step}"
     if d.main:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .recipe import RECIPE_HELP, with_recipe
+from .recipe import RECIPE_HELP
 
 OBJECTIVES = ("sft", "seqkd", "kd", "dckd", "adpa", "tvkd", "dpo", "tgpo", "pbsd")
 
@@ -230,6 +230,18 @@ class TrainConfig:
 
         check_available(parse_report_to(self.report_to))  # one line naming what to install
 
+    @staticmethod
+    def upgrade_keys(values: dict) -> dict:
+        """A config file's keys from older versions, in today's names (`tensorboard: true`,
+        written before --report-to, is `report_to: [tensorboard]`)."""
+        values = dict(values)
+        if values.get("tensorboard") is not None:
+            if values.pop("tensorboard") and "report_to" not in values:
+                values["report_to"] = ["tensorboard"]
+        else:
+            values.pop("tensorboard", None)
+        return values
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -257,32 +269,3 @@ def check_variant_weights(cfg: TrainConfig) -> None:
                 f"not used {'with' if on else 'without'} {flag}: set {use} instead"
                 + ("" if on else f", or add {flag}")
             )
-
-
-def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """Layers, lowest first: the recipe (named by the file or a flag), the config file, then
-    explicit overrides (CLI flags the user actually set)."""
-    values: dict = {}
-    if path:
-        from kdcache import plainyaml  # no aliases, bounded depth: a config is plain data
-
-        try:
-            loaded = plainyaml.load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not a plain YAML config ({str(e).splitlines()[0][:200]})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must be a YAML mapping of TrainConfig fields")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("tensorboard") is not None:  # configs written before --report-to
-        if values.pop("tensorboard") and "report_to" not in values:
-            values["report_to"] = ["tensorboard"]
-    values = with_recipe(values)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown config keys {unknown}: valid keys are the TrainConfig fields "
-            f"({', '.join(sorted(known))})"
-        )
-    return TrainConfig(**values)

@@ -143,7 +143,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from kdcache.store import open_store
 
-    from . import losses as L
+    from . import losses
     from .rewards import resolve_reward
     if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_groups < 0:
         raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
@@ -176,7 +176,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         n = len(chunk)
         wins += int((avg[:n] > avg[n:]).sum())
         if has_topk:
-            kl = L.kd_per_token(out.topk_logprobs, batch.stored["topk_logprobs"])
+            kl = losses.kd_per_token(out.topk_logprobs, batch.stored["topk_logprobs"])
             kl_sum += float((kl * batch.mask).sum())
             kl_tokens += int(batch.mask.sum())
     if pairs:
