@@ -19,6 +19,9 @@ from kdcache.store import PADDED_FIELDS, TOKEN_FIELDS
 # The store's per-token fields with a row for the state after the last token (soft values).
 EXTRA_ROW_FIELDS = tuple(n for n, f in TOKEN_FIELDS.items() if f.extra_row)
 
+# Per-token fields a student with another tokenizer adds to a record (train/xtok/translate.py).
+XTOK_FIELDS = ("xtok_slots", "xtok_aligned", "uld_teacher")
+
 
 
 @dataclass
@@ -41,6 +44,7 @@ class SeqBatch:
     # ids [0, vocab) the teachers scored: a student whose lm_head has more (padding) rows
     # normalises over these only, as precompute did for the teachers (METHODS §1)
     vocab: int | None = None
+    own_topk: int = 0  # ULD: also gather the student's own K largest log-probs (METHODS §5)
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +69,7 @@ class SeqBatch:
             block_ids=self.block_ids,
             betas=self.betas,
             vocab=self.vocab,
+            own_topk=self.own_topk,
         )
 
 
@@ -119,7 +124,7 @@ def collate(
     rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
     stored = {}
-    for name in (*PADDED_FIELDS, *EXTRA_ROW_FIELDS):  # [S, T(, ...)]; soft values [S, T+1, B]
+    for name in (*PADDED_FIELDS, *XTOK_FIELDS, *EXTRA_ROW_FIELDS):  # [S, T(, ...)]; soft values [S, T+1, B]
         if all(name in r and r[name] is not None for r in records):
             stored[name] = _pad([np.asarray(r[name]) for r in records], T + (name in EXTRA_ROW_FIELDS))
 

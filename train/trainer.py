@@ -50,6 +50,8 @@ from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
 from .student import base_causal_lm, load_student
+from .xtok.setup import prepare as prepare_xtok
+from .xtok.setup import xtok_cache_dir
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -96,14 +98,15 @@ def _check_fields(cfg: TrainConfig, store) -> None:
         )
 
 
-def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
-    """Once the student is loaded: it reads the same ids as the store's teacher."""
-    store_vocab = store.meta.scored_vocab
+def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int, xtok=None) -> None:
+    """Once the student is loaded: it reads the same ids as the store's teacher (or, with
+    --cross-tokenizer, its own ids, translated by `xtok`; train/xtok/setup.py)."""
+    store_vocab = len(tokenizer) if xtok is not None else store.meta.scored_vocab
     if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
-            f"would mean other tokens to this student; use a student that shares the teachers' "
-            f"tokenizer (same model family)"
+            f"would mean other tokens to this student; pass --cross-tokenizer map (or uld) to "
+            f"align the two tokenizers, or use a student that shares the teachers' tokenizer"
         )
     if store_vocab is not None and store_vocab > head_rows:
         raise ValueError(
@@ -192,7 +195,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
         model, tokenizer = _load_resumed(cfg, device)
     else:
         model, tokenizer = load_student(cfg, device)
-    _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0])
+    xtok = prepare_xtok(cfg, store, tokenizer, xtok_cache_dir(), cfg.store)
+    _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0], xtok)
     if d.main and cfg.lora_r > 0:
         params = list(model.parameters())
         n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
@@ -223,7 +227,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
                                      resuming, cfg.run_name, cfg.wandb_project)
         try:
             return _loop(cfg, out, store, reader, groups, model, tokenizer, device, total, state,
-                         stop_after, d, reporter)
+                         stop_after, d, reporter, xtok)
         finally:
             if reporter is not None:
                 reporter.close()
@@ -235,7 +239,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
 
 def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iterator[list[dict]],
           model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
-          d: distributed.Dist, reporter=None) -> TrainResult:
+          d: distributed.Dist, reporter=None, xtok=None) -> TrainResult:
     precision = Precision.for_run(cfg, device)
     step_model = distributed.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
@@ -266,6 +270,8 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
     pad_id = tokenizer.pad_token_id or 0
     betas = tuple(store.meta.betas)
     vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
+    if xtok is not None:  # the student's own ids (train/xtok)
+        vocab = len(tokenizer)
     model.train()
     t0, tokens0, saved_at = time.perf_counter(), tokens, step
     metrics: dict[str, torch.Tensor] = {}
@@ -286,7 +292,7 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
         distributed.barrier(d)  # nobody goes on before the checkpoint is complete
 
     while step < total and (stop_after is None or step < stop_after):
-        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab)
+        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab, xtok)
         metrics = train_step(step_model, optimizer, scheduler, params, batches, cfg, step, precision)
         step += 1
         pending += step_tokens  # this rank's; summed over ranks when logged or saved
@@ -298,6 +304,10 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
             row_tps = (tokens - tokens0) / max(elapsed, 1e-9)
             row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                    "tokens_per_s": row_tps, **row}
+            if xtok is not None:  # so far in this process (METHODS §5 report)
+                row["aligned_fraction"] = xtok.stats.aligned_fraction
+                if xtok.stats.topk_mass > 0:  # none with ULD: no map
+                    row["mapped_topk_mass"] = xtok.stats.mapped_mass_fraction
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -310,6 +320,12 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
             saved_at = step
     if progress is not None:
         progress.close()
+    if xtok is not None and d.main:
+        mass = xtok.stats.mapped_mass_fraction
+        log.info("cross-tokenizer (%s): %.1f%% of student tokens aligned%s", cfg.cross_tokenizer,
+                 100 * xtok.stats.aligned_fraction,
+                 "" if mass != mass else f", {100 * mass:.1f}% of the teacher's top-K mass at aligned "
+                 "positions maps")
     if metrics:
         last_loss = distributed.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
     tokens, pending = tokens + distributed.sum_int(d, pending), 0
