@@ -110,8 +110,10 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
         t0 = time.perf_counter()
-        vs = VLLMSampler(str(path), dtype="auto", device=args.device, seed=0,
-                         **({"enforce_eager": True} if args.eager else {}))
+        extra = {"enforce_eager": True} if args.eager else {}
+        if args.device == "cuda":  # the HF copy of the model shares the GPU
+            extra["gpu_memory_utilization"] = 0.5
+        vs = VLLMSampler(str(path), dtype="auto", device=args.device, seed=0, **extra)
         startup = time.perf_counter() - t0
         run = {
             "hf": lambda s: sample_hf(hf, rows, pad, eos, 1.0, 1.0, 0, args.max_new_tokens, s),
