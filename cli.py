@@ -311,6 +311,8 @@ def config_command(name: str, cls, help: str) -> Callable:
         flag = "--" + f.name.replace("_", "-")
         decl = f"{flag}/--no-{f.name.replace('_', '-')}" if tp is bool else flag
         metavar = {list: "A,B", tuple: "I/N"}.get(typing.get_origin(_base_type(hints[f.name])))
+        if f.metadata.get("multiple"):  # `--store A --store B` (each may also be comma-separated)
+            tp, metavar = list[str], "A"
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
                                         default=typer.Option(None, decl, show_default=False, metavar=metavar,
                                                              help=escape(option_help(f)),
@@ -318,6 +320,9 @@ def config_command(name: str, cls, help: str) -> Callable:
 
     def command(**kwargs):
         path = kwargs.pop("config")
+        for f in fields:  # a repeated flag arrives as a list: one comma-separated value, as in YAML
+            if f.metadata.get("multiple"):
+                kwargs[f.name] = ",".join(kwargs[f.name]) if kwargs[f.name] else None
         result = _friendly(lambda: globals()[f"_{name}"](make_config(name, cls, path, kwargs)))
         if isinstance(result, Outcome):
             typer.echo(result.text)
