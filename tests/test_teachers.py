@@ -117,7 +117,7 @@ def reference(objective, groups, weights, batch, params, cfg):
         return sum(sum(w * kl(r, rr, j, cfg.kd_mode) for j, w in enumerate(weights))
                    for r, rr in zip(records, rows, strict=True)) / len(records)
     half = len(records) // 2
-    firsts, seconds = list(zip(records[:half], rows[:half])), list(zip(records[half:], rows[half:]))
+    firsts, seconds = list(zip(records[:half], rows[:half], strict=True)), list(zip(records[half:], rows[half:], strict=True))
     if objective == "dckd":
         alpha = cfg.dckd_alpha if cfg.dckd_alpha is not None else 0.2
         return sum(nll(w_, wr) + alpha * sum(w * (kl(w_, wr, j, cfg.kd_mode) + kl(l_, lr, j, cfg.kd_mode))

@@ -160,7 +160,16 @@ def check_layout(stores: Sequence, urls: Sequence[str]) -> None:
         for i, (sa, sb) in enumerate(zip(a.shards, b.shards, strict=True)):
             for key in ("n_groups", "n_records", "n_tokens"):
                 if int(sa[key]) != int(sb[key]):
+                    _first_difference(a, b, i, [urls[0], urls[j]])  # names the example when it can
                     raise ValueError(
                         f"--ensemble: store {urls[j]!r} shard {i} holds {sb[key]} {key[2:]} and {urls[0]!r} "
                         f"{sa[key]}: ensemble stores must come from `kdcache precompute` on the same data (same "
                         f"--max-length and --shard-records) with one teacher each")
+
+
+def _first_difference(a, b, shard: int, urls: list[str]) -> None:
+    """Compare one shard's records tables (no per-token data) group by group: raises the
+    mismatch naming store, example_id, role and what differs, if a group shows it."""
+    sa, sb = a.load_shard(shard, fields=()), b.load_shard(shard, fields=())
+    for g in range(min(int(a.shards[shard]["n_groups"]), int(b.shards[shard]["n_groups"]))):
+        merge_teachers([sa.group(g), sb.group(g)], urls)

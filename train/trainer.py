@@ -124,8 +124,8 @@ def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int, url: str | 
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}"
             + (f" (store {url!r})" if url else "") + ": the store's ids "
-            f"would mean other tokens to this student; use a student that shares the teachers' "
-            f"tokenizer (same model family)"
+            "would mean other tokens to this student; use a student that shares the teachers' "
+            "tokenizer (same model family)"
         )
     if store_vocab is not None and store_vocab > head_rows:
         raise ValueError(
