@@ -23,7 +23,7 @@ ROWS = {"sft": ("sft", {}), "kd": ("kd", {}), "kd-teacher2": ("kd", {}), "kd-2te
 def main() -> None:
     import torch
 
-    from kdcache.cli import Demo, run_demo
+    from kdcache.demo import Demo, run_demo
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/demo-teachers"))

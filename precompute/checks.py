@@ -153,7 +153,7 @@ def check_template(name: str, template: Any, keys: tuple[str, ...]) -> None:
 
 def check_fields(value: Any, teacher: Any, reference: Any) -> list[str]:
     """--fields: METHODS.md §1 per-token fields to store (a list or comma-separated)."""
-    from .engine import REF_FIELDS, TEACHER_FIELDS
+    from .storeapi import REF_FIELDS, TEACHER_FIELDS  # the store's field groups
 
     fields = ([f.strip() for f in value.split(",")] if isinstance(value, str) else list(value))
     shown = ",".join(map(str, fields))

@@ -262,7 +262,7 @@ def run_rollout(cfg: RolloutConfig) -> str:
     check_writable(url)
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    with GroupWriter(url, meta, cfg.shard_records, cfg.resume, "rollout_report") as writer:
+    with GroupWriter(url, meta, cfg.shard_records, cfg.resume, "rollout_report", clamp=True) as writer:
         todo = [it for it in items if it.example_id not in writer.done]
         todo.sort(key=lambda it: len(it.sampler_prompt(cfg.role, cfg.use_context)))
         if todo:
@@ -340,5 +340,5 @@ def _record(it: PromptItem, role: str, group: int, resp: list[int], lp: list[flo
                                else np.asarray(it.teacher_prompt_ids, np.int32)),
         "is_terminal": bool(resp and resp[-1] == eos),
         "reward": reward, "n_tokens": len(resp),
-        "behavior_logprob": np.maximum(np.asarray(lp, np.float32), -255.0),
+        "behavior_logprob": np.asarray(lp, np.float32),  # clamped to the codec's range by the writer
     }

@@ -101,7 +101,7 @@ def test_help_imports_no_torch():
 
 def test_config_file_then_flags(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "_train", lambda cfg: seen.setdefault("cfg", cfg) and "runs/x/model")
+    monkeypatch.setitem(cli.RUNS, "train", lambda cfg: seen.setdefault("cfg", cfg) and "runs/x/model")
     f = tmp_path / "c.yaml"
     f.write_text("model: m\nstore: s\nobjective: dckd\nlr: 0.5\nlora_targets: [q_proj]\nepochs: 2\n")
     res = runner.invoke(cli.app, ["train", "-c", str(f), "--lr", "0.1", "--no-grad-checkpointing",
@@ -115,7 +115,7 @@ def test_config_file_then_flags(tmp_path, monkeypatch):
 
 def test_list_options_parse(monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "_precompute", lambda cfg: seen.setdefault("cfg", cfg) and "url")
+    monkeypatch.setitem(cli.RUNS, "precompute", lambda cfg: seen.setdefault("cfg", cfg) and "url")
     res = runner.invoke(cli.app, ["precompute", "--teacher", "t", "--data", "d", "--betas", " 1, 2.5 ",
                                   "--partition", "1/4"])
     assert res.exit_code == 0, res.output
@@ -208,12 +208,14 @@ def test_memory_url_refused_by_store_merge(tmp_path):
 
 
 def test_demo_table_on_stdout_stages_on_stderr(monkeypatch):
+    import kdcache.demo
+
     def fake_demo(out, quick, methods, seed):
-        cli.typer.echo("[1/5] teacher: ...")
+        cli.typer.echo("[1/5] teacher: ...")  # a stray stdout write still lands on stderr
         return {"rows": [{"method": "sft", "reward_mean": 0.5, "eos_rate": 1.0, "reward_accuracy": 0.9,
                           "kl_topk": 1.0, "train_s": 2.0, "store_mb": 0.1}]}
 
-    monkeypatch.setattr(cli, "run_demo", fake_demo)
+    monkeypatch.setattr(kdcache.demo, "run_demo", fake_demo)
     res = runner.invoke(cli.app, ["demo", "--quick"])
     assert res.exit_code == 0, res.output
     assert "[1/5]" in res.stderr and "[1/5]" not in res.stdout

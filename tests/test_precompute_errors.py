@@ -9,6 +9,7 @@ import errno
 import gzip
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -275,12 +276,14 @@ def test_disk_full_mid_run_commits_nothing_partial_and_resumes(work, tmp_path, m
 
     monkeypatch.setattr(store_writer, "write_files", full_disk)
     res = _run(work, tmp_path, "--codec", "lossless")
-    _one_error(res, "no space left on the device", "free space", "re-run the same command")
+    _one_error(res, "no space left on the device", "free space", "re-run the same command",
+               "store gc", "--min-age 0")
     (url,) = (tmp_path / "stores").glob("*/manifest.json")
     url = url.parent
     m = json.loads((url / "manifest.json").read_text())
     assert not m["complete"] and [s["name"] for s in m["shards"]] == ["shard-00000", "shard-00001"]
-    assert (url / "shards" / "shard-00002").exists()  # the partial shard: not committed
+    assert not (url / "shards" / "shard-00002").exists()  # the partial shard: removed again
+    assert not [n for n in os.listdir(url) if ".tmp-" in n]  # no temp manifest, no probe
     from kdcache.store.verify import verify
 
     assert verify(str(url)) == []

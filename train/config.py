@@ -298,7 +298,12 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     explicit overrides (CLI flags the user actually set)."""
     values: dict = {}
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        from kdcache import plainyaml  # no aliases, bounded depth: a config is plain data
+
+        try:
+            loaded = plainyaml.load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not a plain YAML config ({str(e).splitlines()[0][:200]})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a YAML mapping of TrainConfig fields")
         values.update(loaded)

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,8 +58,6 @@ def _load(model_dir: str, store, device):
     student, as `train` checks), then the weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .student import scored_vocab
-
     def fail(e: Exception) -> ValueError:
         return ValueError(f"cannot load model {model_dir!r} for eval: {e.__class__.__name__}: {e}")
 
@@ -66,7 +65,7 @@ def _load(model_dir: str, store, device):
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise fail(e) from e
-    vocab = scored_vocab(store)
+    vocab = store.meta.scored_vocab
     if vocab is not None and vocab != len(tok):
         raise ValueError(
             f"teacher vocab {vocab} != student vocab {len(tok)} ({model_dir}): the store's ids "
@@ -74,7 +73,7 @@ def _load(model_dir: str, store, device):
             f"teachers' tokenizer, on a store precomputed with it")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:  # *.bin: weights_only
         raise fail(e) from e
     rows = model.get_output_embeddings().weight.shape[0]
     if vocab is not None and vocab > rows:
@@ -133,8 +132,6 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from . import losses as L
     from .rewards import resolve_reward
-    from .student import scored_vocab
-
     if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_groups < 0:
         raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
     fn = resolve_reward(cfg.reward) if cfg.reward else None  # a bad spec fails before any load
@@ -157,7 +154,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     has_topk = "topk_logprobs" in store.fields and "topk_ids" in store.fields
 
     wins, kl_sum, kl_tokens = 0, 0.0, 0
-    vocab = scored_vocab(store)  # the student normalises over the ids the teachers scored
+    vocab = store.meta.scored_vocab  # the student normalises over the ids the teachers scored
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i : i + cfg.batch_size]
         records = [c for c, _ in chunk] + [r for _, r in chunk]

@@ -721,14 +721,14 @@ def store_shape(store, cfg: TrainConfig) -> dict:
                     "length; pass --estimate-seq-len to set it", MAX_SHARDS_READ, n)
     for i in picked:
         shard = store.load_shard(int(i), fields=())  # the records table only
-        plens = np.diff(shard._lists["prompt_ids"][0])
-        total = plens + shard._seq["n_tokens"]
+        plens = shard.lengths("prompt_ids")
+        total = plens + shard.column("n_tokens")
         j = int(np.argmax(total))
         if int(total[j]) > longest:
             longest, prompt = int(total[j]), int(plens[j])
         if not spec.paired:
             counts: dict = {}
-            for e, r in zip(shard._seq["example_id"], shard._seq["role"], strict=True):
+            for e, r in zip(shard.column("example_id"), shard.column("role"), strict=True):
                 for b, rs in enumerate(spec.blocks):
                     if r in rs:
                         counts[(e, b)] = counts.get((e, b), 0) + 1
@@ -788,9 +788,9 @@ def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = 
     dataclasses.replace(cfg, store=cfg.store or "-").validate()
     shape = {"seq_len": cfg.estimate_seq_len or 2048, "prompt_len": None, "k": 50, "per_block": (), "teachers": 1}
     if cfg.store:
-        from .trainer import resolve_stores
+        from kdcache.store import open_store
 
-        stores = resolve_stores(cfg)
+        stores = [open_store(u, root=cfg.store_root) for u in cfg.store]
         s = store_shape(stores if len(stores) > 1 else stores[0], cfg)
         shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block", "teachers")})
     gpu = detected_gpu_bytes(cfg) or DEFAULT_GPU

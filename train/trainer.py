@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from .checkpoint import (
     has_checkpoint,
     load_sharded,
     load_state,
+    read_dcp_metadata,
     save_checkpoint,
     save_sharded_checkpoint,
     set_rng_state,
@@ -46,7 +48,7 @@ from .objectives import OBJECTIVE_SPECS
 from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
-from .student import base_causal_lm, load_student, scored_vocab
+from .student import base_causal_lm, load_student
 from .teachers import EnsembleGroups, MixedGroups, check_layout
 
 log = logging.getLogger(__name__)
@@ -63,21 +65,9 @@ class TrainResult:
     rank: int = 0  # under torchrun only rank 0 reports (the CLI prints nothing on other ranks)
 
 
-def _store_url(cfg: TrainConfig, url: str) -> str:
-    """A store URL/path, or a content key looked up under cfg.store_root."""
-    if cfg.store_root and "/" not in url and "://" not in url:
-        url = f"{cfg.store_root.rstrip('/')}/{url}"
-    return url
-
-
-def resolve_store(cfg: TrainConfig):
-    """The (first) --store."""
-    return open_store(_store_url(cfg, cfg.store[0]))
-
-
 def resolve_stores(cfg: TrainConfig) -> list:
-    """Every --store, in order."""
-    return [open_store(_store_url(cfg, u)) for u in cfg.store]
+    """Every --store (URL, path, or content key under --store-root), in order."""
+    return [open_store(u, root=cfg.store_root) for u in cfg.store]
 
 
 def _check_fields(cfg: TrainConfig, store, url: str | None = None) -> None:
@@ -99,7 +89,7 @@ def _check_several(cfg: TrainConfig, stores: list) -> None:
     sha0 = (first.meta.tokenizer or {}).get("sha256") if isinstance(first.meta.tokenizer, dict) else None
     for s, url in zip(stores[1:], cfg.store[1:], strict=True):
         sha = (s.meta.tokenizer or {}).get("sha256") if isinstance(s.meta.tokenizer, dict) else None
-        if (sha0 and sha and sha != sha0) or scored_vocab(s) != scored_vocab(first):
+        if (sha0 and sha and sha != sha0) or s.meta.scored_vocab != first.meta.scored_vocab:
             raise ValueError(f"store {url!r} was scored with another tokenizer than {url0!r}: every --store must "
                              f"share the student's tokenizer; precompute {url!r} with a teacher of the student's "
                              f"family (or train on the stores separately)")
@@ -119,7 +109,7 @@ def _check_several(cfg: TrainConfig, stores: list) -> None:
 
 def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int, url: str | None = None) -> None:
     """Once the student is loaded: it reads the same ids as the store's teacher."""
-    store_vocab = scored_vocab(store)
+    store_vocab = store.meta.scored_vocab
     if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}"
@@ -184,6 +174,8 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     resuming = cfg.resume and has_checkpoint(out)
     if resuming:
         check_same_run(cfg, out)
+        if cfg.fsdp:  # refuse a damaged or hostile DCP checkpoint before any weight loads
+            read_dcp_metadata(out / LAST / "dcp")
     stores = resolve_stores(cfg)
     store = stores[0]
     several = len(stores) > 1
@@ -295,7 +287,7 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
     pad_id = tokenizer.pad_token_id or 0
     store = stores[0]
     betas = tuple(store.meta.betas)
-    vocab = scored_vocab(store)  # a padded student head normalises over these ids only
+    vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
     ensemble = {}
     if cfg.ensemble:
         ensemble = {"teacher_weights": store_weights(cfg, [s.num_groups for s in stores]),
@@ -382,7 +374,12 @@ def _load_resumed(cfg: TrainConfig, device):
         base, tokenizer = load_student(TrainConfig(**{**cfg.to_dict(), "lora_r": 0}), device)
         if cfg.grad_checkpointing:
             base.enable_input_require_grads()
-        model = PeftModel.from_pretrained(base, last, is_trainable=True)
+        try:  # peft reads adapter_model.bin weights_only
+            model = PeftModel.from_pretrained(base, last, is_trainable=True)
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"cannot load the LoRA adapter in {last} ({type(e).__name__}): the "
+                             f"checkpoint is damaged or holds code, which is never run; delete "
+                             f"{last} or pass --no-resume to start over") from None
         return model, tokenizer
     return load_student(TrainConfig(**{**cfg.to_dict(), "model": last}), device)
 
