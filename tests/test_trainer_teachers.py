@@ -151,3 +151,15 @@ def test_refused_up_front_naming_the_store(setup, tmp_path, stores, kw, msg):
     with pytest.raises(ValueError, match=msg):
         train(_cfg(setup, out, stores, **kw))
     assert not out.exists()
+
+
+def test_estimate_memory_reads_every_store(setup, tmp_path, monkeypatch):
+    """`--estimate-memory` with an ensemble of J stores simulates the J x K wide union."""
+    from kdcache.train.memory import estimate_for_cli
+
+    monkeypatch.setenv("KDCACHE_CACHE", str(tmp_path / "cache"))
+    est = estimate_for_cli(_cfg(setup, tmp_path / "run", ["a", "a2"], ensemble=True, objective="kd",
+                                gpu_memory="24GiB"))
+    assert est.config["teachers"] == 2 and est.k == K and est.fits
+    mix = estimate_for_cli(_cfg(setup, tmp_path / "run", ["a", "k4"], objective="kd", gpu_memory="24GiB"))
+    assert "teachers" not in mix.config and mix.k == 4  # a mixture's groups come from one store each
