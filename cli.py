@@ -640,7 +640,7 @@ def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
                      batch_groups: tuple[int, str], max_new_tokens: int) -> Callable:
     """Registers `kdcache pipeline NAME`: the decorated function declares the pipeline's own
     options; the options every pipeline shares (--out, --n, --lr, --batch-groups,
-    --max-new-tokens, --seed, with this pipeline's defaults) are added here, once, and the
+    --max-new-tokens, --seed, --backend, with this pipeline's defaults) are added here, once, and the
     command prints `run(PipelineOptions(...), **own options)`."""
     shared = {
         "out": (Path, typer.Option(Path(f"runs/{name}"), help="directory of the pipeline's stores "
@@ -650,6 +650,7 @@ def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
         "batch_groups": (int, typer.Option(batch_groups[0], help=batch_groups[1])),
         "max_new_tokens": (int, typer.Option(max_new_tokens, help="longest rollout in tokens")),
         "seed": (int, typer.Option(0, help="seed of rollouts and training")),
+        "backend": (str, typer.Option("hf", help="rollout sampler (rollout --backend): hf or vllm")),
     }
 
     def register(fn: Callable) -> Callable:

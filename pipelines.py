@@ -134,10 +134,11 @@ class PipelineOptions:
     batch_groups: int
     max_new_tokens: int
     seed: int = 0
+    backend: str = "hf"
 
     def stages(self, count: int, precompute: dict | None = None) -> Stages:
         return Stages(self.out, self.seed, precompute=precompute,
-                      rollout={"max_new_tokens": self.max_new_tokens},
+                      rollout={"max_new_tokens": self.max_new_tokens, "backend": self.backend},
                       train={"lr": self.lr, "batch_groups": self.batch_groups}, stages=count)
 
 

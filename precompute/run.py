@@ -34,10 +34,9 @@ from .data import (
     DataOptions,
     DataStats,
     Sequence,
-    data_files,
     dataset_fingerprint,
-    files_sha256,
-    iter_rows,
+    open_data,
+    parse_columns,
     tokenize_rows,
 )
 from .engine import needs_teacher
@@ -103,11 +102,12 @@ class GroupSource:
         self.cfg, self.tok = cfg, tok
         self.has_behavior = False
         if cfg.data is not None:
-            self.files = data_files(cfg.data)
+            self.source = open_data(cfg.data, cfg.data_config, cfg.split)
             self.opts = DataOptions(kind=cfg.kind, max_length=cfg.max_length,
                                     truncate=cfg.truncate, chat_template=cfg.chat_template,
                                     use_context=cfg.use_context,
-                                    context_template=cfg.context_template, limit=cfg.limit)
+                                    context_template=cfg.context_template, limit=cfg.limit,
+                                    **parse_columns(cfg.columns))
         else:
             self.stores = [open_store(u.strip()) for u in cfg.input_store.split(",") if u.strip()]
             if not self.stores:
@@ -121,14 +121,14 @@ class GroupSource:
     def fingerprint(self, tok_fp: str) -> dict[str, Any]:
         """The dataset part of the store key (reads every data file once, in blocks)."""
         if self.cfg.data is not None:
-            return {"sha256": dataset_fingerprint(files_sha256(self.files), self.opts, tok_fp)}
+            return {"sha256": dataset_fingerprint(self.source.sha256(), self.opts, tok_fp)}
         fps = [{"input_store": st.manifest.get("store_key"),
                 "checksum": st.manifest.get("checksum")} for st in self.stores]
         return dict(fps[0] if len(fps) == 1 else {"input_stores": fps}, limit=self.cfg.limit)
 
     def groups(self, stats: DataStats, check_ids: bool = True) -> Iterator[list[Sequence]]:
         if self.cfg.data is not None:
-            yield from tokenize_rows(iter_rows(self.files, self.cfg.limit), self.tok, self.opts,
+            yield from tokenize_rows(self.source.rows(self.cfg.limit), self.tok, self.opts,
                                      stats, check_ids=check_ids)
             return
         for i, g in enumerate(self._store_groups()):

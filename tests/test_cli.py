@@ -84,14 +84,15 @@ def test_train_flags_mirror_the_dataclass():
 
 
 def test_help_imports_no_torch():
-    """`kdcache --help` and every command's --help build their options without torch or
-    transformers (the options live in config modules apart from the code that runs them)."""
+    """`kdcache --help` and every command's --help build their options without torch,
+    transformers, datasets or wandb (the options live in config modules apart from the code that runs them)."""
     code = (
         "import sys\nfrom kdcache.cli import app\n"
         "for args in (['--help'], ['train', '--help'], ['eval', '--help'], ['store', '--help'],\n"
         "             ['precompute', '--help'], ['rollout', '--help']):\n"
         "    try:\n        app(args, prog_name='kdcache')\n    except SystemExit:\n        pass\n"
-        "heavy = [m for m in ('torch', 'transformers', 'kdcache.precompute.run') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'wandb', 'kdcache.precompute.run')\n"
+        "         if m in sys.modules]\n"
         "sys.stderr.write('HEAVY=' + ','.join(heavy))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

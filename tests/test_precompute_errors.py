@@ -183,8 +183,10 @@ def test_corrupt_gzip_and_parquet_name_the_file(work, tmp_path):
     (tmp_path / "d.parquet").write_bytes(b"PAR1 not really parquet")
     _one_error(_run(work, tmp_path, data=str(tmp_path / "d.parquet")), "d.parquet", "Parquet")
     _one_error(_run(work, tmp_path, data=str(tmp_path / "nothing-*.jsonl")), "no data file matches")
-    (tmp_path / "d.csv").write_text("a,b\n")
-    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.csv")), "d.csv", "unknown format")
+    (tmp_path / "d.txt").write_text("a,b\n")
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.txt")), "d.txt", "unknown format")
+    (tmp_path / "d.csv").write_text("a,b\n")  # csv goes through `datasets`: a header, no rows
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.csv")), "d.csv", "has no rows")
     _nothing_written(tmp_path / "stores")
 
 
@@ -201,7 +203,11 @@ def test_out_that_holds_other_files_is_refused(work, tmp_path):
 
 
 def test_directory_as_data_and_invisible_devices(work, tmp_path):
-    _one_error(_run(work, tmp_path, data=str(work)), "is a directory; pass a data file or a glob")
+    # a folder is read as a `datasets` dataset folder; this one holds models, not a dataset
+    _one_error(_run(work, tmp_path, data=str(work)), str(work))
+    (tmp_path / "empty").mkdir()
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "empty")), "empty",
+               "doesn't contain any data files", "a dataset folder")
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -41,7 +41,7 @@ STATE_FILE = "training_state.pt"
 LAST, MODEL = "last", "model"
 
 # options that may change between a run and its resumption without changing what it computes
-RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard", "dist_timeout_s",
+RESUME_FREE = {"resume", "progress", "log_every", "save_every", "report_to", "run_name", "wandb_project", "dist_timeout_s",
                "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 # options left unset (None: auto) that the run resolves at start; a resume that leaves them
 # unset matches whatever the first run resolved them to

@@ -51,6 +51,10 @@ class EvalConfig:
     out: str | None = field(default=None, metadata={
         "help": "directory for eval.json and eval.csv; unset: the run directory (runs/x for "
                 "--model runs/x/model), else the model directory", "panel": "Essentials"})
+    report_to: list[str] | None = field(default=None, metadata={
+        "help": "trackers that get the results (logged at the run's last step under eval/), "
+                "comma-separated: none, tensorboard, wandb; unset: those the training run in the "
+                "results directory used (its report.json: the same W&B run)", "panel": "Essentials"})
 
 
 def _load(model_dir: str, store, device):
@@ -190,6 +194,10 @@ def evaluate(cfg: EvalConfig) -> dict:
 def results_dir(cfg: EvalConfig) -> Path:
     """Where `kdcache eval` saves its results: --out, else the training run the model came
     from (runs/x for runs/x/model), else the model directory itself."""
+    if cfg.report_to is not None:  # a tracker that is not installed: one line, before the work
+        from .report import check_available, parse_report_to
+
+        check_available(parse_report_to(cfg.report_to))
     if cfg.out:
         return Path(cfg.out)
     model = Path(cfg.model)
@@ -218,4 +226,8 @@ def save_results(cfg: EvalConfig, result: dict) -> Path:
         tmp = out / f".{name}.tmp-{os.getpid()}"
         tmp.write_text(text)
         os.replace(tmp, out / name)
+    from .report import parse_report_to, report_eval
+
+    names = None if cfg.report_to is None else parse_report_to(cfg.report_to)
+    report_eval(names, out, result, record["config"])
     return out / "eval.json"

@@ -548,7 +548,7 @@ def memory_settings(cfg: TrainConfig) -> dict:
 
 # TrainConfig fields that cannot change a step's memory (every other one is in the cache key)
 NOT_MEMORY = {"model", "store", "store_weights", "out", "store_root", "seed", "lr", "weight_decay", "warmup_steps",
-              "max_steps", "epochs", "log_every", "save_every", "resume", "tensorboard", "progress",
+              "max_steps", "epochs", "log_every", "save_every", "resume", "report_to", "run_name", "wandb_project", "progress",
               "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 
 

@@ -246,7 +246,18 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
             with (out / "config.yaml").open("a") as f:
                 f.write(f"# effective batch: {cfg.batch_groups * cfg.grad_accum * d.world_size} groups per "
                         f"optimizer step = batch_groups x grad_accum x world_size\n")
-        return _loop(cfg, out, stores, reader, groups, model, tokenizer, device, total, state, stop_after, d)
+        reporter = None
+        if d.main:  # rank 0 only: the trackers see the reduced metrics rows
+            from .report import open_reporter, parse_report_to
+
+            reporter = open_reporter(parse_report_to(cfg.report_to), out, cfg.to_dict(), store,
+                                     resuming, cfg.run_name, cfg.wandb_project)
+        try:
+            return _loop(cfg, out, stores, reader, groups, model, tokenizer, device, total, state,
+                         stop_after, d, reporter)
+        finally:
+            if reporter is not None:
+                reporter.close()
     except BaseException:
         if d.main and not has_checkpoint(out):  # nothing to resume from: leave nothing behind
             _remove_run_files(out, created)
@@ -255,7 +266,7 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
 
 def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[list[dict]],
           model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
-          d: D.Dist) -> TrainResult:
+          d: D.Dist, reporter=None) -> TrainResult:
     precision = Precision.for_run(cfg, device)
     step_model = D.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
@@ -283,7 +294,6 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
         if d.main and metrics_path.exists():
             metrics_path.unlink()
 
-    tb = _tensorboard(out) if cfg.tensorboard and d.main else None
     pad_id = tokenizer.pad_token_id or 0
     store = stores[0]
     betas = tuple(store.meta.betas)
@@ -327,9 +337,8 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-            if tb is not None:
-                for k, v in row.items():
-                    tb.add_scalar(f"train/{k}", v, step)
+            if reporter is not None:
+                reporter.log(row)
         if progress is not None:
             progress.update(1, loss=last_loss, tps=row_tps)
         if cfg.save_every and step % cfg.save_every == 0:
@@ -358,7 +367,7 @@ def _remove_run_files(out: Path, created: bool) -> None:
     if created:
         shutil.rmtree(out, ignore_errors=True)
         return
-    for name in ("config.yaml", METRICS, "tb", ".model-tmp"):
+    for name in ("config.yaml", METRICS, "tb", "report.json", ".model-tmp"):
         p = out / name
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in out.glob(".last-tmp-*"):
@@ -382,14 +391,6 @@ def _load_resumed(cfg: TrainConfig, device):
                              f"{last} or pass --no-resume to start over") from None
         return model, tokenizer
     return load_student(TrainConfig(**{**cfg.to_dict(), "model": last}), device)
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(out / "tb"))
 
 
 def _progress(cfg: TrainConfig, total: int, start: int):
