@@ -180,8 +180,8 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     store = stores[0]
     several = len(stores) > 1
     if several and d.enabled:
-        raise ValueError("several --store under torchrun are not supported yet: run one process, or merge "
-                         "the stores into one (`kdcache store merge`) and mix nothing")
+        raise ValueError("several --store under torchrun are not supported yet: train with several stores "
+                         "in one process (without torchrun)")
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
         budget = D.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
