@@ -155,21 +155,27 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
             models[m], stores[m] = pbsd(d, student0, prompts, steps, 1, {"pbsd_beta": 0.1, "lr": PREF_LR})
 
     announce("[5/5] evaluate on held-out pairs (rule-judged preference rate on samples)")
-    rows = [{"method": "teacher (DPO)", **d.evaluate(teacher, evals), "train_s": d.timings["teacher-dpo"], "store_mb": None},
-            {"method": "student init (SFT corpus)", **d.evaluate(student0, evals), "train_s": None, "store_mb": None}]
+    # `run`: the runs/ directory of a row, so `kdcache plot runs/* results.json` joins them
+    rows = [{"method": "teacher (DPO)", "run": "teacher-dpo", **d.evaluate(teacher, evals),
+             "train_s": d.timings["teacher-dpo"], "store_mb": None},
+            {"method": "student init (SFT corpus)", "run": "student-sft-init", **d.evaluate(student0, evals),
+             "train_s": None, "store_mb": None}]
     if TWO_TEACHERS & set(methods):
-        rows.insert(1, {"method": "teacher 2 (DPO, another seed)", **d.evaluate(teacher2, evals),
+        rows.insert(1, {"method": "teacher 2 (DPO, another seed)", "run": "teacher2-dpo", **d.evaluate(teacher2, evals),
                         "train_s": d.timings["teacher2-dpo"], "store_mb": None})
     for m in methods:
         # ADPA+ is a pipeline: its cost includes the DCKD stage it starts from
         train_s = d.timings[m] + (d.timings["dckd"] if m == "adpa+" else 0.0)
-        rows.append({"method": m, **d.evaluate(models[m], evals), "train_s": train_s,
+        rows.append({"method": m, "run": Path(models[m]).parent.name, **d.evaluate(models[m], evals), "train_s": train_s,
                      "store_mb": sum(_dir_bytes(u) for u in stores.get(m, [])) / 2**20})
     result = {"rows": rows, "seconds": time.perf_counter() - t_all, "quick": quick, "seed": seed,
               "steps": d.steps}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     announce(f"total {result['seconds']:.0f}s; results in {out / 'results.json'}; "
-               f"`kdcache plot {out}/runs/* --table {out}/results.json` draws them")
+             f"`kdcache plot {out}/runs/* {out}/results.json --table` draws them")
+    if quick:
+        announce("--quick is a smoke test of every stage (a fifth of the data, 30 steps per student instead of "
+                 "300): its numbers are not the README's table, which comes from the full run (no --quick)")
     return result
 
 
@@ -178,7 +184,8 @@ def demo_table(rows: list[dict]) -> str:
     from rich.table import Table
 
     t = Table(title="kdcache demo: sort digits ascending (rule-judged)")
-    for col in ("method", "pref rate", "ends </s>", "reward acc", "KL top-K", "train s", "store MB"):
+    eos = next((r["eos_token"] for r in rows if r.get("eos_token")), "EOS")  # the tokenizer's own
+    for col in ("method", "pref rate", f"ends {eos}", "reward acc", "KL top-K", "train s", "store MB"):
         t.add_column(col, justify="left" if col == "method" else "right")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:

@@ -55,11 +55,7 @@ class Stages:
 
     def rollout(self, **kw) -> str:
         from kdcache.precompute.rollout import RolloutConfig, run_rollout
-        from kdcache.train.rewards import resolve_reward
-
         self._stage(f"rollout {kw.get('n', 1)} per prompt of {kw.get('data')} from {kw.get('model')}")
-        if isinstance(kw.get("reward"), str):
-            kw["reward"] = resolve_reward(kw["reward"])
         base = {"out_root": self.store_root, "seed": self.seed, **self.defaults["rollout"]}
         return run_rollout(RolloutConfig(**{**base, **kw}))
 

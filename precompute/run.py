@@ -35,7 +35,6 @@ from .data import (
     DataStats,
     Sequence,
     dataset_fingerprint,
-    open_data,
     parse_columns,
     tokenize_rows,
 )
@@ -53,6 +52,7 @@ from .models import (
     tokenizer_size,
     verify_head,
 )
+from .sources import open_data
 from .storeapi import (
     REF_FIELDS,
     TEACHER_FIELDS,
@@ -180,8 +180,8 @@ class Prepared:
 def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
     """The tokenizer all models must share, and the vocabulary precompute scores.
     Tokenizers must be identical; output rows may differ (padding) but must cover it."""
-    main_name = cfg.tokenizer or cfg.teacher
-    main_role = "teacher" if cfg.teacher else "tokenizer"
+    main_name = cfg.tokenizer or cfg.teacher or cfg.reference
+    main_role = "teacher" if cfg.teacher else "tokenizer" if cfg.tokenizer else "reference"
     tok = load_tokenizer(main_name, cfg.trust_remote_code, role=main_role)
     size = tokenizer_size(tok)
     rows: dict[str, int] = {}
@@ -205,7 +205,7 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
     cfg.validate()
     tok, vocab = _tokenizer_and_vocab(cfg)
     scored: tuple[str, ...] = ()
-    if cfg.teacher:
+    if cfg.scores:
         scored = tuple(cfg.fields or TEACHER_FIELDS + (REF_FIELDS if cfg.reference else ()))
     topk = any(f in TOPK_FIELDS for f in scored)
     if topk and cfg.k > vocab.size:
@@ -228,16 +228,16 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
         "codec": cfg.codec,
         "ref_mode": cfg.ref_mode if "ref_topk_logprobs" in scored else None,
         # the teacher's numeric precision changes the stored numbers, so it is in the key
-        "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.teacher else None,
+        "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.scores else None,
         "partition": list(cfg.partition) if cfg.partition else None,
     }
-    if cfg.teacher:  # the record order: groups are length-sorted within windows of rows
+    if cfg.scores:  # the record order: groups are length-sorted within windows of rows
         options["bucket_window"] = cfg.bucket_window
     if cfg.partition is not None:  # which examples a part holds depends on the batch plan
         options["partition_plan"] = partition_plan(cfg)
     if cfg.error_bound is not None:
         options["error_bound"] = cfg.error_bound
-    if cfg.teacher and vocab.padded:  # logits of padded rows dropped before log_softmax
+    if cfg.scores and vocab.padded:  # logits of padded rows dropped before log_softmax
         options["vocab"] = {"scored": vocab.size, "model_rows": dict(vocab.rows)}
     if cfg.fields is not None:  # a chosen subset: K and betas only count when stored
         options["fields"] = list(scored)
@@ -270,7 +270,7 @@ def check_data(cfg: PrecomputeConfig, prep: Prepared) -> DataStats:
     error (a bad row, a duplicate id, an over-long row with --truncate fail) surfaces now,
     and the totals feed the progress bar. Memory: one row at a time, ~8 bytes per id."""
     stats = DataStats()
-    with _progress(cfg.progress and cfg.data is not None, None, "checking data") as bar:
+    with progress(cfg.progress and cfg.data is not None, None, "checking data") as bar:
         task = bar.add_task("check", total=None, seqs=0, tokens=0, tps="-")
         for i, _ in enumerate(prep.source.groups(stats, check_ids=True)):
             if i % 1024 == 0:
@@ -280,22 +280,12 @@ def check_data(cfg: PrecomputeConfig, prep: Prepared) -> DataStats:
     return stats
 
 
-def _progress(enabled: bool, total: int | None, label: str = "precompute"):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def progress(enabled: bool, total: int | None, label: str = "precompute"):
+    """The bar of precompute and rollout loops: rows, sequences, tokens, tokens/s, ETA."""
+    from kdcache.progress import progress_bar
 
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("rows, {task.fields[seqs]} seqs, {task.fields[tokens]} tokens"),
-                    TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled,
-                    transient=False, console=Console(stderr=True))
+    return progress_bar(label, "rows, {task.fields[seqs]} seqs, {task.fields[tokens]} tokens",
+                        "{task.fields[tps]} tok/s", enabled=enabled, eta_label=True)
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -308,7 +298,7 @@ def iter_batches(cfg: PrecomputeConfig, groups: Iterator[list[Sequence]]
     resumed run recomputes exactly the batches an uninterrupted run computes. A partition
     (i, n) is batches i, i+n, ... of this plan, so its forwards are the single run's forwards,
     number for number."""
-    if cfg.teacher is None:  # tokenized-only: data order, no forwards
+    if not cfg.scores:  # tokenized-only: data order, no forwards
         for g in groups:
             yield [g]
         return
@@ -512,12 +502,12 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
     total = None if checked is None else checked.rows - checked.skipped
     t0, toks, seqs, n_groups = time.perf_counter(), 0, 0, 0
     groups = prep.source.groups(stats, check_ids=checked is None)
-    with _progress(cfg.progress, total) as bar:
+    with progress(cfg.progress, total) as bar:
         task = bar.add_task("precompute", total=total, seqs=0, tokens=0, tps="-")
         for b, batch in enumerate(iter_batches(cfg, groups)):
             n_groups += len(batch)
             todo = [g for g in batch if g[0].example_id not in done] if b % n_parts == part else []
-            if todo and cfg.teacher is None:
+            if todo and not cfg.scores:
                 for g in todo:
                     writer.add_group([_tokenized_record(s, eos) for s in g])
             elif todo:

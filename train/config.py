@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .recipe import RECIPE_HELP, with_recipe
+from .recipe import RECIPE_HELP
 
 OBJECTIVES = ("sft", "seqkd", "kd", "dckd", "adpa", "tvkd", "dpo", "tgpo", "pbsd")
 
@@ -34,7 +34,8 @@ class TrainConfig:
                 "the weighted sum of the per-teacher terms (kd, dckd, adpa, tvkd); off: the stores are mixed",
         "panel": "Essentials"})
     out: str = field(default="runs/student", metadata={
-        "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/", "panel": "Essentials"})
+        "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/ (a plain HF model; "
+                "LoRA adapters merged into its weights)", "panel": "Essentials"})
     objective: str = field(default="sft", metadata={
         "help": "loss to train with (docs/LOSSES.md)", "panel": "Essentials", "choices": OBJECTIVES})
     # a paper's published setting (train/recipes/NAME.yaml); its values sit below --config and flags
@@ -89,6 +90,9 @@ class TrainConfig:
     fit_check: bool = field(default=True, metadata={
         "help": "CUDA: estimate the step's memory before loading weights; refuse, naming the switch to use, "
                 "if it cannot fit", "panel": "Memory estimate"})
+    auto_fit: bool = field(default=True, metadata={
+        "help": "CUDA: when the step does not fit, run it as smaller micro-batches with more --grad-accum (the "
+                "same optimizer step) and say so; off: refuse instead", "panel": "Memory estimate"})
     estimate_memory: bool = field(default=False, metadata={
         "help": "print the simulated GPU memory of one training step (loads no weights) and exit",
         "panel": "Memory estimate"})
@@ -139,8 +143,9 @@ class TrainConfig:
         "help": "adpa (released code): weight w of the advantage term; unset: 1.6", "panel": "Objective: ADPA"})
     tvkd_alpha: float = field(default=0.7, metadata={
         "help": "tvkd: weight alpha of the teacher's value shaping psi in the token reward", "panel": "Objective: TVKD"})
-    tvkd_beta: float = field(default=2.0, metadata={
-        "help": "tvkd: which stored soft-value beta to use (one of the store's --betas)", "panel": "Objective: TVKD"})
+    tvkd_beta: float | None = field(default=None, metadata={
+        "help": "tvkd: which stored soft-value beta to use (one of the store's --betas); unset: the store's beta "
+                "when it holds one (the paper's best, 2, is in --recipe tvkd)", "panel": "Objective: TVKD"})
     tvkd_beta_s: float = field(default=1.0, metadata={
         "help": "tvkd: beta_s, the weight of the student's log-prob in the token reward", "panel": "Objective: TVKD"})
     tvkd_gamma: float = field(default=1.0, metadata={
@@ -240,6 +245,18 @@ class TrainConfig:
 
         check_available(parse_report_to(self.report_to))  # one line naming what to install
 
+    @staticmethod
+    def upgrade_keys(values: dict) -> dict:
+        """A config file's keys from older versions, in today's names (`tensorboard: true`,
+        written before --report-to, is `report_to: [tensorboard]`)."""
+        values = dict(values)
+        if values.get("tensorboard") is not None:
+            if values.pop("tensorboard") and "report_to" not in values:
+                values["report_to"] = ["tensorboard"]
+        else:
+            values.pop("tensorboard", None)
+        return values
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -301,32 +318,3 @@ def store_weights(cfg: TrainConfig, sizes: list[int]) -> tuple[float, ...]:
         raw = [float(n) for n in sizes]
     total = sum(raw)
     return tuple(w / total for w in raw) if total > 0 else tuple(1.0 / len(raw) for _ in raw)
-
-
-def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """Layers, lowest first: the recipe (named by the file or a flag), the config file, then
-    explicit overrides (CLI flags the user actually set)."""
-    values: dict = {}
-    if path:
-        from kdcache import plainyaml  # no aliases, bounded depth: a config is plain data
-
-        try:
-            loaded = plainyaml.load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not a plain YAML config ({str(e).splitlines()[0][:200]})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must be a YAML mapping of TrainConfig fields")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("tensorboard") is not None:  # configs written before --report-to
-        if values.pop("tensorboard") and "report_to" not in values:
-            values["report_to"] = ["tensorboard"]
-    values = with_recipe(values)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown config keys {unknown}: valid keys are the TrainConfig fields "
-            f"({', '.join(sorted(known))})"
-        )
-    return TrainConfig(**values)

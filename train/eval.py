@@ -1,12 +1,20 @@
 """`kdcache eval`: how well a student learned the preference, measured on an eval store.
 
-- reward accuracy (Meng et al. 2024, the ADPA paper's metric): the fraction of pairs whose
-  chosen response gets a higher *average* token log-prob than the rejected one;
-- student-vs-teacher KL on the stored top-K (renormalised forward KL per token), where the
-  store holds teacher fields;
-- a rule reward on the student's own samples, where a reward is given: for the demo's
-  binary rule this is the rule-judged preference rate; with it, the fraction of samples
-  that end with EOS (`eos_rate`).
+- `reward_accuracy` (Meng et al. 2024, the ADPA paper's metric): the fraction of the store's
+  chosen/rejected pairs in which the student gives the chosen response the higher *mean*
+  token log-prob (no reward model: the student's own likelihoods rank the pair);
+- `kl_topk`, where the store holds the teacher's top-K: per response token of chosen and
+  rejected, Σ_k p_k (log p_k − log q_k), with p the teacher's distribution renormalised over
+  its stored top-K ids and q the student's full-vocabulary probabilities of those ids; the
+  mean over tokens, in nats (0: the student gives the teacher's top-K the teacher's mass);
+- with `--reward`, a reward on the student's own samples (`reward_mean`: for the demo's
+  binary rule, the rule-judged preference rate) and the fraction of samples that end with the
+  tokenizer's EOS within --max-new-tokens (`eos_rate`; `eos_token` names it).
+
+A reward is called as `fn(prompt_text, response_text, None) -> float`: `prompt_text` is the
+stored prompt's ids decoded with special tokens skipped (with a chat template its markers go,
+the role names stay: "user\nsort 3 1 2\nassistant\n"), `response_text` the sample up to its EOS,
+decoded the same way, and the third argument (a training row in TGPO rewards) is None.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ class EvalConfig:
         "help": "eval store with chosen/rejected pairs (from `kdcache precompute` on held-out data)",
         "panel": "Essentials"})
     reward: str | None = field(default=None, metadata={
-        "help": "rule reward on samples: module:function (a module.py in the current directory "
-                "works) or built in: sort_rule, numeric_exact_match; unset: no sampling",
+        "help": "reward on samples, called fn(prompt_text, response_text, None) -> float (prompt decoded "
+                "without special tokens): module:function (a module.py in the current directory works) or "
+                "built in: sort_rule, numeric_exact_match; unset: no sampling",
         "panel": "Essentials"})
     samples: int = field(default=4, metadata={
         "help": "samples per prompt for the rule reward", "panel": "Sampling"})
@@ -134,7 +143,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from kdcache.store import open_store
 
-    from . import losses as L
+    from . import losses
     from .rewards import resolve_reward
     if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_groups < 0:
         raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
@@ -167,7 +176,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         n = len(chunk)
         wins += int((avg[:n] > avg[n:]).sum())
         if has_topk:
-            kl = L.kd_per_token(out.topk_logprobs, batch.stored["topk_logprobs"])
+            kl = losses.kd_per_token(out.topk_logprobs, batch.stored["topk_logprobs"])
             kl_sum += float((kl * batch.mask).sum())
             kl_tokens += int(batch.mask.sum())
     if pairs:
@@ -185,8 +194,10 @@ def evaluate(cfg: EvalConfig) -> dict:
             prompt_text = tok.decode(rec["prompt_ids"], skip_special_tokens=True)
             scores.append(float(fn(prompt_text, tok.decode(resp, skip_special_tokens=True), None)))
         result["reward_mean"] = sum(scores) / max(1, len(scores))
+        result["reward"] = cfg.reward  # names the column in `kdcache plot --table`
         # a student that stops stopping (e.g. ADPA drifting onto tail tokens) shows here first
         result["eos_rate"] = ended / max(1, len(scores))
+        result["eos_token"] = tok.convert_ids_to_tokens(tok.eos_token_id)
         result["samples"] = len(scores)
     return result
 

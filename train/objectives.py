@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import losses as L
+from . import losses
 from .batch import SeqBatch
 from .config import TrainConfig
 from .student import StudentOut
@@ -39,11 +39,11 @@ def _take(t: torch.Tensor | None, idx: torch.Tensor):
 
 
 def _sft(student, batch, cfg, step):
-    return L.sft_loss(student.token_logprobs, batch.mask)
+    return losses.sft_loss(student.token_logprobs, batch.mask)
 
 
 def _kd(student, batch, cfg, step):
-    return L.topk_kd_loss(student.topk_logprobs, batch.stored["topk_logprobs"], batch.mask,
+    return losses.topk_kd_loss(student.topk_logprobs, batch.stored["topk_logprobs"], batch.mask,
                           mode=cfg.kd_mode, divergence=cfg.kd_divergence)
 
 
@@ -55,7 +55,7 @@ def _or(value, default):
 def _dckd(student, batch, cfg, step):
     w, r = _rows(batch, 0), _rows(batch, 1)
     teacher = batch.stored["topk_logprobs"]
-    return L.dckd_loss(
+    return losses.dckd_loss(
         chosen_token_logprobs=_take(student.token_logprobs, w),
         chosen_student_topk=_take(student.topk_logprobs, w),
         chosen_teacher_topk=_take(teacher, w),
@@ -74,9 +74,9 @@ def _adpa(student, batch, cfg, step):
     y, roll = _rows(batch, 0), _rows(batch, 1)
     # with --ref-mode paper / paper-dpo-floor the store's ref_topk_logprobs holds the
     # approximation, so this difference is that approximate advantage
-    adv = L.exact_advantage(batch.stored["topk_logprobs"], batch.stored["ref_topk_logprobs"])
+    adv = losses.exact_advantage(batch.stored["topk_logprobs"], batch.stored["ref_topk_logprobs"])
     weight = _or(cfg.adpa_weight, 1.6) if cfg.adpa_reference_code else _or(cfg.adpa_gamma, 3.0)
-    return L.adpa_loss(
+    return losses.adpa_loss(
         _take(student.token_logprobs, y), _take(batch.mask, y),
         _take(student.topk_logprobs, roll), _take(adv, roll), _take(batch.mask, roll),
         gamma=weight, reference_code=cfg.adpa_reference_code,
@@ -86,7 +86,7 @@ def _adpa(student, batch, cfg, step):
 def _dpo(student, batch, cfg, step):
     w, r = _rows(batch, 0), _rows(batch, 1)
     ref = batch.stored["ref_token_logprob"]
-    out = L.dpo_loss(
+    out = losses.dpo_loss(
         _take(student.token_logprobs, w), _take(ref, w), _take(batch.mask, w),
         _take(student.token_logprobs, r), _take(ref, r), _take(batch.mask, r),
         beta=cfg.dpo_beta,
@@ -103,7 +103,7 @@ def _tvkd(student, batch, cfg, step):
     col = [abs(b - cfg.tvkd_beta) < 1e-9 for b in batch.betas].index(True)
     value = batch.stored["soft_value"][..., col]
     ref = batch.stored.get("ref_token_logprob") if cfg.tvkd_maxent else None
-    return L.tvkd_loss(
+    return losses.tvkd_loss(
         _take(student.token_logprobs, w), _take(value, w), _take(batch.mask, w),
         _take(student.token_logprobs, r), _take(value, r), _take(batch.mask, r),
         alpha=cfg.tvkd_alpha, beta_s=cfg.tvkd_beta_s, gamma=cfg.tvkd_gamma,
@@ -119,7 +119,7 @@ def _tgpo(student, batch, cfg, step):
     # the teacher's greedy token y^T_t = topk_ids[t, 0], its top-1 id: student.topk_logprobs
     # is the student's log-prob at the stored topk_ids, so its column 0
     guide = student.topk_logprobs[..., 0]
-    return L.tgpo_loss(
+    return losses.tgpo_loss(
         student.token_logprobs, batch.stored["behavior_logprob"], guide, batch.reward, group_ids,
         batch.mask, step + cfg.tgpo_step_offset, w_init=cfg.tgpo_w_init, delta=cfg.tgpo_delta, clip=cfg.tgpo_clip,
         shaping=cfg.tgpo_shaping, lam=cfg.tgpo_lambda,
@@ -129,7 +129,7 @@ def _tgpo(student, batch, cfg, step):
 def _pbsd(student, batch, cfg, step):
     pos, neg = _rows(batch, 0), _rows(batch, 1)
     teach = batch.stored["token_logprob"]  # the teacher WITH context c, scored at precompute
-    return L.pbsd_loss(
+    return losses.pbsd_loss(
         _take(student.token_logprobs, pos), _take(teach, pos), _take(batch.mask, pos),
         _take(student.token_logprobs, neg), _take(teach, neg), _take(batch.mask, neg),
         beta=cfg.pbsd_beta,
@@ -173,7 +173,7 @@ def _teacher_views(student: StudentOut, batch: SeqBatch) -> Iterator[tuple[Stude
 def _ensemble(single: LossFn) -> LossFn:
     def loss(student, batch, cfg, step):
         outs = [single(s, b, cfg, step) for s, b in _teacher_views(student, batch)]
-        return L.ensemble_loss(outs, batch.teacher_weights)
+        return losses.ensemble_loss(outs, batch.teacher_weights)
     return loss
 
 
@@ -183,9 +183,9 @@ def _tvkd_ensemble(student, batch, cfg, step):
     w, dtype = batch.teacher_weights, student.token_logprobs.dtype  # mixed in the loss's precision
     cols = [[abs(b - cfg.tvkd_beta) < 1e-9 for b in betas].index(True) for betas in batch.teacher_betas]
     values = [t["soft_value"][..., c:c + 1].to(dtype) for t, c in zip(batch.teachers, cols, strict=True)]
-    mixed = {"soft_value": L.mix_teachers(values, w)}
+    mixed = {"soft_value": losses.mix_teachers(values, w)}
     if cfg.tvkd_maxent and all("ref_token_logprob" in t for t in batch.teachers):
-        mixed["ref_token_logprob"] = L.mix_teachers([t["ref_token_logprob"].to(dtype) for t in batch.teachers], w)
+        mixed["ref_token_logprob"] = losses.mix_teachers([t["ref_token_logprob"].to(dtype) for t in batch.teachers], w)
     view = dataclasses.replace(batch, stored=mixed, betas=(cfg.tvkd_beta,), teachers=[], teacher_pos=[])
     return _tvkd(student, view, cfg, step)
 

@@ -25,7 +25,7 @@ import torch
 
 from kdcache.store import StreamReader, open_store
 
-from . import distributed as D
+from . import distributed
 from .checkpoint import (
     LAST,
     MODEL,
@@ -38,6 +38,7 @@ from .checkpoint import (
     read_dcp_metadata,
     save_checkpoint,
     save_sharded_checkpoint,
+    seed_rank,
     set_rng_state,
     set_seed,
     truncate_metrics,
@@ -68,6 +69,25 @@ class TrainResult:
 def resolve_stores(cfg: TrainConfig) -> list:
     """Every --store (URL, path, or content key under --store-root), in order."""
     return [open_store(u, root=cfg.store_root) for u in cfg.store]
+
+
+def resolve_tvkd_beta(cfg: TrainConfig, store, url: str | None = None) -> TrainConfig:
+    """TVKD reads one β column of the stored soft values: --tvkd-beta, or, unset, the store's
+    only β (said in one line); refused, naming the store's betas, when it cannot be found."""
+    if cfg.objective != "tvkd":
+        return cfg
+    betas = [float(b) for b in (store.meta.betas or ())]
+    if cfg.tvkd_beta is None:
+        if len(betas) != 1:
+            raise ValueError(f"store {url or cfg.store[0]!r} holds soft values at betas {betas}: pick one with --tvkd-beta")
+        log.info("tvkd: beta %g, the store's only soft-value beta (--tvkd-beta picks another store's)", betas[0])
+        return dataclasses.replace(cfg, tvkd_beta=betas[0])
+    if not any(abs(b - cfg.tvkd_beta) < 1e-9 for b in betas):
+        raise ValueError(
+            f"--tvkd-beta {cfg.tvkd_beta} is not among the store's soft-value betas "
+            f"{betas}" + (f" (store {url!r})" if url else "") + ": pick one of those, leave it unset for a store of one beta, or precompute with --betas"
+        )
+    return cfg
 
 
 def _check_fields(cfg: TrainConfig, store, url: str | None = None) -> None:
@@ -122,12 +142,6 @@ def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int, url: str | 
             f"teacher vocab {store_vocab} > student output rows {head_rows}: the student's "
             f"lm_head cannot score every stored id; resize its embeddings or pick another student"
         )
-    if cfg.objective == "tvkd" and not any(abs(b - cfg.tvkd_beta) < 1e-9 for b in store.meta.betas):
-        raise ValueError(
-            f"--tvkd-beta {cfg.tvkd_beta} is not among the store's soft-value betas "
-            f"{list(store.meta.betas)}" + (f" (store {url!r})" if url else "")
-            + ": pick one of those or precompute with --betas"
-        )
 
 
 def total_steps(cfg: TrainConfig, n_groups: int, epoch_groups: Callable[[int], int] | None = None) -> int:
@@ -153,27 +167,27 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
     what it wrote, so a failed command leaves nothing behind. Under torchrun every rank calls
     this; an error on one rank makes the others fail promptly, naming it (PeerFailure)."""
     cfg.validate()
-    d = D.setup(cfg)
+    d = distributed.setup(cfg)
     try:
-        with D.rank_logging(d):
+        with distributed.rank_logging(d):
             return _train(dataclasses.replace(cfg, world_size=d.world_size), d, stop_after)
     except BaseException as e:
         out = Path(cfg.out)
         hint = (f"{out / LAST} is intact: run the same command again to resume from it"
                 if has_checkpoint(out) else "no checkpoint was written: run the command again")
-        failure = D.explain_failure(d, e, hint)
+        failure = distributed.explain_failure(d, e, hint)
         if failure is not None:
             raise failure from e
         raise
     finally:
-        D.teardown(d)
+        distributed.teardown(d)
 
 
-def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
+def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> TrainResult:
     out = Path(cfg.out)
     resuming = cfg.resume and has_checkpoint(out)
     if resuming:
-        check_same_run(cfg, out)
+        cfg = check_same_run(cfg, out)
         if cfg.fsdp:  # refuse a damaged or hostile DCP checkpoint before any weight loads
             read_dcp_metadata(out / LAST / "dcp")
     stores = resolve_stores(cfg)
@@ -182,16 +196,18 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     if several and d.enabled:
         raise ValueError("several --store under torchrun are not supported yet: train with several stores "
                          "in one process (without torchrun)")
+    for s, url in zip(stores, cfg.store, strict=True):  # unset: the first store's only beta, in every store
+        cfg = resolve_tvkd_beta(cfg, s, url if several else None)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
-        budget = D.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
-        D.check_budget(store, cfg.store[0], budget, d.world_size)
+        budget = distributed.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
+        distributed.check_budget(store, cfg.store[0], budget, d.world_size)
     # an epoch of a mixture is as many groups as all its stores hold (with the default
     # weights, one pass over each store in expectation); of an ensemble, one store's
     n_groups = sum(s.num_groups for s in stores) if several and not cfg.ensemble else store.num_groups
     total = total_steps(cfg, n_groups, budget)
     state = load_state(out) if resuming else None
-    D.agree(d, "the step count and the resume step", total=total, start=state["step"] if state else 0)
+    distributed.agree(d, "the step count and the resume step", total=total, start=state["step"] if state else 0)
     if state is not None:
         if state["step"] >= total and (out / MODEL).exists():  # finished: nothing to do
             return TrainResult(str(out), state["step"], state["tokens"], float(state.get("seconds", 0.0)),
@@ -210,7 +226,7 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
         log.info("%s of %d stores, weights %s", "ensemble" if cfg.ensemble else "mixture", len(stores),
                  ", ".join(f"{w:.3f}" for w in weights))
     if state is not None:
-        reader.load_state_dict(D.rank_reader_state(d, state))
+        reader.load_state_dict(distributed.rank_reader_state(d, state))
     start = state["step"] if state else 0
     groups = reader if several else group_stream(reader, budget)
     if start < total and (stop_after is None or start < stop_after):  # a step will take it
@@ -229,14 +245,19 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     for s, url in zip(stores, cfg.store, strict=True):
         _check_store(cfg, s, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0],
                      url if several else None)
+    if d.main and cfg.lora_r > 0:
+        params = list(model.parameters())
+        n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        log.info("LoRA r=%d on %s: %s trainable parameters of %s (%.2f%%); model/ gets the merged weights",
+                 cfg.lora_r, ",".join(cfg.lora_targets), f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(n_all, 1))
     if d.main:
         per_rank = cfg.batch_groups * cfg.grad_accum
         log.info("effective batch: %d groups per optimizer step = %d per micro-batch x %d micro-batches "
                  "x %d process(es); %d steps", per_rank * d.world_size, cfg.batch_groups, cfg.grad_accum,
                  d.world_size, total)
-        if budget is not None and D.skipped_share(store, budget, d.world_size) > 0:
+        if budget is not None and distributed.skipped_share(store, budget, d.world_size) > 0:
             log.info("each rank takes %d groups per epoch (the least any rank holds): %.1f%% of the "
-                     "store's groups sit out epoch 0", budget(0), 100 * D.skipped_share(store, budget, d.world_size))
+                     "store's groups sit out epoch 0", budget(0), 100 * distributed.skipped_share(store, budget, d.world_size))
 
     created = not out.exists()
     try:
@@ -266,9 +287,9 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
 
 def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[list[dict]],
           model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
-          d: D.Dist, reporter=None) -> TrainResult:
+          d: distributed.Dist, reporter=None) -> TrainResult:
     precision = Precision.for_run(cfg, device)
-    step_model = D.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
+    step_model = distributed.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
     optimizer = make_optimizer(cfg, params)
     scheduler = make_scheduler(cfg, optimizer, total)
@@ -281,7 +302,7 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        D.restore_rank_state(d, state)  # RNG on ranks > 0 (the reader was restored in _train)
+        distributed.restore_rank_state(d, state)  # RNG on ranks > 0 (the reader was restored in _train)
         if d.main:
             set_rng_state(state["rng"])
         step, tokens, prior_s = state["step"], state["tokens"], float(state.get("seconds", 0.0))
@@ -290,7 +311,7 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
             truncate_metrics(metrics_path, step)
         log.info("resumed %s at step %d", out / LAST, step)
     else:
-        D.seed_rank(d, cfg.seed)
+        seed_rank(d, cfg.seed)
         if d.main and metrics_path.exists():
             metrics_path.unlink()
 
@@ -309,8 +330,8 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
 
     def checkpoint() -> None:
         nonlocal tokens, pending
-        tokens, pending = tokens + D.sum_int(d, pending), 0
-        ranks = D.rank_states(d, reader) if d.enabled else None
+        tokens, pending = tokens + distributed.sum_int(d, pending), 0
+        ranks = distributed.rank_states(d, reader) if d.enabled else None
         seconds = prior_s + time.perf_counter() - t0
         if cfg.fsdp:
             save_sharded_checkpoint(out, d, step_model, tokenizer, optimizer, scheduler, reader, step,
@@ -319,7 +340,7 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
         if d.main:
             save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
                             seconds, last_loss, ranks)
-        D.barrier(d)  # nobody goes on before the checkpoint is complete
+        distributed.barrier(d)  # nobody goes on before the checkpoint is complete
 
     while step < total and (stop_after is None or step < stop_after):
         batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab, **ensemble)
@@ -327,7 +348,7 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
         step += 1
         pending += step_tokens  # this rank's; summed over ranks when logged or saved
         if step % cfg.log_every == 0 or step == total:
-            row, new = D.reduce_metrics(d, metrics, pending)  # the one device sync per log row
+            row, new = distributed.reduce_metrics(d, metrics, pending)  # the one device sync per log row
             tokens, pending = tokens + new, 0
             last_loss = row["loss"]
             elapsed = time.perf_counter() - t0
@@ -347,10 +368,10 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
     if progress is not None:
         progress.close()
     if metrics:
-        last_loss = D.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
-    tokens, pending = tokens + D.sum_int(d, pending), 0
+        last_loss = distributed.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
+    tokens, pending = tokens + distributed.sum_int(d, pending), 0
     # rank 0 decides (its view of out/ is the one that counts when --out is not shared)
-    if D.sum_int(d, int(saved_at != step or not has_checkpoint(out)) if d.main else 0):
+    if distributed.sum_int(d, int(saved_at != step or not has_checkpoint(out)) if d.main else 0):
         checkpoint()
     seconds = prior_s + time.perf_counter() - t0
     if step >= total:
@@ -358,7 +379,7 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
             export_sharded(out, d, step_model, model, tokenizer)
         elif d.main:
             export_model(out, model, tokenizer)
-        D.barrier(d)
+        distributed.barrier(d)
     return TrainResult(str(out), step, tokens, seconds, last_loss, d.rank)
 
 
