@@ -614,17 +614,32 @@ def _eval(cfg) -> str:
 
 @app.command("inspect", cls=_Command)
 def inspect_(url: str = typer.Argument(..., help="store URL or path"),
-             as_json: bool = _essential(typer.Option, False, "--json", help="print the summary as JSON")) -> None:
+             as_json: bool = _essential(typer.Option, False, "--json", help="print the summary as JSON"),
+             student: str | None = _essential(
+                 typer.Option, None, "--student", help="a student model directory with another tokenizer: also "
+                 "report the aligned fraction of its tokens and the teacher top-K mass that maps "
+                 "(METHODS §5; default: none)"),
+             student_records: int = _essential(
+                 typer.Option, 2000, "--student-records", help="records the --student report reads (default 2000)")) -> None:
     """Manifest summary, sequences and tokens, bytes/token per field, top-K mass."""
     from kdcache.store import open_store, summarize
 
-    summary = _friendly(lambda: summarize(open_store(url)))
+    store = _friendly(open_store, url)
+    summary = _friendly(lambda: summarize(store))
+    if student:
+        from kdcache.train.xtok.report import alignment_report
+
+        summary["cross_tokenizer"] = _friendly(alignment_report, store, student, student_records)
     if as_json:
         _echo_json(summary)
         return
     from kdcache.store.summary import format_summary
 
     typer.echo(format_summary(summary))
+    if student:
+        from kdcache.train.xtok.report import format_report
+
+        typer.echo(format_report(summary["cross_tokenizer"]))
 
 
 

@@ -545,11 +545,20 @@ def tokenize_rows(
                 continue
             group: list[Sequence] = []
             keep = True
+            source = json.dumps(src.row[opts.prompt_column], ensure_ascii=False)
             for col, role, r in resps:
                 resp = (tk.finish_response(texts.ids(r), src.where, col) if isinstance(r, tuple)
                         else r)
-                seq = Sequence(ex_id, role, 0, prompt_ids, resp, teacher_prompt)
+                seq = Sequence(ex_id, role, 0, prompt_ids, resp, teacher_prompt,
+                               {"prompt_source": source})
+                n = len(seq.response_ids)
                 keep = keep and _fit(seq, opts, stats, src.where, col)
+                text = src.row[col]
+                # the text only where decoding the ids does not give it back (and the ids
+                # were not cut: then the decoded prefix is what the teacher scored)
+                if (isinstance(r, tuple) and len(seq.response_ids) == n
+                        and tk.tok.decode(texts.ids(r), skip_special_tokens=False) != text):
+                    seq.extra["response_text"] = text
                 group.append(seq)
             if not keep:
                 stats.skipped += 1

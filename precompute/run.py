@@ -38,7 +38,7 @@ from .data import (
     parse_columns,
     tokenize_rows,
 )
-from .engine import needs_teacher
+from .engine import needs_teacher, text_fields
 from .models import (
     check_same_tokenizer,
     check_vocab_rows,
@@ -48,6 +48,7 @@ from .models import (
     model_vocab_size,
     resolve_device,
     resolve_dtype,
+    tokenizer_files,
     tokenizer_fingerprint,
     tokenizer_size,
     verify_head,
@@ -56,9 +57,11 @@ from .sources import open_data
 from .storeapi import (
     REF_FIELDS,
     TEACHER_FIELDS,
+    TOKENIZER_FILE_NAMES,
     TOPK_FIELDS,
     NoStoreError,
     StoreMeta,
+    describe_files,
     open_store,
     probe_writable,
     store_key,
@@ -155,7 +158,8 @@ class GroupSource:
         yield from joined.values()
 
     def _sequence(self, r: dict[str, Any]) -> Sequence:
-        extra: dict[str, Any] = {"reward": r.get("reward")}
+        extra: dict[str, Any] = {"reward": r.get("reward"), "prompt_source": r.get("prompt_source"),
+                                 "response_text": r.get("response_text")}
         if self.has_behavior:
             extra["behavior_logprob"] = np.asarray(r["behavior_logprob"], np.float32)
         tp = r.get("teacher_prompt_ids")
@@ -175,6 +179,7 @@ class Prepared:
     source: GroupSource
     scored: tuple[str, ...] = ()  # the per-token fields the models compute
     same_model: bool = False  # teacher and reference have one fingerprint: one forward
+    tok_files: dict[str, bytes] | None = None  # the tokenizer's files, stored (METHODS §5)
 
 
 def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
@@ -212,6 +217,7 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
         raise ValueError(f"--k {cfg.k} > the teacher's vocabulary of {vocab.size} tokens; pass a "
                          f"--k of at most {vocab.size} (typically 20-100)")
     tok_fp = tokenizer_fingerprint(tok)
+    tok_files = tokenizer_files(cfg.tokenizer or cfg.teacher, TOKENIZER_FILE_NAMES)
     source = GroupSource(cfg, tok)
     ds_fp = source.fingerprint(tok_fp)
 
@@ -244,10 +250,11 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
     meta = StoreMeta(k=cfg.k if topk or cfg.fields is None else 0,
                      betas=list(cfg.betas) if "soft_value" in scored or cfg.fields is None else [],
                      fields=fields, models=models,
-                     tokenizer={"sha256": tok_fp, "vocab_size": vocab.size},
+                     tokenizer={"sha256": tok_fp, "vocab_size": vocab.size,
+                                **({"files": describe_files(tok_files)} if tok_files else {})},
                      dataset=ds_fp, options=options, code_version=code_version())
     same = len(fingerprints) == 2 and fingerprints["dpo"] == fingerprints["ref"]
-    return Prepared(meta, tok, vocab, source, scored, same)
+    return Prepared(meta, tok, vocab, source, scored, same, tok_files or None)
 
 
 def partition_plan(cfg: PrecomputeConfig) -> dict[str, Any]:
@@ -409,7 +416,8 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
         report_data(cfg, checked)
     try:
         with GroupWriter(url, prep.meta, cfg.shard_records, cfg.resume, "precompute_report",
-                         SUM_KEYS, background=BACKGROUND_WRITER, clamp=True) as writer:
+                         SUM_KEYS, background=BACKGROUND_WRITER, clamp=True,
+                         tokenizer_files=prep.tok_files) as writer:
             if writer.done:
                 of = "" if cfg.partition or checked is None else \
                     f" of {checked.rows - checked.skipped}"
@@ -558,6 +566,7 @@ def _tokenized_record(s: Sequence, eos_id: int) -> dict[str, Any]:
     }
     if s.extra.get("behavior_logprob") is not None:
         rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], np.float32)
+    rec.update(text_fields(s))
     return rec
 
 

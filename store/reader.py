@@ -31,7 +31,7 @@ from ._io import (
 )
 from .codecs import ADV_ARRAY
 from .fingerprint import hash_bytes
-from .format import CRC_SCHEMA_VERSIONS, ROLES, TOKEN_FIELDS, StoreMeta
+from .format import CRC_SCHEMA_VERSIONS, ROLES, TEXT_FIELDS, TOKEN_FIELDS, StoreMeta
 from .integrity import (
     ChecksumError,
     check_manifest,
@@ -41,6 +41,7 @@ from .integrity import (
     is_chunk,
     unsafe_file_error,
 )
+from .tokfiles import read_tokenizer_files
 from .writer import NoStoreError
 
 __all__ = ["Store", "Shard", "open_store", "ChecksumError"]
@@ -64,6 +65,9 @@ class Shard:
         for col in ("example_id", "role", "group", "n_tokens", "reward"):
             self._seq[col] = table.column(col).to_pylist()
         self._seq["is_terminal"] = [bool(x) for x in table.column("is_terminal").to_pylist()]
+        # optional text columns (METHODS §5): a record carries them only where they are set
+        self._text = {c: table.column(c).to_pylist() for c in TEXT_FIELDS
+                      if c in table.column_names}
         self.token_offset = table.column("token_offset").to_numpy()
         self._starts: list[int] = self.token_offset.tolist()
         self._lists: dict[str, tuple[list[int], np.ndarray, list[bool] | None]] = {}
@@ -102,6 +106,9 @@ class Shard:
             "reward": seq["reward"][i],
             "n_tokens": T,
         }
+        for col, vals in self._text.items():
+            if vals[i] is not None:
+                out[col] = vals[i]
         for col, (offs, vals, valid) in self._lists.items():
             if valid is not None and not valid[i]:
                 out[col] = None
@@ -465,6 +472,16 @@ class Store:
     def __repr__(self) -> str:
         return (f"Store({self.url!r}, records={len(self)}, tokens={self.num_tokens}, "
                 f"shards={len(self.shards)}, fields={self.fields}, complete={self.complete})")
+
+    @property
+    def has_tokenizer_files(self) -> bool:
+        """The store carries its tokenizer's files (precompute since METHODS revision 3)."""
+        return bool(self.meta.tokenizer.get("files"))
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """{name: bytes} of the teacher tokenizer's files, checked against the manifest;
+        a ValueError when the store has none (written before they were stored)."""
+        return read_tokenizer_files(self.fs, self.root, self.meta.tokenizer.get("files"), self.url)
 
     # -- shard I/O -------------------------------------------------------------
     def shard_files(self, index: int, fields: Sequence[str] | None = None) -> list[str]:

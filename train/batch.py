@@ -19,6 +19,9 @@ from kdcache.store import PADDED_FIELDS, TOKEN_FIELDS
 # The store's per-token fields with a row for the state after the last token (soft values).
 EXTRA_ROW_FIELDS = tuple(n for n, f in TOKEN_FIELDS.items() if f.extra_row)
 
+# Per-token fields a student with another tokenizer adds to a record (train/xtok/translate.py).
+XTOK_FIELDS = ("xtok_slots", "xtok_aligned", "uld_teacher")
+
 
 
 @dataclass
@@ -41,6 +44,7 @@ class SeqBatch:
     # ids [0, vocab) the teachers scored: a student whose lm_head has more (padding) rows
     # normalises over these only, as precompute did for the teachers (METHODS §1)
     vocab: int | None = None
+    own_topk: int = 0  # ULD: also gather the student's own K largest log-probs (METHODS §5)
     # --ensemble (METHODS §4): every teacher's padded fields (teachers[0] is `stored`), its
     # top-K ids' columns in the union index `index[:, 1:]` ([S, T, K_j] each), its weight and
     # its store's β list. Empty for one teacher.
@@ -72,6 +76,7 @@ class SeqBatch:
             block_ids=self.block_ids,
             betas=self.betas,
             vocab=self.vocab,
+            own_topk=self.own_topk,
             teachers=[{k: move(v) for k, v in t.items()} for t in self.teachers],
             teacher_pos=[move(p) for p in self.teacher_pos],
             teacher_weights=self.teacher_weights,
@@ -173,7 +178,7 @@ def collate(
 def _stored(records: list[dict], T: int) -> dict[str, torch.Tensor]:
     """The per-token fields every record holds, padded: [S, T(, ...)]; soft values [S, T+1, B]."""
     stored = {}
-    for name in (*PADDED_FIELDS, *EXTRA_ROW_FIELDS):
+    for name in (*PADDED_FIELDS, *XTOK_FIELDS, *EXTRA_ROW_FIELDS):
         if all(name in r and r[name] is not None for r in records):
             stored[name] = _pad([np.asarray(r[name]) for r in records], T + (name in EXTRA_ROW_FIELDS))
     return stored

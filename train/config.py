@@ -117,6 +117,11 @@ class TrainConfig:
     kd_mode: str = field(default="renorm", metadata={
         "help": "kd/dckd: renormalise both over the teacher's top-K, or add the rest as a (K+1)-th bucket",
         "panel": "Objective: KD / DCKD", "choices": ("renorm", "tail")})
+    cross_tokenizer: str = field(default="off", metadata={
+        "help": "a student with another tokenizer than the store's (METHODS §5): map = KD on the "
+                "byte-string vocabulary map at aligned positions (tail mode), uld = sorted-probability "
+                "distance, no map; off refuses a tokenizer mismatch",
+        "panel": "Objective: KD / DCKD", "choices": ("off", "map", "uld")})
     kd_divergence: str = field(default="forward", metadata={
         "help": "kd/dckd: divergence between teacher and student on the top-K", "panel": "Objective: KD / DCKD",
         "choices": ("forward", "reverse", "jsd")})
@@ -241,6 +246,7 @@ class TrainConfig:
         if self.load_in_4bit and self.lora_r == 0:
             raise ValueError("--load-in-4bit trains LoRA adapters on a 4-bit base: also pass --lora-r (e.g. 16)")
         check_variant_weights(self)
+        check_cross_tokenizer(self)
         from .report import check_available, parse_report_to
 
         check_available(parse_report_to(self.report_to))  # one line naming what to install
@@ -286,6 +292,22 @@ def check_variant_weights(cfg: TrainConfig) -> None:
             )
 
 
+def check_cross_tokenizer(cfg: TrainConfig) -> None:
+    """What --cross-tokenizer can combine with (METHODS §5; the rest is checked in
+    train/xtok/setup.py once the store and the student are known)."""
+    if cfg.cross_tokenizer == "off":
+        return
+    if cfg.objective in ("kd", "dckd") and cfg.cross_tokenizer == "map" and cfg.kd_mode != "tail":
+        raise ValueError("--cross-tokenizer map distils in tail mode (the unmapped teacher mass is "
+                         "the tail bucket, METHODS §5): add --kd-mode tail")
+    if cfg.cross_tokenizer == "uld" and cfg.objective == "adpa":
+        raise ValueError("--cross-tokenizer uld has no vocabulary map, and adpa's advantages are "
+                         "per teacher id: use --cross-tokenizer map with --objective adpa")
+    if cfg.dckd_reference_code:
+        raise ValueError("--dckd-reference-code is not offered with --cross-tokenizer: use the "
+                         "paper form (--dckd-alpha)")
+
+
 # objectives whose teacher terms an ensemble weighs (METHODS §4); the others are refused
 ENSEMBLE_OBJECTIVES = ("kd", "dckd", "adpa", "tvkd")
 
@@ -299,6 +321,9 @@ def check_stores(cfg: TrainConfig) -> None:
     if any(not w >= 0 for w in cfg.store_weights) or (cfg.store_weights and sum(cfg.store_weights) <= 0):
         raise ValueError(f"--store-weights {','.join(map(str, cfg.store_weights))}: weights must be >= 0 "
                          f"with a positive sum (they are normalised to sum 1)")
+    if n > 1 and cfg.cross_tokenizer != "off":
+        raise ValueError("--cross-tokenizer with several --store is not supported yet: train from one store, "
+                         "or use stores scored with the student's tokenizer")
     if cfg.ensemble and n < 2:
         raise ValueError("--ensemble needs at least two --store (one per teacher, over the same examples)")
     if cfg.ensemble and cfg.objective not in ENSEMBLE_OBJECTIVES:

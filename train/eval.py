@@ -57,6 +57,10 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed", "panel": "Sampling"})
     chunk_size: int = field(default=1024, metadata={
         "help": "positions per lm_head chunk when scoring", "panel": "Execution"})
+    cross_tokenizer: bool = field(default=False, metadata={
+        "help": "a student with another tokenizer than the store's: re-tokenize the text and align "
+                "(METHODS §5; KL top-K then covers aligned positions, on the mapped ids); default off",
+        "panel": "Essentials"})
     out: str | None = field(default=None, metadata={
         "help": "directory for eval.json and eval.csv; unset: the run directory (runs/x for "
                 "--model runs/x/model), else the model directory", "panel": "Essentials"})
@@ -66,7 +70,7 @@ class EvalConfig:
                 "results directory used (its report.json: the same W&B run)", "panel": "Essentials"})
 
 
-def _load(model_dir: str, store, device):
+def _load(model_dir: str, store, device, cross_tokenizer: bool = False):
     """Tokenizer, then the vocabulary check (the store's ids must mean the same tokens to the
     student, as `train` checks), then the weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,12 +82,12 @@ def _load(model_dir: str, store, device):
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise fail(e) from e
-    vocab = store.meta.scored_vocab
+    vocab = len(tok) if cross_tokenizer else store.meta.scored_vocab
     if vocab is not None and vocab != len(tok):
         raise ValueError(
             f"teacher vocab {vocab} != student vocab {len(tok)} ({model_dir}): the store's ids "
-            f"would mean other tokens to this student; evaluate a student that shares the "
-            f"teachers' tokenizer, on a store precomputed with it")
+            f"would mean other tokens to this student; pass --cross-tokenizer to align the two "
+            f"tokenizers, or evaluate a student that shares the teachers' tokenizer")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:  # *.bin: weights_only
@@ -151,8 +155,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     store = open_store(cfg.store)
-    model, tok = _load(cfg.model, store, device)
+    model, tok = _load(cfg.model, store, device, cfg.cross_tokenizer)
     pad_id = tok.pad_token_id or 0
+    xtok = None
+    if cfg.cross_tokenizer:  # every record in the student's tokens (train/xtok)
+        from types import SimpleNamespace
+
+        from .xtok.setup import prepare, xtok_cache_dir
+
+        xtok = prepare(SimpleNamespace(cross_tokenizer="map", objective="kd"), store, tok,
+                       xtok_cache_dir(), cfg.store)
     pairs, prompts, n_groups = [], [], 0
     for group in store.groups():
         if cfg.max_groups and n_groups >= cfg.max_groups:
@@ -160,14 +172,17 @@ def evaluate(cfg: EvalConfig) -> dict:
         n_groups += 1
         chosen = next((r for r in group if r["role"] == "chosen"), None)
         rejected = next((r for r in group if r["role"] == "rejected"), None)
+        if xtok is not None:
+            chosen, rejected = (None if r is None else xtok(r) for r in (chosen, rejected))
         if chosen is not None and rejected is not None:
             pairs.append((chosen, rejected))
-        prompts.append(group[0])
+        prompts.append(group[0] if xtok is None else xtok(group[0]))
     result: dict = {"groups": n_groups}
     has_topk = "topk_logprobs" in store.fields and "topk_ids" in store.fields
 
     wins, kl_sum, kl_tokens = 0, 0.0, 0
-    vocab = store.meta.scored_vocab  # the student normalises over the ids the teachers scored
+    # the student normalises over the ids the teachers scored (its own, across tokenizers)
+    vocab = len(tok) if xtok is not None else store.meta.scored_vocab
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i : i + cfg.batch_size]
         records = [c for c, _ in chunk] + [r for _, r in chunk]
@@ -176,14 +191,23 @@ def evaluate(cfg: EvalConfig) -> dict:
         n = len(chunk)
         wins += int((avg[:n] > avg[n:]).sum())
         if has_topk:
-            kl = losses.kd_per_token(out.topk_logprobs, batch.stored["topk_logprobs"])
-            kl_sum += float((kl * batch.mask).sum())
-            kl_tokens += int(batch.mask.sum())
+            mask = batch.mask
+            s_topk = out.topk_logprobs
+            if xtok is not None:  # aligned positions with a mapped id, on the mapped ids
+                from .xtok.translate import student_topk
+
+                s_topk = student_topk(s_topk, batch.stored)
+                mask = mask & batch.stored["xtok_slots"].bool().any(-1)
+            kl = losses.kd_per_token(s_topk, batch.stored["topk_logprobs"])
+            kl_sum += float((kl * mask).sum())
+            kl_tokens += int(mask.sum())
     if pairs:
         result["reward_accuracy"] = wins / len(pairs)
         result["pairs"] = len(pairs)
     if kl_tokens:
         result["kl_topk"] = kl_sum / kl_tokens
+    if xtok is not None:
+        result.update(xtok.stats.summary())
 
     if fn is not None:
         prompt_ids = [list(map(int, r["prompt_ids"])) for r in prompts]

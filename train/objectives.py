@@ -18,6 +18,7 @@ from . import losses
 from .batch import SeqBatch
 from .config import TrainConfig
 from .student import StudentOut
+from .xtok.translate import student_topk
 
 LossFn = Callable[[StudentOut, SeqBatch, TrainConfig, int], tuple[torch.Tensor, dict]]
 
@@ -43,8 +44,15 @@ def _sft(student, batch, cfg, step):
 
 
 def _kd(student, batch, cfg, step):
-    return losses.topk_kd_loss(student.topk_logprobs, batch.stored["topk_logprobs"], batch.mask,
-                          mode=cfg.kd_mode, divergence=cfg.kd_divergence)
+    if "uld_teacher" in batch.stored:  # another tokenizer, --cross-tokenizer uld
+        return losses.uld_loss(student.own_topk_logprobs, batch.stored["uld_teacher"], _aligned(batch))
+    return losses.topk_kd_loss(student_topk(student.topk_logprobs, batch.stored), batch.stored["topk_logprobs"],
+                          batch.mask, mode=cfg.kd_mode, divergence=cfg.kd_divergence)
+
+
+def _aligned(batch: SeqBatch) -> torch.Tensor:
+    """Response positions aligned with a teacher position (another tokenizer, METHODS §5)."""
+    return batch.mask & batch.stored["xtok_aligned"].bool()
 
 
 def _or(value, default):
@@ -54,13 +62,16 @@ def _or(value, default):
 
 def _dckd(student, batch, cfg, step):
     w, r = _rows(batch, 0), _rows(batch, 1)
+    if "uld_teacher" in batch.stored:  # another tokenizer, --cross-tokenizer uld
+        return _dckd_uld(student, batch, cfg, w, r)
     teacher = batch.stored["topk_logprobs"]
+    s_topk = student_topk(student.topk_logprobs, batch.stored)
     return losses.dckd_loss(
         chosen_token_logprobs=_take(student.token_logprobs, w),
-        chosen_student_topk=_take(student.topk_logprobs, w),
+        chosen_student_topk=_take(s_topk, w),
         chosen_teacher_topk=_take(teacher, w),
         chosen_mask=_take(batch.mask, w),
-        rejected_student_topk=_take(student.topk_logprobs, r),
+        rejected_student_topk=_take(s_topk, r),
         rejected_teacher_topk=_take(teacher, r),
         rejected_mask=_take(batch.mask, r),
         alpha=_or(cfg.dckd_alpha, 0.2), mode=cfg.kd_mode, divergence=cfg.kd_divergence,
@@ -68,6 +79,18 @@ def _dckd(student, batch, cfg, step):
         weights=(_or(cfg.dckd_sft_weight, 1.0), _or(cfg.dckd_chosen_weight, 0.1),
                  _or(cfg.dckd_rejected_weight, 0.1)),
     )
+
+
+def _dckd_uld(student, batch, cfg, w, r):
+    """DCKD's Eq. 7 with ULD's distance in place of the KD term: L_SFT(y_w) on every
+    position + α (Σ_t d_t on y_w + Σ_t d_t on y_l) on the aligned ones."""
+    own, teacher, aligned = student.own_topk_logprobs, batch.stored["uld_teacher"], _aligned(batch)
+    sft = losses.sft_loss(_take(student.token_logprobs, w), _take(batch.mask, w))
+    dw = losses.uld_loss(_take(own, w), _take(teacher, w), _take(aligned, w))
+    dl = losses.uld_loss(_take(own, r), _take(teacher, r), _take(aligned, r))
+    alpha = _or(cfg.dckd_alpha, 0.2)
+    return sft.loss + alpha * (dw.loss + dl.loss), {
+        **sft.metrics, "uld_chosen": dw.metrics["uld_per_token"], "uld_rejected": dl.metrics["uld_per_token"]}
 
 
 def _adpa(student, batch, cfg, step):
@@ -78,7 +101,7 @@ def _adpa(student, batch, cfg, step):
     weight = _or(cfg.adpa_weight, 1.6) if cfg.adpa_reference_code else _or(cfg.adpa_gamma, 3.0)
     return losses.adpa_loss(
         _take(student.token_logprobs, y), _take(batch.mask, y),
-        _take(student.topk_logprobs, roll), _take(adv, roll), _take(batch.mask, roll),
+        _take(student_topk(student.topk_logprobs, batch.stored), roll), _take(adv, roll), _take(batch.mask, roll),
         gamma=weight, reference_code=cfg.adpa_reference_code,
     )
 

@@ -51,6 +51,8 @@ from .prefetch import FirstAhead
 from .step import Precision, train_step
 from .student import base_causal_lm, load_student
 from .teachers import EnsembleGroups, MixedGroups, check_layout
+from .xtok.setup import prepare as prepare_xtok
+from .xtok.setup import xtok_cache_dir
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -127,15 +129,16 @@ def _check_several(cfg: TrainConfig, stores: list) -> None:
         check_layout(stores, cfg.store)
 
 
-def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int, url: str | None = None) -> None:
-    """Once the student is loaded: it reads the same ids as the store's teacher."""
-    store_vocab = store.meta.scored_vocab
+def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int, xtok=None, url: str | None = None) -> None:
+    """Once the student is loaded: it reads the same ids as the store's teacher (or, with
+    --cross-tokenizer, its own ids, translated by `xtok`; train/xtok/setup.py)."""
+    store_vocab = len(tokenizer) if xtok is not None else store.meta.scored_vocab
     if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}"
             + (f" (store {url!r})" if url else "") + ": the store's ids "
-            "would mean other tokens to this student; use a student that shares the teachers' "
-            "tokenizer (same model family)"
+            "would mean other tokens to this student; pass --cross-tokenizer map (or uld) to "
+            "align the two tokenizers, or use a student that shares the teachers' tokenizer"
         )
     if store_vocab is not None and store_vocab > head_rows:
         raise ValueError(
@@ -242,9 +245,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
         model, tokenizer = _load_resumed(cfg, device)
     else:
         model, tokenizer = load_student(cfg, device)
-    for s, url in zip(stores, cfg.store, strict=True):
-        _check_store(cfg, s, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0],
-                     url if several else None)
+    head_rows = base_causal_lm(model).get_output_embeddings().weight.shape[0]
+    xtok = None
+    for s, url in zip(stores, cfg.store, strict=True):  # several stores: --cross-tokenizer is off (config)
+        xtok = prepare_xtok(cfg, s, tokenizer, xtok_cache_dir(), url)
+        _check_store(cfg, s, tokenizer, head_rows, xtok, url if several else None)
     if d.main and cfg.lora_r > 0:
         params = list(model.parameters())
         n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
@@ -275,7 +280,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
                                      resuming, cfg.run_name, cfg.wandb_project)
         try:
             return _loop(cfg, out, stores, reader, groups, model, tokenizer, device, total, state,
-                         stop_after, d, reporter)
+                         stop_after, d, reporter, xtok)
         finally:
             if reporter is not None:
                 reporter.close()
@@ -287,7 +292,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
 
 def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[list[dict]],
           model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
-          d: distributed.Dist, reporter=None) -> TrainResult:
+          d: distributed.Dist, reporter=None, xtok=None) -> TrainResult:
     precision = Precision.for_run(cfg, device)
     step_model = distributed.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
@@ -319,6 +324,8 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
     store = stores[0]
     betas = tuple(store.meta.betas)
     vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
+    if xtok is not None:  # the student's own ids (train/xtok)
+        vocab = len(tokenizer)
     ensemble = {}
     if cfg.ensemble:
         ensemble = {"teacher_weights": store_weights(cfg, [s.num_groups for s in stores]),
@@ -343,7 +350,7 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
         distributed.barrier(d)  # nobody goes on before the checkpoint is complete
 
     while step < total and (stop_after is None or step < stop_after):
-        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab, **ensemble)
+        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab, xtok, **ensemble)
         metrics = train_step(step_model, optimizer, scheduler, params, batches, cfg, step, precision)
         step += 1
         pending += step_tokens  # this rank's; summed over ranks when logged or saved
@@ -355,6 +362,10 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
             row_tps = (tokens - tokens0) / max(elapsed, 1e-9)
             row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                    "tokens_per_s": row_tps, **row}
+            if xtok is not None:  # so far in this process (METHODS §5 report)
+                row["aligned_fraction"] = xtok.stats.aligned_fraction
+                if xtok.stats.topk_mass > 0:  # none with ULD: no map
+                    row["mapped_topk_mass"] = xtok.stats.mapped_mass_fraction
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -367,6 +378,12 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
             saved_at = step
     if progress is not None:
         progress.close()
+    if xtok is not None and d.main:
+        mass = xtok.stats.mapped_mass_fraction
+        log.info("cross-tokenizer (%s): %.1f%% of student tokens aligned%s", cfg.cross_tokenizer,
+                 100 * xtok.stats.aligned_fraction,
+                 "" if mass != mass else f", {100 * mass:.1f}% of the teacher's top-K mass at aligned "
+                 "positions maps")
     if metrics:
         last_loss = distributed.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
     tokens, pending = tokens + distributed.sum_int(d, pending), 0

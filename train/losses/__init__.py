@@ -12,6 +12,7 @@ from .sft import seqkd_loss, sft_loss
 from .tgpo import group_advantages, grpo_loss, guidance_loss, guidance_weight, tgpo_loss
 from .topk_kd import kd_per_token, tail_logprob, topk_kd_loss
 from .tvkd import tvkd_loss, tvkd_rewards, tvkd_shaping
+from .uld import uld_loss, uld_per_token
 
 __all__ = [
     "LossOutput",
@@ -37,4 +38,6 @@ __all__ = [
     "tvkd_loss",
     "tvkd_rewards",
     "tvkd_shaping",
+    "uld_loss",
+    "uld_per_token",
 ]
