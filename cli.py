@@ -721,7 +721,7 @@ def plot(sources: list[Path] = typer.Argument(
          table: bool = _essential(typer.Option, False, "--table",
                                     help="also print a table of the runs' eval results and final "
                                          "loss (stdout), one row per run, and draw the eval bars"),
-         log_y: bool = typer.Option(False, "--log-y",
+         log_y: bool = _essential(typer.Option, False, "--log-y",
                                     help="log loss axis (symlog if a loss is <= 0): losses are per-sequence "
                                          "sums that fall by orders of magnitude; default: linear")) -> None:
     """Loss curves of training runs; with --table, their eval results as a table too. Prints
