@@ -439,6 +439,8 @@ def config_command(name: str, cls, help: str) -> Callable:
         metavar = {list: "A,B", tuple: "I/N"}.get(typing.get_origin(_base_type(hints[f.name])))
         if _unsettable(hints[f.name]):  # a number or `none`: parsed by _parse, not click
             tp, metavar = str, f"<{_base_type(hints[f.name]).__name__}>"
+        elif f.metadata.get("multiple"):  # `--store A --store B` (each may also be comma-separated)
+            tp, metavar = list[str], "A"
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
                                         default=typer.Option(None, decl, show_default=False, metavar=metavar,
                                                              help=escape(option_help(f)),
@@ -447,6 +449,9 @@ def config_command(name: str, cls, help: str) -> Callable:
     def command(**kwargs):
         kwargs.pop("help_all")  # handled by its callback
         path = kwargs.pop("config")
+        for f in fields:  # a repeated flag arrives as a list: one comma-separated value, as in YAML
+            if f.metadata.get("multiple"):
+                kwargs[f.name] = ",".join(kwargs[f.name]) if kwargs[f.name] else None
         result = _friendly(lambda: RUNS[name](make_config(name, cls, path, kwargs)))
         if isinstance(result, Outcome):
             typer.echo(result.text)

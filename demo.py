@@ -9,8 +9,11 @@ from pathlib import Path
 
 from kdcache.pipelines import Stages, adpa_from, adpa_plus, announce, pbsd, tgpo_rounds
 
-DEMO_METHODS = ("sft", "seqkd", "dckd", "dckd-code", "adpa", "adpa-code", "adpa+", "tvkd", "tvkd-g0.7",
-                "tvkd-a0", "dpo", "tgpo", "pbsd", "sft-xtok", "kd-xtok", "uld-xtok")
+DEMO_METHODS = ("sft", "seqkd", "kd", "kd-teacher2", "kd-2teachers", "dckd", "dckd-code", "adpa", "adpa-code",
+                "adpa+", "tvkd", "tvkd-g0.7", "tvkd-a0", "dpo", "tgpo", "pbsd", "sft-xtok", "kd-xtok", "uld-xtok")
+# a second teacher, trained like the first from another seed (METHODS §4's ensemble rows)
+TEACHER2_SEED = 100
+TWO_TEACHERS = {"kd-teacher2", "kd-2teachers"}
 # Rows whose student has another tokenizer than the teacher's (METHODS §5): character BPE
 # gluing " 2", "1 2" and " : " (train/tiny.py build_split_tokenizer), SFT'd on the same corpus.
 XTOK_METHODS = ("sft-xtok", "kd-xtok", "uld-xtok")
@@ -117,6 +120,15 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
     teacher = d.train("teacher-dpo", ref, dpo_store, "dpo", d.steps["teacher_dpo"], batch_groups=32,
                       lr=5e-4, dpo_beta=0.1, dpo_nll=1.0)
 
+    if TWO_TEACHERS & set(methods):  # the same recipe from another seed
+        s2 = seed + TEACHER2_SEED
+        t2_init = save_tiny(out / "models" / "teacher2-init", d.tok, hidden=128, layers=4, heads=4, seed=s2)
+        ref2 = d.train("teacher2-sft", t2_init, sft_store, "sft", d.steps["teacher_sft"], batch_groups=64, lr=3e-3,
+                       seed=s2)
+        dpo_store2 = d.precompute(data=str(d.data["teacher_pref"]), teacher=ref2, reference=ref2)
+        teacher2 = d.train("teacher2-dpo", ref2, dpo_store2, "dpo", d.steps["teacher_dpo"], batch_groups=32,
+                           lr=5e-4, dpo_beta=0.1, dpo_nll=1.0, seed=s2)
+
     announce("[2/5] student: SFT on the same corpus (every method starts here)")
     s_init = save_tiny(out / "models" / "student-init", d.tok, hidden=64, layers=2, heads=4, seed=seed + 1)
     student0 = d.train("student-sft-init", s_init, sft_store, "sft", d.steps["student_sft"], batch_groups=64, lr=3e-3)
@@ -124,6 +136,8 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
     announce("[3/5] precompute the teacher's signals once (top-K, reference, soft values)")
     pref = d.precompute(data=str(d.data["pref"]), teacher=teacher, reference=ref)
     evals = d.precompute(data=str(d.data["eval"]), teacher=teacher, reference=ref)
+    if TWO_TEACHERS & set(methods):  # the second teacher scores the same pairs
+        pref2 = d.precompute(data=str(d.data["pref"]), teacher=teacher2, reference=ref2)
 
     announce(f"[4/5] distil students: {', '.join(methods)}")
     steps = d.steps["student"]
@@ -138,6 +152,12 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
         elif m == "seqkd":
             roll = d.rollout(model=teacher, data=prompts, n=2, role="teacher_rollout")
             stores[m], models[m] = [roll], d.train(m, student0, roll, "seqkd", steps)
+        elif m == "kd":  # top-K KD from the DPO teacher
+            stores[m], models[m] = [pref], d.train(m, student0, pref, "kd", steps)
+        elif m == "kd-teacher2":  # the same from the second teacher alone
+            stores[m], models[m] = [pref2], d.train(m, student0, pref2, "kd", steps)
+        elif m == "kd-2teachers":  # both teachers' signals, equal weights (METHODS §4)
+            stores[m], models[m] = [pref, pref2], d.train(m, student0, [pref, pref2], "kd", steps, ensemble=True)
         elif m == "dckd":
             stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_alpha=0.2)
         elif m == "dckd-code":  # the released-code variant: (K+1)-bucket KL, clamps, token means
@@ -171,6 +191,9 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
              "train_s": d.timings["teacher-dpo"], "store_mb": None},
             {"method": "student init (SFT corpus)", "run": "student-sft-init", **d.evaluate(student0, evals),
              "train_s": None, "store_mb": None}]
+    if TWO_TEACHERS & set(methods):
+        rows.insert(1, {"method": "teacher 2 (DPO, another seed)", "run": "teacher2-dpo", **d.evaluate(teacher2, evals),
+                        "train_s": d.timings["teacher2-dpo"], "store_mb": None})
     if split0 is not None:
         rows.append({"method": "student init (split tokenizer)", "run": "student-split-sft-init",
                      **d.evaluate(split0, evals, True), "train_s": None, "store_mb": None})

@@ -59,7 +59,7 @@ class Stages:
         base = {"out_root": self.store_root, "seed": self.seed, **self.defaults["rollout"]}
         return run_rollout(RolloutConfig(**{**base, **kw}))
 
-    def train(self, name: str, model: str, store: str, objective: str, steps: int, **kw) -> str:
+    def train(self, name: str, model: str, store: str | list[str], objective: str, steps: int, **kw) -> str:
         from kdcache.train.config import TrainConfig
         from kdcache.train.trainer import train
 

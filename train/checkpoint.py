@@ -2,6 +2,9 @@
 
 `out/last/` holds HF-loadable weights (or the LoRA adapter), the tokenizer, the run's config
 and `training_state.pt` (optimizer, scheduler, RNG, reader position, step, tokens, seconds).
+The reader position is the StreamReader's `{epoch, seed, consumed}` for one store; for
+several (train/teachers.py) it is `{seed, stores: [one reader position per --store]}`, plus
+the mixture sampler's `draws` (how many groups it has drawn: its whole state).
 It is written to a temporary directory and renamed into place, so a kill at any moment
 leaves either the previous checkpoint or the new one. `out/model/` is the final student as
 a plain HF directory (LoRA merged).
@@ -104,6 +107,8 @@ def check_same_run(cfg: TrainConfig, out: Path) -> TrainConfig:
         raise _damaged(path, _short(e)) from None
     if not isinstance(saved, dict):
         raise _damaged(path, f"a YAML {type(saved).__name__}, not a mapping of options")
+    if isinstance(saved.get("store"), str):  # saved before --store could be given several times
+        saved["store"] = [saved["store"]] if saved["store"] else []
     now = cfg.to_dict()
     ws = int(saved.get("world_size") or 1)  # runs saved before world_size existed had one process
     if now.get("world_size") and ws != now["world_size"]:

@@ -21,8 +21,17 @@ class TrainConfig:
 
     model: str = field(default="", metadata={
         "help": "student to train: a local HF model directory (or a cached hub id)", "panel": "Essentials"})
-    store: str = field(default="", metadata={
-        "help": "teacher-signal store: URL, path, or content key under --store-root (from `kdcache precompute`)",
+    # one store, or several (METHODS §4): a mixture, or with --ensemble one teacher each
+    store: list[str] = field(default_factory=list, metadata={
+        "help": "teacher-signal store(s): URL, path, or content key under --store-root (from `kdcache "
+                "precompute`); repeat the flag (or comma-separate) to mix stores, or to ensemble with --ensemble",
+        "panel": "Essentials", "multiple": True})
+    store_weights: list[float] = field(default_factory=list, metadata={
+        "help": "one weight per --store, normalised to sum 1; unset: mixing weighs each store by its groups, "
+                "--ensemble weighs the teachers equally", "panel": "Essentials"})
+    ensemble: bool = field(default=False, metadata={
+        "help": "the --store stores score the SAME examples with different teachers: one student forward, "
+                "the weighted sum of the per-teacher terms (kd, dckd, adpa, tvkd); off: the stores are mixed",
         "panel": "Essentials"})
     out: str = field(default="runs/student", metadata={
         "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/ (a plain HF model; "
@@ -195,6 +204,11 @@ class TrainConfig:
     dist_timeout_s: int = field(default=1800, metadata={
         "help": "seconds a collective may wait before the job fails (a lost or hung rank)", "panel": "Distributed"})
 
+    def __post_init__(self) -> None:
+        if isinstance(self.store, str):  # one store, as before several were possible
+            self.store = [self.store] if self.store else []
+        self.store = list(self.store)
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):  # every option with a fixed set of values
             allowed = f.metadata.get("choices")
@@ -205,6 +219,7 @@ class TrainConfig:
             raise ValueError("no student model: pass --model DIR (a local HF directory)")
         if not self.store:
             raise ValueError("no store: pass --store URL (from `kdcache precompute`)")
+        check_stores(self)
         if self.batch_groups < 1 or self.grad_accum < 1:
             raise ValueError("--batch-groups and --grad-accum must be >= 1")
         checks = [
@@ -292,3 +307,39 @@ def check_cross_tokenizer(cfg: TrainConfig) -> None:
         raise ValueError("--dckd-reference-code is not offered with --cross-tokenizer: use the "
                          "paper form (--dckd-alpha)")
 
+
+# objectives whose teacher terms an ensemble weighs (METHODS §4); the others are refused
+ENSEMBLE_OBJECTIVES = ("kd", "dckd", "adpa", "tvkd")
+
+
+def check_stores(cfg: TrainConfig) -> None:
+    """Several stores (METHODS §4): weights match and make sense; an ensemble has a teacher term."""
+    n = len(cfg.store)
+    if cfg.store_weights and len(cfg.store_weights) != n:
+        raise ValueError(f"--store-weights has {len(cfg.store_weights)} weights for {n} --store: give one "
+                         f"weight per store, in the order of the --store flags")
+    if any(not w >= 0 for w in cfg.store_weights) or (cfg.store_weights and sum(cfg.store_weights) <= 0):
+        raise ValueError(f"--store-weights {','.join(map(str, cfg.store_weights))}: weights must be >= 0 "
+                         f"with a positive sum (they are normalised to sum 1)")
+    if n > 1 and cfg.cross_tokenizer != "off":
+        raise ValueError("--cross-tokenizer with several --store is not supported yet: train from one store, "
+                         "or use stores scored with the student's tokenizer")
+    if cfg.ensemble and n < 2:
+        raise ValueError("--ensemble needs at least two --store (one per teacher, over the same examples)")
+    if cfg.ensemble and cfg.objective not in ENSEMBLE_OBJECTIVES:
+        why = ("one reference per pair is the point of this loss" if cfg.objective in ("dpo", "pbsd")
+               else "it has no per-teacher term to weigh")
+        raise ValueError(f"--ensemble with objective {cfg.objective!r}: {why}; ensemble "
+                         f"{', '.join(ENSEMBLE_OBJECTIVES)}, or mix the stores (drop --ensemble)")
+
+
+def store_weights(cfg: TrainConfig, sizes: list[int]) -> tuple[float, ...]:
+    """Normalised weights, one per store (sizes: each store's groups, for the mixing default)."""
+    if cfg.store_weights:
+        raw = [float(w) for w in cfg.store_weights]
+    elif cfg.ensemble:
+        raw = [1.0] * len(cfg.store)
+    else:
+        raw = [float(n) for n in sizes]
+    total = sum(raw)
+    return tuple(w / total for w in raw) if total > 0 else tuple(1.0 / len(raw) for _ in raw)

@@ -296,11 +296,12 @@ def allowance(peak: int) -> int:
 
 # ----------------------------------------------------------------------------- the step
 def synthetic_groups(cfg: TrainConfig, seq_len: int, prompt_len: int, k: int, vocab: int,
-                     betas: Sequence[float], per_block: Sequence[int] = ()) -> list[dict]:
+                     betas: Sequence[float], per_block: Sequence[int] = (), teachers: int = 1) -> list[dict]:
     """One group holding `per_block[b]` records (default 1) for block b of the objective,
     each `seq_len` tokens (`prompt_len` of prompt), with exactly the fields the trainer reads
     for it. Values are valid (ids in range, log-probs < 0) but meaningless: memory depends on
-    shapes only."""
+    shapes only. `teachers` > 1: an ensemble whose teachers' top-K ids are all different, so
+    the union index is the worst case, teachers x K wide."""
     spec = OBJECTIVE_SPECS[cfg.objective]
     T = seq_len - prompt_len
     fields = set(spec.fields) | ({"ref_token_logprob"} if cfg.objective == "tvkd" and cfg.tvkd_maxent else set())
@@ -317,6 +318,10 @@ def synthetic_groups(cfg: TrainConfig, seq_len: int, prompt_len: int, k: int, vo
                    "response_ids": (np.arange(T) % vocab).astype(np.int32),
                    "teacher_prompt_ids": None, "is_terminal": True, "reward": float(i % 2)}
             rec.update({f: values.get(f, np.full(T, -1.0, np.float32)) for f in fields})
+            if teachers > 1:
+                rec["teachers"] = [{**{f: rec[f] for f in fields}, **(
+                    {"topk_ids": ((rec["topk_ids"] + j * k) % vocab).astype(np.int32)} if "topk_ids" in fields else {})}
+                    for j in range(teachers)]
             group.append(rec)
     return group
 
@@ -330,6 +335,8 @@ def fake_batches(mode, batches) -> list:
                 if isinstance(v := getattr(b, f.name), torch.Tensor)}
         fb = dataclasses.replace(b, **conv)
         fb.stored = {k: mode.from_tensor(v) for k, v in b.stored.items()}
+        fb.teachers = [{k: mode.from_tensor(v) for k, v in t.items()} for t in b.teachers]
+        fb.teacher_pos = [mode.from_tensor(p) for p in b.teacher_pos]
         out.append(fb)
     return out
 
@@ -339,6 +346,7 @@ def batch_tensors(batches) -> list[torch.Tensor]:
     for b in batches:
         out += [v for f in dataclasses.fields(b) if isinstance(v := getattr(b, f.name), torch.Tensor)]
         out += list(b.stored.values())
+        out += [v for t in b.teachers[1:] for v in t.values()] + list(b.teacher_pos)  # teachers[0] is stored
     return out
 
 
@@ -448,7 +456,7 @@ def cuda_choices(cfg: TrainConfig) -> tuple[Precision, torch.dtype]:
 
 def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: int,
              per_block: Sequence[int] = (), betas: Sequence[float] = (1.0,),
-             make_opt: Callable | None = None) -> dict:
+             make_opt: Callable | None = None, teachers: int = 1) -> dict:
     """One steady-state step of cfg on fake tensors, as CUDA would run it. Loads no weights.
     `make_opt(params)` replaces the trainer's optimizer (benchmarks compare others)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -468,9 +476,10 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
         cfg = cfg if cfg.tvkd_beta is not None else _variant(cfg, tvkd_beta=float(betas[0]))
         betas = tuple(sorted({*betas, cfg.tvkd_beta}))
     vocab = hf_config.vocab_size
-    group = synthetic_groups(cfg, seq_len, prompt_len, k, vocab, betas, per_block)
+    group = synthetic_groups(cfg, seq_len, prompt_len, k, vocab, betas, per_block, teachers)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
-    real = next_batches(itertools.repeat(group), cfg, 0, tuple(betas), torch.device("cpu"))[0]
+    real = next_batches(itertools.repeat(group), cfg, 0, tuple(betas), torch.device("cpu"),
+                        teacher_weights=(1.0 / teachers,) * teachers)[0]
     batches = fake_batches(mode, real)
     tracker = StorageTracker()
     threads = torch.get_num_threads()
@@ -571,7 +580,7 @@ def memory_settings(cfg: TrainConfig) -> dict:
 
 
 # TrainConfig fields that cannot change a step's memory (every other one is in the cache key)
-NOT_MEMORY = {"model", "store", "out", "store_root", "seed", "lr", "weight_decay", "warmup_steps",
+NOT_MEMORY = {"model", "store", "store_weights", "out", "store_root", "seed", "lr", "weight_decay", "warmup_steps",
               "max_steps", "epochs", "log_every", "save_every", "resume", "report_to", "run_name", "wandb_project", "progress",
               "fit_check", "auto_fit", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 
@@ -650,7 +659,7 @@ def _apply(cfg: TrainConfig, seq_len: int, changes: dict) -> tuple[TrainConfig, 
 
 
 def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, prompt_len: int | None = None,
-                    k: int = 50, per_block: Sequence[int] = (), gpu_bytes: int | None = None,
+                    k: int = 50, per_block: Sequence[int] = (), teachers: int = 1, gpu_bytes: int | None = None,
                     suggest: bool = True, stop_at_fit: bool = False, cache: bool = True,
                     auto_fit: bool = False, uniform_groups: bool = True,
                     progress: Callable[[str], None] | None = None) -> MemoryEstimate:
@@ -663,6 +672,7 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
     `seq_len`/`prompt_len`: tokens per sequence (every sequence of the micro-batch is this
     long: the worst case); `k`: stored top-K; `per_block`: records per role block of a group
     of an unpaired objective (e.g. the G rollouts of a TGPO group; default 1 each);
+    `teachers`: an ensemble's stores (their union index taken as teachers x K wide);
     `uniform_groups`: every group gives each block the same number of records (`store_shape`).
     `progress(msg)` hears of each simulation before it runs (seconds to minutes on one core)."""
     hf_config = hf_config if hf_config is not None else model_config(cfg)
@@ -673,7 +683,8 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
 
     def one(c: TrainConfig, s: int) -> dict:
         p = min(prompt_len, s // 2) if s != seq_len else prompt_len
-        return run(c, hf_config, seq_len=s, prompt_len=max(1, p), k=k, per_block=tuple(per_block))
+        shape = dict(seq_len=s, prompt_len=max(1, p), k=k, per_block=tuple(per_block))
+        return run(c, hf_config, **shape, **({"teachers": teachers} if teachers > 1 else {}))
 
     if progress:
         progress("simulating the step as configured")
@@ -687,7 +698,7 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
         largest_gib=r["largest"] / GIB, largest_where=r["largest_where"],
         phase_gib={p: v / GIB for p, v in r["phases"].items()},
         allowance_gib=allowance(r["peak"]) / GIB, needed_gib=need / GIB, gpu_gib=gpu / GIB,
-        fits=need <= gpu, config=memory_settings(cfg))
+        fits=need <= gpu, config={**memory_settings(cfg), **({"teachers": teachers} if teachers > 1 else {})})
     if not est.fits and auto_fit:
         est.auto_fit_note = split_blocker(cfg, uniform_groups)
         if not est.auto_fit_note:
@@ -783,7 +794,16 @@ def store_shape(store, cfg: TrainConfig) -> dict:
     """seq_len / prompt_len / k / per_block of the worst micro-batch the store can produce:
     its longest record, its largest role block per group (read from the records tables only),
     and `uniform`: whether every group gives each block of the objective the same number of
-    records (then a smaller micro-batch keeps the step's math: `split_blocker`)."""
+    records (then a smaller micro-batch keeps the step's math: `split_blocker`).
+    Several stores (a list): the worst of each, and for --ensemble `teachers` = their number
+    (the union index J x K wide); a mixture's groups come from one store each."""
+    if isinstance(store, list | tuple):
+        shapes = [store_shape(s, cfg) for s in store]
+        worst = max(shapes, key=lambda x: x["seq_len"])
+        return {**worst, "k": max(x["k"] for x in shapes),
+                "per_block": tuple(max(x["per_block"][b] for x in shapes) for b in range(len(worst["per_block"]))),
+                "uniform": all(x["uniform"] for x in shapes) and len({x["per_block"] for x in shapes}) == 1,
+                "teachers": len(store) if cfg.ensemble else 1}
     longest, prompt = 0, 1
     spec = OBJECTIVE_SPECS[cfg.objective]
     per_block = [1] * len(spec.blocks)
@@ -815,7 +835,7 @@ def store_shape(store, cfg: TrainConfig) -> dict:
     seq = cfg.estimate_seq_len or longest or 2048
     return {"seq_len": seq, "prompt_len": max(1, min(prompt, seq - 1)) if longest else max(1, seq // 8),
             "k": int(store.meta.k or 1), "per_block": tuple(per_block), "betas": tuple(store.meta.betas or (1.0,)),
-            "uniform": len(layouts) <= 1}
+            "uniform": len(layouts) <= 1, "teachers": 1}
 
 
 def detected_gpu_bytes(cfg: TrainConfig) -> int | None:
@@ -846,7 +866,7 @@ def fit_or_fail(cfg: TrainConfig, store) -> TrainConfig:
     hf_config = model_config(cfg)
     shape = store_shape(store, cfg)
     kw = dict(seq_len=shape["seq_len"], prompt_len=shape["prompt_len"], k=shape["k"],
-              per_block=shape["per_block"], gpu_bytes=gpu)
+              per_block=shape["per_block"], teachers=shape["teachers"], gpu_bytes=gpu)
     auto_gc = cfg.grad_checkpointing is None
     c = _variant(cfg, grad_checkpointing=True) if auto_gc else cfg
     est = estimate_memory(c, hf_config, suggest=False, auto_fit=cfg.auto_fit, uniform_groups=shape["uniform"], **kw)
@@ -877,12 +897,14 @@ def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = 
         raise ValueError("--estimate-memory needs --model DIR (a local HF directory; its config.json is enough)")
     dataclasses.replace(cfg, store=cfg.store or "-").validate()
     shape = {"seq_len": cfg.estimate_seq_len or 2048, "prompt_len": None, "k": 50, "per_block": (),
-             "uniform_groups": True}
+             "uniform_groups": True, "teachers": 1}
     if cfg.store:
         from kdcache.store import open_store
 
-        s = store_shape(open_store(cfg.store, root=cfg.store_root), cfg)
-        shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block")}, uniform_groups=s["uniform"])
+        stores = [open_store(u, root=cfg.store_root) for u in cfg.store]
+        s = store_shape(stores if len(stores) > 1 else stores[0], cfg)
+        shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block", "teachers")},
+                     uniform_groups=s["uniform"])
     gpu = detected_gpu_bytes(cfg) or DEFAULT_GPU
     if cfg.grad_checkpointing is None:  # auto: the estimate shows what the trainer would start with
         cfg = _variant(cfg, grad_checkpointing=True)

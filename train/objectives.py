@@ -8,7 +8,8 @@ pair i of the other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +179,53 @@ OBJECTIVE_SPECS: dict[str, ObjectiveSpec] = {
     ),
     "pbsd": ObjectiveSpec((("teacher_rollout",), ("student_rollout",)), ("token_logprob",), _pbsd),
 }
+
+
+# --ensemble (METHODS §4): the single-teacher loss once per teacher, on that teacher's view
+def _teacher_views(student: StudentOut, batch: SeqBatch) -> Iterator[tuple[StudentOut, SeqBatch]]:
+    """Per teacher j: the student's log-probs at j's top-K ids (sliced out of the union
+    gathered once) and the batch with j's stored fields."""
+    for j, stored in enumerate(batch.teachers):
+        topk = student.topk_logprobs
+        if topk is not None and batch.teacher_pos:
+            topk = topk.gather(-1, batch.teacher_pos[j])
+        yield (StudentOut(student.token_logprobs, topk),
+               dataclasses.replace(batch, stored=stored, betas=batch.teacher_betas[j], teachers=[], teacher_pos=[]))
+
+
+def _ensemble(single: LossFn) -> LossFn:
+    def loss(student, batch, cfg, step):
+        outs = [single(s, b, cfg, step) for s, b in _teacher_views(student, batch)]
+        return losses.ensemble_loss(outs, batch.teacher_weights)
+    return loss
+
+
+def _tvkd_ensemble(student, batch, cfg, step):
+    """ψ is linear in the stored values: the loss on the w-mixed V (and, for MaxEnt, the
+    w-mixed reference log-probs) is the loss with the shaping Σ_j w_j ψ_t(j)."""
+    w, dtype = batch.teacher_weights, student.token_logprobs.dtype  # mixed in the loss's precision
+    cols = [[abs(b - cfg.tvkd_beta) < 1e-9 for b in betas].index(True) for betas in batch.teacher_betas]
+    values = [t["soft_value"][..., c:c + 1].to(dtype) for t, c in zip(batch.teachers, cols, strict=True)]
+    mixed = {"soft_value": losses.mix_teachers(values, w)}
+    if cfg.tvkd_maxent and all("ref_token_logprob" in t for t in batch.teachers):
+        mixed["ref_token_logprob"] = losses.mix_teachers([t["ref_token_logprob"].to(dtype) for t in batch.teachers], w)
+    view = dataclasses.replace(batch, stored=mixed, betas=(cfg.tvkd_beta,), teachers=[], teacher_pos=[])
+    return _tvkd(student, view, cfg, step)
+
+
+ENSEMBLE_LOSSES: dict[str, LossFn] = {
+    "kd": _ensemble(_kd), "dckd": _ensemble(_dckd), "adpa": _ensemble(_adpa), "tvkd": _tvkd_ensemble,
+}
+
+
+def objective_loss(objective: str, batch: SeqBatch) -> LossFn:
+    """The loss function of `objective` for this batch: its ensemble form when the batch
+    carries several teachers."""
+    if batch.teachers:
+        if objective not in ENSEMBLE_LOSSES:
+            raise ValueError(f"objective {objective!r} has no ensemble form: use one of {', '.join(ENSEMBLE_LOSSES)}")
+        return ENSEMBLE_LOSSES[objective]
+    return OBJECTIVE_SPECS[objective].loss
 
 
 def select_records(objective: str, groups: list[list[dict]]) -> tuple[list[dict], list[int]]:
