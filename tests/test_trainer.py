@@ -217,3 +217,24 @@ def test_tvkd_beta_defaults_to_the_store_s_only_beta(setup, tmp_path, caplog):
     with pytest.raises(ValueError, match=r"--tvkd-beta 2.0 is not among the store's soft-value betas \[1.0\]"):
         train(_cfg(setup, "tvkd", tmp_path / "three", store=one, tvkd_beta=2.0))
     assert not (tmp_path / "two").exists() and not (tmp_path / "three").exists()
+
+
+def test_tvkd_maxent_reads_the_reference(setup, tmp_path):
+    """--tvkd-maxent trains on log pi_theta - log pi_ref: the reader must load
+    ref_token_logprob (it once read only soft_value, and MaxEnt silently trained the plain
+    form), and a store without it is refused up front."""
+    plain = train(_cfg(setup, "tvkd", tmp_path / "plain", max_steps=1))
+    maxent = train(_cfg(setup, "tvkd", tmp_path / "maxent", max_steps=1, tvkd_maxent=True))
+    assert np.isfinite(maxent.final_loss) and maxent.final_loss != plain.final_loss
+    model_dir, _, root = setup
+    meta = StoreMeta(k=K, betas=BETAS, fields=["soft_value"], models={}, tokenizer={}, dataset={},
+                     options={"codec": "lossless"}, code_version="test")
+    url = str(root / "values-only")
+    rng = np.random.default_rng(2)
+    with StoreWriter(url, meta) as w:
+        for e in range(2):
+            w.add_group([{k: v for k, v in _record(rng, f"v{e}", role, 0, 52, 2).items()
+                          if k not in FIELDS or k == "soft_value"} for role in ("chosen", "rejected")])
+    with pytest.raises(ValueError, match=r"needs stored fields \['ref_token_logprob'\]"):
+        train(TrainConfig(model=str(model_dir), store=url, out=str(tmp_path / "x"), objective="tvkd",
+                          tvkd_beta=2.0, tvkd_maxent=True))

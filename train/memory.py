@@ -71,7 +71,7 @@ from torch.utils._pytree import tree_flatten
 from .chunked import has_data
 from .config import TrainConfig
 from .data import next_batches
-from .objectives import OBJECTIVE_SPECS
+from .objectives import OBJECTIVE_SPECS, objective_fields
 from .optim import make_optimizer, make_scheduler
 from .step import Precision, train_step
 from .student import prepare_student, weights_dtype
@@ -304,7 +304,7 @@ def synthetic_groups(cfg: TrainConfig, seq_len: int, prompt_len: int, k: int, vo
     the union index is the worst case, teachers x K wide."""
     spec = OBJECTIVE_SPECS[cfg.objective]
     T = seq_len - prompt_len
-    fields = set(spec.fields) | ({"ref_token_logprob"} if cfg.objective == "tvkd" and cfg.tvkd_maxent else set())
+    fields = set(objective_fields(cfg))
     values = {"topk_ids": (np.arange(T * k).reshape(T, k) % vocab).astype(np.int32),
               "topk_logprobs": np.full((T, k), -3.0, np.float32),
               "ref_topk_logprobs": np.full((T, k), -3.5, np.float32),

@@ -181,6 +181,16 @@ OBJECTIVE_SPECS: dict[str, ObjectiveSpec] = {
 }
 
 
+
+def objective_fields(cfg) -> tuple[str, ...]:
+    """The stored fields a run reads: the objective's own, plus `ref_token_logprob` for the
+    MaxEnt TVKD (its log-ratio needs the reference; without it the reader would not load the
+    field and the loss would silently train the plain form)."""
+    fields = OBJECTIVE_SPECS[cfg.objective].fields
+    if cfg.objective == "tvkd" and cfg.tvkd_maxent:
+        fields = (*fields, "ref_token_logprob")
+    return fields
+
 # --ensemble (METHODS §4): the single-teacher loss once per teacher, on that teacher's view
 def _teacher_views(student: StudentOut, batch: SeqBatch) -> Iterator[tuple[StudentOut, SeqBatch]]:
     """Per teacher j: the student's log-probs at j's top-K ids (sliced out of the union

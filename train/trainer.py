@@ -45,7 +45,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, store_weights
 from .data import group_stream, next_batches
-from .objectives import OBJECTIVE_SPECS
+from .objectives import OBJECTIVE_SPECS, objective_fields
 from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
@@ -94,8 +94,7 @@ def resolve_tvkd_beta(cfg: TrainConfig, store, url: str | None = None) -> TrainC
 
 def _check_fields(cfg: TrainConfig, store, url: str | None = None) -> None:
     """Up front, before the reader opens: the objective's fields are stored."""
-    spec = OBJECTIVE_SPECS[cfg.objective]
-    missing = [f for f in spec.fields if f not in store.fields]
+    missing = [f for f in objective_fields(cfg) if f not in store.fields]
     if missing:
         raise ValueError(
             f"objective {cfg.objective!r} needs stored fields {missing}, which store "
@@ -203,7 +202,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
         cfg = resolve_tvkd_beta(cfg, s, url if several else None)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
-        budget = distributed.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
+        budget = distributed.epoch_budget(store, list(objective_fields(cfg)), cfg.seed, d.world_size)
         distributed.check_budget(store, cfg.store[0], budget, d.world_size)
     # an epoch of a mixture is as many groups as all its stores hold (with the default
     # weights, one pass over each store in expectation); of an ensemble, one store's
@@ -220,7 +219,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
     if several:
         _check_several(cfg, stores)
     # the reader at its (restored) position; the first group is read while the student loads
-    readers = [StreamReader(s, fields=list(OBJECTIVE_SPECS[cfg.objective].fields), shuffle=True,
+    readers = [StreamReader(s, fields=list(objective_fields(cfg)), shuffle=True,
                             seed=cfg.seed, rank=d.rank, world_size=d.world_size) for s in stores]
     reader = readers[0]
     if several:  # one position for all: the mixture's sampler, or the ensemble's lockstep
