@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import os
+import reprlib
 import sys
 import types
 import typing
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import typer
 from typer.core import TyperCommand, TyperGroup
+
+from kdcache import pipelines
 
 ESSENTIALS = "Essentials"
 # The config commands: where each one's dataclass lives and what it does. They are built
@@ -184,11 +187,11 @@ def _parse(where: str, tp, value, about: str = ""):
         if isinstance(items, int | float) and not isinstance(items, bool):
             items = [items]  # YAML `betas: 2`
         if not isinstance(items, list) or any(isinstance(v, str) and not v.strip() for v in items):
-            raise ValueError(f"{where} {value!r}: expected {form}")
+            raise ValueError(f"{where} {_clip(value)}: expected {form}")
         try:
             return [_scalar(item, v.strip() if isinstance(v, str) else v) for v in items]
         except (TypeError, ValueError):
-            raise ValueError(f"{where} {value!r}: expected {form}") from None
+            raise ValueError(f"{where} {_clip(value)}: expected {form}") from None
     if origin is tuple:  # (index, count) partitions
         parts = value.split("/") if isinstance(value, str) else value
         try:
@@ -196,13 +199,23 @@ def _parse(where: str, tp, value, about: str = ""):
                 raise ValueError
             return tuple(_scalar(int, p.strip() if isinstance(p, str) else p) for p in parts)
         except (TypeError, ValueError):
-            raise ValueError(f"{where} {value!r}: expected i/N (this part, the number of parts), e.g. 0/4") from None
+            raise ValueError(f"{where} {_clip(value)}: expected i/N (this part, the number of parts), e.g. 0/4") from None
     if tp in (str, int, float, bool):
         try:
             return _scalar(tp, value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+            raise ValueError(f"{where}: expected {tp.__name__}, got {_clip(value)}") from None
     return value  # e.g. a reward given as `module:function` or a callable
+
+
+def _clip(value, limit: int = 80) -> str:
+    """repr of a parsed value for an error message, cut to `limit` characters (a config's
+    value may be large; it is never echoed whole)."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlevel = 3
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _scalar(tp, v):
@@ -222,16 +235,26 @@ def _scalar(tp, v):
 
 
 def _read_config(path: Path, cls) -> dict:
+    import stat
+
     import yaml
 
+    from kdcache import plainyaml
+
     try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a device never end
+            raise ValueError(f"--config {path}: not a regular file; pass the YAML config file")
+        if st.st_size > plainyaml.MAX_BYTES:
+            raise ValueError(f"--config {path}: larger than a config may be "
+                             f"({plainyaml.MAX_BYTES} bytes); pass the YAML config file")
         text = path.read_text()
     except FileNotFoundError:
         raise ValueError(f"--config {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        values = yaml.safe_load(text)
+    try:  # no aliases (billion laughs), bounded depth (RecursionError)
+        values = plainyaml.load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -293,7 +316,7 @@ class _ConfigCommand(TyperCommand):
 
 def config_command(name: str, cls, help: str) -> Callable:
     """The typer function of `kdcache NAME`: --config, then one --flag per field of `cls`
-    (the Essentials panel first), running `_<name>(cfg)` and printing what it returns."""
+    (the Essentials panel first), running `RUNS[name](cfg)` and printing what it returns."""
     from rich.markup import escape
 
     hints = typing.get_type_hints(cls)
@@ -318,7 +341,7 @@ def config_command(name: str, cls, help: str) -> Callable:
 
     def command(**kwargs):
         path = kwargs.pop("config")
-        result = _friendly(lambda: globals()[f"_{name}"](make_config(name, cls, path, kwargs)))
+        result = _friendly(lambda: RUNS[name](make_config(name, cls, path, kwargs)))
         if isinstance(result, Outcome):
             typer.echo(result.text)
             if result.exit_code:
@@ -367,12 +390,52 @@ def _friendly(fn: Callable, *args):
     try:
         with contextlib.redirect_stdout(sys.stderr):
             return fn(*args)
-    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, PermissionError, ...
-        if _verbose:
+    except (ValueError, OSError, RecursionError, MemoryError, RuntimeError) as e:
+        # OSError: FileNotFoundError, PermissionError, ...; UnpicklingError and YAMLError are
+        # matched by name (their modules load only with the commands that raise them)
+        msg = _error_line(e)
+        if _verbose or msg is None:
             raise
-        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    except Exception as e:
+        if _verbose or type(e).__name__ not in _INPUT_ERRORS:
+            raise
+        typer.secho(f"error: {_error_line(e)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+# a damaged or hostile pickle / YAML file (checkpoint, weights, config)
+_INPUT_ERRORS = {"UnpicklingError": "a pickled file (checkpoint or weights) is damaged or holds "
+                 "code, which is never run",
+                 "ConstructorError": "a YAML file holds a Python object tag, which is never built",
+                 "ComposerError": "a YAML file holds anchors, aliases or deep nesting"}
+_MAX_ERROR_CHARS = 2000  # an error quotes input; a hostile input is not echoed whole
+
+
+def _error_line(e: BaseException) -> str | None:
+    """The one `error:` line for `e` (None: a bug, shown as a traceback), cut short."""
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    name = type(e).__name__
+    if isinstance(e, RecursionError):
+        msg = (f"an input is nested too deeply to read ({msg or name}): a manifest, config or "
+               "checkpoint file is damaged or hostile; check stores with `kdcache store verify`, "
+               "restore or delete the damaged file")
+    elif isinstance(e, MemoryError):
+        msg = (f"out of memory ({msg or name}): an input declares more than this machine holds "
+               "(a damaged or hostile store or checkpoint, or too large a batch); check stores "
+               "with `kdcache store verify`, or lower the batch/sequence settings")
+    elif isinstance(e, RuntimeError) and not isinstance(e, NotImplementedError):
+        low = msg.lower()
+        if not any(w in low for w in ("no space left", "file write failed", "enospc",
+                                      "disk quota")):
+            return None  # a bug or a device error, not bad input: keep the traceback
+        msg = (f"the disk is full ({msg}): free space and re-run the same command (a run "
+               "resumes from its last checkpoint or committed shard)")
+    elif name in _INPUT_ERRORS:  # the first sentence: torch's goes on to suggest unsafe loading
+        msg = f"{_INPUT_ERRORS[name]} ({name}: {msg.split('. ')[0][:200]}); delete or replace that file"
+    msg = msg or name
+    return msg if len(msg) <= _MAX_ERROR_CHARS else msg[:_MAX_ERROR_CHARS] + " ..."
 
 
 def _echo_json(obj) -> None:
@@ -380,12 +443,26 @@ def _echo_json(obj) -> None:
 
 
 # --------------------------------------------------------------------------- stage commands
+# What each config command runs with its checked config (looked up when the command runs).
+RUNS: dict[str, Callable] = {}
+
+
+def _runs(name: str) -> Callable:
+    def register(fn: Callable) -> Callable:
+        RUNS[name] = fn
+        return fn
+
+    return register
+
+
+@_runs("precompute")
 def _precompute(cfg) -> str:
     from kdcache.precompute import run_precompute
 
     return run_precompute(cfg)
 
 
+@_runs("rollout")
 def _rollout(cfg) -> str:
     from kdcache.precompute.rollout import run_rollout
     from kdcache.train.rewards import resolve_reward
@@ -395,6 +472,7 @@ def _rollout(cfg) -> str:
     return run_rollout(cfg)
 
 
+@_runs("train")
 def _train(cfg) -> str | Outcome | None:
     if cfg.estimate_memory:  # the step's memory on a CUDA GPU, simulated: no weights loaded
         from kdcache.train.memory import estimate_for_cli
@@ -416,6 +494,7 @@ def _train(cfg) -> str | Outcome | None:
     return str(Path(res.out) / "model")
 
 
+@_runs("eval")
 def _eval(cfg) -> str:
     from kdcache.train.eval import evaluate, results_dir, save_results
 
@@ -426,7 +505,7 @@ def _eval(cfg) -> str:
     return json.dumps(result, indent=2, default=str)
 
 
-@app.command()
+@app.command("inspect")
 def inspect_(url: str = typer.Argument(..., help="store URL or path"),
              as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
     """Manifest summary, sequences and tokens, bytes/token per field, top-K mass."""
@@ -441,8 +520,6 @@ def inspect_(url: str = typer.Argument(..., help="store URL or path"),
     typer.echo(format_summary(summary))
 
 
-app.registered_commands[-1].name = "inspect"
-
 
 @store_app.command("ls")
 def store_ls(root: str = typer.Argument(..., help="directory or URL holding stores")) -> None:
@@ -450,7 +527,10 @@ def store_ls(root: str = typer.Argument(..., help="directory or URL holding stor
     from kdcache.store.admin import list_stores
 
     for row in _friendly(list_stores, root):
-        typer.echo(json.dumps(row, default=str))
+        if "damaged" in row:  # reported, not listed: the others still are
+            typer.secho(f"warning: skipped {row['url']}: {row['damaged']}", fg=typer.colors.YELLOW, err=True)
+        else:
+            typer.echo(json.dumps(row, default=str))
 
 
 @store_app.command("verify")
@@ -490,7 +570,10 @@ def store_gc(root: str = typer.Argument(..., help="directory or URL holding stor
     """Remove shards no manifest references and uncommitted temporary files; print JSON."""
     from kdcache.store.admin import gc
 
-    _echo_json(_friendly(lambda: gc(root, min_age_s=min_age, dry_run=dry_run)))
+    report = _friendly(lambda: gc(root, min_age_s=min_age, dry_run=dry_run))
+    for why in report["skipped"]:
+        typer.secho(f"warning: skipped {why}", fg=typer.colors.YELLOW, err=True)
+    _echo_json(report)
 
 
 @store_app.command("merge")
@@ -536,330 +619,94 @@ def demo(out: Path = typer.Option(Path("kdcache-demo"), "--out", "-o", help="art
     """Train a tiny teacher (SFT, then DPO), precompute its signals, distil students with
     every method, and print the table: rule preference rate, reward accuracy, time, store size
     (stages on stderr, the table on stdout)."""
-    result = _friendly(run_demo, out, quick, [m for m in methods.split(",") if m], seed)
-    typer.echo(_demo_table(result["rows"]))
+    from kdcache import demo as demo_module
+
+    result = _friendly(demo_module.run_demo, out, quick, [m for m in methods.split(",") if m], seed)
+    typer.echo(demo_module.demo_table(result["rows"]))
 
 
-# --------------------------------------------------------------------------- the demo
-DEMO_METHODS = ("sft", "seqkd", "dckd", "dckd-code", "adpa", "adpa-code", "adpa+", "tvkd", "tvkd-g0.7",
-                "tvkd-a0", "dpo", "tgpo", "pbsd")
-# Sequence-margin objectives (DPO, TVKD, PBSD) are run at a lower learning rate than the
-# token-level ones, as is customary: at 1e-3 they push y_l's likelihood down without bound.
-PREF_LR = 2e-4
-
-
-def _dir_bytes(url: str) -> int:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url)
-    return sum(fs.du(root, total=False).values()) if fs.exists(root) else 0
-
-
-class Stages:
-    """Chains the stages through their public APIs with shared defaults; every intermediate
-    store is content-addressed under `store_root`, so unchanged inputs are never recomputed,
-    and every training run resumes (or is skipped when finished) in `runs/<name>`."""
-
-    def __init__(self, out: Path, seed: int = 0, precompute: dict | None = None,
-                 rollout: dict | None = None, train: dict | None = None) -> None:
-        self.out, self.seed = Path(out), seed
-        self.store_root = str(self.out / "stores")
-        self.defaults = {"precompute": precompute or {}, "rollout": rollout or {}, "train": train or {}}
-        self.timings: dict[str, float] = {}
-
-    def precompute(self, **kw) -> str:
-        from kdcache.precompute import PrecomputeConfig, run_precompute
-
-        base = {"out_root": self.store_root, **self.defaults["precompute"]}
-        return run_precompute(PrecomputeConfig(**{**base, **kw}))
-
-    def rollout(self, **kw) -> str:
-        from kdcache.precompute.rollout import RolloutConfig, run_rollout
-        from kdcache.train.rewards import resolve_reward
-
-        if isinstance(kw.get("reward"), str):
-            kw["reward"] = resolve_reward(kw["reward"])
-        base = {"out_root": self.store_root, "seed": self.seed, **self.defaults["rollout"]}
-        return run_rollout(RolloutConfig(**{**base, **kw}))
-
-    def train(self, name: str, model: str, store: str, objective: str, steps: int, **kw) -> str:
-
-        from kdcache.train.config import TrainConfig
-        from kdcache.train.trainer import train
-
-        run = self.out / "runs" / name
-        cfg = TrainConfig(**{"seed": self.seed, **self.defaults["train"], "model": str(model),
-                             "store": store, "out": str(run), "objective": objective,
-                             "max_steps": steps, **kw})
-        # the run's own training time (summed over resumes), so a cached re-run reports it too
-        self.timings[name] = train(cfg).seconds
-        return str(run / "model")
-
-
-def adpa_plus(st: Stages, student: str, teacher: str, reference: str, pref_data: str,
-              prompts_data: str, dckd_steps: int, adpa_steps: int, n: int = 2,
-              dckd: dict | None = None, adpa: dict | None = None, name: str = "adpa+") -> tuple[str, list[str]]:
-    """ADPA+ (seed 001, Algorithm 2): DCKD, rollouts from the DCKD student, precompute on
-    them, then ADPA from the DCKD student. Returns the model and the stores it used."""
-    pref = st.precompute(data=pref_data, teacher=teacher, reference=reference)
-    dckd_model = st.train("dckd", student, pref, "dckd", dckd_steps, **(dckd or {}))
-    return adpa_from(st, dckd_model, teacher, reference, prompts_data, adpa_steps, n, adpa, name)
-
-
-def adpa_from(st: Stages, start: str, teacher: str, reference: str, prompts_data: str, steps: int,
-              n: int = 2, adpa: dict | None = None, name: str = "adpa") -> tuple[str, list[str]]:
-    """ADPA on the student's own rollouts (with the preferred response for its SFT term)."""
-    roll = st.rollout(model=start, data=prompts_data, n=n, include_chosen=True)
-    scored = st.precompute(input_store=roll, teacher=teacher, reference=reference)
-    return st.train(name, start, scored, "adpa", steps, **(adpa or {})), [roll, scored]
-
-
-def tgpo_rounds(st: Stages, student: str, teacher: str, prompts_data: str, reward, steps: int,
-                rounds: int = 1, n: int = 4, train_kw: dict | None = None,
-                name: str = "tgpo") -> tuple[str, list[str]]:
-    """TGPO offline rounds: rollout (with rewards) -> precompute the teacher's top-K ->
-    train `steps` -> regenerate from the new student. The guidance weight's schedule runs
-    on across rounds."""
-    model, stores = student, []
-    for r in range(rounds):
-        roll = st.rollout(model=model, data=prompts_data, n=n, reward=reward)
-        scored = st.precompute(input_store=roll, teacher=teacher, reference=None)
-        stores += [roll, scored]
-        run = name if rounds == 1 else f"{name}-round{r}"
-        model = st.train(run, model, scored, "tgpo", steps, tgpo_step_offset=r * steps, **(train_kw or {}))
-    return model, stores
-
-
-def pbsd(st: Stages, student: str, prompts_data: str, steps: int, n: int = 1,
-         train_kw: dict | None = None, name: str = "pbsd") -> tuple[str, list[str]]:
-    """PBSD (seed 003): the initial student, given privileged context c (the data's
-    `context` column), is the fixed teacher. y+ is sampled WITH c, y- without; the teacher
-    (with c) scores both; the student (without c) trains on the pair."""
-    pos = st.rollout(model=student, data=prompts_data, n=n, role="teacher_rollout", use_context=True)
-    neg = st.rollout(model=student, data=prompts_data, n=n, role="student_rollout", use_context=True)
-    scored = st.precompute(input_store=f"{pos},{neg}", teacher=student, reference=None)
-    return st.train(name, student, scored, "pbsd", steps, **(train_kw or {})), [pos, neg, scored]
-
-
+# --------------------------------------------------------------------------- pipelines
 pipeline_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
                            help="Multi-stage recipes, one command each; each prints the final model's directory.")
-_OUT_HELP = "directory of the pipeline's stores (stores/) and runs (runs/); a re-run reuses both"
 app.add_typer(pipeline_app, name="pipeline")
 
 
-@pipeline_app.command("adpa-plus")
-def pipeline_adpa_plus(
+def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
+                     batch_groups: tuple[int, str], max_new_tokens: int) -> Callable:
+    """Registers `kdcache pipeline NAME`: the decorated function declares the pipeline's own
+    options; the options every pipeline shares (--out, --n, --lr, --batch-groups,
+    --max-new-tokens, --seed, --backend, with this pipeline's defaults) are added here, once, and the
+    command prints `run(PipelineOptions(...), **own options)`."""
+    shared = {
+        "out": (Path, typer.Option(Path(f"runs/{name}"), help="directory of the pipeline's stores "
+                                   "(stores/) and runs (runs/); a re-run reuses both")),
+        "n": (int, typer.Option(n[0], help=n[1])),
+        "lr": (float, typer.Option(lr, help="learning rate" + (" of every stage" if name == "adpa-plus" else ""))),
+        "batch_groups": (int, typer.Option(batch_groups[0], help=batch_groups[1])),
+        "max_new_tokens": (int, typer.Option(max_new_tokens, help="longest rollout in tokens")),
+        "seed": (int, typer.Option(0, help="seed of rollouts and training")),
+        "backend": (str, typer.Option("hf", help="rollout sampler (rollout --backend): hf or vllm")),
+    }
+
+    def register(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(fn)
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()]
+        params = own + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=opt)
+                        for k, (tp, opt) in shared.items()]
+
+        def command(**kwargs):
+            opts = pipelines.PipelineOptions(**{k: kwargs.pop(k) for k in shared})
+            typer.echo(_friendly(lambda: run(opts, **kwargs)))
+
+        command.__signature__ = inspect.Signature(params)
+        command.__doc__ = fn.__doc__
+        pipeline_app.command(name)(command)
+        return fn
+
+    return register
+
+
+@pipeline_command("adpa-plus", pipelines.run_adpa_plus, n=(2, "rollouts per prompt"), lr=1e-5,
+                  batch_groups=(8, "example groups per micro-batch"), max_new_tokens=256)
+def _pipeline_adpa_plus(
     student: str = typer.Option(..., help="SFT'd student model dir"),
     teacher: str = typer.Option(..., help="DPO teacher model dir"),
     reference: str = typer.Option(..., help="the teacher's pre-DPO reference model dir"),
     data: str = typer.Option(..., help="preference data (prompt, chosen, rejected)"),
     prompts: str = typer.Option("", help="prompts for rollouts (default: --data)"),
-    out: Path = typer.Option(Path("runs/adpa-plus"), help=_OUT_HELP),
     dckd_steps: int = typer.Option(1000, help="optimizer steps of the DCKD stage"),
     adpa_steps: int = typer.Option(1000, help="optimizer steps of the ADPA stage"),
-    n: int = typer.Option(2, help="rollouts per prompt"),
     k: int = typer.Option(50, help="teacher top-K entries stored per token"),
     dckd_alpha: float = typer.Option(0.2, help="DCKD's alpha (train --dckd-alpha)"),
     adpa_gamma: float = typer.Option(3.0, help="ADPA's gamma (train --adpa-gamma)"),
-    lr: float = typer.Option(1e-5, help="learning rate of both stages"),
-    batch_groups: int = typer.Option(8, help="example groups per micro-batch"),
-    max_new_tokens: int = typer.Option(256, help="longest rollout in tokens"),
-    seed: int = typer.Option(0, help="seed of rollouts and training"),
 ) -> None:
     """DCKD -> rollouts -> precompute -> ADPA, one command (ADPA+)."""
-    st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
-                train={"lr": lr, "batch_groups": batch_groups})
-    model, _ = _friendly(adpa_plus, st, student, teacher, reference, data, prompts or data,
-                         dckd_steps, adpa_steps, n, {"dckd_alpha": dckd_alpha}, {"adpa_gamma": adpa_gamma})
-    typer.echo(model)
 
 
-@pipeline_app.command("tgpo")
-def pipeline_tgpo(
+@pipeline_command("tgpo", pipelines.run_tgpo, n=(8, "rollouts per prompt (the GRPO group)"), lr=1e-6,
+                  batch_groups=(4, "prompts (groups of n rollouts) per micro-batch"), max_new_tokens=512)
+def _pipeline_tgpo(
     student: str = typer.Option(..., help="the student to improve (model dir)"),
     teacher: str = typer.Option(..., help="the teacher whose top-K guides it (model dir)"),
     prompts: str = typer.Option(..., help="prompts (+ answer column for numeric rewards)"),
     reward: str = typer.Option(..., help="module:function, or built in: numeric_exact_match, sort_rule"),
-    out: Path = typer.Option(Path("runs/tgpo"), help=_OUT_HELP),
     rounds: int = typer.Option(1, help="rollout -> precompute -> train rounds"),
     steps: int = typer.Option(200, help="train steps per round"),
-    n: int = typer.Option(8, help="rollouts per prompt (the GRPO group)"),
     k: int = typer.Option(50, help="teacher top-K entries stored per token"),
     shaping: bool = typer.Option(False, help="TGPO_R reward shaping"),
-    lr: float = typer.Option(1e-6, help="learning rate"),
-    batch_groups: int = typer.Option(4, help="prompts (groups of n rollouts) per micro-batch"),
-    max_new_tokens: int = typer.Option(512, help="longest rollout in tokens"),
-    seed: int = typer.Option(0, help="seed of rollouts and training"),
 ) -> None:
     """TGPO in offline rounds: rollout -> reward -> precompute -> train N steps -> repeat."""
-    st = Stages(out, seed, precompute={"k": k}, rollout={"max_new_tokens": max_new_tokens},
-                train={"lr": lr, "batch_groups": batch_groups})
-    model, _ = _friendly(tgpo_rounds, st, student, teacher, prompts, reward, steps, rounds, n,
-                         {"tgpo_shaping": shaping})
-    typer.echo(model)
 
 
-@pipeline_app.command("pbsd")
-def pipeline_pbsd(
+@pipeline_command("pbsd", pipelines.run_pbsd, n=(1, "rollouts per prompt, on each side"), lr=1e-5,
+                  batch_groups=(8, "pairs per micro-batch"), max_new_tokens=256)
+def _pipeline_pbsd(
     student: str = typer.Option(..., help="the initial student (also the teacher, given context)"),
     prompts: str = typer.Option(..., help="prompts with a `context` column (privileged information)"),
-    out: Path = typer.Option(Path("runs/pbsd"), help=_OUT_HELP),
     steps: int = typer.Option(500, help="optimizer steps"),
-    n: int = typer.Option(1, help="rollouts per prompt, on each side"),
     beta: float = typer.Option(0.1, help="PBSD's beta (train --pbsd-beta)"),
-    lr: float = typer.Option(1e-5, help="learning rate"),
-    batch_groups: int = typer.Option(8, help="pairs per micro-batch"),
-    max_new_tokens: int = typer.Option(256, help="longest rollout in tokens"),
-    seed: int = typer.Option(0, help="seed of rollouts and training"),
 ) -> None:
     """PBSD: teacher-with-context samples y+, student samples y-, precompute, train."""
-    st = Stages(out, seed, rollout={"max_new_tokens": max_new_tokens},
-                train={"lr": lr, "batch_groups": batch_groups})
-    model, _ = _friendly(pbsd, st, student, prompts, steps, n, {"pbsd_beta": beta})
-    typer.echo(model)
-
-
-class Demo(Stages):
-    """The embedded default: every stage of the product on a tiny sorting task, on CPU.
-
-    Teacher: SFT on a corpus where 30% of answers are sorted, then DPO (+ length-normalised
-    NLL on y_w, as in RPO) on its own clean pairs (sorted vs near miss); the SFT model is its
-    reference. Student: a smaller model, SFT'd on the same corpus, then trained by each
-    method with the same step budget on the students' noisier preference set (chosen is only
-    the better of two answers) and the teacher's precomputed signals. Everything goes
-    through stores, exactly as on a real cluster.
-    """
-
-    def __init__(self, out: Path, quick: bool, seed: int) -> None:
-        from kdcache.train.tasks import make_demo_data
-        from kdcache.train.tiny import build_tokenizer
-
-        self.k, self.betas = 16, [1.0, 2.0]
-        super().__init__(
-            out, seed,
-            precompute={"k": self.k, "betas": self.betas, "progress": False, "codec": "compact",
-                        "max_length": 64},
-            rollout={"max_new_tokens": 12, "progress": False, "batch_prompts": 64},
-            train={"progress": False, "batch_groups": 16, "lr": 1e-3},
-        )
-        self.quick = quick
-        self.tok = build_tokenizer()
-        n = (lambda full, small: small if quick else full)  # noqa: E731
-        self.steps = {"teacher_sft": n(600, 120), "teacher_dpo": n(250, 40),
-                      "student_sft": n(300, 60), "student": n(300, 30)}
-        self.data = make_demo_data(out / "data", seed=seed, n_sft=n(4000, 800), n_pref=n(1500, 300),
-                                   n_rollout_prompts=n(600, 120), n_eval=n(200, 60))
-
-    def evaluate(self, model: str, eval_store: str) -> dict:
-        from kdcache.train.eval import EvalConfig, evaluate
-
-        return evaluate(EvalConfig(model=str(model), store=eval_store, reward="sort_rule",
-                                   samples=4, max_new_tokens=12, seed=self.seed))
-
-
-def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, seed: int = 0) -> dict:
-    import time
-
-    from kdcache.train.tiny import save_tiny
-
-    unknown = sorted(set(methods or []) - set(DEMO_METHODS))
-    if unknown:
-        raise ValueError(f"unknown demo methods {unknown}: choose from {', '.join(DEMO_METHODS)}")
-    methods = list(methods or DEMO_METHODS)
-    # the demo's models are tiny: one intra-op thread beats two that spend their time
-    # synchronising (6x faster measured on a busy 2-core machine)
-    import torch
-
-    torch.set_num_threads(1)
-    t_all = time.perf_counter()
-    d = Demo(out, quick, seed)
-    typer.echo(f"kdcache demo -> {out}  ({'quick' if quick else 'full'} run)")
-
-    typer.echo("[1/5] teacher: SFT from scratch, then DPO (reference = the SFT model)")
-    t_init = save_tiny(out / "models" / "teacher-init", d.tok, hidden=128, layers=4, heads=4, seed=seed)
-    sft_store = d.precompute(data=str(d.data["sft"]), teacher=None, tokenizer=str(t_init))
-    ref = d.train("teacher-sft", t_init, sft_store, "sft", d.steps["teacher_sft"], batch_groups=64, lr=3e-3)
-    dpo_store = d.precompute(data=str(d.data["teacher_pref"]), teacher=ref, reference=ref)
-    teacher = d.train("teacher-dpo", ref, dpo_store, "dpo", d.steps["teacher_dpo"], batch_groups=32,
-                      lr=5e-4, dpo_beta=0.1, dpo_nll=1.0)
-
-    typer.echo("[2/5] student: SFT on the same corpus (every method starts here)")
-    s_init = save_tiny(out / "models" / "student-init", d.tok, hidden=64, layers=2, heads=4, seed=seed + 1)
-    student0 = d.train("student-sft-init", s_init, sft_store, "sft", d.steps["student_sft"], batch_groups=64, lr=3e-3)
-
-    typer.echo("[3/5] precompute the teacher's signals once (top-K, reference, soft values)")
-    pref = d.precompute(data=str(d.data["pref"]), teacher=teacher, reference=ref)
-    evals = d.precompute(data=str(d.data["eval"]), teacher=teacher, reference=ref)
-
-    typer.echo(f"[4/5] distil students: {', '.join(methods)}")
-    steps = d.steps["student"]
-    stores: dict[str, list[str]] = {}
-    models: dict[str, str] = {}
-
-    prompts = str(d.data["prompts"])
-    for m in methods:
-        if m == "sft":
-            stores[m], models[m] = [pref], d.train(m, student0, pref, "sft", steps)
-        elif m == "seqkd":
-            roll = d.rollout(model=teacher, data=prompts, n=2, role="teacher_rollout")
-            stores[m], models[m] = [roll], d.train(m, student0, roll, "seqkd", steps)
-        elif m == "dckd":
-            stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_alpha=0.2)
-        elif m == "dckd-code":  # the released-code variant: (K+1)-bucket KL, clamps, token means
-            stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_reference_code=True)
-        elif m == "adpa":
-            models[m], stores[m] = adpa_from(d, student0, teacher, ref, prompts, steps, 2)
-        elif m == "adpa-code":  # the released-code variant: clamps, token means, weight 1.6
-            models[m], stores[m] = adpa_from(d, student0, teacher, ref, prompts, steps, 2,
-                                             {"adpa_reference_code": True}, name=m)
-        elif m == "adpa+":
-            models[m], stores[m] = adpa_plus(d, student0, teacher, ref, str(d.data["pref"]), prompts,
-                                             steps, steps, 2, {"dckd_alpha": 0.2})
-            stores[m].insert(0, pref)
-        elif m.startswith("tvkd"):  # γ = 1 (the paper), γ = 0.7 (discounted), α = 0 (no shaping)
-            shaping = {"tvkd": {}, "tvkd-g0.7": {"tvkd_gamma": 0.7}, "tvkd-a0": {"tvkd_alpha": 0.0}}[m]
-            stores[m], models[m] = [pref], d.train(m, student0, pref, "tvkd", steps, lr=PREF_LR,
-                                                   **{"tvkd_beta": 2.0, "tvkd_alpha": 0.7, **shaping})
-        elif m == "dpo":
-            own = d.precompute(data=str(d.data["pref"]), teacher=student0, reference=student0)
-            stores[m], models[m] = [own], d.train(m, student0, own, "dpo", steps, dpo_beta=0.1, lr=PREF_LR)
-        elif m == "tgpo":
-            models[m], stores[m] = tgpo_rounds(d, student0, teacher, prompts, "sort_rule", steps, 1, 4)
-        elif m == "pbsd":
-            models[m], stores[m] = pbsd(d, student0, prompts, steps, 1, {"pbsd_beta": 0.1, "lr": PREF_LR})
-
-    typer.echo("[5/5] evaluate on held-out pairs (rule-judged preference rate on samples)")
-    rows = [{"method": "teacher (DPO)", **d.evaluate(teacher, evals), "train_s": d.timings["teacher-dpo"], "store_mb": None},
-            {"method": "student init (SFT corpus)", **d.evaluate(student0, evals), "train_s": None, "store_mb": None}]
-    for m in methods:
-        # ADPA+ is a pipeline: its cost includes the DCKD stage it starts from
-        train_s = d.timings[m] + (d.timings["dckd"] if m == "adpa+" else 0.0)
-        rows.append({"method": m, **d.evaluate(models[m], evals), "train_s": train_s,
-                     "store_mb": sum(_dir_bytes(u) for u in stores.get(m, [])) / 2**20})
-    result = {"rows": rows, "seconds": time.perf_counter() - t_all, "quick": quick, "seed": seed,
-              "steps": d.steps}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    typer.echo(f"total {result['seconds']:.0f}s; results in {out / 'results.json'}; "
-               f"`kdcache plot {out}/runs/* --table {out}/results.json` draws them")
-    return result
-
-
-def _demo_table(rows: list[dict]) -> str:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="kdcache demo: sort digits ascending (rule-judged)")
-    for col in ("method", "pref rate", "ends </s>", "reward acc", "KL top-K", "train s", "store MB"):
-        t.add_column(col, justify="left" if col == "method" else "right")
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for r in rows:
-        t.add_row(r["method"], fmt(r.get("reward_mean"), ".3f"), fmt(r.get("eos_rate"), ".3f"),
-                  fmt(r.get("reward_accuracy"), ".3f"),
-                  fmt(r.get("kl_topk"), ".3f"), fmt(r.get("train_s"), ".1f"), fmt(r.get("store_mb"), ".2f"))
-    console = Console(record=True, width=100)
-    with console.capture() as cap:
-        console.print(t)
-    return cap.get()
 
 
 def main() -> None:

@@ -14,6 +14,11 @@
 3. `--rss`: peak RSS of a tokenized-only precompute (no teacher) over synthetic JSONL of 10k
    and 1M rows, each in a fresh process (`--rss-teacher`: with a tiny teacher instead; slow
    on CPU). -> results/precompute_rss.{json,md}
+4. `--rss-sources`: the same peak RSS for each kind of `--data` source: the JSONL file (the
+   hand-written reader) vs, through `datasets` streaming, a CSV file, a hub-snapshot folder
+   (Parquet shards + README.md card) and a `save_to_disk` folder. Per size: a read-only pass
+   over every row (`open_data(...).rows()`) and, up to --rss-full-rows, the whole
+   tokenized-only precompute. -> results/precompute_rss_sources.{json,md}
 
 Every result names the machine. Usage:
     python benchmarks/bench_precompute.py                 # any CUDA box (~17 GB weights)
@@ -21,6 +26,7 @@ Every result names the machine. Usage:
     python benchmarks/bench_precompute.py --smoke         # CPU, seconds
     python benchmarks/bench_precompute.py --pipeline --smoke
     python benchmarks/bench_precompute.py --rss           # CPU; the 1M-row case takes a while
+    python benchmarks/bench_precompute.py --rss-sources   # CPU; read-only at 1M rows: minutes
 """
 
 from __future__ import annotations
@@ -129,6 +135,10 @@ def main() -> None:
     ap.add_argument("--rss", action="store_true", help="peak RSS, 10k vs 1M rows (streaming)")
     ap.add_argument("--rss-rows", default="10000,1000000")
     ap.add_argument("--rss-teacher", action="store_true", help="--rss with a tiny teacher")
+    ap.add_argument("--rss-sources", action="store_true",
+                    help="peak RSS per --data source kind (JSONL vs datasets: csv, folder, save_to_disk)")
+    ap.add_argument("--rss-full-rows", type=int, default=10000,
+                    help="--rss-sources: largest size also run as a whole precompute")
     ap.add_argument("--tokens", type=int, default=None, help="total tokens (default 16384)")
     ap.add_argument("--min-len", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=None)
@@ -148,6 +158,8 @@ def main() -> None:
         return pipeline(args)
     if args.rss:
         return rss(args)
+    if args.rss_sources:
+        return rss_sources(args)
 
     if args.smoke:
         torch.set_num_threads(1)  # a tiny model on a shared box: one thread is steadier
@@ -543,6 +555,123 @@ def render_rss(o: dict) -> str:
         lines.append(f"| {r['rows']:,} | {r['data_mb']:.1f} | {int(r.get('tokens', 0)):,} | "
                      f"{r['seconds']:.0f} | {r['maxrss_mib']:.0f} | "
                      f"{r['maxrss_mib'] - o['baseline_maxrss_mib']:.0f} |")
+    return "\n".join(lines + [""])
+
+
+_SRC_CHILD = """
+import json, resource, sys, time
+import datasets  # noqa: F401 - imported in every case, the baseline included
+from kdcache.precompute.data import open_data
+from kdcache.precompute.run import PrecomputeConfig, run_one
+kw = json.loads(sys.argv[1])
+t, n = {}, 0
+t0 = time.perf_counter()
+if kw.get("read"):
+    for src in open_data(kw["read"]).rows():
+        n += len(src.row)
+elif kw:
+    run_one(PrecomputeConfig(**kw), t)
+# VmHWM: this image's own peak. ru_maxrss keeps the parent's RSS at fork across exec on
+# Linux, so a child lighter than the benchmark process would read the parent's peak.
+hwm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
+print(json.dumps({"maxrss_mib": hwm / 1024, "seconds": time.perf_counter() - t0, **t}))
+"""
+
+
+def _write_sources(work: Path, jsonl: Path, n: int) -> dict[str, Path]:
+    """The JSONL rows as a CSV file, a hub-snapshot folder and a save_to_disk folder (written
+    in blocks; only the save_to_disk step holds the table, memory-mapped)."""
+    import csv
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {"jsonl": jsonl, "csv": work / f"d{n}.csv", "folder": work / f"snap{n}",
+           "save_to_disk": work / f"disk{n}"}
+    (out["folder"] / "data").mkdir(parents=True)
+    (out["folder"] / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        "    path: data/train-*\n---\n# synthetic preference rows\n")
+    block, shard = [], 0
+    with open(jsonl) as f, open(out["csv"], "w", newline="") as c:
+        w = csv.DictWriter(c, fieldnames=["id", "prompt", "chosen", "rejected"])
+        w.writeheader()
+        for line in f:
+            row = json.loads(line)
+            w.writerow(row)
+            block.append(row)
+            if len(block) == 100_000:
+                pq.write_table(pa.Table.from_pylist(block),
+                               out["folder"] / "data" / f"train-{shard:05d}.parquet")
+                block, shard = [], shard + 1
+    if block:
+        pq.write_table(pa.Table.from_pylist(block),
+                       out["folder"] / "data" / f"train-{shard:05d}.parquet")
+    files = sorted(str(p) for p in (out["folder"] / "data").iterdir())
+    datasets.Dataset.from_parquet(files, cache_dir=str(work / "hf-cache")).save_to_disk(
+        str(out["save_to_disk"]))
+    return out
+
+
+def rss_sources(args) -> None:
+    """Peak RSS per --data source kind, each in a fresh process; read-only at every size,
+    the whole tokenized-only precompute up to --rss-full-rows."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from kdcache.train.tiny import build_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="kdcache-rss-src-"))
+    words = [f"w{i}" for i in range(4090)]
+    build_tokenizer(words=words).save_pretrained(work / "tok")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_CACHE=str(work / "hf-cache"))
+
+    def child(kw: dict) -> dict:
+        res = subprocess.run([sys.executable, "-c", _SRC_CHILD, json.dumps(kw)], env=env,
+                             capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(res.stderr[-3000:])
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    base = child({})
+    results = []
+    for n in [int(x) for x in args.rss_rows.split(",")]:
+        jsonl = work / f"d{n}.jsonl"
+        _write_jsonl(jsonl, n, words, (2, 12), (2, 30))
+        for kind, path in _write_sources(work, jsonl, n).items():
+            r = child({"read": str(path)})
+            r.update(rows=n, source=kind, run="read every row")
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            if n <= args.rss_full_rows:
+                r = child(dict(data=str(path), out=str(work / f"out-{kind}-{n}"),
+                               tokenizer=str(work / "tok"), progress=False))
+                r.update(rows=n, source=kind, run="tokenized-only precompute")
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    out = {"machine": _machine(), "baseline_maxrss_mib": base["maxrss_mib"], "results": results}
+    _save(args, "precompute_rss_sources", out, render_rss_sources(out))
+
+
+def render_rss_sources(o: dict) -> str:
+    m = o["machine"]
+    lines = ["# Precompute peak memory per --data source: JSONL reader vs `datasets` streaming", "",
+             f"Machine: **{m['device']}**, {m['cpu_count']} CPUs, torch {m['torch']}, {m['platform']}",
+             "Run: one fresh process per table row; the same synthetic rows (prompt 2-12 words, "
+             "chosen/rejected 2-30 words) as a JSONL file (hand-written reader), a CSV file, a "
+             "hub-snapshot folder (Parquet shards of 100k rows + README.md card) and a "
+             "save_to_disk folder (the three through `datasets`, streamed). Peak RSS = "
+             "the process's VmHWM (Linux); the bare interpreter with torch, transformers, datasets and kdcache "
+             f"imported peaks at {o['baseline_maxrss_mib']:.0f} MiB.", "",
+             "| rows | source | run | seconds | peak RSS MiB | above the bare interpreter |",
+             "|---:|---|---|---:|---:|---:|"]
+    for r in o["results"]:
+        lines.append(f"| {r['rows']:,} | {r['source']} | {r['run']} | {r['seconds']:.0f} | "
+                     f"{r['maxrss_mib']:.0f} | {r['maxrss_mib'] - o['baseline_maxrss_mib']:.0f} |")
     return "\n".join(lines + [""])
 
 

@@ -491,7 +491,7 @@ def update_rule(out: Path) -> None:
     """The bf16 update rule on the demo (CPU): students trained from the demo's SFT init on
     its stores with fp32 weights, bf16 + stochastic rounding (the CUDA default) and bf16 +
     round-to-nearest, at the demo's lr and 10x lower; rule-judged preference rate and top-K KL."""
-    from kdcache.cli import Demo, run_demo
+    from kdcache.demo import Demo, run_demo
 
     base = run_demo(out, quick=False, methods=["sft", "dckd"], seed=0)  # teacher, stores, fp32 rows
     torch.set_num_threads(1)

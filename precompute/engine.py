@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .data import Sequence
 from .models import base_model
 from .scoring import LMHead, score_chunked
+from .storeapi import REF_FIELDS, TEACHER_FIELDS, TOPK_FIELDS
 
 
 @dataclass
@@ -95,11 +96,6 @@ def targets_for(seqs: Seq[Sequence], device: torch.device) -> Tensor:
     """Next-token targets for the scored states: each response, then -1 for s_{T+1}."""
     return torch.from_numpy(np.concatenate(
         [_ids(s.response_ids, [-1]) for s in seqs])).to(device)
-
-
-TEACHER_FIELDS = ("topk_ids", "topk_logprobs", "token_logprob", "soft_value")
-REF_FIELDS = ("ref_topk_logprobs", "ref_token_logprob")
-TOPK_FIELDS = ("topk_ids", "topk_logprobs", "ref_topk_logprobs")
 
 
 def needs_teacher(fields: Seq[str]) -> bool:

@@ -42,11 +42,10 @@ from .data import (
     IdSet,
     Tokenizing,
     _check_field,
-    data_files,
     dataset_fingerprint,
     example_id,
-    files_sha256,
-    iter_rows,
+    open_data,
+    parse_columns,
     row_prompts,
 )
 from .models import (
@@ -99,15 +98,16 @@ class PromptItem:
 
 def load_prompts(cfg: RolloutConfig, tok: Any) -> tuple[list[PromptItem], str, int]:
     """Tokenized prompts (+ chosen responses when asked), a dataset fingerprint, skipped count."""
-    files = data_files(cfg.data)
-    file_sha = files_sha256(files)
+    source = open_data(cfg.data, cfg.data_config, cfg.split)
+    file_sha = source.sha256()
     opts = DataOptions(chat_template=cfg.chat_template, context_template=cfg.context_template,
                        use_context=cfg.use_context, limit=cfg.limit,
-                       max_length=cfg.max_prompt_length, truncate=cfg.truncate)
+                       max_length=cfg.max_prompt_length, truncate=cfg.truncate,
+                       **parse_columns(cfg.columns))
     tk = Tokenizing(tok, opts)
     items, seen, skipped = [], IdSet(), 0
     resp_col = None
-    for src in iter_rows(files, cfg.limit):
+    for src in source.rows(cfg.limit):
         row, where = src.row, src.where
         if opts.prompt_column not in row:
             raise DataError(f"{where}: missing column {opts.prompt_column!r} (has {sorted(row)}); "
@@ -262,7 +262,7 @@ def run_rollout(cfg: RolloutConfig) -> str:
     check_writable(url)
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    with GroupWriter(url, meta, cfg.shard_records, cfg.resume, "rollout_report") as writer:
+    with GroupWriter(url, meta, cfg.shard_records, cfg.resume, "rollout_report", clamp=True) as writer:
         todo = [it for it in items if it.example_id not in writer.done]
         todo.sort(key=lambda it: len(it.sampler_prompt(cfg.role, cfg.use_context)))
         if todo:
@@ -270,22 +270,26 @@ def run_rollout(cfg: RolloutConfig) -> str:
             if cfg.backend == "hf" or cfg.include_chosen:
                 model = load_model(cfg.model, "sampler", device=cfg.device, dtype=cfg.dtype,
                                    trust_remote_code=cfg.trust_remote_code)
-            sampler = _make_sampler(cfg, model, pad, eos)
-            _rollout_into(cfg, writer, todo, sampler, model, tok, reward_fn)
+            sampler, close = _make_sampler(cfg, model, pad, eos)
+            try:
+                _rollout_into(cfg, writer, todo, sampler, model, tok, reward_fn)
+            finally:
+                close()
         writer.close({"prompts": len(items), "skipped": skipped})
     return url
 
 
 def _make_sampler(cfg: RolloutConfig, model: Any, pad: int, eos: int):
+    """(sample(prompts, seed), close()): vLLM's engine processes are stopped when done."""
     if cfg.backend == "vllm":
         from .vllm_backend import VLLMSampler
 
         vs = VLLMSampler(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                         seed=cfg.seed)
-        return lambda prompts, seed: vs.sample(prompts, eos, cfg.temperature, cfg.top_p,
-                                               cfg.top_k, cfg.max_new_tokens, seed)
-    return lambda prompts, seed: sample_hf(model, prompts, pad, eos, cfg.temperature, cfg.top_p,
-                                           cfg.top_k, cfg.max_new_tokens, seed)
+                         seed=cfg.seed, device=cfg.device)
+        return (lambda prompts, seed: vs.sample(prompts, eos, cfg.temperature, cfg.top_p,
+                                                cfg.top_k, cfg.max_new_tokens, seed)), vs.close
+    return (lambda prompts, seed: sample_hf(model, prompts, pad, eos, cfg.temperature, cfg.top_p,
+                                            cfg.top_k, cfg.max_new_tokens, seed)), lambda: None
 
 
 def _rollout_into(cfg: RolloutConfig, writer: GroupWriter, todo: list[PromptItem], sampler: Any,
@@ -340,5 +344,5 @@ def _record(it: PromptItem, role: str, group: int, resp: list[int], lp: list[flo
                                else np.asarray(it.teacher_prompt_ids, np.int32)),
         "is_terminal": bool(resp and resp[-1] == eos),
         "reward": reward, "n_tokens": len(resp),
-        "behavior_logprob": np.maximum(np.asarray(lp, np.float32), -255.0),
+        "behavior_logprob": np.asarray(lp, np.float32),  # clamped to the codec's range by the writer
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,13 +34,12 @@ from .data import (
     DataOptions,
     DataStats,
     Sequence,
-    data_files,
     dataset_fingerprint,
-    files_sha256,
-    iter_rows,
+    open_data,
+    parse_columns,
     tokenize_rows,
 )
-from .engine import REF_FIELDS, TEACHER_FIELDS, TOPK_FIELDS, needs_teacher
+from .engine import needs_teacher
 from .models import (
     check_same_tokenizer,
     check_vocab_rows,
@@ -53,7 +53,16 @@ from .models import (
     tokenizer_size,
     verify_head,
 )
-from .storeapi import NoStoreError, StoreMeta, open_store, store_key
+from .storeapi import (
+    REF_FIELDS,
+    TEACHER_FIELDS,
+    TOPK_FIELDS,
+    NoStoreError,
+    StoreMeta,
+    open_store,
+    probe_writable,
+    store_key,
+)
 from .writing import GroupWriter
 
 log = logging.getLogger("kdcache.precompute")
@@ -93,11 +102,12 @@ class GroupSource:
         self.cfg, self.tok = cfg, tok
         self.has_behavior = False
         if cfg.data is not None:
-            self.files = data_files(cfg.data)
+            self.source = open_data(cfg.data, cfg.data_config, cfg.split)
             self.opts = DataOptions(kind=cfg.kind, max_length=cfg.max_length,
                                     truncate=cfg.truncate, chat_template=cfg.chat_template,
                                     use_context=cfg.use_context,
-                                    context_template=cfg.context_template, limit=cfg.limit)
+                                    context_template=cfg.context_template, limit=cfg.limit,
+                                    **parse_columns(cfg.columns))
         else:
             self.stores = [open_store(u.strip()) for u in cfg.input_store.split(",") if u.strip()]
             if not self.stores:
@@ -111,14 +121,14 @@ class GroupSource:
     def fingerprint(self, tok_fp: str) -> dict[str, Any]:
         """The dataset part of the store key (reads every data file once, in blocks)."""
         if self.cfg.data is not None:
-            return {"sha256": dataset_fingerprint(files_sha256(self.files), self.opts, tok_fp)}
+            return {"sha256": dataset_fingerprint(self.source.sha256(), self.opts, tok_fp)}
         fps = [{"input_store": st.manifest.get("store_key"),
                 "checksum": st.manifest.get("checksum")} for st in self.stores]
         return dict(fps[0] if len(fps) == 1 else {"input_stores": fps}, limit=self.cfg.limit)
 
     def groups(self, stats: DataStats, check_ids: bool = True) -> Iterator[list[Sequence]]:
         if self.cfg.data is not None:
-            yield from tokenize_rows(iter_rows(self.files, self.cfg.limit), self.tok, self.opts,
+            yield from tokenize_rows(self.source.rows(self.cfg.limit), self.tok, self.opts,
                                      stats, check_ids=check_ids)
             return
         for i, g in enumerate(self._store_groups()):
@@ -339,12 +349,9 @@ def check_writable(url: str) -> None:
     while not os.path.exists(d) and os.path.dirname(d) != d:
         created.append(d)
         d = os.path.dirname(d)
-    probe = os.path.join(path, f".kdcache-write-probe-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
+        probe_writable(path)  # removes its probe on every path, a full disk included
     except OSError as e:
         raise OSError(f"output directory {path!r} is not writable ({e.strerror or e}); pass a "
                       "writable --out / --out-root, or fix its permissions") from None
@@ -370,7 +377,10 @@ def check_out_is_free(url: str) -> None:
         return  # a store: the writer resumes it or refuses other settings
     except (NoStoreError, NotADirectoryError, PermissionError):
         pass
-    other = sorted(n for n in os.listdir(path) if ".tmp-" not in n)
+    # a write probe of a run killed by an older kdcache (`.kdcache-write-probe-<pid>`) is
+    # a leftover too, not someone else's data
+    other = sorted(n for n in os.listdir(path) if ".tmp-" not in n
+                   and not re.fullmatch(r"\.kdcache-write-probe-\d+", n))
     if other:
         raise ValueError(f"--out {path} is a directory with other files ({', '.join(other[:3])}"
                          f"{', ...' if len(other) > 3 else ''}) and no kdcache store; pass a new "
@@ -409,7 +419,7 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
         report_data(cfg, checked)
     try:
         with GroupWriter(url, prep.meta, cfg.shard_records, cfg.resume, "precompute_report",
-                         SUM_KEYS, background=BACKGROUND_WRITER) as writer:
+                         SUM_KEYS, background=BACKGROUND_WRITER, clamp=True) as writer:
             if writer.done:
                 of = "" if cfg.partition or checked is None else \
                     f" of {checked.rows - checked.skipped}"
@@ -426,9 +436,10 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(f"no space left on the device writing {url} ({e.strerror or e}); the "
-                          "shards committed so far are kept: free space (`kdcache store gc` "
-                          "removes uncommitted leftovers) and re-run the same command to "
-                          "resume") from None
+                          "shards committed so far are kept and the failed one was removed: "
+                          f"free space (`kdcache store gc {url} --min-age 0` removes any other "
+                          "uncommitted leftovers of kdcache there; it skips a store whose "
+                          "writer still runs) and re-run the same command to resume") from None
         raise
     times["wall_s"] = time.perf_counter() - t_start
     waited = times["writer_wait_s"] + times["writer_drain_s"]
@@ -497,7 +508,6 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
     tok = prep.tok
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    floor = -255.0 if cfg.codec == "compact" else None  # store's compact codec bound (|x|<=256)
     scorers = None
     total = None if checked is None else checked.rows - checked.skipped
     t0, toks, seqs, n_groups = time.perf_counter(), 0, 0, 0
@@ -515,7 +525,7 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
                     t_load = time.perf_counter()
                     scorers = _load_scorers(cfg, prep)
                     times["load_s"] = time.perf_counter() - t_load
-                recs, per_seq = _score(cfg, prep, batch, scorers, pad, eos, floor)
+                recs, per_seq = _score(cfg, prep, batch, scorers, pad, eos)
                 it = iter(zip(recs, per_seq, strict=True))
                 for g in batch:
                     pairs = [next(it) for _ in g]
@@ -533,7 +543,7 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
 
 
 def _score(cfg: PrecomputeConfig, prep: Prepared, batch: list[list[Sequence]],
-           scorers: tuple[Any, Any], pad: int, eos: int, floor: float | None
+           scorers: tuple[Any, Any], pad: int, eos: int
            ) -> tuple[list[dict], list[dict[str, float]]]:
     from . import engine
 
@@ -542,8 +552,6 @@ def _score(cfg: PrecomputeConfig, prep: Prepared, batch: list[list[Sequence]],
     recs, _ = engine.score_sequences([s for g in batch for s in g], dpo, ref, cfg.k, cfg.betas,
                                      pad, eos, cfg.chunk_size, cfg.ref_mode, cfg.packed,
                                      per_seq=per_seq, fields=prep.scored)
-    if floor is not None:
-        _clamp(recs, floor)
     return recs, per_seq
 
 
@@ -561,14 +569,6 @@ def _tokenized_record(s: Sequence, eos_id: int) -> dict[str, Any]:
     if s.extra.get("behavior_logprob") is not None:
         rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], np.float32)
     return rec
-
-
-def _clamp(recs: list[dict], floor: float) -> None:
-    """Log-probs below -255 nats (p < 1e-110) are stored as -255: the compact codec's range."""
-    for r in recs:
-        for key in ("topk_logprobs", "token_logprob", "ref_topk_logprobs", "ref_token_logprob"):
-            if key in r:
-                np.maximum(r[key], floor, out=r[key])
 
 
 def config_dict(cfg: PrecomputeConfig) -> dict[str, Any]:

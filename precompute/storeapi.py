@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from kdcache.store import (
+    REF_FIELDS,
+    TEACHER_FIELDS,
+    TOPK_FIELDS,
     NoStoreError,
     StoreMeta,
     StoreWriter,
+    lock_for,
     open_store,
+    probe_writable,
     resolve_codec,
     store_key,
 )
 
-__all__ = ["NoStoreError", "StoreMeta", "StoreWriter", "open_store", "resolve_codec", "store_key"]
+__all__ = ["REF_FIELDS", "TEACHER_FIELDS", "TOPK_FIELDS", "NoStoreError", "StoreMeta", "StoreWriter",
+           "lock_for", "open_store", "probe_writable", "resolve_codec", "store_key"]

@@ -16,13 +16,8 @@ while loading models or scoring its first batch leaves no store behind. An exist
 opened at once (read only): a store with other settings is refused before any model is
 loaded, and its committed example ids tell the run what to skip.
 
-Report sums that stay exact across a kill and a resume: each group's sums (e.g. scored
-tokens, top-K mass) go into the manifest's report as `uncommitted_sums[example_id]` when the
-group is handed over, and are folded into `sum_<key>` once the writer has committed the
-group's shard. The manifest is only ever written by a commit, so a committed manifest
-holds in `sum_*` only committed groups, and in `uncommitted_sums` every group added since;
-a resumed run counts the entries whose group is committed and drops the others (their groups
-are scored and added again). The entries are few: the groups of the shard being filled.
+The report sums, the report section and the clamping of log-probs to the codec's range are
+the StoreWriter's (`report_key`, `sum_keys`, `clamp`): this class only queues.
 """
 
 from __future__ import annotations
@@ -35,9 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .storeapi import NoStoreError, StoreMeta, StoreWriter, open_store
+from .storeapi import NoStoreError, StoreMeta, StoreWriter, lock_for, open_store
 
-UNCOMMITTED = "uncommitted_sums"
 MAX_QUEUE_BYTES = 256 << 20  # record arrays waiting for the writer thread
 _STOP = object()
 
@@ -47,11 +41,13 @@ def _nbytes(records: list[dict[str, Any]]) -> int:
 
 
 class GroupWriter:
-    """A `StoreWriter` created on first use; `done` = groups already committed (resume)."""
+    """A `StoreWriter` created on first use; `done` = groups already committed (resume).
+    `report_key`, `sum_keys` and `clamp` are the StoreWriter's."""
 
     def __init__(self, url: str, meta: StoreMeta, shard_records: int, resume: bool,
                  report_key: str = "report", sum_keys: Sequence[str] = (),
-                 background: bool = False, max_queue_bytes: int = MAX_QUEUE_BYTES) -> None:
+                 background: bool = False, max_queue_bytes: int = MAX_QUEUE_BYTES,
+                 clamp: bool = False) -> None:
         self.url, self.meta = url, meta
         self.background, self.max_queue_bytes = background, int(max_queue_bytes)
         # background state: queue of (records, sums), its bytes, the thread, its error
@@ -63,50 +59,40 @@ class GroupWriter:
         self.wait_s = 0.0  # caller blocked on a full queue
         self.drain_s = 0.0  # caller waiting in close() for the queue to empty
         self.busy_s = 0.0  # writer thread inside StoreWriter.add_group
-        self.shard_records, self.resume = shard_records, resume
-        self.report_key, self.sum_keys = report_key, tuple(sum_keys)
+        self._writer_kw = {"shard_records": shard_records, "resume": resume,
+                           "report_key": report_key, "sum_keys": tuple(sum_keys), "clamp": clamp}
         self._w: StoreWriter | None = None
+        # the store's writer lock, from before anything is read or a model is loaded until
+        # close/abort: a second precompute/rollout on this output fails now, naming the first
+        self._lock = lock_for(url)
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            self._open(url, meta, shard_records, resume)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def _open(self, url: str, meta: StoreMeta, shard_records: int, resume: bool) -> None:
         try:
             open_store(url)
             exists = True
         except (NoStoreError, NotADirectoryError):
             exists = False
-        self._sums = dict.fromkeys(self.sum_keys, 0.0)  # of committed groups
-        self._pending: deque[str] = deque()  # example ids added, not yet known committed
-        self._committed = 0
         self.done: set[str] = set()
         if exists:  # refuses other settings / resume=False now, before any model is loaded
-            self._w = StoreWriter(url, meta, shard_records=shard_records, resume=resume)
+            self._w = StoreWriter(url, meta, **self._writer_kw, _lock=False)  # held by this GroupWriter
             self.done = self._w.done_example_ids
-            self._resume_sums()
 
     def _writer(self) -> StoreWriter:
         if self._w is None:
-            self._w = StoreWriter(self.url, self.meta, shard_records=self.shard_records,
-                                  resume=self.resume)
+            self._w = StoreWriter(self.url, self.meta, **self._writer_kw,
+                                  _lock=False)  # held by this GroupWriter
         return self._w
-
-    def _report(self) -> dict[str, Any]:
-        return self._writer().manifest.setdefault(self.report_key, {})
-
-    def _n_committed(self) -> int:
-        return int(self._writer().manifest.get("totals", {}).get("n_groups", 0))
-
-    def _resume_sums(self) -> None:
-        report = self._report()
-        done = self.done
-        for k in self.sum_keys:
-            self._sums[k] = float(report.get(f"sum_{k}", 0.0))
-        for eid, values in report.pop(UNCOMMITTED, {}).items():
-            if eid in done:  # committed after the last fold: count it; else it is redone
-                for k, v in zip(self.sum_keys, values, strict=True):
-                    self._sums[k] += float(v)
-        self._committed = self._n_committed()
-        self._write_sums(report)
-
-    def _write_sums(self, report: dict[str, Any]) -> None:
-        for k, v in self._sums.items():
-            report[f"sum_{k}"] = v
 
     def add_group(self, records: list[dict[str, Any]], sums: dict[str, float] | None = None
                   ) -> None:
@@ -115,7 +101,7 @@ class GroupWriter:
         queue is full) and raises an error the writer thread met."""
         if not self.background:
             t0 = time.perf_counter()
-            self._add(records, sums)
+            self._writer().add_group(records, sums)
             self.busy_s += time.perf_counter() - t0
             return
         size = _nbytes(records)
@@ -147,7 +133,7 @@ class GroupWriter:
             records, sums, size = item
             t0 = time.perf_counter()
             try:
-                self._add(records, sums)
+                self._writer().add_group(records, sums)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 with self._cond:
                     self._error = e
@@ -177,51 +163,24 @@ class GroupWriter:
         if self._error is not None and not discard:
             raise self._error
 
-    def _add(self, records: list[dict[str, Any]], sums: dict[str, float] | None) -> None:
-        w = self._writer()
-        eid = str(records[0].get("example_id"))
-        report = self._report()
-        if self.sum_keys:
-            report.setdefault(UNCOMMITTED, {})[eid] = [float((sums or {}).get(k, 0.0))
-                                                       for k in self.sum_keys]
-            self._pending.append(eid)
-        w.add_group(records)
-        if self.sum_keys and self._n_committed() > self._committed:
-            self._fold(report)
-
-    def _fold(self, report: dict[str, Any]) -> None:
-        """Groups commit in order: the first (now committed - before) pending ones are in."""
-        n = self._n_committed()
-        uncommitted = report.get(UNCOMMITTED, {})
-        while self._committed < n and self._pending:
-            values = uncommitted.pop(self._pending.popleft(), None)
-            for k, v in zip(self.sum_keys, values or (), strict=False):
-                self._sums[k] += v
-            self._committed += 1
-        self._committed = n
-        self._write_sums(report)
-
     def close(self, report: dict[str, Any] | Callable[[dict[str, float]], dict[str, Any]]
               | None = None) -> None:
-        """Commit the last shard and mark the store complete (creating it if still empty).
-        `report` (or report(final sums)) is merged into the manifest's report section."""
+        """Commit the last shard and mark the store complete (creating it if still empty);
+        `report` goes to `StoreWriter.close`."""
         self._stop(discard=False)
-        w = self._writer()
-        rep = self._report()
-        sums = dict(self._sums)
-        for values in rep.pop(UNCOMMITTED, {}).values():  # all commit now
-            for k, v in zip(self.sum_keys, values, strict=True):
-                sums[k] += v
-        for k, v in sums.items():
-            rep[f"sum_{k}"] = v
-        rep.update(report(sums) if callable(report) else (report or {}))
-        w.close()
+        try:
+            self._writer().close(report)
+        finally:
+            self._release()
 
     def abort(self) -> None:
         """Drop what is not committed; the committed shards stay for a resume."""
-        self._stop(discard=True)
-        if self._w is not None:
-            self._w.abort()
+        try:
+            self._stop(discard=True)
+            if self._w is not None:
+                self._w.abort()
+        finally:
+            self._release()
 
     def __enter__(self) -> GroupWriter:
         return self

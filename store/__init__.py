@@ -6,13 +6,18 @@ See docs/ARCHITECTURE.md for the contract and docs/STORE_FORMAT.md for the on-di
 from .codecs import CodecSpec, register, resolve_codec
 from .fingerprint import hash_bytes, hash_json, store_key
 from .format import (
+    PADDED_FIELDS,
+    REF_FIELDS,
     ROLES,
     SCHEMA_VERSION,
     SEQUENCE_FIELDS,
     SUPPORTED_SCHEMA_VERSIONS,
+    TEACHER_FIELDS,
     TOKEN_FIELDS,
+    TOPK_FIELDS,
     StoreMeta,
 )
+from .lock import StoreLockedError, lock_for, probe_writable
 from .reader import ChecksumError, Store, open_store
 from .stream import StreamReader
 from .summary import summarize
@@ -24,17 +29,24 @@ __all__ = [
     "CodecSpec",
     "ChecksumError",
     "NoStoreError",
+    "StoreLockedError",
+    "probe_writable",
+    "PADDED_FIELDS",
+    "REF_FIELDS",
     "ROLES",
     "SCHEMA_VERSION",
     "SEQUENCE_FIELDS",
     "SUPPORTED_SCHEMA_VERSIONS",
+    "TEACHER_FIELDS",
     "TOKEN_FIELDS",
+    "TOPK_FIELDS",
     "Store",
     "StoreMeta",
     "StoreWriter",
     "StreamReader",
     "hash_bytes",
     "hash_json",
+    "lock_for",
     "open_store",
     "resolve_codec",
     "store_key",

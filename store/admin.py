@@ -6,8 +6,11 @@ is allowed to know about.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
+import stat
 import time
 from typing import Any
 
@@ -25,6 +28,16 @@ from ._io import (
 from .fingerprint import store_key
 from .format import SCHEMA_VERSION, StoreMeta
 from .integrity import manifest_problems
+from .lock import (
+    TEMP_MARKER,
+    WRITE_PROBE,
+    StoreLock,
+    describe,
+    lock_holder,
+    owner_state,
+    read_temp_marker,
+    write_temp_marker,
+)
 from .reader import open_store
 from .writer import STALE_TEMP_S, NoStoreError, StoreWriter
 
@@ -51,11 +64,74 @@ def _root(root: str) -> tuple[Any, str]:
     return fs, base
 
 
-def _manifests(fs: Any, root: str) -> list[str]:
-    """Store directories under `root` (including root itself)."""
-    found = fs.glob(join(root, "**", MANIFEST)) if fs.isdir(root) else []
-    dirs = sorted({p.rsplit("/", 1)[0] for p in found if "/" + SHARDS_DIR + "/" not in p})
-    return dirs
+# ------------------------------------------------------------------ walking a root
+# A root may hold stores someone else wrote: the walk never follows a symlink (lstat only),
+# tolerates entries that vanish while it runs (a live writer's temp files), and every path
+# it yields lies inside the root.
+_FILE, _DIR, _LINK, _OTHER = "file", "dir", "link", "other"
+
+
+def _scan(fs: Any, base: str) -> dict[str, tuple[str, int, float | None]]:
+    """{path: (kind, size, mtime)} of everything under `base`, never through a symlink."""
+    out: dict[str, tuple[str, int, float | None]] = {}
+    if not is_local(fs):  # object stores have no links; their directories are prefixes
+        for p, info in fs.find(base, detail=True, withdirs=True).items():
+            p = p.rstrip("/")
+            if p != base:
+                kind = _DIR if info.get("type") == "directory" else _FILE
+                out[p] = (kind, int(info.get("size") or 0), None)
+        return out
+    stack = [base]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue  # removed mid-scan, or not ours to read
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # e.g. a writer's temp manifest, renamed away mid-scan
+            kind = (_LINK if stat.S_ISLNK(st.st_mode) else _DIR if stat.S_ISDIR(st.st_mode)
+                    else _FILE if stat.S_ISREG(st.st_mode) else _OTHER)
+            out[e.path] = (kind, st.st_size, st.st_mtime)
+            if kind == _DIR:
+                stack.append(e.path)
+    return out
+
+
+def _dirs_holding(base: str, tree: dict, name: str) -> list[str]:
+    """Directories (base included) that hold a regular file `name`."""
+    found = [p.rsplit("/", 1)[0] for p, (kind, _, _) in tree.items()
+             if kind == _FILE and p.rsplit("/", 1)[-1] == name]
+    return sorted(found)
+
+
+def _store_dirs(base: str, tree: dict) -> list[str]:
+    """Store directories under `base` (including base itself): those holding a regular
+    manifest.json, not inside another store's shards/."""
+    return [d for d in _dirs_holding(base, tree, MANIFEST)
+            if "/" + SHARDS_DIR + "/" not in d[len(base):] + "/"]
+
+
+def _under(p: str, d: str) -> bool:
+    return p.startswith(d + "/")
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _read(fs: Any, d: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) or (None, why it cannot be read); never raises for bad content."""
+    try:
+        m = read_manifest(fs, d)
+    except (ValueError, RecursionError, MemoryError, UnicodeError, OSError) as e:
+        return None, _clip(str(e) or type(e).__name__)
+    if m is None:
+        return None, "manifest.json disappeared"
+    return m, None
 
 
 def _damage(m: dict[str, Any] | None, url: str) -> str | None:
@@ -64,32 +140,33 @@ def _damage(m: dict[str, Any] | None, url: str) -> str | None:
         return "manifest.json disappeared"
     try:
         found = manifest_problems(m, url)
-    except ValueError as e:
-        return str(e)
-    return f"manifest.json {found[0][1]}" if found else None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        return _clip(str(e) or type(e).__name__)
+    return _clip(f"manifest.json {found[0][1]}") if found else None
 
 
 def list_stores(root: str) -> list[dict[str, Any]]:
     """Every store under `root` with its provenance (key, models, dataset, size, state).
 
-    A store whose manifest is damaged is listed with `"damaged": reason` (and what could
-    be read), so one bad store does not hide the others.
+    A store whose manifest is damaged (or hostile: nested past the parser's depth, ...) is
+    listed as {"url", "damaged": reason} with what could be read, so one bad store does not
+    hide the others; the CLI reports those on stderr.
     """
     fs, base = _root(root)
+    if is_local(fs):
+        base = os.path.realpath(base)
     out = []
-    for d in _manifests(fs, base):
+    for d in _store_dirs(base, _scan(fs, base)):
         url = _url(fs, d)
-        try:
-            m = read_manifest(fs, d)
-        except ValueError as e:
-            out.append({"url": url, "damaged": str(e)})
-            continue
+        m, why = _read(fs, d)
         if m is None:
+            if why != "manifest.json disappeared":
+                out.append({"url": url, "damaged": why})
             continue
         meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
         try:
             key = store_key(StoreMeta.from_dict(meta), m.get("schema_version"))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
             key = m.get("store_key")
         totals = m.get("totals") if isinstance(m.get("totals"), dict) else {}
         row = {
@@ -119,85 +196,225 @@ def _age_s(fs: Any, path: str) -> float:
         return float("inf")
 
 
-def _stale(fs: Any, path: str, min_age_s: float) -> bool:
-    """Not in use by a live writer: its owner process is gone, or it is old enough."""
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    return (TMP_MARK in name and temp_owner_dead(name)) or _age_s(fs, path) >= min_age_s
+# Temporary files a store's writer leaves at the store's top level when killed: a
+# manifest being replaced, a write probe (`temp_name` forms; older versions used a bare
+# uuid after the mark). Only these, inside a store with a sound manifest, are collected.
+_WRITER_TEMPS = (f".{MANIFEST}{TMP_MARK}", f".{WRITE_PROBE}{TMP_MARK}")
 
 
-def _newest_age(fs: Any, path: str) -> float:
-    """Age of the most recently modified file under `path` (a directory)."""
-    ages = [_age_s(fs, p) for p in fs.find(path)]
-    return min(ages) if ages else _age_s(fs, path)
+def _plain_name(name: Any) -> bool:
+    """One path component a store may name (local stand-in for the manifest name check of
+    the read side, store/integrity.py, to be swapped for it)."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
+            and not any(c in name for c in "/\\\x00:"))
+
+
+def _plain_rel(rel: Any) -> bool:
+    return isinstance(rel, str) and all(_plain_name(c) for c in rel.split("/"))
+
+
+class _GC:
+    """One `gc` pass over a root (see `gc`)."""
+
+    def __init__(self, fs: Any, base: str, min_age_s: float, dry_run: bool) -> None:
+        self.fs, self.base, self.min_age_s, self.dry_run = fs, base, min_age_s, dry_run
+        self.local = is_local(fs)
+        self.removed: list[str] = []
+        self.skipped: list[str] = []
+        self.freed = 0
+        self.tree = _scan(fs, base)
+        self.now = time.time()
+
+    def age(self, p: str) -> float:
+        mtime = self.tree.get(p, (None, 0, None))[2]
+        return self.now - mtime if mtime is not None else _age_s(self.fs, p)
+
+    def skip(self, p: str, why: str) -> None:
+        self.skipped.append(f"{_url(self.fs, p)}: {why}")
+
+    def inside(self, p: str) -> bool:
+        """`p`'s directory is, on disk now, a real directory inside the root (no link in
+        between: the tree may have changed since the scan)."""
+        if not self.local:
+            return _under(p, self.base)
+        parent = os.path.dirname(p)
+        real = os.path.realpath(parent)
+        return real == parent and (real == self.base or _under(real, self.base))
+
+    def locked(self, d: str) -> bool:
+        holder = lock_holder(d) if self.local else None
+        if holder is not None:
+            self.skip(d, f"being written by {describe(holder)}; not collected while its "
+                         f"writer runs")
+        return holder is not None
+
+    # -------------------------------------------------------------- removal
+    def remove_file(self, p: str) -> None:
+        size = self.tree[p][1]
+        if not self.dry_run:
+            if not self.inside(p):
+                self.skip(p, "its folder is no longer inside the root; not removed")
+                return
+            try:
+                if self.local:
+                    if not stat.S_ISREG(os.lstat(p).st_mode):
+                        return
+                    os.unlink(p)
+                else:
+                    self.fs.rm(p)
+            except FileNotFoundError:
+                return  # gone already (its writer renamed or removed it)
+        self.removed.append(_url(self.fs, p))
+        self.freed += size
+
+    def remove_dir(self, d: str) -> None:
+        size = sum(v[1] for p, v in self.tree.items() if _under(p, d) and v[0] == _FILE)
+        if not self.dry_run:
+            if not self.inside(d) or (self.local and not stat.S_ISDIR(os.lstat(d).st_mode)):
+                self.skip(d, "no longer a folder inside the root; not removed")
+                return
+            try:
+                if self.local:
+                    shutil.rmtree(d)  # unlinks links inside, never follows them
+                else:
+                    self.fs.rm(d, recursive=True)
+            except FileNotFoundError:
+                return
+        self.removed.append(_url(self.fs, d))
+        self.freed += size
+
+    # -------------------------------------------------------------- temporary outputs
+    def marker(self, d: str) -> dict[str, Any] | None:
+        p = join(d, TEMP_MARKER)
+        try:
+            if self.local:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    data = os.read(fd, 8192)
+                finally:
+                    os.close(fd)
+            else:
+                data = self.fs.cat_file(p, start=0, end=8192)
+        except OSError:
+            return None
+        return read_temp_marker(data)
+
+    def temp_output(self, d: str) -> None:
+        """A folder kdcache marked as its temporary output (a killed merge's)."""
+        if d == self.base:
+            self.skip(d, "the root itself is marked temporary; gc never removes the root")
+            return
+        info = self.marker(d)
+        if info is None:
+            self.skip(d, f"holds a {TEMP_MARKER} that kdcache did not write; left alone")
+            return
+        for s in _dirs_holding(d, {p: v for p, v in self.tree.items() if _under(p, d)}, MANIFEST):
+            m, _ = _read(self.fs, s)
+            if m is not None and m.get("complete") is True:
+                self.skip(d, "holds a complete store; a store is never removed")
+                return
+        if self.locked(d):
+            return
+        owner = owner_state(info)
+        if owner == "alive":
+            return  # its merge is still running
+        ages = [self.age(p) for p in self.tree if _under(p, d)] or [self.age(d)]
+        if owner == "dead" or min(ages) >= self.min_age_s:
+            self.remove_dir(d)
+
+    # -------------------------------------------------------------- stores
+    def store(self, d: str) -> None:
+        m, why = _read(self.fs, d)
+        if m is None:
+            if why != "manifest.json disappeared":
+                self.skip(d, why or "unreadable")
+            return
+        bad = _damage(m, _url(self.fs, d))
+        if bad:
+            self.skip(d, bad)
+            return
+        keep = {join(d, MANIFEST)}
+        live = set()
+        for s in m["shards"]:
+            files = s.get("files") if isinstance(s, dict) else None
+            if not _plain_name(s.get("name") if isinstance(s, dict) else None) \
+                    or not isinstance(files, dict) or not all(map(_plain_rel, files)):
+                self.skip(d, "manifest.json names a shard or file outside the store "
+                             "(not one plain name); not collected")
+                return
+            live.add(s["name"])
+            keep.update(join(d, SHARDS_DIR, s["name"], rel) for rel in files)
+        if self.locked(d):
+            return
+        # never descend into another store or a marked folder nested in this one
+        fenced = [x for x in self.fences if _under(x, d)]
+        shards = join(d, SHARDS_DIR)
+        for p, (kind, _, _) in sorted(self.tree.items()):
+            if not _under(p, d) or any(p == x or _under(p, x) for x in fenced):
+                continue
+            top = os.path.dirname(p) == d
+            if not (_under(p, shards) or (top and p.rsplit("/", 1)[-1].startswith(_WRITER_TEMPS))):
+                continue
+            if kind == _LINK:
+                self.skip(p, "a symlink: gc never follows or removes links")
+            elif kind == _FILE and p not in keep:
+                name = p.rsplit("/", 1)[-1]
+                if (TMP_MARK in name and temp_owner_dead(name)) or self.age(p) >= self.min_age_s:
+                    self.remove_file(p)
+        if self.local and not self.dry_run:  # now-empty folders of dropped shards
+            dirs = [p for p, v in self.tree.items() if v[0] == _DIR and _under(p, shards)
+                    and p[len(shards) + 1:].split("/", 1)[0] not in live
+                    and not any(p == x or _under(p, x) for x in fenced)]
+            for sub in sorted(dirs, key=lambda x: -x.count("/")):
+                try:
+                    if self.inside(sub) and stat.S_ISDIR(os.lstat(sub).st_mode) \
+                            and not os.listdir(sub):
+                        os.rmdir(sub)
+                        self.removed.append(_url(self.fs, sub))
+                except OSError:
+                    pass  # not empty, or gone
+
+    def run(self) -> dict[str, Any]:
+        marked = _dirs_holding(self.base, self.tree, TEMP_MARKER)
+        stores = _store_dirs(self.base, self.tree)
+        self.fences = sorted(set(marked) | set(_dirs_holding(self.base, self.tree, MANIFEST)))
+        for d in marked:
+            if not any(_under(d, x) for x in marked):  # the outermost marked folder decides
+                self.temp_output(d)
+        for d in stores:
+            if any(d == x or _under(d, x) for x in marked):
+                continue  # part of a temporary output: its marker decides
+            if self.tree.get(join(d, MANIFEST), (_FILE,))[0] != _FILE:
+                continue
+            self.store(d)
+        return {"removed": self.removed, "bytes_freed": self.freed, "dry_run": self.dry_run,
+                "skipped": self.skipped}
 
 
 def gc(root: str, min_age_s: float = DEFAULT_GC_MIN_AGE_S,
        dry_run: bool = False) -> dict[str, Any]:
-    """Remove files no manifest references (dead shards, leftovers, temp files).
+    """Remove what kdcache wrote and no longer needs, under `root` only.
 
-    A running writer's next shard is unreferenced until it commits, so only files older
-    than `min_age_s` (default one hour) are removed; temp files (`*.tmp-*`) whose writer
-    process is gone (same host) are removed at any age, and so are the temporary output
-    directories of a killed `merge`.  Never gc a store a writer is using with min_age_s=0.
-    A store whose manifest is damaged is skipped (listed under "skipped"): deleting by a
-    corrupt shard list could delete live shards.
-    Returns {"removed": [paths], "bytes_freed": n, "dry_run": bool, "skipped": [...]}.
+    In a store whose manifest is sound: files under shards/ that no manifest references,
+    and the writer's temporary files at its top level (`.manifest.json.tmp-*`,
+    `.kdcache-write-probe.tmp-*`), once older than `min_age_s` (a running writer's next
+    shard is unreferenced until it commits) or, for temp files, once their writer process
+    is gone (same host); then the emptied folders of dropped shards.  A folder kdcache
+    marked as its temporary output (TEMP_MARKER: a killed merge's) goes whole when its
+    owner is gone or it is older than `min_age_s`, unless it holds a complete store.
+    Never: a folder by its name alone, a store whose writer holds its lock (store/lock.py;
+    so `min_age_s=0` is safe), a symlink or anything through one, anything outside `root`.
+    A store whose manifest is damaged is skipped: deleting by a corrupt shard list could
+    delete live shards.  Returns {"removed": [paths], "bytes_freed": n, "dry_run": bool,
+    "skipped": ["url: why", ...]}.
     """
     if not isinstance(min_age_s, (int, float)) or not math.isfinite(min_age_s) \
             or min_age_s < 0:
         raise ValueError(f"min_age_s={min_age_s!r} must be a number of seconds >= 0")
     fs, base = _root(root)
-    removed: list[str] = []
-    skipped: list[str] = []
-    freed = 0
-    for d in _manifests(fs, base):
-        if TMP_MARK in d.rsplit("/", 1)[-1] and d != base:
-            # the temporary output of a merge: removed whole once its owner is gone
-            name = d.rsplit("/", 1)[-1]
-            if temp_owner_dead(name) or _newest_age(fs, d) >= min_age_s:
-                size = sum(int(i.get("size") or 0) for i in fs.find(d, detail=True).values())
-                removed.append(_url(fs, d))
-                freed += size
-                if not dry_run:
-                    fs.rm(d, recursive=True)
-            continue
-        try:
-            m = read_manifest(fs, d)
-        except ValueError as e:
-            skipped.append(f"{_url(fs, d)}: {e}")
-            continue
-        bad = _damage(m, _url(fs, d))
-        if bad:
-            skipped.append(f"{_url(fs, d)}: {bad}")
-            continue
-        keep = {join(d, MANIFEST)}
-        for s in m["shards"]:
-            for rel in s["files"]:
-                keep.add(join(d, SHARDS_DIR, s["name"], rel))
-        candidates = []
-        for p, info in fs.find(d, detail=True).items():
-            p = p.rstrip("/")
-            if p in keep or info.get("type") == "directory":
-                continue
-            in_shards = p.startswith(join(d, SHARDS_DIR) + "/")
-            if in_shards or TMP_MARK in p.rsplit("/", 1)[-1]:
-                candidates.append((p, int(info.get("size") or 0)))
-        for p, size in candidates:
-            if not _stale(fs, p, min_age_s):
-                continue
-            removed.append(_url(fs, p))
-            freed += size
-            if not dry_run:
-                fs.rm(p)
-        if not dry_run:  # drop now-empty shard directories (local filesystems keep them)
-            live = {s["name"] for s in m["shards"]}
-            sd = join(d, SHARDS_DIR)
-            if fs.isdir(sd):
-                for sub in fs.ls(sd, detail=False):
-                    name = sub.rstrip("/").rsplit("/", 1)[-1]
-                    if name not in live and not fs.find(sub):
-                        fs.rm(sub, recursive=True)
-    return {"removed": removed, "bytes_freed": freed, "dry_run": dry_run, "skipped": skipped}
+    if is_local(fs):
+        base = os.path.realpath(base)  # the root as given; nothing below it is followed
+    return _GC(fs, base, float(min_age_s), bool(dry_run)).run()
 
 
 _PARTITION_KEYS = ("partition", "partition_plan")
@@ -252,7 +469,24 @@ def merge(urls: list[str], out_url: str, shard_records: int | None = None) -> st
     if shard_records is not None and int(shard_records) < 1:
         raise ValueError(f"shard_records must be >= 1, got {shard_records}")
     fs, out_root = open_fs(out_url)
-    _check_out_free(fs, out_root, out_url, urls)
+    local = is_local(fs)
+    # created below (the lock file's folder, the output's parents), removed on failure
+    made = _first_missing(os.path.dirname(os.path.abspath(out_root))) if local else None
+    try:
+        # one merge per OUT: the lock beside OUT is held until the output is renamed in
+        with StoreLock(out_root) if local else contextlib.nullcontext():
+            _check_out_free(fs, out_root, out_url, urls)
+            return _merge(fs, out_root, urls, out_url, shard_records)
+    except BaseException:
+        d = os.path.dirname(os.path.abspath(out_root))
+        while made and d.startswith(made) and os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)  # only the (now empty) directories this merge created
+            d = os.path.dirname(d)
+        raise
+
+
+def _merge(fs: Any, out_root: str, urls: list[str], out_url: str,
+           shard_records: int | None) -> str:
     stores = [open_store(u) for u in urls]
     stores, meta = _unpartitioned(urls, stores)
     urls = [st.url for st in stores]
@@ -282,9 +516,10 @@ def merge(urls: list[str], out_url: str, shard_records: int | None = None) -> st
     local = is_local(fs)
     parent, leaf = os.path.split(out_root) if local else ("", out_root)
     target = os.path.join(parent, temp_name(leaf)) if local else out_url
-    made = _first_missing(parent) if local else None  # created below, removed on failure
     seen: set[str] = set()
     try:
+        if local:  # gc removes a killed merge's output by this marker, never by its name
+            write_temp_marker(target, "merge output", out_root)
         with StoreWriter(target, meta, shard_records=n, resume=False,
                          _schema_version=version, _staged=not local) as w:
             for u, st in zip(urls, stores, strict=True):
@@ -296,16 +531,13 @@ def merge(urls: list[str], out_url: str, shard_records: int | None = None) -> st
                     seen.add(eid)
                     w.add_group(group)
         if local:
+            os.remove(os.path.join(target, TEMP_MARKER))  # complete: no longer a temporary
             if os.path.isdir(out_root):
                 os.rmdir(out_root)  # empty (checked above); rename cannot replace it portably
             os.rename(target, out_root)
     except BaseException:
         if local and fs.exists(target):
             fs.rm(target, recursive=True)
-        d = os.path.abspath(parent)
-        while made and d.startswith(made) and os.path.isdir(d) and not os.listdir(d):
-            os.rmdir(d)  # only the (now empty) directories this merge created
-            d = os.path.dirname(d)
         raise
     return out_url
 

@@ -5,8 +5,11 @@ prototypes) costs about as much as the actual decompression for our few-MB chunk
 arrays we write use a tiny subset of Zarr v3 — regular chunk grid, default "/" chunk keys,
 `transpose`, `kdcache.gridq` or `numcodecs.*` array-to-array filters, `bytes`,
 `blosc`/`zstd`, and a final `crc32c` — so this module decodes exactly that subset straight
-from `zarr.json` and returns None for anything else, in which case the caller falls back to
-zarr.  It never guesses: every step comes from the metadata, and the tests check it equals
+from `zarr.json` and returns None for anything else, which the reader refuses (a store is
+untrusted input: zarr's generic codecs would decompress whatever a frame declares).  With
+an `Expect` from the manifest, shapes, chunk shapes and id tables are checked before
+anything is allocated, and every frame must state exactly its chunk's size.  It never
+guesses: every step comes from the metadata, and the tests check it equals
 zarr's own decoding.  A chunk whose crc32c does not match, or that cannot be decoded, raises
 `ChunkError` naming the chunk's key (the reader adds the store and shard).
 
@@ -22,8 +25,8 @@ in threads when it has more than one core.
 
 from __future__ import annotations
 
-import json
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import google_crc32c
@@ -31,10 +34,21 @@ import numcodecs
 import numpy as np
 
 from . import codecs
+from ._io import load_json
 from .codecs import GRIDQ, IDMAP, grid_ints, id_decode, unpack_table
 
 __all__ = ["decode_array", "decode_grid", "decode_topk_ref", "grid_config", "array_meta",
-           "ChunkError"]
+           "ChunkError", "Expect", "check_layout"]
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the manifest says a shard's arrays hold: {array: shape} and the vocabulary size
+    (None: not recorded).  A zarr.json that declares anything else is refused before any
+    memory is allocated for it: a crafted store cannot size the reader's buffers."""
+
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    vocab: int | None = None
 
 
 class ChunkError(ValueError):
@@ -70,7 +84,46 @@ class _Plan:
         self.crc32c = False  # chunks end in 4 bytes of crc32c (little endian)
 
 
-def _plan(name: str, meta: dict[str, Any]) -> _Plan | None:
+def _bad(name: str, what: str) -> ChunkError:
+    return ChunkError(f"{name}/zarr.json", what)
+
+
+def _check_grid(p: _Plan, want: tuple[int, ...] | None) -> None:
+    """Shape and chunk shape against the manifest (`want`), before anything is allocated."""
+    if want is not None and p.shape != tuple(want):
+        raise _bad(p.name, f"declares shape {list(p.shape)[:4]}, but the manifest implies "
+                           f"{list(want)} (crafted or corrupt metadata)")
+    rows = p.shape[0] if p.shape else 0
+    if len(p.chunk) != len(p.shape) or any(not isinstance(c, int) or c < 1 for c in p.chunk) \
+            or p.chunk[0] > max(rows, 1):
+        raise _bad(p.name, f"declares chunk shape {list(p.chunk)[:4]} for shape "
+                           f"{list(p.shape)[:4]} (crafted or corrupt metadata)")
+
+
+def _check_table(p: _Plan, cfg: dict[str, Any], expect: Expect) -> None:
+    """An id table holds at most the array's distinct ids plus the fill 0, and at most the
+    vocabulary: bounded before its frame is decompressed; its ids are in [0, vocab)."""
+    classes = cfg.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, int) for c in classes):
+        raise _bad(p.name, f"{IDMAP} has no valid class sizes")
+    n = sum(classes)
+    cap = int(np.prod(p.shape, dtype=np.int64)) + 1
+    if expect.vocab is not None:
+        cap = min(cap, expect.vocab + 1)
+    if n > cap:
+        raise _bad(p.name, f"{IDMAP} declares a table of {n} ids, more than the "
+                           f"{cap} the array and vocabulary allow (crafted or corrupt)")
+
+
+def _plan(name: str, meta: dict[str, Any], expect: Expect | None = None) -> _Plan | None:
+    """How to decode array `name`; None when outside the subset.  With `expect`, shapes,
+    chunk shapes and id tables are checked against the manifest first (a ChunkError)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("codecs"), list) \
+            or not isinstance(meta.get("shape"), list) \
+            or not isinstance(meta.get("chunk_grid", {}).get("configuration", {})
+                              .get("chunk_shape"), list) \
+            or not all(isinstance(x, int) and x >= 0 for x in meta["shape"]):
+        return None
     if (meta.get("zarr_format") != 3 or meta.get("chunk_grid", {}).get("name") != "regular"
             or meta.get("storage_transformers")
             or meta.get("chunk_key_encoding", {}).get("name") != "default"
@@ -78,7 +131,10 @@ def _plan(name: str, meta: dict[str, Any]) -> _Plan | None:
             or meta["data_type"] not in _DTYPES):
         return None
     p = _Plan(name, meta)
-    if len(p.shape) not in (1, 2) or (len(p.shape) == 2 and p.chunk[1] != p.shape[1]):
+    if expect is not None:
+        _check_grid(p, expect.shapes.get(name))
+    if len(p.shape) not in (1, 2) or len(p.chunk) != len(p.shape) \
+            or (len(p.shape) == 2 and p.chunk[1] != p.shape[1]):
         return None
     seen_bytes = False
     for i, c in enumerate(meta["codecs"]):
@@ -90,9 +146,9 @@ def _plan(name: str, meta: dict[str, Any]) -> _Plan | None:
         elif cname == "bytes":
             p.endian = cfg.get("endian", "little")
             seen_bytes = True
-        elif seen_bytes and cname == "blosc":
+        elif seen_bytes and cname == "blosc" and not p.compressors:
             p.compressors.append(numcodecs.Blosc())  # blosc frames are self-describing
-        elif seen_bytes and cname == "zstd":
+        elif seen_bytes and cname == "zstd" and not p.compressors:
             p.compressors.append(numcodecs.Zstd())
         elif seen_bytes:
             return None
@@ -100,7 +156,13 @@ def _plan(name: str, meta: dict[str, Any]) -> _Plan | None:
             p.gridq = cfg
         elif cname == IDMAP and i == 0 and p.dtype == np.int32 and cfg.get("dtype") in (
                 "uint16", "int32"):
+            if expect is not None:
+                _check_table(p, cfg, expect)
             p.idmap = unpack_table(cfg["table"], list(cfg["classes"]))
+            if expect is not None and expect.vocab is not None and len(p.idmap) and (
+                    int(p.idmap.min()) < 0 or int(p.idmap.max()) >= expect.vocab):
+                raise _bad(name, f"{IDMAP} table holds ids outside the vocabulary "
+                                 f"[0, {expect.vocab}) (crafted or corrupt)")
             p.idmap_dtype = np.dtype("u2" if cfg["dtype"] == "uint16" else "i4")
         elif (cname == "transpose" and len(p.shape) == 2 and tuple(cfg["order"]) == (1, 0)
               and p.transpose is None and not p.filters and p.idmap is None):
@@ -117,7 +179,7 @@ def _plan(name: str, meta: dict[str, Any]) -> _Plan | None:
 
 def array_meta(files: dict[str, bytes], name: str) -> dict[str, Any] | None:
     raw = files.get(f"{name}/zarr.json")
-    return None if raw is None else json.loads(raw)
+    return None if raw is None else load_json(raw, f"{name}/zarr.json")
 
 
 def _frame_size(codec: Any, u8: np.ndarray) -> int | None:
@@ -151,27 +213,38 @@ def _scratch(slot: str, nbytes: int) -> np.ndarray:
     return b[:nbytes]
 
 
+def _check_frame(codec: Any, u8: np.ndarray, nbytes: int) -> None:
+    """Refuse a compressed frame whose header does not state exactly `nbytes` (a ValueError):
+    checked before anything is allocated or decompressed."""
+    declared = _frame_size(codec, u8)
+    if declared != nbytes:
+        raise ValueError(f"its compressed frame declares {declared} bytes, but the chunk "
+                         f"holds {nbytes} (crafted or corrupt)" if declared is not None else
+                         f"its compressed frame does not state its size (the chunk holds "
+                         f"{nbytes} bytes; kdcache writes frames that do)")
+    if isinstance(codec, numcodecs.Blosc) and len(u8) >= 16:
+        cbytes = int.from_bytes(u8[12:16].tobytes(), "little")
+        if cbytes != len(u8):  # blosc reads as many bytes as its header says
+            raise ValueError(f"its blosc frame declares {cbytes} compressed bytes, but the "
+                             f"chunk holds {len(u8)} (crafted or corrupt)")
+
+
 def _decompress(compressors: list[Any], buf: Any, nbytes: int, slot: str | None) -> Any:
-    """Decompressed bytes of a chunk: into this thread's scratch buffer `slot` when the
-    frame's header states exactly the expected size, else into fresh memory (any size; the
-    caller then rejects a wrong one)."""
-    if slot is not None and len(compressors) == 1:
-        u8 = np.frombuffer(buf, np.uint8)
-        if _frame_size(compressors[0], u8) == nbytes:
-            try:
-                return compressors[0].decode(u8, out=_scratch(slot, nbytes))
-            except Exception:  # noqa: BLE001 - let the plain path decide what is wrong
-                pass
-    for c in reversed(compressors):
-        buf = c.decode(buf)
-    return buf
+    """Decompressed bytes of a chunk, never more than `nbytes` (the chunk's size from its
+    shape): the frame's header must state exactly that size, or the chunk is refused
+    before anything is allocated; it is decompressed into this thread's scratch buffer
+    `slot` (or a fresh buffer of that size), and blosc and zstd both stop at the end of the
+    buffer they are given."""
+    if not compressors:
+        return buf
+    u8 = np.frombuffer(buf, np.uint8)
+    _check_frame(compressors[0], u8, nbytes)
+    out = _scratch(slot, nbytes) if slot is not None else np.empty(nbytes, np.uint8)
+    return compressors[0].decode(u8, out=out)
 
 
-def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True, slot: str | None = None):
-    """Yield (lo, hi, encoded-side array or None for a fill chunk) per chunk.
-
-    With `slot`, a chunk may be decompressed into this thread's scratch buffer `slot`: the
-    array yielded is then only valid until the next chunk is requested."""
+def _inner(p: _Plan) -> np.dtype:
+    """The dtype the `bytes` codec serialised (what a decompressed chunk holds)."""
     if p.gridq is not None:
         inner = np.dtype("i4")
     elif p.idmap is not None:
@@ -180,7 +253,15 @@ def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True, slot: str | N
         inner = np.dtype(getattr(p.filters[-1], "astype", None) or p.filters[-1].dtype)
     else:
         inner = p.dtype
-    inner = inner.newbyteorder("<" if p.endian == "little" else ">")
+    return inner.newbyteorder("<" if p.endian == "little" else ">")
+
+
+def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True, slot: str | None = None):
+    """Yield (lo, hi, encoded-side array or None for a fill chunk) per chunk.
+
+    With `slot`, a chunk may be decompressed into this thread's scratch buffer `slot`: the
+    array yielded is then only valid until the next chunk is requested."""
+    inner = _inner(p)
     n_chunks = -(-p.shape[0] // p.chunk[0]) if p.shape[0] else 0
     enc_shape = p.chunk[::-1] if p.transpose else p.chunk
     for i in range(n_chunks):
@@ -210,6 +291,30 @@ def _chunks(p: _Plan, files: dict[str, bytes], check: bool = True, slot: str | N
         except Exception as e:  # corrupt bytes in a store without checksums
             raise ChunkError(key, f"cannot be decoded ({type(e).__name__}: {e})") from None
         yield lo, hi, arr
+
+
+def check_layout(files: dict[str, bytes], name: str, expect: Expect) -> None:
+    """What `decode_array` checks before allocating, without decoding (`store verify`):
+    the array's metadata against `expect`, and every stored chunk's frame header.  A
+    ChunkError names what is wrong; an array outside the decoder's subset is one too."""
+    meta = array_meta(files, name)
+    p = None if meta is None else _plan(name, meta, expect)
+    if p is None:
+        raise _bad(name, "declares a layout or codec chain kdcache does not write (not a "
+                         "kdcache store, or crafted)")
+    enc_rows = p.chunk[0] * (p.chunk[1] if len(p.chunk) > 1 else 1)
+    itemsize = _inner(p).itemsize
+    n_chunks = -(-p.shape[0] // p.chunk[0]) if p.shape[0] else 0
+    for i in range(n_chunks):
+        key = f"{p.name}/c/{i}" + ("/0" if len(p.shape) == 2 else "")
+        raw = files.get(key)
+        if raw is None or not p.compressors:
+            continue
+        u8 = np.frombuffer(raw, np.uint8)[:-4] if p.crc32c else np.frombuffer(raw, np.uint8)
+        try:
+            _check_frame(p.compressors[0], u8, enc_rows * itemsize)
+        except ValueError as e:
+            raise ChunkError(key, f"cannot be decoded ({e})") from None
 
 
 def _key(p: _Plan, lo: int) -> str:
@@ -243,13 +348,15 @@ def _grid_into(codes: np.ndarray, g: dict[str, Any], scale: np.float32,
         np.multiply(qb, scale, out=dst[a:b], dtype=np.float32, casting="unsafe")
 
 
-def decode_array(files: dict[str, bytes], name: str, check: bool = True) -> np.ndarray | None:
+def decode_array(files: dict[str, bytes], name: str, check: bool = True,
+                 expect: Expect | None = None) -> np.ndarray | None:
     """Decode array `name` from a {key: bytes} map of a zarr v3 group, or None if unsupported.
 
     Each chunk's crc32c (when the chain declares one) is checked unless `check=False`
-    (benchmarks only, to measure what the check costs)."""
+    (benchmarks only, to measure what the check costs).  `expect`: shapes and vocabulary
+    from the manifest, checked before allocating (see `Expect`)."""
     meta = array_meta(files, name)
-    p = None if meta is None else _plan(name, meta)
+    p = None if meta is None else _plan(name, meta, expect)
     if p is None:
         return None
     out = np.empty(p.shape, dtype=p.dtype)
@@ -277,11 +384,12 @@ def decode_array(files: dict[str, bytes], name: str, check: bool = True) -> np.n
     return out
 
 
-def grid_config(files: dict[str, bytes], name: str) -> dict[str, Any] | None:
+def grid_config(files: dict[str, bytes], name: str,
+                expect: Expect | None = None) -> dict[str, Any] | None:
     """The `kdcache.gridq` configuration of array `name`; None if it is not such an array
     (or is outside the fast decoder's subset)."""
     meta = array_meta(files, name)
-    p = None if meta is None else _plan(name, meta)
+    p = None if meta is None else _plan(name, meta, expect)
     return None if p is None else p.gridq
 
 
@@ -315,7 +423,8 @@ def _encoded_rows(p: _Plan, files: dict[str, bytes], check: bool, slot: str | No
 
 
 def decode_topk_ref(files: dict[str, bytes], adv: str, want_topk: bool,
-                    check: bool = True) -> tuple[np.ndarray | None, np.ndarray] | None:
+                    check: bool = True, expect: Expect | None = None,
+                    ) -> tuple[np.ndarray | None, np.ndarray] | None:
     """(topk_logprobs or None, ref_topk_logprobs) rebuilt from the gridq arrays
     `topk_logprobs` and `adv` (= q(topk) − q(ref)) in one blocked pass; None when either is
     not a gridq array of the fast decoder's subset (the caller checks the metadata first).
@@ -327,8 +436,8 @@ def decode_topk_ref(files: dict[str, bytes], adv: str, want_topk: bool,
     # for |q| < 2^24, which the grid guarantees (codecs.MAX_GRID_INT), so the one rounding
     # of the product is the same either way.
     mt, ma = array_meta(files, "topk_logprobs"), array_meta(files, adv)
-    pt = None if mt is None else _plan("topk_logprobs", mt)
-    pa = None if ma is None else _plan(adv, ma)
+    pt = None if mt is None else _plan("topk_logprobs", mt, expect)
+    pa = None if ma is None else _plan(adv, ma, expect)
     if pt is None or pa is None or pt.gridq is None or pa.gridq is None \
             or pt.shape != pa.shape:
         return None

@@ -21,6 +21,10 @@ __all__ = [
     "TokenField",
     "SEQUENCE_FIELDS",
     "TOKEN_FIELDS",
+    "TEACHER_FIELDS",
+    "REF_FIELDS",
+    "TOPK_FIELDS",
+    "PADDED_FIELDS",
     "StoreMeta",
     "token_shape",
 ]
@@ -66,7 +70,8 @@ class TokenField:
     `trailing` is "" (shape [rows]), "k" (shape [rows, K]) or "b" (shape [rows, B]);
     `extra_row` means rows = T + 1 (the state after the last token) instead of T;
     `kind` picks the codec family: "ids" (exact integers), "logprob" (≤ 0 log-probs,
-    quantisable), "value" (unbounded real, quantisable).
+    quantisable), "value" (unbounded real, quantisable); `source` is the model whose forward
+    produces it: "teacher", "reference" or "behavior" (the sampler, carried from rollouts).
     """
 
     name: str
@@ -75,6 +80,7 @@ class TokenField:
     extra_row: bool
     kind: str
     descending: bool = False  # rows are sorted descending along the trailing axis
+    source: str = "teacher"
 
 
 SEQUENCE_FIELDS: dict[str, SequenceField] = {
@@ -98,12 +104,22 @@ TOKEN_FIELDS: dict[str, TokenField] = {
         TokenField("topk_ids", "int32", "k", False, "ids"),
         TokenField("topk_logprobs", "float32", "k", False, "logprob", descending=True),
         TokenField("token_logprob", "float32", "", False, "logprob"),
-        TokenField("ref_topk_logprobs", "float32", "k", False, "logprob"),
-        TokenField("ref_token_logprob", "float32", "", False, "logprob"),
+        TokenField("ref_topk_logprobs", "float32", "k", False, "logprob", source="reference"),
+        TokenField("ref_token_logprob", "float32", "", False, "logprob", source="reference"),
         TokenField("soft_value", "float32", "b", True, "value"),
-        TokenField("behavior_logprob", "float32", "", False, "logprob"),
+        TokenField("behavior_logprob", "float32", "", False, "logprob", source="behavior"),
     )
 }
+
+# The groups every user of the store names, derived from the table above (in its order).
+#: Fields the DPO teacher's forward produces (precompute's default with a teacher).
+TEACHER_FIELDS: tuple[str, ...] = tuple(n for n, f in TOKEN_FIELDS.items() if f.source == "teacher")
+#: Fields the reference's forward produces (ref_topk_logprobs at the teacher's top-K ids).
+REF_FIELDS: tuple[str, ...] = tuple(n for n, f in TOKEN_FIELDS.items() if f.source == "reference")
+#: Fields with a top-K axis (computed only when one of them is stored).
+TOPK_FIELDS: tuple[str, ...] = tuple(n for n, f in TOKEN_FIELDS.items() if f.trailing == "k")
+#: Fields with one row per response token (a batch pads them to T; the others to T + 1).
+PADDED_FIELDS: tuple[str, ...] = tuple(n for n, f in TOKEN_FIELDS.items() if not f.extra_row)
 
 
 def token_shape(name: str, n_tokens: int, k: int, n_betas: int) -> tuple[int, ...]:
@@ -157,6 +173,13 @@ class StoreMeta:
             raise ValueError(f"StoreMeta.k must be > 0 when storing {needs_k}; got k={self.k}")
         if "soft_value" in self.fields and not self.betas:
             raise ValueError("StoreMeta.betas is empty but 'soft_value' is stored: pass the β list")
+
+    @property
+    def scored_vocab(self) -> int | None:
+        """How many ids [0, V) the teachers scored (their tokenizer's; padded output rows
+        beyond it were dropped). None when the store does not say."""
+        tok = self.tokenizer if isinstance(self.tokenizer, dict) else {}
+        return None if tok.get("vocab_size") is None else int(tok["vocab_size"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

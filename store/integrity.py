@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import google_crc32c
@@ -39,6 +40,11 @@ __all__ = [
     "check_files",
     "file_error",
     "is_chunk",
+    "UnsafeStoreError",
+    "name_problem",
+    "check_name",
+    "check_names",
+    "unsafe_file_error",
 ]
 
 
@@ -54,6 +60,83 @@ def crc32c(data: Any) -> str:
     if not isinstance(data, bytes):  # google_crc32c takes bytes or numpy, not memoryview
         data = np.frombuffer(data, dtype=np.uint8)
     return f"{google_crc32c.value(data):08x}"
+
+
+class UnsafeStoreError(ValueError):
+    """A store names a path it may not (outside the store, not in kdcache's layout) or holds
+    a file that is not a regular file inside it.  Such a store was crafted or edited, not
+    damaged: no checksum can vouch for it and `store verify --repair` cannot fix it.
+    A ValueError, so the CLI prints it as one `error:` line."""
+
+
+#: Names kdcache writes: shards `shard-NNNNN` (5 digits or more, no extra leading zeros) and,
+#: inside a shard, `records.parquet` and the zarr group's files.  Every name of a manifest
+#: must match one of them exactly: that rules out `..`, absolute paths, URLs, empty or
+#: `.` components, backslashes and every non-canonical spelling of a name, with one rule
+#: that gc, verify and every reader share.
+_SHARD_RE = re.compile(r"shard-(?:0{4}\d|0{3}[1-9]\d|0{2}[1-9]\d{2}|0[1-9]\d{3}|[1-9]\d{4,})")
+_INT = r"(?:0|[1-9]\d{0,9})"
+_FILE_RE = re.compile(
+    rf"records\.parquet|tokens\.zarr/zarr\.json|tokens\.zarr/([a-z_]{{1,64}})/"
+    rf"(?:zarr\.json|c/{_INT}(?:/0)?)")
+
+
+def _short(name: Any) -> str:
+    r = repr(name)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def name_problem(name: Any, kind: str = "shard") -> str | None:
+    """Why `name` may not appear in a manifest (None when it is a name kdcache writes).
+
+    `kind` is "shard" (a shard directory under shards/) or "file" (a path inside a shard,
+    as in a shard entry's `files`)."""
+    from .codecs import ADV_ARRAY
+    from .format import TOKEN_FIELDS
+
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a name"
+    if kind == "shard":
+        if _SHARD_RE.fullmatch(name):
+            return None
+        why = "is not a shard name kdcache writes (shard-NNNNN)"
+    else:
+        m = _FILE_RE.fullmatch(name)
+        if m and (m.group(1) is None or m.group(1) in TOKEN_FIELDS or m.group(1) == ADV_ARRAY):
+            return None
+        why = ("is not a path kdcache writes in a shard (records.parquet or "
+               "tokens.zarr/<field>/...)")
+    if name.startswith("/") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", name):
+        why = "is an absolute path or URL"
+    elif ".." in name.replace("\\", "/").split("/"):
+        why = "leaves its directory (`..`)"
+    return why
+
+
+def check_name(name: Any, kind: str = "shard", where: str = "the manifest") -> None:
+    """Raise UnsafeStoreError when `name` (see `name_problem`) may not be used as a path."""
+    why = name_problem(name, kind)
+    if why:
+        raise UnsafeStoreError(
+            f"{where} names {kind} {_short(name)}, which {why}: kdcache never writes such a "
+            f"name, so the store was crafted or edited and is not read; delete it, or copy "
+            f"the store again from its producer")
+
+
+def check_names(m: dict[str, Any], where: str) -> None:
+    """Check every shard and file name of a parsed manifest (`where`: its path, for the
+    message).  Entries with a malformed structure are left to `manifest_problems`."""
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        return
+    for s in shards:
+        if not isinstance(s, dict) or "name" not in s:
+            continue
+        check_name(s["name"], "shard", where)
+        files = s.get("files")
+        if isinstance(files, dict):
+            for rel in files:
+                check_name(rel, "file", where)
 
 
 def fix_hint(url: str, shard: str | None = None) -> str:
@@ -126,8 +209,11 @@ def _structure_problem(m: dict[str, Any]) -> str | None:
                          ("n_tokens", int), ("files", dict)):
             if not isinstance(s.get(key), typ):
                 return f"shard entry {i} has no valid {key!r}"
+        if s["n_records"] < 0 or s["n_tokens"] < 0 or not 0 <= s["n_groups"] <= s["n_records"]:
+            return f"shard entry {i} has impossible counts"
         for rel, info in s["files"].items():
-            if not isinstance(info, dict) or not isinstance(info.get("bytes"), int):
+            if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) \
+                    or info["bytes"] < 0:
                 return f"shard {s['name']} file {rel} has no valid size"
     return None
 
@@ -183,31 +269,61 @@ def check_manifest(m: dict[str, Any], url: str) -> None:
 
 
 def check_files(fs: Any, root: str, m: dict[str, Any], url: str) -> None:
-    """Every file the manifest lists exists with its recorded size: one listing of shards/.
+    """Every file the manifest lists exists with its recorded size and is a regular file
+    inside the store (never a FIFO, a device or a symlink out of the root).
 
-    On object stores `find` is one (paginated) LIST request, not one request per shard.
+    Local stores: one lstat per file (`_io.LocalGuard`; a listing would follow a symlinked
+    `shards/` wherever it leads).  Object stores: one listing of shards/, which is one
+    (paginated) LIST request, not one request per shard, and gives each object's kind.
     """
-    from ._io import SHARDS_DIR, join
+    from ._io import SHARDS_DIR, LocalGuard, UnsafeFile, is_local, join
 
     if not m["shards"]:
         return
     base = join(root, SHARDS_DIR)
-    try:
-        listing = fs.find(base, detail=True)
-    except FileNotFoundError:
-        listing = {}
-    sizes = {p.rstrip("/"): info.get("size") for p, info in listing.items()}
     missing: list[tuple[str, str]] = []
-    for s in m["shards"]:
-        for rel, info in s["files"].items():
-            size = sizes.get(join(base, s["name"], rel))
-            if size is None:
-                missing.append((s["name"], rel))
-            elif int(size) != info["bytes"]:
-                raise file_error(url, s["name"], rel,
-                                 f"is {size} bytes but the manifest says {info['bytes']} "
-                                 f"(truncated or replaced)")
+
+    def size_ok(name: str, rel: str, size: Any, want: int) -> None:
+        if size is None:
+            missing.append((name, rel))
+        elif int(size) != want:
+            raise file_error(url, name, rel, f"is {size} bytes but the manifest says {want} "
+                                             f"(truncated or replaced)")
+
+    if is_local(fs):
+        guard = LocalGuard(fs._strip_protocol(root))
+        for s in m["shards"]:
+            for rel, info in s["files"].items():
+                path = fs._strip_protocol(join(base, s["name"], rel))
+                try:
+                    size = guard.stat(path).st_size
+                except (FileNotFoundError, NotADirectoryError):
+                    size = None
+                except UnsafeFile as e:
+                    raise unsafe_file_error(url, s["name"], rel, e.what) from None
+                size_ok(s["name"], rel, size, info["bytes"])
+    else:
+        try:
+            listing = fs.find(base, detail=True)
+        except FileNotFoundError:
+            listing = {}
+        found = {p.rstrip("/"): info for p, info in listing.items()}
+        for s in m["shards"]:
+            for rel, info in s["files"].items():
+                got = found.get(join(base, s["name"], rel))
+                if got is not None and got.get("type", "file") != "file":
+                    raise unsafe_file_error(url, s["name"], rel,
+                                            f"is a {got.get('type')}, not a regular file")
+                size_ok(s["name"], rel, None if got is None else got.get("size"), info["bytes"])
     if missing:
         name, rel = missing[0]
         more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
         raise file_error(url, name, rel, f"is missing{more}")
+
+
+def unsafe_file_error(url: str, shard: str, rel: str, what: str) -> UnsafeStoreError:
+    """The one-line error for a listed path that is not a regular file inside the store."""
+    return UnsafeStoreError(
+        f"store {url}: shard {shard} file {rel} {what}: kdcache reads only regular files "
+        f"inside a store, so it does not read this store; replace the file with the real "
+        f"one (or delete the store and copy it again from its producer)")

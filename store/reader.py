@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ._io import SHARDS_DIR, cat_files, join, open_fs, read_manifest
+from ._io import SHARDS_DIR, UnsafeFile, cat_files, join, open_fs, read_manifest
 from .codecs import ADV_ARRAY
 from .fingerprint import hash_bytes
-from .format import CRC_SCHEMA_VERSIONS, TOKEN_FIELDS, StoreMeta
+from .format import CRC_SCHEMA_VERSIONS, ROLES, TOKEN_FIELDS, StoreMeta
 from .integrity import (
     ChecksumError,
     check_files,
@@ -30,6 +31,7 @@ from .integrity import (
     crc32c,
     file_error,
     is_chunk,
+    unsafe_file_error,
 )
 from .writer import NoStoreError
 
@@ -72,6 +74,15 @@ class Shard:
     def __len__(self) -> int:
         return self.n
 
+    def column(self, name: str) -> list[Any]:
+        """A per-sequence column as a list: example_id, role, group, n_tokens, reward,
+        is_terminal."""
+        return self._seq[name]
+
+    def lengths(self, name: str) -> np.ndarray:
+        """Per-record lengths of a token-id column: prompt_ids, response_ids, teacher_prompt_ids."""
+        return np.diff(self._lists[name][0])
+
     def record(self, i: int) -> dict[str, Any]:
         seq = self._seq
         T = seq["n_tokens"][i]
@@ -100,13 +111,6 @@ class Shard:
     def group(self, g: int) -> list[dict[str, Any]]:
         a, b = self.group_bounds[g]
         return [self.record(i) for i in range(a, b)]
-
-
-def _buffers(raw: dict[str, bytes]) -> dict[str, Any]:
-    from zarr.core.buffer import default_buffer_prototype
-
-    proto = default_buffer_prototype()
-    return {k: proto.buffer.from_bytes(v) for k, v in raw.items()}
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -150,22 +154,47 @@ def _needed_arrays(fields: Sequence[str], zarr_keys: Any) -> list[str]:
     return list(dict.fromkeys(want))
 
 
+def shard_expect(entry: dict[str, Any], meta: StoreMeta) -> tuple[Any, dict[str, int]]:
+    """(fastdecode.Expect, record counts) a shard's files must agree with, from its manifest
+    entry and the store's meta: array shapes from n_tokens / n_records / K / len(betas)."""
+    from .fastdecode import Expect
+
+    n_tok, n_rec = int(entry["n_tokens"]), int(entry["n_records"])
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in meta.fields:
+        spec = TOKEN_FIELDS[f]
+        rows = n_tok + (n_rec if spec.extra_row else 0)
+        width = {"k": (meta.k,), "b": (len(meta.betas),), "": ()}[spec.trailing]
+        shapes[f] = (rows, *width)
+    if "topk_logprobs" in shapes:
+        shapes[ADV_ARRAY] = shapes["topk_logprobs"]
+    elif "ref_topk_logprobs" in shapes:
+        shapes[ADV_ARRAY] = shapes["ref_topk_logprobs"]
+    tok = meta.tokenizer if isinstance(meta.tokenizer, dict) else {}
+    vocab = tok.get("vocab_size")
+    vocab = int(vocab) if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 \
+        else None
+    return Expect(shapes, vocab), {"n_records": n_rec, "n_tokens": n_tok,
+                                   "n_groups": int(entry["n_groups"])}
+
+
 def decode_shard(
     name: str, raw: dict[str, bytes], fields: Sequence[str], threads: bool = True,
-    check: bool = True,
+    check: bool = True, expect: Any = None, counts: dict[str, int] | None = None,
 ) -> Shard:
     """Decode fetched shard files ({relative path: bytes}) into a `Shard`.
 
     A shard's arrays are decoded concurrently in a small shared thread pool (`threads`).
     Chunks with a crc32c codec are checked as they are decoded (`check=False`: benchmarks
-    of the check's cost only).
+    of the check's cost only).  `expect` / `counts` (see `shard_expect`): what the manifest
+    says the shard holds; every size the files declare is checked against them before
+    memory is allocated for it.
     """
     from .fastdecode import ChunkError, decode_array, decode_topk_ref, grid_config
 
     zfiles = {k[len("tokens.zarr/") :]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
     arrays = _needed_arrays(fields, zfiles)
     adv = ADV_ARRAY in arrays
-    zarr_group: list[Any] = []
     threads = threads and _cores() > 1  # on one core threads only add switching
 
     def named(fn: Any, a: str) -> Any:
@@ -178,21 +207,25 @@ def decode_shard(
             raise ShardFileError(f"tokens.zarr/{e.key}", e.what) from None
         except ShardFileError:
             raise
-        except Exception as e:  # zarr fallback, or corrupt metadata in a store without crc
+        except Exception as e:  # corrupt metadata in a store without crc
             raise ShardFileError(f"tokens.zarr/{a}",
                                  f"cannot be decoded ({type(e).__name__}: {e})") from None
 
     def one(a: str) -> Any:
         def plain() -> Any:
-            arr = decode_array(zfiles, a, check)  # fast path for the subset of zarr we write
-            return _zarr_read(zfiles, a, zarr_group) if arr is None else arr
+            arr = decode_array(zfiles, a, check, expect)
+            if arr is None:  # only the subset of zarr kdcache writes, each step bounded
+                raise ShardFileError(f"tokens.zarr/{a}/zarr.json",
+                                     "declares a layout or codec chain kdcache does not write "
+                                     "(not a kdcache store, or crafted)")
+            return arr
         return named(plain, a)
 
     def topk_ref() -> tuple[np.ndarray | None, np.ndarray]:
         # ref = topk − adv on the integer grid, rebuilt with topk in one blocked pass
         steps = {}
         for a in (ADV_ARRAY, "topk_logprobs"):
-            g = named(lambda a=a: grid_config(zfiles, a), a)
+            g = named(lambda a=a: grid_config(zfiles, a, expect), a)
             if g is None:
                 raise ShardFileError(f"tokens.zarr/{a}/zarr.json",
                                      f"does not declare a kdcache.gridq array, so "
@@ -204,7 +237,7 @@ def decode_shard(
                                  f"has step {steps[ADV_ARRAY]}, not topk_logprobs' step "
                                  f"{steps['topk_logprobs']} (corrupt metadata)")
         got = named(lambda: decode_topk_ref(zfiles, ADV_ARRAY, "topk_logprobs" in fields,
-                                            check), ADV_ARRAY)
+                                            check, expect), ADV_ARRAY)
         if got is None:
             raise ShardFileError(f"tokens.zarr/{ADV_ARRAY}/zarr.json",
                                  "does not have topk_logprobs' shape (corrupt metadata)")
@@ -216,11 +249,13 @@ def decode_shard(
         jobs[ADV_ARRAY] = topk_ref
     if threads and len(jobs) > 1:
         futs = {a: _decode_pool().submit(fn) for a, fn in jobs.items()}
-        table = _read_records(raw)
-        dec = {a: f.result() for a, f in futs.items()}
+        try:
+            table = _read_records(raw, counts)
+        finally:
+            dec = {a: f.result() for a, f in futs.items()}
     else:
+        table = _read_records(raw, counts)
         dec = {a: fn() for a, fn in jobs.items()}
-        table = _read_records(raw)
     tokens: dict[str, np.ndarray] = {}
     if adv:
         topk, tokens["ref_topk_logprobs"] = dec[ADV_ARRAY]
@@ -236,6 +271,27 @@ def decode_shard(
             from None
 
 
+def check_shard(raw: dict[str, bytes], entry: dict[str, Any], meta: StoreMeta) -> None:
+    """Every size a shard's files declare against its manifest entry, without decoding the
+    arrays (`store verify`): each array's zarr.json and chunk frame headers, and
+    records.parquet (footer counts, then per-record lengths).  A ShardFileError names the
+    first problem."""
+    from .fastdecode import ChunkError, check_layout
+
+    expect, counts = shard_expect(entry, meta)
+    zfiles = {k[len("tokens.zarr/"):]: v for k, v in raw.items() if k.startswith("tokens.zarr/")}
+    arrays = sorted({k.split("/", 1)[0] for k in zfiles if k.count("/") >= 1})
+    for a in arrays:
+        try:
+            check_layout(zfiles, a, expect)
+        except ChunkError as e:
+            raise ShardFileError(f"tokens.zarr/{e.key}", e.what) from None
+        except Exception as e:  # noqa: BLE001 - malformed metadata of any kind
+            raise ShardFileError(f"tokens.zarr/{a}/zarr.json",
+                                 f"cannot be read ({type(e).__name__}: {e})") from None
+    _read_records(raw, counts)
+
+
 class ShardFileError(ValueError):
     """A shard file is damaged; `rel` names it (the Store adds its URL and shard name)."""
 
@@ -245,32 +301,117 @@ class ShardFileError(ValueError):
         self.what = what
 
 
-def _read_records(raw: dict[str, bytes]) -> Any:
+#: Values a prompt column (prompt_ids, teacher_prompt_ids) may hold per byte of
+#: records.parquet: prompt lengths are not in the manifest, so the file size bounds them.
+#: Shared prompts (chosen/rejected, G rollouts) compress ~10x; 256 leaves a wide margin and
+#: still stops a few KB of run-length-encoded zeros from decoding to gigabytes.
+PROMPT_VALUES_PER_BYTE = 256
+#: Longest example_id / role a record may hold (characters).
+MAX_ID_CHARS = 4096
+
+
+def _check_parquet_meta(pf: Any, size: int, counts: dict[str, int]) -> None:
+    """Row and value counts the parquet footer declares, against the manifest, before a
+    column is decoded."""
+    md = pf.metadata
+    if md.num_rows != counts["n_records"]:
+        raise ShardFileError("records.parquet", f"holds {md.num_rows} rows but the manifest "
+                                                f"says {counts['n_records']} (crafted or corrupt)")
+    values: dict[str, int] = {}
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            top = col.path_in_schema.split(".", 1)[0]
+            values[top] = values.get(top, 0) + int(col.num_values)
+    # num_values of a list column counts its values plus one level per empty or null list
+    caps = {"response_ids": counts["n_tokens"] + counts["n_records"]}
+    for col in ("prompt_ids", "teacher_prompt_ids"):
+        caps[col] = PROMPT_VALUES_PER_BYTE * size + counts["n_records"]
+    for col, cap in caps.items():
+        if values.get(col, 0) > cap:
+            raise ShardFileError("records.parquet",
+                                 f"declares {values[col]} values in {col}, more than the "
+                                 f"{cap} its manifest entry allows (crafted or corrupt)")
+    for col, n in values.items():
+        if col not in caps and n > counts["n_records"]:
+            raise ShardFileError("records.parquet", f"declares {n} values in column {col} "
+                                                    f"of {counts['n_records']} rows")
+
+
+def _check_records(table: Any, counts: dict[str, int]) -> Any:
+    """Per-record lengths against the manifest (O(records), not per token): each
+    response_ids holds n_tokens ids, token_offset is their running sum, the total is the
+    shard's n_tokens, roles are known, ids are short; strings back to plain columns."""
+    n = table.num_rows
+    for col in ("example_id", "role"):
+        arr = table.column(col).combine_chunks()
+        if isinstance(arr.type, pa.DictionaryType):
+            d = arr.dictionary
+            longest = int(pc.max(pc.utf8_length(d)).as_py() or 0) if len(d) else 0
+            if longest > MAX_ID_CHARS:
+                raise ShardFileError("records.parquet", f"holds a {col} of {longest} "
+                                                        f"characters (at most {MAX_ID_CHARS})")
+            if col == "role" and set(d.to_pylist()) - set(ROLES) - {None}:
+                raise ShardFileError("records.parquet", f"holds roles outside {list(ROLES)}")
+            if col == "role":  # plain strings for callers (value_counts in summary)
+                i = table.schema.get_field_index(col)
+                table = table.set_column(i, col, arr.cast(pa.string()))
+    n_tok = table.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64)
+    resp = table.column("response_ids").combine_chunks()
+    lens = np.diff(resp.offsets.to_numpy().astype(np.int64))
+    offs = table.column("token_offset").to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(n_tok)[:-1]]) if n else n_tok
+    if len(lens) != n or (n_tok < 0).any() or not np.array_equal(lens, n_tok) \
+            or not np.array_equal(offs, starts) or int(n_tok.sum()) != counts["n_tokens"]:
+        raise ShardFileError("records.parquet", f"does not match its manifest entry "
+                                                f"(response_ids lengths, n_tokens, token_offset "
+                                                f"or their total {counts['n_tokens']}; crafted "
+                                                f"or corrupt)")
+    eids = table.column("example_id").combine_chunks()
+    if n == 0:
+        groups = 0
+    elif isinstance(eids.type, pa.DictionaryType) \
+            and len(pc.unique(eids.dictionary)) == len(eids.dictionary):
+        idx = eids.indices.to_numpy(zero_copy_only=False)  # distinct entries: ids == indices
+        groups = 1 + int(np.count_nonzero(idx[1:] != idx[:-1]))
+    else:
+        ids = eids.to_pylist()
+        groups = 1 + sum(1 for i in range(1, n) if ids[i] != ids[i - 1])
+    if groups != counts["n_groups"]:
+        raise ShardFileError("records.parquet", f"holds {groups} groups but the manifest says "
+                                                f"{counts['n_groups']} (crafted or corrupt)")
+    return table
+
+
+def _read_records(raw: dict[str, bytes], counts: dict[str, int] | None = None) -> Any:
     if "records.parquet" not in raw:
         raise ShardFileError("records.parquet", "is missing from the shard")
+    data = raw["records.parquet"]
     try:
         # a few hundred rows: pyarrow's dataset layer, pre-buffering and thread pool cost
-        # more than they save (half the time of read_table)
-        return pq.ParquetFile(pa.BufferReader(raw["records.parquet"]),
-                              pre_buffer=False).read(use_threads=False)
+        # more than they save (half the time of read_table).  Strings are read as
+        # dictionaries, so a crafted long string repeated in every row is not copied per row
+        # before its length is checked.
+        pf = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False,
+                            read_dictionary=["example_id", "role"] if counts else None)
+        if counts is not None:
+            _check_parquet_meta(pf, len(data), counts)
+        table = pf.read(use_threads=False)
+    except ShardFileError:
+        raise
     except Exception as e:  # pyarrow raises several types for bad bytes
         raise ShardFileError("records.parquet",
                              f"cannot be read ({type(e).__name__}: {e})") from None
-
-
-def _zarr_read(zfiles: dict[str, bytes], a: str, cache: list[Any]) -> np.ndarray:
-    """zarr's generic decoding, for arrays outside the fast decoder's subset."""
-    import zarr
-    from zarr.storage import MemoryStore
-
-    from .codecs import quiet_numcodecs, register
-
-    register()
-    with quiet_numcodecs():
-        if not cache:
-            cache.append(zarr.open_group(MemoryStore(_buffers(zfiles), read_only=True),
-                                         mode="r"))
-        return cache[0][a][...]
+    if counts is None:
+        return table
+    try:
+        return _check_records(table, counts)
+    except ShardFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, pa.ArrowException) as e:
+        raise ShardFileError("records.parquet",
+                             f"does not hold the expected columns ({e})") from None
 
 
 class Store:
@@ -348,10 +489,13 @@ class Store:
         rels = self.shard_files(index, fields)
         base = join(self.root, SHARDS_DIR, name)
         paths = [join(base, r) for r in rels]
-        got = cat_files(self.fs, paths)
+        got = cat_files(self.fs, paths, self.root,
+                        {p: entry["files"][r]["bytes"] for r, p in zip(rels, paths, strict=True)})
         raw = {}
         for r, p in zip(rels, paths, strict=True):
             data = got.get(p)
+            if isinstance(data, UnsafeFile):
+                raise unsafe_file_error(self.url, name, r, data.what)
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 what = type(data).__name__ if isinstance(data, Exception) else "no data"
                 raise file_error(self.url, name, r, f"is missing or unreadable ({what})")
@@ -371,12 +515,24 @@ class Store:
                 raise file_error(self.url, name, r, "failed its sha256 check (corrupted bytes)")
         return raw
 
+    def check_shard(self, index: int, raw: dict[str, bytes]) -> None:
+        """Every size shard `index`'s fetched files declare, against the manifest, without
+        decoding its arrays (`check_shard`); a one-line error naming store, shard, file."""
+        entry = self.shards[index]
+        try:
+            check_shard(raw, entry, self.meta)
+        except ShardFileError as e:
+            raise file_error(self.url, entry["name"], e.rel, e.what) from None
+
     def decode(self, index: int, raw: dict[str, bytes], fields: Sequence[str]) -> Shard:
         """Decode fetched files of shard `index`; damage is a one-line ChecksumError/ValueError
         naming the store, shard and file."""
-        name = self.shards[index]["name"]
+        entry = self.shards[index]
+        name = entry["name"]
+        expect, counts = shard_expect(entry, self.meta)
         try:
-            return decode_shard(name, raw, fields, check=self._check_reads)
+            return decode_shard(name, raw, fields, check=self._check_reads, expect=expect,
+                                counts=counts)
         except ShardFileError as e:
             raise file_error(self.url, name, e.rel, e.what) from None
 
@@ -451,8 +607,9 @@ class Store:
                 yield s, fut.result()
 
 
-def open_store(url: str, check_listing: bool = True) -> Store:
-    """Open the committed part of the store at `url` (local path or fsspec URL).
+def open_store(url: str, check_listing: bool = True, root: str | None = None) -> Store:
+    """Open the committed part of the store at `url` (local path or fsspec URL), or, given
+    `root`, a bare content key (no `/`, no `://`) names the store `root/key`.
 
     Checks before returning: the manifest parses, its version is supported, its checksum
     (v4+; older: shard-entry checksums) and store_key match, and — `check_listing`, one
@@ -460,6 +617,8 @@ def open_store(url: str, check_listing: bool = True) -> Store:
     shard is reported now, not at the training step that needs it.
     """
     url = str(url)
+    if root and "/" not in url and "://" not in url:
+        url = f"{str(root).rstrip('/')}/{url}"
     fs, root = open_fs(url)
     manifest = read_manifest(fs, root)
     if manifest is None:

@@ -5,7 +5,8 @@ mass (Σ_k exp(topk_logprobs)) tells them what truncating to K loses (METHODS.md
 Sizes come from the manifest (stored file sizes), so only `topk_logprobs` is decoded, one
 shard at a time; roles are counted on the Arrow `role` column (no record dicts are built).
 Every file of every shard is fetched and checked against the manifest's crc32c (v4+) or
-sha256 (older), so `kdcache inspect` also reports damage anywhere in the store.
+sha256 (older), and every size it declares against the manifest (`Store.check_shard`), so
+`kdcache inspect` also reports damage, or a crafted store, anywhere in the store.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def summarize(store: Store | str, mass_bins: int = 10) -> dict[str, Any]:
     has_topk = "topk_logprobs" in st.fields
     for s in range(len(st.shards)):
         raw = st.fetch_shard(s, st.fields, verify=True)
+        st.check_shard(s, raw)  # sizes every file declares, also of the arrays not decoded
         shard = st.decode(s, raw, ["topk_logprobs"] if has_topk else [])
         vc = pc.value_counts(shard.table.column("role"))
         roles.update({str(v["values"]): int(v["counts"]) for v in vc.to_pylist()})

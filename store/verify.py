@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._io import SHARDS_DIR, cat_files, join, open_fs, read_manifest
+from ._io import SHARDS_DIR, UnsafeFile, cat_files, join, open_fs, read_manifest
 from .fingerprint import hash_bytes
-from .integrity import manifest_problems
+from .format import StoreMeta
+from .integrity import UnsafeStoreError, manifest_problems, unsafe_file_error
+from .reader import ShardFileError, check_shard
 from .writer import NoStoreError, commit_manifest
 
 __all__ = ["verify", "repair"]
@@ -24,6 +26,8 @@ def _problems(url: str) -> tuple[list[str], set[int], bool, Any, str, dict | Non
     fs, root = open_fs(url)
     try:
         manifest = read_manifest(fs, root)
+    except UnsafeStoreError:  # a crafted name: the same one-line refusal as every reader
+        raise
     except ValueError as e:  # not JSON / not an object: the message names the file
         return [f"manifest.json: {e}"], set(), True, fs, root, None
     if manifest is None:
@@ -35,6 +39,7 @@ def _problems(url: str) -> tuple[list[str], set[int], bool, Any, str, dict | Non
         return [f"manifest.json: {e}"], set(), True, fs, root, manifest
     if any(scope is None for scope, _ in found):
         return [f"manifest.json: {p}" for _, p in found], set(), True, fs, root, manifest
+    meta = StoreMeta.from_dict(manifest["meta"])
     names = {s["name"]: i for i, s in enumerate(manifest["shards"])}
     damaged = {names[scope] for scope, _ in found}
     bad_manifest = [f"manifest.json: {p}" for _, p in found]
@@ -43,10 +48,13 @@ def _problems(url: str) -> tuple[list[str], set[int], bool, Any, str, dict | Non
         name = shard["name"]
         base = join(root, SHARDS_DIR, name)
         paths = {rel: join(base, rel) for rel in shard["files"]}
-        got = cat_files(fs, list(paths.values()))
+        got = cat_files(fs, list(paths.values()), root,
+                        {p: shard["files"][r]["bytes"] for r, p in paths.items()})
         for rel, path in paths.items():
             info = shard["files"][rel]
             data = got.get(path)
+            if isinstance(data, UnsafeFile):  # a FIFO, device or symlink out: never read
+                raise unsafe_file_error(url, name, rel, data.what)
             if isinstance(data, Exception) or data is None:
                 problems.append(f"{name}: {rel}: missing ({type(data).__name__})")
             elif len(data) != info["bytes"]:
@@ -56,6 +64,14 @@ def _problems(url: str) -> tuple[list[str], set[int], bool, Any, str, dict | Non
             else:
                 continue
             damaged.add(i)
+        if i not in damaged:
+            # intact bytes can still declare sizes no honest writer would (a crafted store):
+            # the bounds every reader applies, checked without decoding the arrays
+            try:
+                check_shard({rel: got[p] for rel, p in paths.items()}, shard, meta)
+            except ShardFileError as e:
+                problems.append(f"{name}: {e.rel}: {e.what}")
+                damaged.add(i)
     return problems, damaged, False, fs, root, manifest
 
 
@@ -64,7 +80,9 @@ def verify(url: str) -> list[str]:
 
     Each problem is one line naming the shard and the file: missing files, size or sha256
     mismatches, and a manifest that fails its checksum (v4+) or whose shard entries or
-    store_key do not match (older versions).  No store at `url` is a NoStoreError.
+    store_key do not match (older versions).  No store at `url` is a NoStoreError; a
+    crafted store (a name outside kdcache's layout, a file that is not a regular file
+    inside the store) is an UnsafeStoreError, exactly as readers and gc refuse it.
     """
     return _problems(url)[0]
 

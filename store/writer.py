@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,9 @@ from .format import (
     token_shape,
 )
 from .integrity import check_manifest, check_schema_version, crc32c, manifest_checksum
+from .lock import StoreLock
 
-__all__ = ["StoreWriter", "CHUNK_ROWS", "check_schema_version", "NoStoreError",
+__all__ = ["StoreWriter", "CHUNK_ROWS", "check_schema_version", "NoStoreError", "LOGPROB_FLOOR", "UNCOMMITTED",
            "WRITABLE_VERSIONS", "STALE_TEMP_S", "commit_manifest"]
 
 #: Rows per Zarr chunk along the token axis (13 MB of float32 at K=50).  Larger chunks give
@@ -58,6 +60,12 @@ _INT32_MAX = 2**31 - 1
 WRITABLE_VERSIONS = (2, 3, 4, SCHEMA_VERSION)
 #: A temporary file older than this (seconds) is no longer written by anyone.
 STALE_TEMP_S = 3600.0
+#: With `clamp=True`, log-probs below this (p < e^-255, zero for every loss) are stored as
+#: it: the lowest value the compact codec holds with a margin (its range is ±MAX_ABS).
+LOGPROB_FLOOR = 1.0 - MAX_ABS
+#: Report entry of stores written before the writer folded sums at each commit: per-group
+#: sums of groups handed over but maybe not committed (read on resume, never written now).
+UNCOMMITTED = "uncommitted_sums"
 
 
 class NoStoreError(FileNotFoundError):
@@ -104,11 +112,20 @@ class StoreWriter:
     backward-compatible reader, merges of old stores).  `_staged=True` commits nothing until
     `close()` (one manifest write at the end) and removes the shards it wrote on `abort()`:
     `merge` uses it on object stores so a failed merge leaves nothing at its output.
+    On a local filesystem the writer holds the store's lock (store/lock.py) from here until
+    `close()`/`abort()`; a second writer of the same store fails at once, naming the holder.
+
+    Report: with `report_key`, the manifest's section of that name holds `sum_<key>` for
+    each of `sum_keys`, the sums (`add_group(..., sums=)`) of exactly the committed groups
+    (folded at each shard commit, so a killed run's resume counts every group once), and
+    `close(report=)` adds the producer's own entries. `clamp=True` stores log-probs below
+    the codec's range at its floor instead of refusing them.
     """
 
     def __init__(
         self, url: str, meta: StoreMeta, shard_records: int = 1024, resume: bool = True,
-        _schema_version: int = SCHEMA_VERSION, _staged: bool = False,
+        _schema_version: int = SCHEMA_VERSION, _staged: bool = False, _lock: bool = True,
+        report_key: str | None = None, sum_keys: Sequence[str] = (), clamp: bool = False,
     ) -> None:
         if int(shard_records) < 1:
             raise ValueError(f"shard_records must be >= 1, got {shard_records}")
@@ -121,12 +138,24 @@ class StoreWriter:
         self.schema_version = int(_schema_version)
         self.codec = resolve_codec(meta.options, version=self.schema_version)
         self.fs, self.root = open_fs(self.url)
+        self._staged = bool(_staged)
+        self.report_key, self.sum_keys, self.clamp = report_key, tuple(sum_keys), bool(clamp)
+        # one writer per local store: a second one fails here, naming the holder
+        self._lock = StoreLock(self.root).acquire() if is_local(self.fs) and _lock else None
+        try:
+            self._open(meta, resume)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, meta: StoreMeta, resume: bool) -> None:
         self._pending: list[dict[str, Any]] = []
         self._pending_ids: list[str] = []
         self._done: set[str] = set()
         self._closed = False
-        self._staged = bool(_staged)
         self._written: list[str] = []  # shard directories written (removed on a staged abort)
+        self._sums = dict.fromkeys(self.sum_keys, 0.0)  # of committed groups
+        self._group_sums: dict[str, list[float]] = {}  # of buffered groups
         existing = read_manifest(self.fs, self.root)
         self._remove_stale_temps()
         if existing is None:
@@ -148,6 +177,8 @@ class StoreWriter:
                 self._commit()
         else:
             self._open_existing(existing, resume)
+        if self.report_key is not None:
+            self._resume_sums()
 
     def _remove_stale_temps(self) -> None:
         """Delete `.manifest.json.tmp-*` left by a killed writer (local stores only: object
@@ -213,8 +244,37 @@ class StoreWriter:
     def manifest(self) -> dict[str, Any]:
         return self._manifest
 
-    def add_group(self, records: list[dict[str, Any]]) -> None:
-        """Validate and buffer one group (all records of one example_id, in order)."""
+    # ------------------------------------------------------------------ report sums
+    def _report(self) -> dict[str, Any]:
+        return self._manifest.setdefault(self.report_key, {})
+
+    def _resume_sums(self) -> None:
+        report = self._report()
+        for k in self.sum_keys:
+            self._sums[k] = float(report.get(f"sum_{k}", 0.0))
+        for eid, values in report.pop(UNCOMMITTED, {}).items():  # an older writer's entries
+            if eid in self._done:  # committed after that writer's last fold: count it
+                for k, v in zip(self.sum_keys, values, strict=True):
+                    self._sums[k] += float(v)
+        self._write_sums()
+
+    def _write_sums(self) -> None:
+        report = self._report()
+        for k, v in self._sums.items():
+            report[f"sum_{k}"] = v
+
+    def _fold(self, ids: list[str]) -> None:
+        """The groups `ids` are being committed: their sums join the report's."""
+        if self.report_key is None or not self.sum_keys:
+            return
+        for eid in ids:
+            for k, v in zip(self.sum_keys, self._group_sums.pop(eid, ()), strict=False):
+                self._sums[k] += v
+        self._write_sums()
+
+    def add_group(self, records: list[dict[str, Any]], sums: dict[str, float] | None = None) -> None:
+        """Validate and buffer one group (all records of one example_id, in order); `sums`
+        are its report sums (counted once the group is committed)."""
         if self._closed:
             raise RuntimeError(f"StoreWriter for {self.url} is closed")
         if not records:
@@ -235,20 +295,36 @@ class StoreWriter:
         norm = [self._validate(r, i, str(eid)) for i, r in enumerate(records)]
         if self._pending and len(self._pending) + len(norm) > self.shard_records:
             self._flush()
+        if self.sum_keys:
+            self._group_sums[str(eid)] = [float((sums or {}).get(k, 0.0)) for k in self.sum_keys]
         self._pending.extend(norm)
         self._pending_ids.append(str(eid))
         if len(self._pending) >= self.shard_records:
             self._flush()
 
-    def close(self) -> None:
-        """Commit the last partial shard and mark the store complete."""
+    def close(self, report: dict[str, Any] | Callable[[dict[str, float]], dict[str, Any]]
+              | None = None) -> None:
+        """Commit the last partial shard and mark the store complete. `report` (or
+        report(final sums)) is merged into the report section (needs `report_key`)."""
         if self._closed:
             return
-        if self._pending:
-            self._flush()
-        self._manifest["complete"] = True
-        self._commit()
-        self._closed = True
+        if report and self.report_key is None:
+            raise ValueError("StoreWriter.close(report=...) needs a report_key")
+        try:
+            if self._pending:
+                self._flush()
+            if self.report_key is not None:
+                rep = self._report()
+                rep.update(report(dict(self._sums)) if callable(report) else (report or {}))
+            self._manifest["complete"] = True
+            self._commit()
+            self._closed = True
+        finally:  # closed, or failed for good (the caller cannot finish it): let go
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def abort(self) -> None:
         """Drop buffered records without committing them (the store stays incomplete).
@@ -257,12 +333,16 @@ class StoreWriter:
         """
         self._pending.clear()
         self._pending_ids.clear()
+        self._group_sums.clear()
         self._closed = True
-        if self._staged:
-            for d in self._written:
-                if self.fs.exists(d):
-                    self.fs.rm(d, recursive=True)
-            self._written.clear()
+        try:
+            if self._staged:
+                for d in self._written:
+                    if self.fs.exists(d):
+                        self.fs.rm(d, recursive=True)
+                self._written.clear()
+        finally:
+            self._release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -353,6 +433,8 @@ class StoreWriter:
                     raise ValueError(f"{where}: field {name!r} contains NaN; the teacher scoring "
                                      f"produced invalid numbers for this sequence")
                 if self.codec.quantises(name):
+                    if self.clamp and f.kind == "logprob":
+                        arr = np.maximum(arr, arr.dtype.type(LOGPROB_FLOOR))
                     bad = ~np.isfinite(arr) | (np.abs(arr) > MAX_ABS)
                     if bad.any():
                         raise ValueError(
@@ -392,11 +474,20 @@ class StoreWriter:
         if self.fs.exists(shard_dir):
             self.fs.rm(shard_dir, recursive=True)
         self._written.append(shard_dir)
-        write_files(self.fs, {join(shard_dir, rel): data for rel, data in files.items()})
+        try:
+            write_files(self.fs, {join(shard_dir, rel): data for rel, data in files.items()})
+        except BaseException:  # e.g. a full disk: leave no half-written shard behind
+            try:
+                if self.fs.exists(shard_dir):
+                    self.fs.rm(shard_dir, recursive=True)
+            except OSError:
+                pass  # gc removes it later (unreferenced, owner gone)
+            raise
         entry = shard_entry(name, recs, len(ids), files,
                             crc=self.schema_version in CRC_SCHEMA_VERSIONS)
         self._manifest["shards"].append(entry)
         self._manifest["complete"] = False
+        self._fold(ids)
         if not self._staged:
             self._commit()
         self._done.update(ids)

@@ -84,14 +84,15 @@ def test_train_flags_mirror_the_dataclass():
 
 
 def test_help_imports_no_torch():
-    """`kdcache --help` and every command's --help build their options without torch or
-    transformers (the options live in config modules apart from the code that runs them)."""
+    """`kdcache --help` and every command's --help build their options without torch,
+    transformers, datasets or wandb (the options live in config modules apart from the code that runs them)."""
     code = (
         "import sys\nfrom kdcache.cli import app\n"
         "for args in (['--help'], ['train', '--help'], ['eval', '--help'], ['store', '--help'],\n"
         "             ['precompute', '--help'], ['rollout', '--help']):\n"
         "    try:\n        app(args, prog_name='kdcache')\n    except SystemExit:\n        pass\n"
-        "heavy = [m for m in ('torch', 'transformers', 'kdcache.precompute.run') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'wandb', 'kdcache.precompute.run')\n"
+        "         if m in sys.modules]\n"
         "sys.stderr.write('HEAVY=' + ','.join(heavy))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -101,7 +102,7 @@ def test_help_imports_no_torch():
 
 def test_config_file_then_flags(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "_train", lambda cfg: seen.setdefault("cfg", cfg) and "runs/x/model")
+    monkeypatch.setitem(cli.RUNS, "train", lambda cfg: seen.setdefault("cfg", cfg) and "runs/x/model")
     f = tmp_path / "c.yaml"
     f.write_text("model: m\nstore: s\nobjective: dckd\nlr: 0.5\nlora_targets: [q_proj]\nepochs: 2\n")
     res = runner.invoke(cli.app, ["train", "-c", str(f), "--lr", "0.1", "--no-grad-checkpointing",
@@ -115,7 +116,7 @@ def test_config_file_then_flags(tmp_path, monkeypatch):
 
 def test_list_options_parse(monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "_precompute", lambda cfg: seen.setdefault("cfg", cfg) and "url")
+    monkeypatch.setitem(cli.RUNS, "precompute", lambda cfg: seen.setdefault("cfg", cfg) and "url")
     res = runner.invoke(cli.app, ["precompute", "--teacher", "t", "--data", "d", "--betas", " 1, 2.5 ",
                                   "--partition", "1/4"])
     assert res.exit_code == 0, res.output
@@ -208,12 +209,14 @@ def test_memory_url_refused_by_store_merge(tmp_path):
 
 
 def test_demo_table_on_stdout_stages_on_stderr(monkeypatch):
+    import kdcache.demo
+
     def fake_demo(out, quick, methods, seed):
-        cli.typer.echo("[1/5] teacher: ...")
+        cli.typer.echo("[1/5] teacher: ...")  # a stray stdout write still lands on stderr
         return {"rows": [{"method": "sft", "reward_mean": 0.5, "eos_rate": 1.0, "reward_accuracy": 0.9,
                           "kl_topk": 1.0, "train_s": 2.0, "store_mb": 0.1}]}
 
-    monkeypatch.setattr(cli, "run_demo", fake_demo)
+    monkeypatch.setattr(kdcache.demo, "run_demo", fake_demo)
     res = runner.invoke(cli.app, ["demo", "--quick"])
     assert res.exit_code == 0, res.output
     assert "[1/5]" in res.stderr and "[1/5]" not in res.stdout

@@ -32,9 +32,13 @@ def work(tmp_path_factory) -> dict:
     }
 
 
-def _run(*args: str) -> str:
+def _run(*args: str, stages: int | None = None) -> str:
     res = runner.invoke(cli.app, ["pipeline", *args])
     assert res.exit_code == 0, res.output
+    if stages:  # one `[n/k] stage` line per stage on stderr, none on stdout
+        lines = [line for line in res.stderr.splitlines() if line.startswith("[")]
+        assert [line.split("]")[0] for line in lines] == [f"[{i}/{stages}" for i in range(1, stages + 1)], lines
+        assert "[1/" not in res.stdout
     return res.stdout.strip().splitlines()[-1]
 
 
@@ -48,7 +52,7 @@ def test_adpa_plus(work):
             "--reference", work["ref"], "--data", str(work["data"]["pref"]),
             "--prompts", str(work["data"]["prompts"]), "--out", str(out), "--dckd-steps", "2",
             "--adpa-steps", "2", "--k", "4", "--max-new-tokens", "6", "--batch-groups", "2"]
-    model = _run(*args)
+    model = _run(*args, stages=5)
     AutoModelForCausalLM.from_pretrained(model)
     assert {p.name for p in (out / "runs").iterdir()} == {"dckd", "adpa+"}
     stores = _stores(out)
@@ -60,7 +64,7 @@ def test_tgpo_rounds(work):
     model = _run("tgpo", "--student", work["student"], "--teacher", work["teacher"],
                  "--prompts", str(work["data"]["prompts"]), "--reward", "sort_rule",
                  "--out", str(out), "--rounds", "2", "--steps", "2", "--n", "2", "--k", "4",
-                 "--max-new-tokens", "6", "--batch-groups", "2")
+                 "--max-new-tokens", "6", "--batch-groups", "2", stages=6)
     AutoModelForCausalLM.from_pretrained(model)
     rows = [json.loads(line) for line in (out / "runs" / "tgpo-round1" / "metrics.jsonl").read_text().splitlines()]
     # the logged row is round 2's last step: local step 1 after an offset of 2 -> global step 3
@@ -71,7 +75,8 @@ def test_tgpo_rounds(work):
 def test_pbsd(work):
     out = work["dir"] / "pbsd"
     model = _run("pbsd", "--student", work["student"], "--prompts", str(work["data"]["prompts"]),
-                 "--out", str(out), "--steps", "2", "--max-new-tokens", "6", "--batch-groups", "2")
+                 "--out", str(out), "--steps", "2", "--max-new-tokens", "6", "--batch-groups", "2",
+                 stages=4)
     AutoModelForCausalLM.from_pretrained(model)
     from kdcache.store import open_store
 

@@ -9,6 +9,7 @@ import errno
 import gzip
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -182,8 +183,10 @@ def test_corrupt_gzip_and_parquet_name_the_file(work, tmp_path):
     (tmp_path / "d.parquet").write_bytes(b"PAR1 not really parquet")
     _one_error(_run(work, tmp_path, data=str(tmp_path / "d.parquet")), "d.parquet", "Parquet")
     _one_error(_run(work, tmp_path, data=str(tmp_path / "nothing-*.jsonl")), "no data file matches")
-    (tmp_path / "d.csv").write_text("a,b\n")
-    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.csv")), "d.csv", "unknown format")
+    (tmp_path / "d.txt").write_text("a,b\n")
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.txt")), "d.txt", "unknown format")
+    (tmp_path / "d.csv").write_text("a,b\n")  # csv goes through `datasets`: a header, no rows
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.csv")), "d.csv", "has no rows")
     _nothing_written(tmp_path / "stores")
 
 
@@ -200,7 +203,11 @@ def test_out_that_holds_other_files_is_refused(work, tmp_path):
 
 
 def test_directory_as_data_and_invisible_devices(work, tmp_path):
-    _one_error(_run(work, tmp_path, data=str(work)), "is a directory; pass a data file or a glob")
+    # a folder is read as a `datasets` dataset folder; this one holds models, not a dataset
+    _one_error(_run(work, tmp_path, data=str(work)), str(work))
+    (tmp_path / "empty").mkdir()
+    _one_error(_run(work, tmp_path, data=str(tmp_path / "empty")), "empty",
+               "doesn't contain any data files", "a dataset folder")
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -275,12 +282,14 @@ def test_disk_full_mid_run_commits_nothing_partial_and_resumes(work, tmp_path, m
 
     monkeypatch.setattr(store_writer, "write_files", full_disk)
     res = _run(work, tmp_path, "--codec", "lossless")
-    _one_error(res, "no space left on the device", "free space", "re-run the same command")
+    _one_error(res, "no space left on the device", "free space", "re-run the same command",
+               "store gc", "--min-age 0")
     (url,) = (tmp_path / "stores").glob("*/manifest.json")
     url = url.parent
     m = json.loads((url / "manifest.json").read_text())
     assert not m["complete"] and [s["name"] for s in m["shards"]] == ["shard-00000", "shard-00001"]
-    assert (url / "shards" / "shard-00002").exists()  # the partial shard: not committed
+    assert not (url / "shards" / "shard-00002").exists()  # the partial shard: removed again
+    assert not [n for n in os.listdir(url) if ".tmp-" in n]  # no temp manifest, no probe
     from kdcache.store.verify import verify
 
     assert verify(str(url)) == []

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kdcache.precompute import PrecomputeConfig, engine, run_precompute
+from kdcache.precompute import run as run_mod
 from kdcache.precompute.data import (
     DataError,
     DataOptions,
@@ -107,6 +108,9 @@ def test_resume_after_crash_gives_the_same_store(work, monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(engine, "score_sequences", flaky)
+    # the inline writer: two batches are committed before the crash whatever the timing (the
+    # background writer may not have written one yet, and a crash drops what is queued)
+    monkeypatch.setattr(run_mod, "BACKGROUND_WRITER", False)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_precompute(_cfg(work, out=str(work / "resumed")))
     partial = open_store(str(work / "resumed"))

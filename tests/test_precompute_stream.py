@@ -10,8 +10,9 @@ import pytest
 
 from kdcache.precompute.data import Sequence
 from kdcache.precompute.run import PrecomputeConfig, iter_batches
-from kdcache.precompute.writing import UNCOMMITTED, GroupWriter
+from kdcache.precompute.writing import GroupWriter
 from kdcache.store import StoreMeta, open_store
+from kdcache.store.writer import UNCOMMITTED
 
 
 def _group(i: int, n_records: int = 1, length: int = 1) -> list[Sequence]:
@@ -64,9 +65,14 @@ def test_report_sums_count_each_committed_group_once_after_a_kill(tmp_path, size
     w = GroupWriter(url, meta, shard_records=3, resume=True, report_key="r", sum_keys=keys)
     for i, n in enumerate(sizes[:-2]):
         w.add_group(_records(_group(i, n)), value[f"e{i}"])
-    # killed here: nothing else runs; the manifest on disk is the last commit
+    # killed here: nothing else runs; the manifest on disk is the last commit, whose sums
+    # count exactly its committed groups (the groups in flight are not counted), and the
+    # kernel drops the dead process's store lock
+    w._release()
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert m["r"].get(UNCOMMITTED)  # groups in flight are recorded, not counted
+    committed = sum(s["n_groups"] for s in m["shards"])
+    assert 0 < committed <= len(sizes) - 2
+    assert m["r"]["sum_tokens"] == sum(sizes[:committed]) and UNCOMMITTED not in m["r"]
 
     w = GroupWriter(url, meta, shard_records=3, resume=True, report_key="r", sum_keys=keys)
     for i, n in enumerate(sizes):
@@ -112,9 +118,9 @@ def test_background_writer_writes_the_inline_store(tmp_path, max_queue_bytes, mo
         real = StoreWriter.add_group
         seen = []
 
-        def slow(self, records, real=real):
+        def slow(self, records, sums=None, real=real):
             time.sleep(0.001)  # a writer slower than the caller: the queue fills up
-            real(self, records)
+            real(self, records, sums)
 
         monkeypatch.setattr(StoreWriter, "add_group", slow)
         for g in groups:
@@ -137,11 +143,11 @@ def test_an_error_in_the_writer_thread_is_raised_in_the_caller(tmp_path, monkeyp
 
     real, calls = StoreWriter.add_group, {"n": 0}
 
-    def full_disk(self, records):
+    def full_disk(self, records, sums=None):
         calls["n"] += 1
         if calls["n"] == 12:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(self, records)
+        real(self, records, sums)
 
     monkeypatch.setattr(StoreWriter, "add_group", full_disk)
     url = str(tmp_path / "s")

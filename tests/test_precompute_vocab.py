@@ -113,12 +113,12 @@ def test_a_padded_student_normalises_over_the_scored_ids(work, tmp_path, dtype):
     from kdcache.train.batch import collate
     from kdcache.train.config import TrainConfig
     from kdcache.train.data import next_batches
-    from kdcache.train.student import scored_vocab, student_forward
+    from kdcache.train.student import student_forward
     from kdcache.train.trainer import train
 
     student = _save(tmp_path / "student", 64, seed=5)
     store = open_store(run_precompute(_cfg(work)))
-    assert scored_vocab(store) == V
+    assert store.meta.scored_vocab == V
     records = list(store)[:3]
     cfg = TrainConfig(model=str(student), store=store.url, objective="kd", batch_groups=1)
     groups = iter([[r] for r in records])

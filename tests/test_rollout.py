@@ -128,20 +128,3 @@ def test_include_chosen_needs_a_response_column(workdir):
     with pytest.raises(DataError, match="prompts.jsonl line 1: --include-chosen needs"):
         run_rollout(cfg)
 
-
-def test_vllm_backend_where_available(tmp_path):
-    pytest.importorskip("vllm")  # GPU boxes with kdcache[vllm] only
-    if not torch.cuda.is_available():
-        pytest.skip("vllm needs CUDA")
-    from kdcache.precompute.vllm_backend import VLLMSampler
-
-    path = save_tiny(tmp_path / "m", seed=6)
-    sampler = VLLMSampler(str(path), dtype="float32", gpu_memory_utilization=0.2)
-    prompts = [[1, 7, 8, 9], [1, 10]]
-    out = sampler.sample(prompts, EOS, 0.8, 0.9, 0, 6, seed=0)
-    model = build_model(V, seed=6).eval()
-    for p, (resp, lps) in zip(prompts, out, strict=True):
-        with torch.no_grad():
-            z = model(input_ids=torch.tensor([p + resp])).logits[0, len(p) - 1: -1]
-        want = _processed_logprobs(z, 0.8, 0, 0.9).gather(1, torch.tensor(resp)[:, None])[:, 0]
-        np.testing.assert_allclose(np.array(lps), want.numpy(), atol=1e-3)

@@ -77,7 +77,9 @@ def test_list_stores_and_gc(tmp_path):
     dry = gc(str(tmp_path), min_age_s=0, dry_run=True)
     assert dry["bytes_freed"] == 115 and (dead / "records.parquet").exists()
     rep = gc(str(tmp_path), min_age_s=0)
-    assert rep["bytes_freed"] == 115 and len(rep["removed"]) == 3
+    # three files, and the emptied folder of the dead shard (everything removed is listed)
+    assert rep["bytes_freed"] == 115 and len(rep["removed"]) == 4
+    assert str(dead) in rep["removed"]
     assert not dead.exists()
     assert verify(str(tmp_path / "a")) == [] and verify(str(tmp_path / "team" / "b")) == []
 

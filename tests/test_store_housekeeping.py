@@ -67,7 +67,7 @@ def test_gc_min_age(tmp_path):
     res = runner.invoke(cli.app, ["store", "gc", str(tmp_path), "--min-age", "900"])
     assert res.exit_code == 0 and json.loads(res.stdout)["removed"] == []
     res = runner.invoke(cli.app, ["store", "gc", str(tmp_path), "--min-age", "300"])
-    assert json.loads(res.stdout)["removed"] == [str(dead / "records.parquet")]
+    assert json.loads(res.stdout)["removed"] == [str(dead / "records.parquet"), str(dead)]
     assert not dead.exists() and young.exists()
     _one_error_line(runner.invoke(cli.app, ["store", "gc", str(tmp_path), "--min-age", "-1"]),
                     "min_age_s=-1")

@@ -14,15 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# Per-token stored fields that are padded to [S, T(, ...)] when present.
-TOKEN_FIELDS = (
-    "topk_ids",
-    "topk_logprobs",
-    "token_logprob",
-    "ref_topk_logprobs",
-    "ref_token_logprob",
-    "behavior_logprob",
-)
+from kdcache.store import PADDED_FIELDS, TOKEN_FIELDS
+
+# The store's per-token fields with a row for the state after the last token (soft values).
+EXTRA_ROW_FIELDS = tuple(n for n, f in TOKEN_FIELDS.items() if f.extra_row)
+
 
 
 @dataclass
@@ -123,11 +119,9 @@ def collate(
     rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
     stored = {}
-    for name in TOKEN_FIELDS:
+    for name in (*PADDED_FIELDS, *EXTRA_ROW_FIELDS):  # [S, T(, ...)]; soft values [S, T+1, B]
         if all(name in r and r[name] is not None for r in records):
-            stored[name] = _pad([np.asarray(r[name]) for r in records], T)
-    if all("soft_value" in r and r["soft_value"] is not None for r in records):
-        stored["soft_value"] = _pad([np.asarray(r["soft_value"]) for r in records], T + 1)
+            stored[name] = _pad([np.asarray(r[name]) for r in records], T + (name in EXTRA_ROW_FIELDS))
 
     index = targets[mask].unsqueeze(1)  # [N, 1]
     if "topk_ids" in stored:

@@ -11,13 +11,22 @@ Distributed runs (train/distributed.py): rank 0 writes; `training_state.pt` also
 --fsdp the weights and optimizer state are sharded: every rank writes its shards with
 torch.distributed.checkpoint into `last/dcp/` (no HF weights in `last/`), and the final
 `out/model/` is gathered to rank 0 and written as HF safetensors.
+
+A checkpoint folder is untrusted input (it may have been copied from elsewhere): nothing in
+it is unpickled with plain pickle. `training_state.pt` and every byte item of `last/dcp/` are
+read with `torch.load(weights_only=True)`; `last/dcp/.metadata` (which torch reads with plain
+`pickle.load`) with an unpickler that admits only the checkpoint metadata classes
+(`SafeDCPReader`), and the data files it names must be plain files inside `last/dcp/`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +38,7 @@ STATE_FILE = "training_state.pt"
 LAST, MODEL = "last", "model"
 
 # options that may change between a run and its resumption without changing what it computes
-RESUME_FREE = {"resume", "progress", "log_every", "save_every", "tensorboard", "dist_timeout_s",
+RESUME_FREE = {"resume", "progress", "log_every", "save_every", "report_to", "run_name", "wandb_project", "dist_timeout_s",
                "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 # options left unset (None: auto) that the run resolves at start; a resume that leaves them
 # unset matches whatever the first run resolved them to
@@ -69,7 +78,16 @@ def check_same_run(cfg: TrainConfig, out: Path) -> None:
     """Refuse to resume a run whose saved config differs: it would silently mix two runs."""
     import yaml
 
-    saved = yaml.safe_load((out / LAST / "config.yaml").read_text()) or {}
+    from kdcache import plainyaml
+
+    path = out / LAST / "config.yaml"
+    _regular_file(path)
+    try:
+        saved = plainyaml.load(path.read_text()) or {}
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
+        raise _damaged(path, _short(e)) from None
+    if not isinstance(saved, dict):
+        raise _damaged(path, f"a YAML {type(saved).__name__}, not a mapping of options")
     now = cfg.to_dict()
     ws = int(saved.get("world_size") or 1)  # runs saved before world_size existed had one process
     if now.get("world_size") and ws != now["world_size"]:
@@ -88,9 +106,125 @@ def check_same_run(cfg: TrainConfig, out: Path) -> None:
         )
 
 
+def _damaged(path: Path, why: str) -> ValueError:
+    last = next((p for p in path.parents if p.name == LAST), path.parent)
+    return ValueError(f"{path} cannot be loaded ({why}): the checkpoint is damaged or was not "
+                      f"written by kdcache; delete {last} or pass --no-resume (or a new --out) "
+                      f"to start over")
+
+
 def load_state(out: Path) -> dict:
     """The saved training state (tensors and plain containers only: no pickled objects)."""
-    return torch.load(out / LAST / STATE_FILE, weights_only=True, map_location="cpu")
+    path = out / LAST / STATE_FILE
+    _regular_file(path)
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError, TypeError,
+            KeyError, IndexError, ImportError) as e:
+        raise _damaged(path, _short(e)) from None
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line` of an exception, cut to `limit` characters (a hostile file's
+    message may quote unbounded data)."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _regular_file(path: Path) -> None:
+    """Only plain files are read: a FIFO would block, a device would never end."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise _damaged(path, "the file is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _damaged(path, "not a regular file")
+
+
+# What a torch.distributed.checkpoint `.metadata` pickle may name (torch 2.x's
+# FileSystemWriter writes these and nothing else); anything else is refused before it runs.
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a dict lookup of torch's layouts by name
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module[:80]}.{name[:80]} is not a checkpoint metadata "
+                                     f"class (refused, not run)")
+
+
+def read_dcp_metadata(path: Path):
+    """The `Metadata` of a DCP checkpoint directory `path`, read with the restricted
+    unpickler and checked: every data file it names is one plain file inside `path`,
+    with no load-time transforms (kdcache writes none)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    meta_path = path / ".metadata"
+    _regular_file(meta_path)
+    try:
+        with open(meta_path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, KeyError, IndexError,
+            ValueError, ImportError, RecursionError, MemoryError) as e:
+        raise _damaged(meta_path, _short(e)) from None
+    if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
+        raise _damaged(meta_path, f"holds a {type(md).__name__[:80]}, not DCP metadata")
+    for info in md.storage_data.values():
+        rel = getattr(info, "relative_path", None)
+        if (not isinstance(rel, str) or not rel or "/" in rel or "\\" in rel
+                or rel in (".", "..") or rel.startswith(".")):
+            raise _damaged(meta_path, f"it names the data file {str(rel)[:80]!r}, which is not "
+                                      f"a plain file name inside {path.name}/")
+        if getattr(info, "transform_descriptors", None):
+            raise _damaged(meta_path, "it asks for load-time transforms kdcache never writes")
+        _regular_file(path / rel)
+    return md
+
+
+def safe_dcp_reader(path: Path):
+    """A FileSystemReader whose `read_metadata` uses the restricted unpickler, and a load
+    planner whose byte items are read with `torch.load(weights_only=True)` (torch's
+    default planner uses weights_only=False)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeDCPReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            md = read_dcp_metadata(Path(self.path))
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                obj = torch.load(value, weights_only=True, map_location="cpu")
+            except (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError) as e:
+                raise _damaged(path, _short(e)) from None
+            fqn = read_item.dest_index.fqn
+            if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, weights_only
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return SafeDCPReader(str(path)), SafeLoadPlanner()
 
 
 def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, reader, step: int,
@@ -180,14 +314,32 @@ def save_sharded_checkpoint(out: Path, d, module, tokenizer, optimizer, schedule
     return out / LAST
 
 
+def load_dcp(path: Path, sd: dict, no_dist: bool = False) -> None:
+    """`dcp.load` of `sd` from `path` through the safe reader and planner. A refusal is our
+    ValueError naming the file, not torch's CheckpointException (a BaseException that
+    wraps it, traceback included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_dcp_metadata(path)  # refused here, before torch reads anything
+    reader, planner = safe_dcp_reader(path)
+    try:
+        dcp.load(sd, storage_reader=reader, planner=planner, no_dist=no_dist)
+    except CheckpointException as e:
+        ours = [f[0] for f in e.failures.values()
+                if isinstance(f, tuple) and f and isinstance(f[0], ValueError)]
+        if ours:
+            raise ours[0] from None
+        raise
+
+
 def load_sharded(out: Path, module, optimizer) -> None:
     """FSDP resume: each rank reads its shards of weights and optimizer state from last/dcp."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(module, optimizer)
     sd = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(sd, checkpoint_id=str(out / LAST / "dcp"))
+    load_dcp(out / LAST / "dcp", sd)
     set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
 
 

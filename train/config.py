@@ -165,7 +165,14 @@ class TrainConfig:
     save_every: int = field(default=0, metadata={"help": "optimizer steps per checkpoint; 0: only at the end", "panel": "Run"})
     resume: bool = field(default=True, metadata={
         "help": "continue from the run directory's last checkpoint (a finished run is not re-run)", "panel": "Run"})
-    tensorboard: bool = field(default=False, metadata={"help": "also log to <out>/tb (needs tensorboard)", "panel": "Run"})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={
+        "help": "trackers that get metrics.jsonl's rows, the resolved config and the store's key and "
+                "provenance, comma-separated: none, tensorboard (<out>/tb), wandb (pip install wandb)",
+        "panel": "Run"})
+    run_name: str | None = field(default=None, metadata={
+        "help": "the run's name in the trackers; unset: the --out directory's name", "panel": "Run"})
+    wandb_project: str | None = field(default=None, metadata={
+        "help": "W&B project; unset: $WANDB_PROJECT, else kdcache", "panel": "Run"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr (only on a terminal)", "panel": "Run"})
 
     # distributed: torchrun / srun (docs/DISTRIBUTED.md)
@@ -214,6 +221,9 @@ class TrainConfig:
         if self.load_in_4bit and self.lora_r == 0:
             raise ValueError("--load-in-4bit trains LoRA adapters on a 4-bit base: also pass --lora-r (e.g. 16)")
         check_variant_weights(self)
+        from .report import check_available, parse_report_to
+
+        check_available(parse_report_to(self.report_to))  # one line naming what to install
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,11 +259,19 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     explicit overrides (CLI flags the user actually set)."""
     values: dict = {}
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        from kdcache import plainyaml  # no aliases, bounded depth: a config is plain data
+
+        try:
+            loaded = plainyaml.load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not a plain YAML config ({str(e).splitlines()[0][:200]})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a YAML mapping of TrainConfig fields")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("tensorboard") is not None:  # configs written before --report-to
+        if values.pop("tensorboard") and "report_to" not in values:
+            values["report_to"] = ["tensorboard"]
     values = with_recipe(values)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,14 +51,16 @@ class EvalConfig:
     out: str | None = field(default=None, metadata={
         "help": "directory for eval.json and eval.csv; unset: the run directory (runs/x for "
                 "--model runs/x/model), else the model directory", "panel": "Essentials"})
+    report_to: list[str] | None = field(default=None, metadata={
+        "help": "trackers that get the results (logged at the run's last step under eval/), "
+                "comma-separated: none, tensorboard, wandb; unset: those the training run in the "
+                "results directory used (its report.json: the same W&B run)", "panel": "Essentials"})
 
 
 def _load(model_dir: str, store, device):
     """Tokenizer, then the vocabulary check (the store's ids must mean the same tokens to the
     student, as `train` checks), then the weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .student import scored_vocab
 
     def fail(e: Exception) -> ValueError:
         return ValueError(f"cannot load model {model_dir!r} for eval: {e.__class__.__name__}: {e}")
@@ -66,7 +69,7 @@ def _load(model_dir: str, store, device):
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise fail(e) from e
-    vocab = scored_vocab(store)
+    vocab = store.meta.scored_vocab
     if vocab is not None and vocab != len(tok):
         raise ValueError(
             f"teacher vocab {vocab} != student vocab {len(tok)} ({model_dir}): the store's ids "
@@ -74,7 +77,7 @@ def _load(model_dir: str, store, device):
             f"teachers' tokenizer, on a store precomputed with it")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:  # *.bin: weights_only
         raise fail(e) from e
     rows = model.get_output_embeddings().weight.shape[0]
     if vocab is not None and vocab > rows:
@@ -133,8 +136,6 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from . import losses as L
     from .rewards import resolve_reward
-    from .student import scored_vocab
-
     if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_groups < 0:
         raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
     fn = resolve_reward(cfg.reward) if cfg.reward else None  # a bad spec fails before any load
@@ -157,7 +158,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     has_topk = "topk_logprobs" in store.fields and "topk_ids" in store.fields
 
     wins, kl_sum, kl_tokens = 0, 0.0, 0
-    vocab = scored_vocab(store)  # the student normalises over the ids the teachers scored
+    vocab = store.meta.scored_vocab  # the student normalises over the ids the teachers scored
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i : i + cfg.batch_size]
         records = [c for c, _ in chunk] + [r for _, r in chunk]
@@ -193,6 +194,10 @@ def evaluate(cfg: EvalConfig) -> dict:
 def results_dir(cfg: EvalConfig) -> Path:
     """Where `kdcache eval` saves its results: --out, else the training run the model came
     from (runs/x for runs/x/model), else the model directory itself."""
+    if cfg.report_to is not None:  # a tracker that is not installed: one line, before the work
+        from .report import check_available, parse_report_to
+
+        check_available(parse_report_to(cfg.report_to))
     if cfg.out:
         return Path(cfg.out)
     model = Path(cfg.model)
@@ -221,4 +226,8 @@ def save_results(cfg: EvalConfig, result: dict) -> Path:
         tmp = out / f".{name}.tmp-{os.getpid()}"
         tmp.write_text(text)
         os.replace(tmp, out / name)
+    from .report import parse_report_to, report_eval
+
+    names = None if cfg.report_to is None else parse_report_to(cfg.report_to)
+    report_eval(names, out, result, record["config"])
     return out / "eval.json"

@@ -539,7 +539,7 @@ def memory_settings(cfg: TrainConfig) -> dict:
 
 # TrainConfig fields that cannot change a step's memory (every other one is in the cache key)
 NOT_MEMORY = {"model", "store", "out", "store_root", "seed", "lr", "weight_decay", "warmup_steps",
-              "max_steps", "epochs", "log_every", "save_every", "resume", "tensorboard", "progress",
+              "max_steps", "epochs", "log_every", "save_every", "resume", "report_to", "run_name", "wandb_project", "progress",
               "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 
 
@@ -702,14 +702,14 @@ def store_shape(store, cfg: TrainConfig) -> dict:
                     "length; pass --estimate-seq-len to set it", MAX_SHARDS_READ, n)
     for i in picked:
         shard = store.load_shard(int(i), fields=())  # the records table only
-        plens = np.diff(shard._lists["prompt_ids"][0])
-        total = plens + shard._seq["n_tokens"]
+        plens = shard.lengths("prompt_ids")
+        total = plens + shard.column("n_tokens")
         j = int(np.argmax(total))
         if int(total[j]) > longest:
             longest, prompt = int(total[j]), int(plens[j])
         if not spec.paired:
             counts: dict = {}
-            for e, r in zip(shard._seq["example_id"], shard._seq["role"], strict=True):
+            for e, r in zip(shard.column("example_id"), shard.column("role"), strict=True):
                 for b, rs in enumerate(spec.blocks):
                     if r in rs:
                         counts[(e, b)] = counts.get((e, b), 0) + 1
@@ -768,9 +768,9 @@ def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = 
     dataclasses.replace(cfg, store=cfg.store or "-").validate()
     shape = {"seq_len": cfg.estimate_seq_len or 2048, "prompt_len": None, "k": 50, "per_block": ()}
     if cfg.store:
-        from .trainer import resolve_store
+        from kdcache.store import open_store
 
-        s = store_shape(resolve_store(cfg), cfg)
+        s = store_shape(open_store(cfg.store, root=cfg.store_root), cfg)
         shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block")})
     gpu = detected_gpu_bytes(cfg) or DEFAULT_GPU
     if cfg.grad_checkpointing is None:  # auto: the estimate shows what the trainer would start with

@@ -7,6 +7,7 @@ batch never exist (forward or backward).
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,13 @@ def load_student(cfg: TrainConfig, device: torch.device):
             load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
         )
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    except (pickle.UnpicklingError, EOFError) as e:  # transformers loads *.bin weights_only
+        raise ValueError(
+            f"cannot load the student weights from {cfg.model!r} ({type(e).__name__}: "
+            f"{str(e).split('. ')[0][:120]}): a weights file is damaged or holds code, which is "
+            f"never run; pass a model directory with model.safetensors") from None
     if not cfg.load_in_4bit:
         model.to(device)
     return prepare_student(model, cfg), tokenizer
@@ -90,13 +97,6 @@ def prepare_student(model, cfg: TrainConfig):
 def base_causal_lm(model):
     """The underlying *ForCausalLM, through a peft wrapper if there is one."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def scored_vocab(store) -> int | None:
-    """How many ids [0, V) the store's teachers scored (their tokenizer's; padded output rows
-    beyond it were dropped): what `SeqBatch.vocab` holds. None when the store does not say."""
-    tok_meta = store.meta.tokenizer if isinstance(store.meta.tokenizer, dict) else {}
-    return None if tok_meta.get("vocab_size") is None else int(tok_meta["vocab_size"])
 
 
 def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:

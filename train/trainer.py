@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from .checkpoint import (
     has_checkpoint,
     load_sharded,
     load_state,
+    read_dcp_metadata,
     save_checkpoint,
     save_sharded_checkpoint,
     set_rng_state,
@@ -46,7 +48,7 @@ from .objectives import OBJECTIVE_SPECS
 from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
-from .student import base_causal_lm, load_student, scored_vocab
+from .student import base_causal_lm, load_student
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -60,14 +62,6 @@ class TrainResult:
     seconds: float  # training time of the whole run, summed over its resumed segments
     final_loss: float
     rank: int = 0  # under torchrun only rank 0 reports (the CLI prints nothing on other ranks)
-
-
-def resolve_store(cfg: TrainConfig):
-    """A store URL/path, or a content key looked up under cfg.store_root."""
-    url = cfg.store
-    if cfg.store_root and "/" not in url and "://" not in url:
-        url = f"{cfg.store_root.rstrip('/')}/{url}"
-    return open_store(url)
 
 
 def _check_fields(cfg: TrainConfig, store) -> None:
@@ -84,7 +78,7 @@ def _check_fields(cfg: TrainConfig, store) -> None:
 
 def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
     """Once the student is loaded: it reads the same ids as the store's teacher."""
-    store_vocab = scored_vocab(store)
+    store_vocab = store.meta.scored_vocab
     if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
             f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
@@ -147,7 +141,9 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     resuming = cfg.resume and has_checkpoint(out)
     if resuming:
         check_same_run(cfg, out)
-    store = resolve_store(cfg)
+        if cfg.fsdp:  # refuse a damaged or hostile DCP checkpoint before any weight loads
+            read_dcp_metadata(out / LAST / "dcp")
+    store = open_store(cfg.store, root=cfg.store_root)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
         budget = D.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
@@ -198,7 +194,18 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
             with (out / "config.yaml").open("a") as f:
                 f.write(f"# effective batch: {cfg.batch_groups * cfg.grad_accum * d.world_size} groups per "
                         f"optimizer step = batch_groups x grad_accum x world_size\n")
-        return _loop(cfg, out, store, reader, groups, model, tokenizer, device, total, state, stop_after, d)
+        reporter = None
+        if d.main:  # rank 0 only: the trackers see the reduced metrics rows
+            from .report import open_reporter, parse_report_to
+
+            reporter = open_reporter(parse_report_to(cfg.report_to), out, cfg.to_dict(), store,
+                                     resuming, cfg.run_name, cfg.wandb_project)
+        try:
+            return _loop(cfg, out, store, reader, groups, model, tokenizer, device, total, state,
+                         stop_after, d, reporter)
+        finally:
+            if reporter is not None:
+                reporter.close()
     except BaseException:
         if d.main and not has_checkpoint(out):  # nothing to resume from: leave nothing behind
             _remove_run_files(out, created)
@@ -207,7 +214,7 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
 
 def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iterator[list[dict]],
           model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
-          d: D.Dist) -> TrainResult:
+          d: D.Dist, reporter=None) -> TrainResult:
     precision = Precision.for_run(cfg, device)
     step_model = D.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
@@ -235,10 +242,9 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
         if d.main and metrics_path.exists():
             metrics_path.unlink()
 
-    tb = _tensorboard(out) if cfg.tensorboard and d.main else None
     pad_id = tokenizer.pad_token_id or 0
     betas = tuple(store.meta.betas)
-    vocab = scored_vocab(store)  # a padded student head normalises over these ids only
+    vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
     model.train()
     t0, tokens0, saved_at = time.perf_counter(), tokens, step
     metrics: dict[str, torch.Tensor] = {}
@@ -274,9 +280,8 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-            if tb is not None:
-                for k, v in row.items():
-                    tb.add_scalar(f"train/{k}", v, step)
+            if reporter is not None:
+                reporter.log(row)
         if progress is not None:
             progress.update(1, loss=last_loss, tps=row_tps)
         if cfg.save_every and step % cfg.save_every == 0:
@@ -305,7 +310,7 @@ def _remove_run_files(out: Path, created: bool) -> None:
     if created:
         shutil.rmtree(out, ignore_errors=True)
         return
-    for name in ("config.yaml", METRICS, "tb", ".model-tmp"):
+    for name in ("config.yaml", METRICS, "tb", "report.json", ".model-tmp"):
         p = out / name
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in out.glob(".last-tmp-*"):
@@ -321,17 +326,14 @@ def _load_resumed(cfg: TrainConfig, device):
         base, tokenizer = load_student(TrainConfig(**{**cfg.to_dict(), "lora_r": 0}), device)
         if cfg.grad_checkpointing:
             base.enable_input_require_grads()
-        model = PeftModel.from_pretrained(base, last, is_trainable=True)
+        try:  # peft reads adapter_model.bin weights_only
+            model = PeftModel.from_pretrained(base, last, is_trainable=True)
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"cannot load the LoRA adapter in {last} ({type(e).__name__}): the "
+                             f"checkpoint is damaged or holds code, which is never run; delete "
+                             f"{last} or pass --no-resume to start over") from None
         return model, tokenizer
     return load_student(TrainConfig(**{**cfg.to_dict(), "model": last}), device)
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(out / "tb"))
 
 
 def _progress(cfg: TrainConfig, total: int, start: int):

@@ -1,0 +1,168 @@
+"""Multi-stage recipes (ADPA+, TGPO rounds, PBSD), callable from Python and run by
+`kdcache pipeline ...`.
+
+Each recipe is a small function over `Stages`, which chains the public stage APIs
+(`run_precompute`, `run_rollout`, `train`) with shared defaults. Every intermediate store is
+content-addressed under `<out>/stores`, so unchanged inputs are never recomputed, and every
+training run resumes (or is skipped when finished) in `<out>/runs/<name>`. This is the one
+module besides the demo that imports both `kdcache.precompute` and `kdcache.train`.
+
+Progress goes to stderr: one `[n/k] stage` line per stage when a run is given its stage
+count (the `run_*` entry points do), as the demo does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+
+def announce(line: str) -> None:
+    """A stage line on stderr (stdout carries only a command's result)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+class Stages:
+    """Chains the stages through their public APIs with shared defaults; every intermediate
+    store is content-addressed under `store_root`, so unchanged inputs are never recomputed,
+    and every training run resumes (or is skipped when finished) in `runs/<name>`.
+
+    With `stages=k`, each stage announces itself as `[n/k] ...` on stderr."""
+
+    def __init__(self, out: Path, seed: int = 0, precompute: dict | None = None,
+                 rollout: dict | None = None, train: dict | None = None,
+                 stages: int | None = None) -> None:
+        self.out, self.seed = Path(out), seed
+        self.store_root = str(self.out / "stores")
+        self.defaults = {"precompute": precompute or {}, "rollout": rollout or {}, "train": train or {}}
+        self.timings: dict[str, float] = {}
+        self.stages, self.done = stages, 0
+
+    def _stage(self, what: str) -> None:
+        if self.stages:
+            self.done += 1
+            announce(f"[{self.done}/{self.stages}] {what}")
+
+    def precompute(self, **kw) -> str:
+        from kdcache.precompute import PrecomputeConfig, run_precompute
+
+        source = kw.get("input_store") or kw.get("data")
+        scorers = [f"{role} {kw[role]}" for role in ("teacher", "reference") if kw.get(role)]
+        self._stage(f"precompute {source}" + (f" ({', '.join(scorers)})" if scorers else ""))
+        base = {"out_root": self.store_root, **self.defaults["precompute"]}
+        return run_precompute(PrecomputeConfig(**{**base, **kw}))
+
+    def rollout(self, **kw) -> str:
+        from kdcache.precompute.rollout import RolloutConfig, run_rollout
+        from kdcache.train.rewards import resolve_reward
+
+        self._stage(f"rollout {kw.get('n', 1)} per prompt of {kw.get('data')} from {kw.get('model')}")
+        if isinstance(kw.get("reward"), str):
+            kw["reward"] = resolve_reward(kw["reward"])
+        base = {"out_root": self.store_root, "seed": self.seed, **self.defaults["rollout"]}
+        return run_rollout(RolloutConfig(**{**base, **kw}))
+
+    def train(self, name: str, model: str, store: str, objective: str, steps: int, **kw) -> str:
+        from kdcache.train.config import TrainConfig
+        from kdcache.train.trainer import train
+
+        run = self.out / "runs" / name
+        self._stage(f"train {objective} {steps} steps from {model} -> {run}")
+        cfg = TrainConfig(**{"seed": self.seed, **self.defaults["train"], "model": str(model),
+                             "store": store, "out": str(run), "objective": objective,
+                             "max_steps": steps, **kw})
+        # the run's own training time (summed over resumes), so a cached re-run reports it too
+        self.timings[name] = train(cfg).seconds
+        return str(run / "model")
+
+
+# --------------------------------------------------------------------------- the recipes
+def adpa_plus(st: Stages, student: str, teacher: str, reference: str, pref_data: str,
+              prompts_data: str, dckd_steps: int, adpa_steps: int, n: int = 2,
+              dckd: dict | None = None, adpa: dict | None = None, name: str = "adpa+") -> tuple[str, list[str]]:
+    """ADPA+ (seed 001, Algorithm 2): DCKD, rollouts from the DCKD student, precompute on
+    them, then ADPA from the DCKD student. Returns the model and the stores it used."""
+    pref = st.precompute(data=pref_data, teacher=teacher, reference=reference)
+    dckd_model = st.train("dckd", student, pref, "dckd", dckd_steps, **(dckd or {}))
+    return adpa_from(st, dckd_model, teacher, reference, prompts_data, adpa_steps, n, adpa, name)
+
+
+def adpa_from(st: Stages, start: str, teacher: str, reference: str, prompts_data: str, steps: int,
+              n: int = 2, adpa: dict | None = None, name: str = "adpa") -> tuple[str, list[str]]:
+    """ADPA on the student's own rollouts (with the preferred response for its SFT term)."""
+    roll = st.rollout(model=start, data=prompts_data, n=n, include_chosen=True)
+    scored = st.precompute(input_store=roll, teacher=teacher, reference=reference)
+    return st.train(name, start, scored, "adpa", steps, **(adpa or {})), [roll, scored]
+
+
+def tgpo_rounds(st: Stages, student: str, teacher: str, prompts_data: str, reward, steps: int,
+                rounds: int = 1, n: int = 4, train_kw: dict | None = None,
+                name: str = "tgpo") -> tuple[str, list[str]]:
+    """TGPO offline rounds: rollout (with rewards) -> precompute the teacher's top-K ->
+    train `steps` -> regenerate from the new student. The guidance weight's schedule runs
+    on across rounds."""
+    model, stores = student, []
+    for r in range(rounds):
+        roll = st.rollout(model=model, data=prompts_data, n=n, reward=reward)
+        scored = st.precompute(input_store=roll, teacher=teacher, reference=None)
+        stores += [roll, scored]
+        run = name if rounds == 1 else f"{name}-round{r}"
+        model = st.train(run, model, scored, "tgpo", steps, tgpo_step_offset=r * steps, **(train_kw or {}))
+    return model, stores
+
+
+def pbsd(st: Stages, student: str, prompts_data: str, steps: int, n: int = 1,
+         train_kw: dict | None = None, name: str = "pbsd") -> tuple[str, list[str]]:
+    """PBSD (seed 003): the initial student, given privileged context c (the data's
+    `context` column), is the fixed teacher. y+ is sampled WITH c, y- without; the teacher
+    (with c) scores both; the student (without c) trains on the pair."""
+    pos = st.rollout(model=student, data=prompts_data, n=n, role="teacher_rollout", use_context=True)
+    neg = st.rollout(model=student, data=prompts_data, n=n, role="student_rollout", use_context=True)
+    scored = st.precompute(input_store=f"{pos},{neg}", teacher=student, reference=None)
+    return st.train(name, student, scored, "pbsd", steps, **(train_kw or {})), [pos, neg, scored]
+
+
+# --------------------------------------------------------------------------- entry points
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """The options every pipeline takes (`kdcache pipeline NAME` declares them once)."""
+
+    out: Path
+    n: int
+    lr: float
+    batch_groups: int
+    max_new_tokens: int
+    seed: int = 0
+    backend: str = "hf"
+
+    def stages(self, count: int, precompute: dict | None = None) -> Stages:
+        return Stages(self.out, self.seed, precompute=precompute,
+                      rollout={"max_new_tokens": self.max_new_tokens, "backend": self.backend},
+                      train={"lr": self.lr, "batch_groups": self.batch_groups}, stages=count)
+
+
+def run_adpa_plus(opts: PipelineOptions, student: str, teacher: str, reference: str, data: str,
+                  prompts: str = "", dckd_steps: int = 1000, adpa_steps: int = 1000, k: int = 50,
+                  dckd_alpha: float = 0.2, adpa_gamma: float = 3.0) -> str:
+    """DCKD -> rollouts -> precompute -> ADPA (ADPA+); returns the final model's directory."""
+    st = opts.stages(5, precompute={"k": k})
+    model, _ = adpa_plus(st, student, teacher, reference, data, prompts or data, dckd_steps,
+                         adpa_steps, opts.n, {"dckd_alpha": dckd_alpha}, {"adpa_gamma": adpa_gamma})
+    return model
+
+
+def run_tgpo(opts: PipelineOptions, student: str, teacher: str, prompts: str, reward,
+             rounds: int = 1, steps: int = 200, k: int = 50, shaping: bool = False) -> str:
+    """TGPO in offline rounds; returns the final model's directory."""
+    st = opts.stages(3 * rounds, precompute={"k": k})
+    model, _ = tgpo_rounds(st, student, teacher, prompts, reward, steps, rounds, opts.n,
+                           {"tgpo_shaping": shaping})
+    return model
+
+
+def run_pbsd(opts: PipelineOptions, student: str, prompts: str, steps: int = 500,
+             beta: float = 0.1) -> str:
+    """PBSD from the initial student; returns the final model's directory."""
+    model, _ = pbsd(opts.stages(4), student, prompts, steps, opts.n, {"pbsd_beta": beta})
+    return model
