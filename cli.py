@@ -49,11 +49,108 @@ CONFIG_COMMANDS = {
               "Train a student from a store (sft, seqkd, kd, dckd, adpa, tvkd, dpo, tgpo, pbsd); "
               "print the trained model's directory."),
     "eval": ("kdcache.train.eval:EvalConfig",
-             "Reward accuracy, top-K KL to the teacher and a rule reward on an eval store; "
-             "print them as JSON and save eval.json/eval.csv next to the run."),
+             "Reward accuracy, top-K KL to the teacher and a reward on samples, on an eval store; "
+             "print them as JSON and save eval.json/eval.csv next to the run.\n\n"
+             "reward_accuracy: the share of pairs whose chosen response has the higher mean token log-prob "
+             "under the student. kl_topk: the KL from the teacher (renormalised over its stored top-K) to the "
+             "student, nats per token. With --reward: reward_mean, the mean of fn(prompt_text, response_text, "
+             "None) over samples (prompt_text: the prompt decoded without special tokens), and eos_rate, the "
+             "share of samples that end with the tokenizer's EOS (eos_token)."),
 }
 # Values a config command takes below its --config file and flags: `kdcache train --recipe`.
 CONFIG_LAYERS = {"train": "kdcache.train.recipe:with_recipe"}
+
+
+def _keep_option_names() -> None:
+    """typer draws each options panel as a table whose columns rich shrinks alike when the
+    terminal is narrow, cutting option names (`--stochastic-roundi…` at 80 columns). Here
+    the name and type columns never wrap or shrink; the help column (the last) takes the
+    squeeze and folds long words instead of cutting them. (Patched where the panel is made,
+    once, when a help is first drawn: rich is not imported otherwise.)"""
+    from rich.table import Table
+    from typer import rich_utils
+
+    panel_cls = rich_utils.Panel
+    if getattr(panel_cls, "_kdcache", False):
+        return
+
+    def panel(renderable, *args, **kwargs):
+        if isinstance(renderable, Table) and renderable.columns:
+            *names, helps = renderable.columns
+            for c in names:
+                c.no_wrap = True
+            helps.overflow = "fold"
+            for cell in helps._cells:  # typer's help texts (in Columns) carry their own overflow
+                for text in getattr(cell, "renderables", [cell]):
+                    if hasattr(text, "overflow"):
+                        text.overflow = "fold"
+        return panel_cls(renderable, *args, **kwargs)
+
+    panel._kdcache = True
+    rich_utils.Panel = panel
+
+
+class _Command(TyperCommand):
+    """A command whose `--help` shows the Essentials panel (where it has other panels too)
+    and whose `--help-all` shows every option."""
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None and self._has_panels():  # into the first panel, not a panel of its own
+            opt.rich_help_panel = ESSENTIALS
+        return opt
+
+    def _has_panels(self) -> bool:
+        return any(getattr(p, "rich_help_panel", None) == ESSENTIALS for p in self.params)
+
+    def format_help(self, ctx, formatter):
+        _keep_option_names()
+        if self.help:  # docstrings as prose: a single line break is a space, a blank line a paragraph
+            self.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(self.help).split("\n\n"))
+        if (ctx.meta.get("kdcache_help_all") or not self._has_panels()
+                or not any(p.name == "help_all" for p in self.params)):  # nowhere else to list them
+            return super().format_help(ctx, formatter)
+        rest = [p for p in self.params if getattr(p, "rich_help_panel", None) != ESSENTIALS
+                and not p.hidden and isinstance(p, click_option_types())]
+        for p in rest:
+            p.hidden = True
+        epilog = self.epilog
+        if rest:
+            self.epilog = f"{len(rest)} more options: `{ctx.command_path} --help-all` lists them all."
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            for p in rest:
+                p.hidden = False
+            self.epilog = epilog
+
+
+def click_option_types() -> tuple[type, ...]:
+    return (typer.core.TyperOption,)
+
+
+def _show_all(ctx, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    ctx.meta["kdcache_help_all"] = True
+    typer.echo(ctx.get_help())
+    raise typer.Exit()
+
+
+def help_all_option():
+    """`--help-all` for a command with an Essentials panel (its `--help` shows only that)."""
+    return typer.Option(False, "--help-all", is_eager=True, callback=_show_all,
+                        rich_help_panel=ESSENTIALS, help="show every option, not only the Essentials, and exit")
+
+
+def _essential(kind: Callable, *args, **kwargs):
+    """typer.Option / typer.Argument listed in the Essentials panel."""
+    return kind(*args, rich_help_panel=ESSENTIALS, **kwargs)
+
+
+def _help_all_parameter() -> inspect.Parameter:
+    return inspect.Parameter("help_all", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                             default=help_all_option())
 
 
 class _Placeholder(TyperCommand):
@@ -135,7 +232,16 @@ def option_help(f: dataclasses.Field) -> str:
         tags = [f"default: {_show(default)}"]
     if f.metadata.get("choices"):
         tags.append("one of: " + ", ".join(map(str, f.metadata["choices"])))
+    if _unsettable(f.type):
+        tags.append("none: unset")
     return f"{f.metadata.get('help', '')}  [{'; '.join(tags)}]".strip()
+
+
+def _unsettable(tp) -> bool:
+    """An optional number: its flag takes `none` (as YAML takes `null`) to unset it."""
+    if isinstance(tp, str):  # postponed annotations: `int | None`
+        return tp.replace(" ", "") in ("int|None", "float|None", "Optional[int]", "Optional[float]")
+    return type(None) in typing.get_args(tp) and _base_type(tp) in (int, float)
 
 
 def _show(value) -> str:
@@ -175,6 +281,8 @@ def _parse(where: str, tp, value, about: str = ""):
     (`about`: the field's help, quoted where the expected form needs it)."""
     optional = type(None) in typing.get_args(tp)
     tp = _base_type(tp)
+    if optional and tp in (int, float) and isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+        value = None  # `--max-length none`, as YAML `max_length: null`
     if value is None:
         if optional:
             return None
@@ -264,6 +372,8 @@ def _read_config(path: Path, cls) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a YAML mapping of {cls.__name__} fields "
                          f"(key: value), got a {type(values).__name__}")
+    if hasattr(cls, "upgrade_keys"):  # keys of configs written by older versions
+        values = cls.upgrade_keys(values)
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(map(str, values)) - set(known))
     if unknown:
@@ -297,7 +407,7 @@ def make_config(name: str, cls, path: Path | None, flags: dict):
     _refuse_memory(values)
     if name in CONFIG_LAYERS:  # values below the file and the flags (e.g. a training recipe)
         module, _, attr = CONFIG_LAYERS[name].partition(":")
-        values = getattr(importlib.import_module(module), attr)(values)
+        values = getattr(importlib.import_module(module), attr)(values, cls)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -306,21 +416,14 @@ def make_config(name: str, cls, path: Path | None, flags: dict):
     return cls(**values)
 
 
-class _ConfigCommand(TyperCommand):
-    def get_help_option(self, ctx):
-        opt = super().get_help_option(ctx)
-        if opt is not None:  # with --config, into the first panel instead of a panel of its own
-            opt.rich_help_panel = ESSENTIALS
-        return opt
-
-
 def config_command(name: str, cls, help: str) -> Callable:
     """The typer function of `kdcache NAME`: --config, then one --flag per field of `cls`
     (the Essentials panel first), running `RUNS[name](cfg)` and printing what it returns."""
     from rich.markup import escape
 
     hints = typing.get_type_hints(cls)
-    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+    params = [_help_all_parameter(),
+              inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
                                 default=typer.Option(None, "--config", "-c", rich_help_panel=ESSENTIALS,
                                                      help="YAML file whose keys are these options "
                                                           "(underscored); flags override it"))]
@@ -334,13 +437,21 @@ def config_command(name: str, cls, help: str) -> Callable:
         flag = "--" + f.name.replace("_", "-")
         decl = f"{flag}/--no-{f.name.replace('_', '-')}" if tp is bool else flag
         metavar = {list: "A,B", tuple: "I/N"}.get(typing.get_origin(_base_type(hints[f.name])))
+        if _unsettable(hints[f.name]):  # a number or `none`: parsed by _parse, not click
+            tp, metavar = str, f"<{_base_type(hints[f.name]).__name__}>"
+        elif f.metadata.get("multiple"):  # `--store A --store B` (each may also be comma-separated)
+            tp, metavar = list[str], "A"
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
                                         default=typer.Option(None, decl, show_default=False, metavar=metavar,
                                                              help=escape(option_help(f)),
                                                              rich_help_panel=f.metadata.get("panel"))))
 
     def command(**kwargs):
+        kwargs.pop("help_all")  # handled by its callback
         path = kwargs.pop("config")
+        for f in fields:  # a repeated flag arrives as a list: one comma-separated value, as in YAML
+            if f.metadata.get("multiple"):
+                kwargs[f.name] = ",".join(kwargs[f.name]) if kwargs[f.name] else None
         result = _friendly(lambda: RUNS[name](make_config(name, cls, path, kwargs)))
         if isinstance(result, Outcome):
             typer.echo(result.text)
@@ -361,7 +472,7 @@ def build_config_command(name: str):
     module, _, attr = spec.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     sub = typer.Typer(add_completion=False, rich_markup_mode="rich")
-    sub.command(name, help=help, cls=_ConfigCommand)(config_command(name, cls, help))
+    sub.command(name, help=help, cls=_Command)(config_command(name, cls, help))
     cmd = typer.main.get_command(sub)
     cmd.name = name
     return cmd
@@ -428,7 +539,7 @@ def _error_line(e: BaseException) -> str | None:
     elif isinstance(e, RuntimeError) and not isinstance(e, NotImplementedError):
         low = msg.lower()
         if not any(w in low for w in ("no space left", "file write failed", "enospc",
-                                      "disk quota")):
+                                      "disk quota", "pytorchstreamwriter failed writing")):
             return None  # a bug or a device error, not bad input: keep the traceback
         msg = (f"the disk is full ({msg}): free space and re-run the same command (a run "
                "resumes from its last checkpoint or committed shard)")
@@ -465,10 +576,7 @@ def _precompute(cfg) -> str:
 @_runs("rollout")
 def _rollout(cfg) -> str:
     from kdcache.precompute.rollout import run_rollout
-    from kdcache.train.rewards import resolve_reward
 
-    if isinstance(cfg.reward, str):  # built-in names and module:function, resolved in one place
-        cfg = dataclasses.replace(cfg, reward=resolve_reward(cfg.reward))
     return run_rollout(cfg)
 
 
@@ -478,7 +586,7 @@ def _train(cfg) -> str | Outcome | None:
         from kdcache.train.memory import estimate_for_cli
 
         est = estimate_for_cli(cfg, progress=lambda msg: typer.echo(f"memory estimate: {msg} ...", err=True))
-        return Outcome(est.format(), 1 if cfg.require_fit and not est.fits else 0)
+        return Outcome(est.format(), 1 if cfg.require_fit and not est.runs else 0)
     from kdcache.train.distributed import PeerFailure
     from kdcache.train.trainer import train
 
@@ -505,23 +613,38 @@ def _eval(cfg) -> str:
     return json.dumps(result, indent=2, default=str)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command)
 def inspect_(url: str = typer.Argument(..., help="store URL or path"),
-             as_json: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
+             as_json: bool = _essential(typer.Option, False, "--json", help="print the summary as JSON"),
+             student: str | None = _essential(
+                 typer.Option, None, "--student", help="a student model directory with another tokenizer: also "
+                 "report the aligned fraction of its tokens and the teacher top-K mass that maps "
+                 "(METHODS §5; default: none)"),
+             student_records: int = _essential(
+                 typer.Option, 2000, "--student-records", help="records the --student report reads (default 2000)")) -> None:
     """Manifest summary, sequences and tokens, bytes/token per field, top-K mass."""
     from kdcache.store import open_store, summarize
 
-    summary = _friendly(lambda: summarize(open_store(url)))
+    store = _friendly(open_store, url)
+    summary = _friendly(lambda: summarize(store))
+    if student:
+        from kdcache.train.xtok.report import alignment_report
+
+        summary["cross_tokenizer"] = _friendly(alignment_report, store, student, student_records)
     if as_json:
         _echo_json(summary)
         return
     from kdcache.store.summary import format_summary
 
     typer.echo(format_summary(summary))
+    if student:
+        from kdcache.train.xtok.report import format_report
+
+        typer.echo(format_report(summary["cross_tokenizer"]))
 
 
 
-@store_app.command("ls")
+@store_app.command("ls", cls=_Command)
 def store_ls(root: str = typer.Argument(..., help="directory or URL holding stores")) -> None:
     """Stores under ROOT with their provenance, one JSON object per line."""
     from kdcache.store.admin import list_stores
@@ -533,10 +656,10 @@ def store_ls(root: str = typer.Argument(..., help="directory or URL holding stor
             typer.echo(json.dumps(row, default=str))
 
 
-@store_app.command("verify")
+@store_app.command("verify", cls=_Command)
 def store_verify(
         url: str = typer.Argument(..., help="store URL or path"),
-        repair: bool = typer.Option(
+        repair: bool = _essential(typer.Option,
             False, "--repair", help="drop the first damaged shard and all later ones from the "
             "manifest, so re-running the command that wrote the store rewrites them "
             "(default: off, only report)")) -> None:
@@ -559,11 +682,11 @@ def store_verify(
     typer.echo("ok")
 
 
-@store_app.command("gc")
+@store_app.command("gc", cls=_Command)
 def store_gc(root: str = typer.Argument(..., help="directory or URL holding stores"),
-             dry_run: bool = typer.Option(False, "--dry-run",
+             dry_run: bool = _essential(typer.Option, False, "--dry-run",
                                           help="only list what would be removed (default: off)"),
-             min_age: float = typer.Option(
+             min_age: float = _essential(typer.Option,
                  3600.0, "--min-age", help="remove unreferenced files only when at least this "
                  "many seconds old (default 3600: a live writer's next shard is unreferenced "
                  "until it commits); temp files of dead writers go at any age")) -> None:
@@ -576,7 +699,7 @@ def store_gc(root: str = typer.Argument(..., help="directory or URL holding stor
     _echo_json(report)
 
 
-@store_app.command("merge")
+@store_app.command("merge", cls=_Command)
 def store_merge(out: str = typer.Argument(..., help="URL of the merged store"),
                 parts: list[str] = typer.Argument(..., help="the stores to merge, in order")) -> None:
     """Merge the complete partition stores of one precompute run (`--partition i/N`, all N
@@ -592,18 +715,21 @@ def store_merge(out: str = typer.Argument(..., help="URL of the merged store"),
     typer.echo(_friendly(run))
 
 
-@app.command()
+@app.command(cls=_Command)
 def plot(sources: list[Path] = typer.Argument(
              ..., help="training run directories (metrics.jsonl, eval.json) or a demo results.json"),
-         out: Path = typer.Option(Path("plot.png"), "--out", "-o", help="image to write"),
-         table: bool = typer.Option(False, "--table",
+         out: Path = _essential(typer.Option, Path("plot.png"), "--out", "-o", help="image to write"),
+         table: bool = _essential(typer.Option, False, "--table",
                                     help="also print a table of the runs' eval results and final "
-                                         "loss (stdout) and draw the eval bars")) -> None:
+                                         "loss (stdout), one row per run, and draw the eval bars"),
+         log_y: bool = _essential(typer.Option, False, "--log-y",
+                                    help="log loss axis (symlog if a loss is <= 0): losses are per-sequence "
+                                         "sums that fall by orders of magnitude; default: linear")) -> None:
     """Loss curves of training runs; with --table, their eval results as a table too. Prints
     the image path (with --table: the table; the path goes to stderr)."""
     from kdcache.train.plot import plot_runs
 
-    path, text = _friendly(plot_runs, sources, out, table)
+    path, text = _friendly(plot_runs, sources, out, table, log_y)
     if text is None:
         typer.echo(path)
         return
@@ -611,11 +737,11 @@ def plot(sources: list[Path] = typer.Argument(
     typer.echo(f"wrote {path}", err=True)
 
 
-@app.command()
-def demo(out: Path = typer.Option(Path("kdcache-demo"), "--out", "-o", help="artefact directory"),
-         quick: bool = typer.Option(False, "--quick", help="a smaller run (CI smoke test)"),
-         methods: str = typer.Option("", help="comma-separated subset of the table rows"),
-         seed: int = typer.Option(0, help="seed of data, models and sampling")) -> None:
+@app.command(cls=_Command)
+def demo(out: Path = _essential(typer.Option, Path("kdcache-demo"), "--out", "-o", help="artefact directory"),
+         quick: bool = _essential(typer.Option, False, "--quick", help="a smaller run (CI smoke test)"),
+         methods: str = _essential(typer.Option, "", help="comma-separated subset of the table rows"),
+         seed: int = _essential(typer.Option, 0, help="seed of data, models and sampling")) -> None:
     """Train a tiny teacher (SFT, then DPO), precompute its signals, distil students with
     every method, and print the table: rule preference rate, reward accuracy, time, store size
     (stages on stderr, the table on stdout)."""
@@ -638,7 +764,7 @@ def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
     --max-new-tokens, --seed, --backend, with this pipeline's defaults) are added here, once, and the
     command prints `run(PipelineOptions(...), **own options)`."""
     shared = {
-        "out": (Path, typer.Option(Path(f"runs/{name}"), help="directory of the pipeline's stores "
+        "out": (Path, _essential(typer.Option, Path(f"runs/{name}"), help="directory of the pipeline's stores "
                                    "(stores/) and runs (runs/); a re-run reuses both")),
         "n": (int, typer.Option(n[0], help=n[1])),
         "lr": (float, typer.Option(lr, help="learning rate" + (" of every stage" if name == "adpa-plus" else ""))),
@@ -650,17 +776,23 @@ def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
 
     def register(fn: Callable) -> Callable:
         hints = typing.get_type_hints(fn)
-        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()]
-        params = own + [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=opt)
-                        for k, (tp, opt) in shared.items()]
+        own = [p.replace(annotation=hints[p.name], kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(fn).parameters.values()]
+        params = [_help_all_parameter(), *own] + [
+            inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=opt)
+            for k, (tp, opt) in shared.items()]
+        for p in params:  # the required inputs and --out first; the stages' settings below
+            if p.default.rich_help_panel is None:
+                p.default.rich_help_panel = ESSENTIALS if p.default.default is ... else "Stages"
 
         def command(**kwargs):
+            kwargs.pop("help_all")  # handled by its callback
             opts = pipelines.PipelineOptions(**{k: kwargs.pop(k) for k in shared})
             typer.echo(_friendly(lambda: run(opts, **kwargs)))
 
         command.__signature__ = inspect.Signature(params)
         command.__doc__ = fn.__doc__
-        pipeline_app.command(name)(command)
+        pipeline_app.command(name, cls=_Command)(command)
         return fn
 
     return register

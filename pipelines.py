@@ -55,15 +55,11 @@ class Stages:
 
     def rollout(self, **kw) -> str:
         from kdcache.precompute.rollout import RolloutConfig, run_rollout
-        from kdcache.train.rewards import resolve_reward
-
         self._stage(f"rollout {kw.get('n', 1)} per prompt of {kw.get('data')} from {kw.get('model')}")
-        if isinstance(kw.get("reward"), str):
-            kw["reward"] = resolve_reward(kw["reward"])
         base = {"out_root": self.store_root, "seed": self.seed, **self.defaults["rollout"]}
         return run_rollout(RolloutConfig(**{**base, **kw}))
 
-    def train(self, name: str, model: str, store: str, objective: str, steps: int, **kw) -> str:
+    def train(self, name: str, model: str, store: str | list[str], objective: str, steps: int, **kw) -> str:
         from kdcache.train.config import TrainConfig
         from kdcache.train.trainer import train
 

@@ -572,7 +572,7 @@ def render_rss(o: dict) -> str:
 _SRC_CHILD = """
 import json, resource, sys, time
 import datasets  # noqa: F401 - imported in every case, the baseline included
-from kdcache.precompute.data import open_data
+from kdcache.precompute.sources import open_data
 from kdcache.precompute.run import PrecomputeConfig, run_one
 kw = json.loads(sys.argv[1])
 t, n = {}, 0

@@ -14,7 +14,8 @@ Models (random init, saved locally with the tiny word-level tokenizer; prompts a
   qwen05:  Qwen2.5-0.5B-shaped Qwen2: hidden 896, 24 layers, 14 / 2 KV heads, intermediate 4864,
            vocab 151,936, tied embeddings
 
-Notes: vLLM starts an engine and a worker process; its worker is idle but alive while HF
+Notes: on CPU both sides get the same thread count (--threads, default 1: vLLM's worker binds
+its threads to the cores it does not reserve, one on a 2-core machine). vLLM starts an engine and a worker process; its worker is idle but alive while HF
 generates. The engine's start-up (and on the first run of a shape, torch.compile's warm-up,
 cached in ~/.cache/vllm afterwards) is reported separately, not in the rate.
 
@@ -82,7 +83,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2, help="samples per prompt; default 2")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
     ap.add_argument("--reps", type=int, default=3, help="alternating repetitions; default 3")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch and vLLM); default 2")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads of both sides; default 1 (vLLM's CPU worker keeps one core "
+                         "of the machine in reserve: on 2 cores it computes on 1)")
     ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile (enforce_eager)")
     ap.add_argument("--shared-note", default="", help="a note on the machine's load, for the results")
     ap.add_argument("--out-stem", default="rollout", help="results file stem; default rollout")
@@ -107,8 +110,10 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
         t0 = time.perf_counter()
-        vs = VLLMSampler(str(path), dtype="auto", device=args.device, seed=0,
-                         **({"enforce_eager": True} if args.eager else {}))
+        extra = {"enforce_eager": True} if args.eager else {}
+        if args.device == "cuda":  # the HF copy of the model shares the GPU
+            extra["gpu_memory_utilization"] = 0.5
+        vs = VLLMSampler(str(path), dtype="auto", device=args.device, seed=0, **extra)
         startup = time.perf_counter() - t0
         run = {
             "hf": lambda s: sample_hf(hf, rows, pad, eos, 1.0, 1.0, 0, args.max_new_tokens, s),

@@ -10,6 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+# "exact" (gather at DPO ids) | "paper" (ADPA's approximation) | "paper-dpo-floor" (that
+# approximation as the ADPA authors' released data pipeline builds it, METHODS §2). Here,
+# with the other rules: config (no torch) and scoring both read it.
+REF_MODES = ("exact", "paper", "paper-dpo-floor")
+
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -164,9 +169,13 @@ def check_fields(value: Any, teacher: Any, reference: Any) -> list[str]:
                          "(behavior_logprob is carried over from rollout stores by itself)")
     if len(set(fields)) != len(fields):
         raise ValueError(f"--fields {shown!r} names a field twice")
-    if teacher is None:
-        raise ValueError("--fields needs a --teacher (without one the store holds token ids only)")
     refs = [f for f in fields if f in REF_FIELDS]
+    if teacher is None and reference is None:
+        raise ValueError("--fields needs a --teacher (without one the store holds token ids only)")
+    if teacher is None and fields != ["ref_token_logprob"]:
+        need = [f for f in fields if f != "ref_token_logprob"]
+        raise ValueError(f"--fields {need} need the teacher (ref_topk_logprobs is read at its top-K ids): pass "
+                         "--teacher; a --reference alone stores ref_token_logprob only (a DPO store)")
     if refs and reference is None:
         raise ValueError(f"--fields {refs} are the reference's: pass --reference")
     if reference is not None and not refs:

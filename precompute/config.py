@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .checks import (
+    REF_MODES,
     check_choice,
     check_codec,
     check_device,
@@ -22,10 +23,6 @@ from .checks import (
     parse_partition,
 )
 
-# "exact" (gather at DPO ids) | "paper" (ADPA's approximation) | "paper-dpo-floor" (that
-# approximation as the ADPA authors' released data pipeline builds it, METHODS §2)
-REF_MODES = ("exact", "paper", "paper-dpo-floor")
-
 
 @dataclass
 class PrecomputeConfig:
@@ -35,7 +32,8 @@ class PrecomputeConfig:
         metadata={"help": "the preference-aligned (DPO) teacher: a local HF model dir or cached hub id; "
                           "unset (with --tokenizer): a tokenized-only store", "panel": "Essentials"})
     reference: str | None = field(default=None,
-        metadata={"help": "the teacher's pre-DPO reference (its SFT model); unset: no ref_* fields (no ADPA, DPO, DCKD advantages)", "panel": "Essentials"})
+        metadata={"help": "the teacher's pre-DPO reference (its SFT model); unset: no ref_* fields (no ADPA, DPO, DCKD "
+                          "advantages); alone (no --teacher): a DPO store, ref_token_logprob only", "panel": "Essentials"})
     data: str | None = field(default=None,
         metadata={"help": "dataset to score (prompt, chosen, rejected | completion): JSONL/Parquet/CSV path, URL or glob, a dataset folder (hub snapshot or save_to_disk) or a hub dataset id", "panel": "Essentials"})
     data_config: str | None = field(default=None,
@@ -137,16 +135,21 @@ class PrecomputeConfig:
     progress: bool = field(default=True,
         metadata={"help": "progress bar on stderr", "panel": "Store"})
 
+    @property
+    def scores(self) -> bool:
+        """Whether a model runs: a teacher, or a reference alone (else a tokenized-only store)."""
+        return self.teacher is not None or self.reference is not None
+
     def validate(self) -> None:
         """Check every option before anything is read, loaded or written (ValueError naming
-        the flag); normalises `betas` to floats and `partition` to (i, N)."""
+        the flag); normalises `betas` to floats and `partition` to (i, N); a reference
+        without a teacher stores ref_token_logprob (the only field it can score alone)."""
         if (self.data is None) == (self.input_store is None):
             raise ValueError("pass exactly one of --data FILE (a dataset) or --input-store URL "
                              "(a rollout store to score)")
-        if self.teacher is None and self.reference is not None:
-            raise ValueError("--reference needs a --teacher (without a teacher, precompute writes "
-                             "a tokenized-only store with no teacher signals)")
-        if self.teacher is None and self.tokenizer is None:
+        if self.teacher is None and self.reference is not None and self.fields is None:
+            self.fields = ["ref_token_logprob"]  # all a reference alone can score (DPO's reference term)
+        if self.teacher is None and self.reference is None and self.tokenizer is None:
             raise ValueError("no --teacher: pass --teacher DIR (the DPO teacher) to score the "
                              "data, or only --tokenizer DIR for a tokenized-only store (token "
                              "ids, no teacher signals; e.g. SFT data)")

@@ -1,6 +1,6 @@
 """Reading preference / SFT datasets and tokenizing them into groups of sequences, streamed.
 
-Sources (`open_data`): JSONL (.jsonl/.json/.ndjson, optionally .gz/.bz2/.xz/.zst) or Parquet
+Sources (`sources.open_data`): JSONL (.jsonl/.json/.ndjson, optionally .gz/.bz2/.xz/.zst) or Parquet
 files, on any fsspec URL (globs allowed), read here line by line; everything else
 `datasets.load_dataset` accepts (a hub id, a dataset folder, a `save_to_disk` folder, csv)
 through hfdata.py, streamed. Columns follow TRL: preference = prompt, chosen, rejected; SFT =
@@ -121,33 +121,6 @@ class FileSource:
 
     def rows(self, limit: int | None = None) -> Iterator[RowSource]:
         return iter_rows(self.file_list, limit)
-
-
-def _local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def open_data(url: str, config: str | None = None, split: str | None = None):
-    """The source `--data URL` names: FileSource for JSONL / Parquet files (the fast,
-    line-precise reader; any fsspec URL), hfdata.HFSource for what else `datasets` loads:
-    a dataset folder, a `save_to_disk` folder, csv/tsv files, a hub dataset id."""
-    import os
-
-    plain = url[len("file://"):] if url.startswith("file://") else url
-    is_dir = _local(url) and os.path.isdir(plain)
-    named_format = True
-    try:
-        _format(url.rstrip("/"))
-    except DataError:
-        named_format = False
-    if not is_dir and (named_format or not _local(url)):
-        if config is not None or split not in (None, "train"):
-            raise DataError(f"{url!r} is a data file: --data-config / --split choose a part of a "
-                            "dataset (a folder or a hub id); leave them out")
-        return FileSource(url)
-    from .hfdata import HFSource
-
-    return HFSource(plain, config, split)
 
 
 def data_files(url: str) -> list[str]:
@@ -572,11 +545,20 @@ def tokenize_rows(
                 continue
             group: list[Sequence] = []
             keep = True
+            source = json.dumps(src.row[opts.prompt_column], ensure_ascii=False)
             for col, role, r in resps:
                 resp = (tk.finish_response(texts.ids(r), src.where, col) if isinstance(r, tuple)
                         else r)
-                seq = Sequence(ex_id, role, 0, prompt_ids, resp, teacher_prompt)
+                seq = Sequence(ex_id, role, 0, prompt_ids, resp, teacher_prompt,
+                               {"prompt_source": source})
+                n = len(seq.response_ids)
                 keep = keep and _fit(seq, opts, stats, src.where, col)
+                text = src.row[col]
+                # the text only where decoding the ids does not give it back (and the ids
+                # were not cut: then the decoded prefix is what the teacher scored)
+                if (isinstance(r, tuple) and len(seq.response_ids) == n
+                        and tk.tok.decode(texts.ids(r), skip_special_tokens=False) != text):
+                    seq.extra["response_text"] = text
                 group.append(seq)
             if not keep:
                 stats.skipped += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -177,6 +178,7 @@ def score_sequences(
             rec[f] = cpu[f][rows].astype(np.int32) if f == "topk_ids" else cpu[f][rows]
         if s.extra.get("behavior_logprob") is not None:
             rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], dtype=np.float32)
+        rec.update(text_fields(s))
         for key, v in mine.items():
             sums[key] += v
         if per_seq is not None:
@@ -212,3 +214,8 @@ def bucket_batches(groups: list[list[Sequence]], batch_tokens: int, max_batch_se
     if cur:
         batches.append(cur)
     return batches
+
+
+def text_fields(s: Any) -> dict[str, str]:
+    """The sequence's text for a student with another tokenizer (METHODS §5), when known."""
+    return {k: s.extra[k] for k in ("prompt_source", "response_text") if s.extra.get(k) is not None}

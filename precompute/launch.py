@@ -347,7 +347,8 @@ def merge_parts(cfg: PrecomputeConfig) -> str:
     stats = DataStats()
     streams = [iter(st.groups()) for st in parts]
     t0 = time.perf_counter()
-    with GroupWriter(url, meta, cfg.shard_records, True, "precompute_report") as w:
+    with GroupWriter(url, meta, cfg.shard_records, True, "precompute_report",
+                     tokenizer_files=prep.tok_files) as w:
         done = w.done
         for b, batch in enumerate(iter_batches(base, prep.source.groups(stats, check_ids=False))):
             p = b % n

@@ -243,6 +243,16 @@ def tokenizer_fingerprint(tok: Any) -> str:
     return _sha(json.dumps(payload, sort_keys=True, default=str).encode())
 
 
+def tokenizer_files(name_or_path: str, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The tokenizer's files `names` as saved in its directory (bytes as on disk: re-saving
+    a loaded tokenizer adds load-time keys, which would move the store key). Empty when the
+    directory has no `tokenizer.json` (a slow tokenizer: no cross-tokenizer students)."""
+    d = local_model_dir(name_or_path)
+    if d is None or not (d / "tokenizer.json").is_file():
+        return {}
+    return {n: (d / n).read_bytes() for n in names if (d / n).is_file()}
+
+
 def _vocab_of(tok: Any) -> dict[str, int]:
     return dict(tok.get_vocab())
 

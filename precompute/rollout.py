@@ -25,15 +25,16 @@ then the recorder last, and call generate with its own warpers disabled.
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+
+from kdcache.rewards import resolve_reward
 
 from .config import RolloutConfig
 from .data import (
@@ -44,7 +45,6 @@ from .data import (
     _check_field,
     dataset_fingerprint,
     example_id,
-    open_data,
     parse_columns,
     row_prompts,
 )
@@ -58,28 +58,11 @@ from .models import (
     tokenizer_fingerprint,
 )
 from .run import cache_hit, check_out_is_free, check_writable, code_version
+from .sources import open_data
 from .storeapi import StoreMeta, store_key
 from .writing import GroupWriter
 
 BEHAVIOR_DEFINITION = "log-prob under the sampling distribution after temperature, top-k, top-p"
-
-
-def resolve_callable(spec: str) -> Callable[..., Any]:
-    """'package.module:function' -> the function (for reward functions)."""
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise ValueError(f"reward {spec!r}: expected 'module:function', e.g. 'mypkg.rewards:exact'")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"reward {spec!r}: cannot import {mod_name!r} ({e}); is it on PYTHONPATH?") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"reward {spec!r}: {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"reward {spec!r} is not callable")
-    return obj
 
 
 @dataclass
@@ -251,13 +234,15 @@ def run_rollout(cfg: RolloutConfig) -> str:
     Every option and the whole dataset are checked before anything is written; a new store
     appears with its first committed group."""
     cfg.validate()
+    if isinstance(cfg.reward, str):  # the store records the function it names (module:qualname)
+        cfg = replace(cfg, reward=resolve_reward(cfg.reward))
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code, role="sampler")
     items, ds_fp, skipped = load_prompts(cfg, tok)
     meta = _meta(cfg, tok, ds_fp)
     url = cfg.out or f"{cfg.out_root.rstrip('/')}/{store_key(meta)}"
     if cache_hit(url, meta):
         return url
-    reward_fn = resolve_callable(cfg.reward) if isinstance(cfg.reward, str) else cfg.reward
+    reward_fn = cfg.reward
     check_out_is_free(url)
     check_writable(url)
     eos = tok.eos_token_id
@@ -294,11 +279,11 @@ def _make_sampler(cfg: RolloutConfig, model: Any, pad: int, eos: int):
 
 def _rollout_into(cfg: RolloutConfig, writer: GroupWriter, todo: list[PromptItem], sampler: Any,
                   model: Any, tok: Any, reward_fn: Callable[..., float] | None) -> None:
-    from .run import _progress
+    from .run import progress
 
     eos = tok.eos_token_id
     t0, samples, tokens = time.perf_counter(), 0, 0
-    with _progress(cfg.progress, len(todo), "rollout") as bar:  # rows = prompts
+    with progress(cfg.progress, len(todo), "rollout") as bar:  # rows = prompts
         task = bar.add_task("rollout", total=len(todo), seqs=0, tokens=0, tps="-")
         for b in range(0, len(todo), cfg.batch_prompts):
             batch = todo[b: b + cfg.batch_prompts]

@@ -35,11 +35,10 @@ from .data import (
     DataStats,
     Sequence,
     dataset_fingerprint,
-    open_data,
     parse_columns,
     tokenize_rows,
 )
-from .engine import needs_teacher
+from .engine import needs_teacher, text_fields
 from .models import (
     check_same_tokenizer,
     check_vocab_rows,
@@ -49,16 +48,20 @@ from .models import (
     model_vocab_size,
     resolve_device,
     resolve_dtype,
+    tokenizer_files,
     tokenizer_fingerprint,
     tokenizer_size,
     verify_head,
 )
+from .sources import open_data
 from .storeapi import (
     REF_FIELDS,
     TEACHER_FIELDS,
+    TOKENIZER_FILE_NAMES,
     TOPK_FIELDS,
     NoStoreError,
     StoreMeta,
+    describe_files,
     open_store,
     probe_writable,
     store_key,
@@ -155,7 +158,8 @@ class GroupSource:
         yield from joined.values()
 
     def _sequence(self, r: dict[str, Any]) -> Sequence:
-        extra: dict[str, Any] = {"reward": r.get("reward")}
+        extra: dict[str, Any] = {"reward": r.get("reward"), "prompt_source": r.get("prompt_source"),
+                                 "response_text": r.get("response_text")}
         if self.has_behavior:
             extra["behavior_logprob"] = np.asarray(r["behavior_logprob"], np.float32)
         tp = r.get("teacher_prompt_ids")
@@ -175,13 +179,20 @@ class Prepared:
     source: GroupSource
     scored: tuple[str, ...] = ()  # the per-token fields the models compute
     same_model: bool = False  # teacher and reference have one fingerprint: one forward
+    tok_files: dict[str, bytes] | None = None  # the tokenizer's files, stored (METHODS §5)
+
+
+def tokenizer_source(cfg: PrecomputeConfig) -> str:
+    """Where the store's tokenizer comes from: --tokenizer, else the teacher, else the
+    reference (a DPO store written by --reference alone)."""
+    return cfg.tokenizer or cfg.teacher or cfg.reference
 
 
 def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
     """The tokenizer all models must share, and the vocabulary precompute scores.
     Tokenizers must be identical; output rows may differ (padding) but must cover it."""
-    main_name = cfg.tokenizer or cfg.teacher
-    main_role = "teacher" if cfg.teacher else "tokenizer"
+    main_name = tokenizer_source(cfg)
+    main_role = "teacher" if cfg.teacher else "tokenizer" if cfg.tokenizer else "reference"
     tok = load_tokenizer(main_name, cfg.trust_remote_code, role=main_role)
     size = tokenizer_size(tok)
     rows: dict[str, int] = {}
@@ -205,13 +216,14 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
     cfg.validate()
     tok, vocab = _tokenizer_and_vocab(cfg)
     scored: tuple[str, ...] = ()
-    if cfg.teacher:
+    if cfg.scores:
         scored = tuple(cfg.fields or TEACHER_FIELDS + (REF_FIELDS if cfg.reference else ()))
     topk = any(f in TOPK_FIELDS for f in scored)
     if topk and cfg.k > vocab.size:
         raise ValueError(f"--k {cfg.k} > the teacher's vocabulary of {vocab.size} tokens; pass a "
                          f"--k of at most {vocab.size} (typically 20-100)")
     tok_fp = tokenizer_fingerprint(tok)
+    tok_files = tokenizer_files(tokenizer_source(cfg), TOKENIZER_FILE_NAMES)
     source = GroupSource(cfg, tok)
     ds_fp = source.fingerprint(tok_fp)
 
@@ -228,26 +240,27 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
         "codec": cfg.codec,
         "ref_mode": cfg.ref_mode if "ref_topk_logprobs" in scored else None,
         # the teacher's numeric precision changes the stored numbers, so it is in the key
-        "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.teacher else None,
+        "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "") if cfg.scores else None,
         "partition": list(cfg.partition) if cfg.partition else None,
     }
-    if cfg.teacher:  # the record order: groups are length-sorted within windows of rows
+    if cfg.scores:  # the record order: groups are length-sorted within windows of rows
         options["bucket_window"] = cfg.bucket_window
     if cfg.partition is not None:  # which examples a part holds depends on the batch plan
         options["partition_plan"] = partition_plan(cfg)
     if cfg.error_bound is not None:
         options["error_bound"] = cfg.error_bound
-    if cfg.teacher and vocab.padded:  # logits of padded rows dropped before log_softmax
+    if cfg.scores and vocab.padded:  # logits of padded rows dropped before log_softmax
         options["vocab"] = {"scored": vocab.size, "model_rows": dict(vocab.rows)}
     if cfg.fields is not None:  # a chosen subset: K and betas only count when stored
         options["fields"] = list(scored)
     meta = StoreMeta(k=cfg.k if topk or cfg.fields is None else 0,
                      betas=list(cfg.betas) if "soft_value" in scored or cfg.fields is None else [],
                      fields=fields, models=models,
-                     tokenizer={"sha256": tok_fp, "vocab_size": vocab.size},
+                     tokenizer={"sha256": tok_fp, "vocab_size": vocab.size,
+                                **({"files": describe_files(tok_files)} if tok_files else {})},
                      dataset=ds_fp, options=options, code_version=code_version())
     same = len(fingerprints) == 2 and fingerprints["dpo"] == fingerprints["ref"]
-    return Prepared(meta, tok, vocab, source, scored, same)
+    return Prepared(meta, tok, vocab, source, scored, same, tok_files or None)
 
 
 def partition_plan(cfg: PrecomputeConfig) -> dict[str, Any]:
@@ -270,7 +283,7 @@ def check_data(cfg: PrecomputeConfig, prep: Prepared) -> DataStats:
     error (a bad row, a duplicate id, an over-long row with --truncate fail) surfaces now,
     and the totals feed the progress bar. Memory: one row at a time, ~8 bytes per id."""
     stats = DataStats()
-    with _progress(cfg.progress and cfg.data is not None, None, "checking data") as bar:
+    with progress(cfg.progress and cfg.data is not None, None, "checking data") as bar:
         task = bar.add_task("check", total=None, seqs=0, tokens=0, tps="-")
         for i, _ in enumerate(prep.source.groups(stats, check_ids=True)):
             if i % 1024 == 0:
@@ -280,22 +293,12 @@ def check_data(cfg: PrecomputeConfig, prep: Prepared) -> DataStats:
     return stats
 
 
-def _progress(enabled: bool, total: int | None, label: str = "precompute"):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def progress(enabled: bool, total: int | None, label: str = "precompute"):
+    """The bar of precompute and rollout loops: rows, sequences, tokens, tokens/s, ETA."""
+    from kdcache.progress import progress_bar
 
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("rows, {task.fields[seqs]} seqs, {task.fields[tokens]} tokens"),
-                    TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled,
-                    transient=False, console=Console(stderr=True))
+    return progress_bar(label, "rows, {task.fields[seqs]} seqs, {task.fields[tokens]} tokens",
+                        "{task.fields[tps]} tok/s", enabled=enabled, eta_label=True)
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -308,7 +311,7 @@ def iter_batches(cfg: PrecomputeConfig, groups: Iterator[list[Sequence]]
     resumed run recomputes exactly the batches an uninterrupted run computes. A partition
     (i, n) is batches i, i+n, ... of this plan, so its forwards are the single run's forwards,
     number for number."""
-    if cfg.teacher is None:  # tokenized-only: data order, no forwards
+    if not cfg.scores:  # tokenized-only: data order, no forwards
         for g in groups:
             yield [g]
         return
@@ -419,7 +422,8 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
         report_data(cfg, checked)
     try:
         with GroupWriter(url, prep.meta, cfg.shard_records, cfg.resume, "precompute_report",
-                         SUM_KEYS, background=BACKGROUND_WRITER, clamp=True) as writer:
+                         SUM_KEYS, background=BACKGROUND_WRITER, clamp=True,
+                         tokenizer_files=prep.tok_files) as writer:
             if writer.done:
                 of = "" if cfg.partition or checked is None else \
                     f" of {checked.rows - checked.skipped}"
@@ -512,12 +516,12 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
     total = None if checked is None else checked.rows - checked.skipped
     t0, toks, seqs, n_groups = time.perf_counter(), 0, 0, 0
     groups = prep.source.groups(stats, check_ids=checked is None)
-    with _progress(cfg.progress, total) as bar:
+    with progress(cfg.progress, total) as bar:
         task = bar.add_task("precompute", total=total, seqs=0, tokens=0, tps="-")
         for b, batch in enumerate(iter_batches(cfg, groups)):
             n_groups += len(batch)
             todo = [g for g in batch if g[0].example_id not in done] if b % n_parts == part else []
-            if todo and cfg.teacher is None:
+            if todo and not cfg.scores:
                 for g in todo:
                     writer.add_group([_tokenized_record(s, eos) for s in g])
             elif todo:
@@ -568,6 +572,7 @@ def _tokenized_record(s: Sequence, eos_id: int) -> dict[str, Any]:
     }
     if s.extra.get("behavior_logprob") is not None:
         rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], np.float32)
+    rec.update(text_fields(s))
     return rec
 
 

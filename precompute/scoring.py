@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 # how ref_topk_logprobs is filled (exact gather, or the ADPA paper's approximation)
-from .config import REF_MODES
+from .checks import REF_MODES
 
 # Scratch budget for one chunk of float32 logits plus its temporaries (~3 copies).
 DEFAULT_CHUNK_BYTES = 1 << 30

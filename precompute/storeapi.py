@@ -9,12 +9,15 @@ from kdcache.store import (
     NoStoreError,
     StoreMeta,
     StoreWriter,
+    describe_files,
     lock_for,
     open_store,
     probe_writable,
     resolve_codec,
     store_key,
 )
+from kdcache.store.tokfiles import TOKENIZER_FILE_NAMES
 
-__all__ = ["REF_FIELDS", "TEACHER_FIELDS", "TOPK_FIELDS", "NoStoreError", "StoreMeta", "StoreWriter",
-           "lock_for", "open_store", "probe_writable", "resolve_codec", "store_key"]
+__all__ = ["REF_FIELDS", "TEACHER_FIELDS", "TOKENIZER_FILE_NAMES", "TOPK_FIELDS", "NoStoreError",
+           "StoreMeta", "StoreWriter", "describe_files", "lock_for", "open_store", "probe_writable",
+           "resolve_codec", "store_key"]

@@ -47,7 +47,7 @@ class GroupWriter:
     def __init__(self, url: str, meta: StoreMeta, shard_records: int, resume: bool,
                  report_key: str = "report", sum_keys: Sequence[str] = (),
                  background: bool = False, max_queue_bytes: int = MAX_QUEUE_BYTES,
-                 clamp: bool = False) -> None:
+                 clamp: bool = False, tokenizer_files: dict[str, bytes] | None = None) -> None:
         self.url, self.meta = url, meta
         self.background, self.max_queue_bytes = background, int(max_queue_bytes)
         # background state: queue of (records, sums), its bytes, the thread, its error
@@ -60,7 +60,8 @@ class GroupWriter:
         self.drain_s = 0.0  # caller waiting in close() for the queue to empty
         self.busy_s = 0.0  # writer thread inside StoreWriter.add_group
         self._writer_kw = {"shard_records": shard_records, "resume": resume,
-                           "report_key": report_key, "sum_keys": tuple(sum_keys), "clamp": clamp}
+                           "report_key": report_key, "sum_keys": tuple(sum_keys), "clamp": clamp,
+                           "tokenizer_files": tokenizer_files}
         self._w: StoreWriter | None = None
         # the store's writer lock, from before anything is read or a model is loaded until
         # close/abort: a second precompute/rollout on this output fails now, naming the first

@@ -21,6 +21,7 @@ from .lock import StoreLockedError, lock_for, probe_writable
 from .reader import ChecksumError, Store, open_store
 from .stream import StreamReader
 from .summary import summarize
+from .tokfiles import describe_files
 from .writer import NoStoreError, StoreWriter
 
 register()  # the kdcache.gridq zarr codec: plain zarr reads our shards after this import
@@ -50,5 +51,6 @@ __all__ = [
     "open_store",
     "resolve_codec",
     "store_key",
+    "describe_files",
     "summarize",
 ]

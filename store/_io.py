@@ -191,7 +191,7 @@ def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str], root: str | None 
     Local files of a store (`root` given) are read only when they are regular files inside
     the root (`LocalGuard`; an `UnsafeFile` otherwise), and at most `limits[path]` + 1
     bytes of each.  On object stores every object is a plain object; their kind is
-    checked on the listing `open_store` makes (`integrity.check_files`)."""
+    checked on the listing `open_store` makes (`reader.check_files`)."""
     if not is_local(fs):
         return fs.cat(paths, on_error="return")
     guard = LocalGuard(fs._strip_protocol(root)) if root is not None else None

@@ -27,7 +27,7 @@ from ._io import (
 )
 from .fingerprint import store_key
 from .format import SCHEMA_VERSION, StoreMeta
-from .integrity import manifest_problems
+from .integrity import manifest_problems, name_problem
 from .lock import (
     TEMP_MARKER,
     WRITE_PROBE,
@@ -202,17 +202,6 @@ def _age_s(fs: Any, path: str) -> float:
 _WRITER_TEMPS = (f".{MANIFEST}{TMP_MARK}", f".{WRITE_PROBE}{TMP_MARK}")
 
 
-def _plain_name(name: Any) -> bool:
-    """One path component a store may name (local stand-in for the manifest name check of
-    the read side, store/integrity.py, to be swapped for it)."""
-    return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
-            and not any(c in name for c in "/\\\x00:"))
-
-
-def _plain_rel(rel: Any) -> bool:
-    return isinstance(rel, str) and all(_plain_name(c) for c in rel.split("/"))
-
-
 class _GC:
     """One `gc` pass over a root (see `gc`)."""
 
@@ -336,11 +325,13 @@ class _GC:
         keep = {join(d, MANIFEST)}
         live = set()
         for s in m["shards"]:
+            # read_manifest refused bad names already; gc re-checks what it will keep by
             files = s.get("files") if isinstance(s, dict) else None
-            if not _plain_name(s.get("name") if isinstance(s, dict) else None) \
-                    or not isinstance(files, dict) or not all(map(_plain_rel, files)):
-                self.skip(d, "manifest.json names a shard or file outside the store "
-                             "(not one plain name); not collected")
+            if name_problem(s.get("name") if isinstance(s, dict) else None, "shard") \
+                    or not isinstance(files, dict) \
+                    or any(name_problem(rel, "file") for rel in files):
+                self.skip(d, "manifest.json names a shard or file that is not a name kdcache "
+                             "writes; not collected")
                 return
             live.add(s["name"])
             keep.update(join(d, SHARDS_DIR, s["name"], rel) for rel in files)

@@ -20,6 +20,7 @@ __all__ = [
     "SequenceField",
     "TokenField",
     "SEQUENCE_FIELDS",
+    "TEXT_FIELDS",
     "TOKEN_FIELDS",
     "TEACHER_FIELDS",
     "REF_FIELDS",
@@ -95,8 +96,16 @@ SEQUENCE_FIELDS: dict[str, SequenceField] = {
         SequenceField("is_terminal", pa.bool_(), True, False),
         SequenceField("reward", pa.float32(), False, True),
         SequenceField("n_tokens", pa.int32(), False, False),
+        # Text for a student with another tokenizer (METHODS §5).  Written only when a
+        # record of the shard carries one, so stores without text keep their exact bytes.
+        # `prompt_source`: the dataset's prompt field as JSON (a string or a message list);
+        # `response_text`: set only where decoding `response_ids` does not give it back.
+        SequenceField("prompt_source", pa.string(), False, True),
+        SequenceField("response_text", pa.string(), False, True),
     )
 }
+#: The optional text columns above (absent from older stores, and from stores without text).
+TEXT_FIELDS = ("prompt_source", "response_text")
 
 TOKEN_FIELDS: dict[str, TokenField] = {
     f.name: f

@@ -37,7 +37,6 @@ __all__ = [
     "check_schema_version",
     "check_manifest",
     "manifest_problems",
-    "check_files",
     "file_error",
     "is_chunk",
     "UnsafeStoreError",
@@ -266,59 +265,6 @@ def check_manifest(m: dict[str, Any], url: str) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise manifest_error(url, problems[0][1] + more)
-
-
-def check_files(fs: Any, root: str, m: dict[str, Any], url: str) -> None:
-    """Every file the manifest lists exists with its recorded size and is a regular file
-    inside the store (never a FIFO, a device or a symlink out of the root).
-
-    Local stores: one lstat per file (`_io.LocalGuard`; a listing would follow a symlinked
-    `shards/` wherever it leads).  Object stores: one listing of shards/, which is one
-    (paginated) LIST request, not one request per shard, and gives each object's kind.
-    """
-    from ._io import SHARDS_DIR, LocalGuard, UnsafeFile, is_local, join
-
-    if not m["shards"]:
-        return
-    base = join(root, SHARDS_DIR)
-    missing: list[tuple[str, str]] = []
-
-    def size_ok(name: str, rel: str, size: Any, want: int) -> None:
-        if size is None:
-            missing.append((name, rel))
-        elif int(size) != want:
-            raise file_error(url, name, rel, f"is {size} bytes but the manifest says {want} "
-                                             f"(truncated or replaced)")
-
-    if is_local(fs):
-        guard = LocalGuard(fs._strip_protocol(root))
-        for s in m["shards"]:
-            for rel, info in s["files"].items():
-                path = fs._strip_protocol(join(base, s["name"], rel))
-                try:
-                    size = guard.stat(path).st_size
-                except (FileNotFoundError, NotADirectoryError):
-                    size = None
-                except UnsafeFile as e:
-                    raise unsafe_file_error(url, s["name"], rel, e.what) from None
-                size_ok(s["name"], rel, size, info["bytes"])
-    else:
-        try:
-            listing = fs.find(base, detail=True)
-        except FileNotFoundError:
-            listing = {}
-        found = {p.rstrip("/"): info for p, info in listing.items()}
-        for s in m["shards"]:
-            for rel, info in s["files"].items():
-                got = found.get(join(base, s["name"], rel))
-                if got is not None and got.get("type", "file") != "file":
-                    raise unsafe_file_error(url, s["name"], rel,
-                                            f"is a {got.get('type')}, not a regular file")
-                size_ok(s["name"], rel, None if got is None else got.get("size"), info["bytes"])
-    if missing:
-        name, rel = missing[0]
-        more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
-        raise file_error(url, name, rel, f"is missing{more}")
 
 
 def unsafe_file_error(url: str, shard: str, rel: str, what: str) -> UnsafeStoreError:

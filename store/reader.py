@@ -19,13 +19,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ._io import SHARDS_DIR, UnsafeFile, cat_files, join, open_fs, read_manifest
+from ._io import (
+    SHARDS_DIR,
+    LocalGuard,
+    UnsafeFile,
+    cat_files,
+    is_local,
+    join,
+    open_fs,
+    read_manifest,
+)
 from .codecs import ADV_ARRAY
 from .fingerprint import hash_bytes
-from .format import CRC_SCHEMA_VERSIONS, ROLES, TOKEN_FIELDS, StoreMeta
+from .format import CRC_SCHEMA_VERSIONS, ROLES, TEXT_FIELDS, TOKEN_FIELDS, StoreMeta
 from .integrity import (
     ChecksumError,
-    check_files,
     check_manifest,
     check_schema_version,
     crc32c,
@@ -33,6 +41,7 @@ from .integrity import (
     is_chunk,
     unsafe_file_error,
 )
+from .tokfiles import read_tokenizer_files
 from .writer import NoStoreError
 
 __all__ = ["Store", "Shard", "open_store", "ChecksumError"]
@@ -56,6 +65,9 @@ class Shard:
         for col in ("example_id", "role", "group", "n_tokens", "reward"):
             self._seq[col] = table.column(col).to_pylist()
         self._seq["is_terminal"] = [bool(x) for x in table.column("is_terminal").to_pylist()]
+        # optional text columns (METHODS §5): a record carries them only where they are set
+        self._text = {c: table.column(c).to_pylist() for c in TEXT_FIELDS
+                      if c in table.column_names}
         self.token_offset = table.column("token_offset").to_numpy()
         self._starts: list[int] = self.token_offset.tolist()
         self._lists: dict[str, tuple[list[int], np.ndarray, list[bool] | None]] = {}
@@ -94,6 +106,9 @@ class Shard:
             "reward": seq["reward"][i],
             "n_tokens": T,
         }
+        for col, vals in self._text.items():
+            if vals[i] is not None:
+                out[col] = vals[i]
         for col, (offs, vals, valid) in self._lists.items():
             if valid is not None and not valid[i]:
                 out[col] = None
@@ -458,6 +473,16 @@ class Store:
         return (f"Store({self.url!r}, records={len(self)}, tokens={self.num_tokens}, "
                 f"shards={len(self.shards)}, fields={self.fields}, complete={self.complete})")
 
+    @property
+    def has_tokenizer_files(self) -> bool:
+        """The store carries its tokenizer's files (precompute since METHODS revision 3)."""
+        return bool(self.meta.tokenizer.get("files"))
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """{name: bytes} of the teacher tokenizer's files, checked against the manifest;
+        a ValueError when the store has none (written before they were stored)."""
+        return read_tokenizer_files(self.fs, self.root, self.meta.tokenizer.get("files"), self.url)
+
     # -- shard I/O -------------------------------------------------------------
     def shard_files(self, index: int, fields: Sequence[str] | None = None) -> list[str]:
         """Relative paths of the files needed to decode `fields` of shard `index`."""
@@ -631,3 +656,52 @@ def open_store(url: str, check_listing: bool = True, root: str | None = None) ->
     return Store(url, fs, root, manifest)
 
 
+def check_files(fs: Any, root: str, m: dict[str, Any], url: str) -> None:
+    """Every file the manifest lists exists with its recorded size and is a regular file
+    inside the store (never a FIFO, a device or a symlink out of the root).
+
+    Local stores: one lstat per file (`_io.LocalGuard`; a listing would follow a symlinked
+    `shards/` wherever it leads).  Object stores: one listing of shards/, which is one
+    (paginated) LIST request, not one request per shard, and gives each object's kind.
+    """
+    if not m["shards"]:
+        return
+    base = join(root, SHARDS_DIR)
+    missing: list[tuple[str, str]] = []
+
+    def size_ok(name: str, rel: str, size: Any, want: int) -> None:
+        if size is None:
+            missing.append((name, rel))
+        elif int(size) != want:
+            raise file_error(url, name, rel, f"is {size} bytes but the manifest says {want} "
+                                             f"(truncated or replaced)")
+
+    if is_local(fs):
+        guard = LocalGuard(fs._strip_protocol(root))
+        for s in m["shards"]:
+            for rel, info in s["files"].items():
+                path = fs._strip_protocol(join(base, s["name"], rel))
+                try:
+                    size = guard.stat(path).st_size
+                except (FileNotFoundError, NotADirectoryError):
+                    size = None
+                except UnsafeFile as e:
+                    raise unsafe_file_error(url, s["name"], rel, e.what) from None
+                size_ok(s["name"], rel, size, info["bytes"])
+    else:
+        try:
+            listing = fs.find(base, detail=True)
+        except FileNotFoundError:
+            listing = {}
+        found = {p.rstrip("/"): info for p, info in listing.items()}
+        for s in m["shards"]:
+            for rel, info in s["files"].items():
+                got = found.get(join(base, s["name"], rel))
+                if got is not None and got.get("type", "file") != "file":
+                    raise unsafe_file_error(url, s["name"], rel,
+                                            f"is a {got.get('type')}, not a regular file")
+                size_ok(s["name"], rel, None if got is None else got.get("size"), info["bytes"])
+    if missing:
+        name, rel = missing[0]
+        more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
+        raise file_error(url, name, rel, f"is missing{more}")

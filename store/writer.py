@@ -40,12 +40,14 @@ from .format import (
     ROLES,
     SCHEMA_VERSION,
     SEQUENCE_FIELDS,
+    TEXT_FIELDS,
     TOKEN_FIELDS,
     StoreMeta,
     token_shape,
 )
 from .integrity import check_manifest, check_schema_version, crc32c, manifest_checksum
 from .lock import StoreLock
+from .tokfiles import write_tokenizer_files
 
 __all__ = ["StoreWriter", "CHUNK_ROWS", "check_schema_version", "NoStoreError", "LOGPROB_FLOOR", "UNCOMMITTED",
            "WRITABLE_VERSIONS", "STALE_TEMP_S", "commit_manifest"]
@@ -108,7 +110,8 @@ class StoreWriter:
     target (a group never spans shards) and as soon as it reaches the target.  With
     `resume=True` an existing store with the same meta is continued after its last committed
     shard (`done_example_ids` tells the caller what to skip); with `resume=False` an existing
-    store is an error.  `_schema_version` writes an older on-disk version (tests of the
+    store is an error.  `tokenizer_files` ({name: bytes}, listed in
+    `meta.tokenizer["files"]` by `describe_files`) are written under `tokenizer/`.  `_schema_version` writes an older on-disk version (tests of the
     backward-compatible reader, merges of old stores).  `_staged=True` commits nothing until
     `close()` (one manifest write at the end) and removes the shards it wrote on `abort()`:
     `merge` uses it on object stores so a failed merge leaves nothing at its output.
@@ -126,6 +129,7 @@ class StoreWriter:
         self, url: str, meta: StoreMeta, shard_records: int = 1024, resume: bool = True,
         _schema_version: int = SCHEMA_VERSION, _staged: bool = False, _lock: bool = True,
         report_key: str | None = None, sum_keys: Sequence[str] = (), clamp: bool = False,
+        tokenizer_files: dict[str, bytes] | None = None,
     ) -> None:
         if int(shard_records) < 1:
             raise ValueError(f"shard_records must be >= 1, got {shard_records}")
@@ -143,12 +147,12 @@ class StoreWriter:
         # one writer per local store: a second one fails here, naming the holder
         self._lock = StoreLock(self.root).acquire() if is_local(self.fs) and _lock else None
         try:
-            self._open(meta, resume)
+            self._open(meta, resume, tokenizer_files)
         except BaseException:
             self._release()
             raise
 
-    def _open(self, meta: StoreMeta, resume: bool) -> None:
+    def _open(self, meta: StoreMeta, resume: bool, tokenizer_files: dict[str, bytes] | None) -> None:
         self._pending: list[dict[str, Any]] = []
         self._pending_ids: list[str] = []
         self._done: set[str] = set()
@@ -158,6 +162,9 @@ class StoreWriter:
         self._group_sums: dict[str, list[float]] = {}  # of buffered groups
         existing = read_manifest(self.fs, self.root)
         self._remove_stale_temps()
+        if tokenizer_files:  # before any manifest lists them (METHODS §5; store/tokfiles.py)
+            write_tokenizer_files(self.fs, self.root, tokenizer_files,
+                                  meta.tokenizer.get("files"))
         if existing is None:
             now = _now()
             self._manifest: dict[str, Any] = {
@@ -408,6 +415,11 @@ class StoreWriter:
             if not np.isfinite(rew):
                 raise ValueError(f"{where}: reward={rew} is not finite; use None for 'no reward'")
         out["reward"] = rew
+        for name in TEXT_FIELDS:
+            v = r.get(name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{where}: {name} must be a str or None, got {type(v).__name__}")
+            out[name] = v
 
         k, nb = self.meta.k, len(self.meta.betas)
         for name in self.meta.fields:
@@ -546,7 +558,9 @@ def build_shard_files(
     offsets = np.concatenate([[0], np.cumsum(n_tok)[:-1]]).astype(np.int64)
     cols: dict[str, pa.Array] = {}
     for col, f in SEQUENCE_FIELDS.items():
-        cols[col] = pa.array([r[col] for r in recs], type=f.arrow_type)
+        if col in TEXT_FIELDS and all(r.get(col) is None for r in recs):
+            continue  # no text in this shard: the columns of a store without text, unchanged
+        cols[col] = pa.array([r.get(col) for r in recs], type=f.arrow_type)
     cols["token_offset"] = pa.array(offsets, type=pa.int64())
     table = pa.table(cols)
     buf = io.BytesIO()

@@ -49,7 +49,7 @@ def test_every_option_shows_help_default_and_choices(name):
     cls = dict(_config_classes())[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     cmd = cli.build_config_command(name)
-    options = {p.name: p for p in cmd.params if p.name != "help"}
+    options = {p.name: p for p in cmd.params if p.name not in ("help", "help_all")}
     assert set(options) == set(fields) | {"config"}
     for pname, p in options.items():
         description, _, tags = (p.help or "").partition("  \\[")
@@ -77,10 +77,57 @@ def test_help_starts_with_the_essentials(name):
 
 
 def test_train_flags_mirror_the_dataclass():
-    out = runner.invoke(cli.app, ["train", "--help"], env=WIDE).output
+    out = runner.invoke(cli.app, ["train", "--help-all"], env=WIDE).output
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "[default: sft; one of: sft, seqkd, kd, dckd" in out
+
+
+def _commands():
+    """(argv prefix, click command) of every command, config commands built."""
+    import typer
+
+    group = typer.main.get_command(cli.app)
+    for name, cmd in group.commands.items():
+        if name in cli.CONFIG_COMMANDS:
+            yield [name], cli.build_config_command(name)
+        elif hasattr(cmd, "commands"):
+            for sub, c in cmd.commands.items():
+                yield [name, sub], c
+        else:
+            yield [name], cmd
+
+
+NARROW = {"COLUMNS": "80", "TERMINAL_WIDTH": "80"}
+
+
+@pytest.mark.parametrize("argv, cmd", [pytest.param(a, c, id=" ".join(a)) for a, c in _commands()])
+def test_help_at_80_columns_never_cuts_an_option_name(argv, cmd, monkeypatch):
+    """Every option name is printed whole at 80 columns (with --help-all where the command
+    has it), and nothing is cut with an ellipsis."""
+    from typer import rich_utils
+
+    monkeypatch.setattr(rich_utils, "MAX_WIDTH", 80)  # read from TERMINAL_WIDTH once, at import
+    names = {o for p in cmd.params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))
+             if o.startswith("--")}
+    flag = "--help-all" if "--help-all" in names else "--help"
+    out = runner.invoke(cli.app, [*argv, flag], env=NARROW).output
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "…" not in out, [line for line in out.splitlines() if "…" in line]
+    words = set(re.findall(r"--[\w-]+", out))
+    assert names <= words | {"--help-all"}, sorted(names - words)
+
+
+@pytest.mark.parametrize("argv", [["inspect"], ["plot"], ["demo"], ["pipeline", "adpa-plus"],
+                                  ["pipeline", "tgpo"], ["pipeline", "pbsd"], ["train"], ["precompute"]])
+def test_help_shows_the_essentials_and_help_all_the_rest(argv):
+    out = runner.invoke(cli.app, [*argv, "--help"], env=WIDE).output
+    panels = [line.split("─ ")[1].split(" ─")[0] for line in out.splitlines() if line.startswith("╭─ ")]
+    assert [p for p in panels if p != "Arguments"] == [cli.ESSENTIALS], panels
+    full = runner.invoke(cli.app, [*argv, "--help-all"], env=WIDE).output if "--help-all" in out else out
+    if full is not out:
+        assert "--help-all` lists them all" in out and len(full.splitlines()) > len(out.splitlines())
+        assert full.count("╭─ ") > out.count("╭─ ")
 
 
 def test_help_imports_no_torch():
@@ -89,7 +136,8 @@ def test_help_imports_no_torch():
     code = (
         "import sys\nfrom kdcache.cli import app\n"
         "for args in (['--help'], ['train', '--help'], ['eval', '--help'], ['store', '--help'],\n"
-        "             ['precompute', '--help'], ['rollout', '--help']):\n"
+        "             ['precompute', '--help'], ['rollout', '--help'], ['train', '--help-all'],\n"
+        "             ['pipeline', 'pbsd', '--help-all'], ['demo', '--help']):\n"
         "    try:\n        app(args, prog_name='kdcache')\n    except SystemExit:\n        pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'wandb', 'kdcache.precompute.run')\n"
         "         if m in sys.modules]\n"
@@ -123,6 +171,19 @@ def test_list_options_parse(monkeypatch):
     cfg = seen["cfg"]
     cfg.validate()  # "i/N" or "auto": the partition is resolved when the config is checked
     assert cfg.betas == [1.0, 2.5] and cfg.partition == (1, 4)
+
+
+@pytest.mark.parametrize("word", ["none", "None", "null", ""])
+def test_optional_numbers_take_none(monkeypatch, word):
+    """`--max-length none` unsets an optional number, as `max_length: null` does in YAML;
+    the help says so; a required number still refuses it."""
+    seen = {}
+    monkeypatch.setitem(cli.RUNS, "precompute", lambda cfg: seen.setdefault("cfg", cfg) and "url")
+    res = runner.invoke(cli.app, ["precompute", "--teacher", "t", "--data", "d", "--max-length", word])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].max_length is None
+    assert "none: unset" in runner.invoke(cli.app, ["precompute", "--help-all"], env=WIDE).output
+    _one_error(runner.invoke(cli.app, ["precompute", "--teacher", "t", "--data", "d", "--k", word]), "--k")
 
 
 def _one_error(res, *needles: str) -> str:
@@ -221,6 +282,14 @@ def test_demo_table_on_stdout_stages_on_stderr(monkeypatch):
     assert res.exit_code == 0, res.output
     assert "[1/5]" in res.stderr and "[1/5]" not in res.stdout
     assert "sft" in res.stdout and "0.500" in res.stdout
+
+
+def test_demo_table_names_the_tokenizer_s_eos():
+    from kdcache.demo import demo_table
+
+    row = {"method": "sft", "reward_mean": 0.5, "eos_rate": 1.0, "eos_token": "<|im_end|>"}
+    assert "ends <|im_end|>" in demo_table([row])
+    assert "ends EOS" in demo_table([{k: v for k, v in row.items() if k != "eos_token"}])
 
 
 def _tiny_store(url):

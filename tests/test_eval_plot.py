@@ -77,6 +77,25 @@ def test_rule_reward_on_samples(model_and_store):
     assert res["samples"] == 24 and 0.0 <= res["reward_mean"] <= 1.0 and 0.0 <= res["eos_rate"] <= 1.0
 
 
+def test_eval_names_its_reward_and_the_real_eos_and_strips_the_prompt(model_and_store, tmp_path, monkeypatch):
+    """Issue 23 §3: the reward is called fn(prompt_text, response_text, None) with the prompt
+    decoded without special tokens; the result names the reward and the tokenizer's EOS."""
+    model_dir, url = model_and_store
+    (tmp_path / "spy_reward.py").write_text(
+        "SEEN = []\n"
+        "def spy(prompt, response, row):\n"
+        "    SEEN.append((prompt, response, row))\n"
+        "    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    res = evaluate(EvalConfig(model=str(model_dir), store=url, reward="spy_reward:spy", samples=1,
+                              max_new_tokens=3, max_groups=2))
+    import spy_reward
+
+    assert res["reward"] == "spy_reward:spy" and res["eos_token"] == "</s>" and res["reward_mean"] == 1.0
+    assert [p for p, _, _ in spy_reward.SEEN] == ["sort : 3 1 2"] * 2
+    assert all(row is None and "</s>" not in resp for _, resp, row in spy_reward.SEEN)
+
+
 def test_sort_rule_and_rewards():
     assert sort_rule("sort : 3 1 2", "1 2 3") == 1.0
     assert sort_rule("sort : 3 1 2", "1 3 2") == 0.0
@@ -121,6 +140,7 @@ def test_plot(tmp_path):
     assert lines[2:] == ["| a | 3 | 0.300 | - | - | - |", "| b | 2 | 1.000 | - | 0.800 | 0.250 |",
                          "| sft | - | - | 0.500 | 0.900 | - |"]
     assert plot_runs([a], tmp_path / "q.png") == (tmp_path / "q.png", None)
+    assert plot_runs([a, b], tmp_path / "log.png", log_y=True)[0].exists()
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_runs([tmp_path / "missing"], tmp_path / "q.png")
 
@@ -171,3 +191,41 @@ def test_eval_refuses_a_student_of_another_vocabulary(tmp_path, model_and_store)
     other = save_tiny(tmp_path / "other", build_tokenizer(words=["x", "y"]), hidden=16, layers=1, heads=2)
     with pytest.raises(ValueError, match="vocab"):
         evaluate(EvalConfig(model=str(other), store=url))
+
+
+def test_plot_merges_a_results_row_into_its_run_and_names_reward_and_eos(tmp_path):
+    """Issue 23 §8: `kdcache plot demo/runs/* --table demo/results.json` gives one row per run
+    (the run's loss, the results row's eval), a reward column named by the reward, an EOS
+    column named by the real EOS token, and Top-K KL among the bars."""
+    from kdcache.train.plot import draw
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    sft, dckd, teacher = _run(runs, "sft", [3.0, 2.0]), _run(runs, "dckd", [4.0, 1.0]), _run(runs, "teacher-dpo", [1.0])
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": [
+        {"method": "teacher (DPO)", "run": "teacher-dpo", "reward_mean": 0.9, "reward": "sort_rule",
+         "eos_rate": 1.0, "eos_token": "<|im_end|>", "kl_topk": 0.0},
+        {"method": "student init", "reward_mean": 0.3, "reward": "sort_rule", "eos_rate": 1.0,
+         "eos_token": "<|im_end|>", "kl_topk": 1.5},
+        {"method": "sft", "reward_mean": 0.6, "reward": "sort_rule", "eos_rate": 0.5, "eos_token": "<|im_end|>",
+         "kl_topk": 1.2, "reward_accuracy": 0.9},
+        {"method": "dckd", "reward_mean": 0.7, "reward": "sort_rule", "eos_rate": 1.0, "eos_token": "<|im_end|>",
+         "kl_topk": 0.4}]}))
+    out, text = plot_runs([dckd, sft, teacher, results], tmp_path / "p.png", table=True)
+    lines = text.splitlines()
+    assert lines[0] == ("| run | steps | final loss | reward sort_rule | ends <\\|im_end\\|> | reward acc | KL top-K |")
+    assert lines[2:] == ["| dckd | 2 | 1.000 | 0.700 | 1.000 | - | 0.400 |",
+                         "| sft | 2 | 2.000 | 0.600 | 0.500 | 0.900 | 1.200 |",
+                         "| teacher (DPO) | 1 | 1.000 | 0.900 | 1.000 | - | 0.000 |",
+                         "| student init | - | - | 0.300 | 1.000 | - | 1.500 |"]
+    fig, _ = draw([dckd, sft, teacher, results], table=True)
+    loss_ax, bars, kl = fig.axes
+    assert loss_ax.get_legend().get_bbox_to_anchor().x0 > loss_ax.get_window_extent().x1  # outside the axes
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == ["reward sort_rule", "reward accuracy"]
+    assert [round(p.get_height(), 3) for p in kl.patches] == [0.4, 1.2, 0.0, 1.5]
+    assert "KL" in kl.get_title()
+    # an eval.json of a custom reward, written before `reward` was a result key, names it from its config
+    (dckd / "eval.json").write_text(json.dumps({"reward_mean": 0.25, "eos_rate": 1.0, "config": {"reward": "mine:score"}}))
+    _, text = plot_runs([dckd], tmp_path / "q.png", table=True)
+    assert text.splitlines()[0] == "| run | steps | final loss | reward score | ends EOS |"

@@ -267,3 +267,39 @@ def test_trainer_checks_the_fit_before_loading(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="does not fit"):
         trainer_mod.train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def _real_peak_teachers(cfg: TrainConfig, hf_config, teachers: int) -> dict:
+    import itertools
+
+    torch.manual_seed(0)
+    model = prepare_student(AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32), cfg)
+    model.train()
+    group = synthetic_groups(cfg, SHAPE["seq_len"], SHAPE["prompt_len"], SHAPE["k"], hf_config.vocab_size,
+                             (1.0,), teachers=teachers)
+    batches, _ = next_batches(itertools.repeat(group), cfg, 0, (1.0,), torch.device("cpu"),
+                              teacher_weights=(1.0 / teachers,) * teachers)
+    tracker = StorageTracker()
+    tracker.register(list(model.parameters()) + list(model.buffers()), "weights")
+    tracker.register(batch_tensors(batches), "inputs")
+    with tracker:
+        return measure_step(model, cfg, batches, Precision(bf16=False, device_type="cpu"),
+                            lambda ps: make_optimizer(cfg, ps, device_type="cuda"), tracker), batches
+
+
+@pytest.mark.parametrize("objective", ["kd", "adpa"])
+def test_ensemble_of_j_stores_is_estimated_with_a_j_times_k_union(objective):
+    """METHODS §4: J teachers' union index is up to J x K wide; the estimate runs that step
+    (the real and the fake one agree) and grows with J."""
+    hf = Qwen2Config(**ONE_LAYER, tie_word_embeddings=True)
+    cfg = _cfg(objective=objective, store=["a", "b", "c"], ensemble=True)
+    peaks = {}
+    for J in (1, 3):
+        real, batches = _real_peak_teachers(cfg, hf, J)
+        assert batches[0].index.shape[1] == 1 + J * SHAPE["k"]
+        fake = simulate(cfg, hf, **SHAPE, teachers=J)
+        assert fake["peak"] == real["peak"] and fake["breakdown"] == real["breakdown"]
+        peaks[J] = fake
+    assert peaks[3]["breakdown"]["inputs"] > peaks[1]["breakdown"]["inputs"]
+    est = estimate_memory(cfg, hf, gpu_bytes=24 * GIB, cache=False, teachers=3, **SHAPE)
+    assert est.config["teachers"] == 3 and "teachers=3" in est.format()

@@ -23,10 +23,10 @@ from kdcache.precompute.data import (
     DataError,
     DataOptions,
     RowSource,
-    open_data,
     parse_columns,
     tokenize_rows,
 )
+from kdcache.precompute.sources import open_data
 from kdcache.store import open_store
 from kdcache.train.tiny import build_tokenizer
 

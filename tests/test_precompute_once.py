@@ -99,6 +99,24 @@ def test_sequence_logprobs_only_store_for_dpo(work, loads, tmp_path):
                           objective="kd", max_steps=1, progress=False))
 
 
+def test_reference_alone_writes_the_dpo_store(work, loads):
+    """Issue 23 §6: `--reference R` without a teacher is the DPO store (ref_token_logprob
+    only, the reference alone runs), the very store `--teacher T --reference R --fields
+    ref_token_logprob` writes (same content key)."""
+    alone = run_precompute(_cfg(work, teacher=None, out_root=str(work / "alone")))
+    assert loads == ["sft-copy"]
+    store = open_store(alone)
+    assert store.fields == ["ref_token_logprob"] and set(store.meta.models) == {"ref"}
+    both = run_precompute(_cfg(work, teacher=str(work / "dpo"), fields=["ref_token_logprob"],
+                               out_root=str(work / "both")))
+    assert Path(both).name == Path(alone).name  # the same content key
+    res = CliRunner().invoke(cli.app, ["precompute", "--reference", str(work / "sft-copy"), "--data",
+                                       str(work / "prefs.jsonl"), "--fields", "ref_token_logprob,token_logprob",
+                                       "--out-root", str(work / "never")])
+    assert res.exit_code == 2 and "--fields ['token_logprob'] need the teacher" in res.output
+    assert not (work / "never").exists()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--fields", "topk_ids"], "topk_ids and topk_logprobs go together"),
     (["--fields", "topk_logprob"], "--fields 'topk_logprob': give per-token fields among"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from kdcache.precompute.models import (
     verify_head,
 )
 from kdcache.precompute.scoring import LMHead
-from kdcache.store import open_store
+from kdcache.store import NoStoreError, open_store
 from kdcache.train.tiny import build_tokenizer, save_tiny
 
 TOK = build_tokenizer()
@@ -104,6 +105,16 @@ def test_resume_after_crash_gives_the_same_store(work, monkeypatch):
     def flaky(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
+            # the background writer commits on its own thread: crash once a shard is in
+            # (writing the store's tokenizer files first made this a race on a busy disk)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 30:
+                try:
+                    if len(open_store(str(work / "resumed"))) > 0:
+                        break
+                except (NoStoreError, ValueError):
+                    pass
+                time.sleep(0.05)
             raise RuntimeError("simulated crash")
         return real(*a, **kw)
 

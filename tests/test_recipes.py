@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import kdcache.cli as cli
 from kdcache.train import objectives
-from kdcache.train.config import OBJECTIVES, TrainConfig, load_config
+from kdcache.train.config import OBJECTIVES, TrainConfig
 from kdcache.train.recipe import _dir, available_recipes, recipe_values
 
 runner = CliRunner()
@@ -66,6 +66,10 @@ def test_every_recipe_value_cites_its_source(name):
         assert re.search(r"\s#\s+\S", ln), f"{name}: no source comment on `{ln}`"
 
 
+def load_config(path, flags):
+    return cli.make_config("train", TrainConfig, path, flags)  # the one loader, as the CLI runs it
+
+
 def test_layers_recipe_then_file_then_flags(tmp_path):
     base = recipe_values("tvkd")
     f = tmp_path / "c.yaml"
@@ -84,7 +88,7 @@ def test_recipe_keys_are_checked(tmp_path, monkeypatch):
     (tmp_path / "bad.yaml").write_text("objective: sft  # x\nlearning_rate: 1  # x\n")
     monkeypatch.setattr("kdcache.train.recipe._dir", lambda: tmp_path)
     with pytest.raises(ValueError, match=r"recipe bad: unknown keys \['learning_rate'\]"):
-        recipe_values("bad")
+        recipe_values("bad", TrainConfig)
 
 
 def test_help_lists_the_recipes():
@@ -133,7 +137,7 @@ def _capture(monkeypatch, name):
         seen.update(kw)
         return torch.zeros(()), {}
 
-    monkeypatch.setattr(objectives.L, name, fake)
+    monkeypatch.setattr(objectives.losses, name, fake)
     return seen
 
 

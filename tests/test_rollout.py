@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kdcache.precompute.data import DataError
-from kdcache.precompute.rollout import RolloutConfig, resolve_callable, run_rollout, sample_hf
+from kdcache.precompute.rollout import RolloutConfig, run_rollout, sample_hf
+from kdcache.rewards import resolve_reward
 from kdcache.store import open_store
 from kdcache.train.tiny import build_model, build_tokenizer, save_tiny
 
@@ -112,13 +113,15 @@ def test_run_rollout_store(workdir):
 
 
 def test_reward_resolution_errors():
-    assert resolve_callable("math:sqrt")(4.0) == 2.0
+    """One resolver for rollout, train and eval: built-in names and module:function."""
+    assert resolve_reward("math:sqrt")(4.0) == 2.0
+    assert resolve_reward("sort_rule")("sort : 2 1", "1 2") == 1.0
     with pytest.raises(ValueError, match="module:function"):
-        resolve_callable("nocolon")
+        resolve_reward("nocolon")
     with pytest.raises(ValueError, match="cannot import"):
-        resolve_callable("no_such_module_xyz:f")
+        resolve_reward("no_such_module_xyz:f")
     with pytest.raises(ValueError, match="no attribute"):
-        resolve_callable("math:nope")
+        resolve_reward("math:nope")
 
 
 def test_include_chosen_needs_a_response_column(workdir):

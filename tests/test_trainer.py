@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kdcache.cli import make_config
 from kdcache.store import StoreMeta, StoreWriter
 from kdcache.train.batch import collate
-from kdcache.train.config import OBJECTIVES, TrainConfig, load_config
+from kdcache.train.config import OBJECTIVES, TrainConfig
 from kdcache.train.student import student_forward
 from kdcache.train.tiny import build_tokenizer, save_tiny
 from kdcache.train.trainer import train
@@ -86,11 +87,20 @@ def test_packed_training_matches_padded(setup, tmp_path):
     assert a.final_loss == pytest.approx(b.final_loss, rel=1e-4)
 
 
-def test_lora_and_grad_checkpointing(setup, tmp_path):
-    res = train(_cfg(setup, "adpa", tmp_path / "lora", lora_r=4, lora_targets=["q_proj", "v_proj"],
-                     grad_checkpointing=True))
+def test_lora_and_grad_checkpointing(setup, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="kdcache.train.trainer"):
+        res = train(_cfg(setup, "adpa", tmp_path / "lora", lora_r=4, lora_targets=["q_proj", "v_proj"],
+                         grad_checkpointing=True))
     assert res.steps == 2
-    AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged, plain HF
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")  # merged, plain HF
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA r=4")]
+    # A [r, in] and B [out, r] per adapted linear layer
+    lora = sum(4 * (m.in_features + m.out_features) for n, m in merged.named_modules()
+               if n.endswith(("q_proj", "v_proj")))
+    base = sum(p.numel() for p in merged.parameters())
+    assert f"{lora:,} trainable parameters of {base + lora:,}" in line and "merged" in line
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -152,11 +162,11 @@ def test_vocab_mismatch_names_both_sizes(setup, tmp_path):
 def test_config_file_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("objective: dckd\nlr: 0.5\ndckd_alpha: 1.0\n")
-    cfg = load_config(f, {"lr": 0.1, "dckd_alpha": None})
+    cfg = make_config("train", TrainConfig, f, {"lr": 0.1, "dckd_alpha": None})
     assert (cfg.objective, cfg.lr, cfg.dckd_alpha) == ("dckd", 0.1, 1.0)
     f.write_text("learning_rate: 1\n")
-    with pytest.raises(ValueError, match="unknown config keys"):
-        load_config(f, {})
+    with pytest.raises(ValueError, match="unknown keys"):
+        make_config("train", TrainConfig, f, {})
 
 
 def test_resume_refuses_a_different_run(setup, tmp_path):
@@ -176,3 +186,55 @@ def test_tgpo_guidance_schedule_continues_across_rounds(setup, tmp_path):
 
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["w"] == pytest.approx(guidance_weight(150))
+
+
+def test_tvkd_beta_defaults_to_the_store_s_only_beta(setup, tmp_path, caplog):
+    """Issue 23 §6: a default TVKD run works on a store of one β (precompute --betas defaults
+    to 1) and says which β it took; a store of several asks for --tvkd-beta, naming them."""
+    import logging
+
+    import yaml
+
+    model_dir, url, _ = setup
+    tok = build_tokenizer()
+    rng = np.random.default_rng(1)
+    meta = StoreMeta(k=K, betas=[1.0], fields=FIELDS, models={}, tokenizer={"vocab_size": len(tok)},
+                     dataset={}, options={"codec": "lossless"}, code_version="test")
+    one = str(tmp_path / "one-beta")
+    with StoreWriter(one, meta) as w:
+        for e in range(4):
+            recs = [_record(rng, f"ex{e}", role, 0, len(tok), tok.eos_token_id) for role in ("chosen", "rejected")]
+            for r in recs:
+                r["soft_value"] = r["soft_value"][:, :1]
+            w.add_group(recs)
+    with caplog.at_level(logging.INFO, logger="kdcache.train.trainer"):
+        res = train(_cfg(setup, "tvkd", tmp_path / "run", store=one, tvkd_beta=None))
+    assert res.steps == 2
+    assert any("beta 1, the store's only soft-value beta" in r.getMessage() for r in caplog.records)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["tvkd_beta"] == 1.0
+    with pytest.raises(ValueError, match=r"holds soft values at betas \[1.0, 2.0\]: pick one with --tvkd-beta"):
+        train(_cfg(setup, "tvkd", tmp_path / "two", tvkd_beta=None))
+    with pytest.raises(ValueError, match=r"--tvkd-beta 2.0 is not among the store's soft-value betas \[1.0\]"):
+        train(_cfg(setup, "tvkd", tmp_path / "three", store=one, tvkd_beta=2.0))
+    assert not (tmp_path / "two").exists() and not (tmp_path / "three").exists()
+
+
+def test_tvkd_maxent_reads_the_reference(setup, tmp_path):
+    """--tvkd-maxent trains on log pi_theta - log pi_ref: the reader must load
+    ref_token_logprob (it once read only soft_value, and MaxEnt silently trained the plain
+    form), and a store without it is refused up front."""
+    plain = train(_cfg(setup, "tvkd", tmp_path / "plain", max_steps=1))
+    maxent = train(_cfg(setup, "tvkd", tmp_path / "maxent", max_steps=1, tvkd_maxent=True))
+    assert np.isfinite(maxent.final_loss) and maxent.final_loss != plain.final_loss
+    model_dir, _, root = setup
+    meta = StoreMeta(k=K, betas=BETAS, fields=["soft_value"], models={}, tokenizer={}, dataset={},
+                     options={"codec": "lossless"}, code_version="test")
+    url = str(root / "values-only")
+    rng = np.random.default_rng(2)
+    with StoreWriter(url, meta) as w:
+        for e in range(2):
+            w.add_group([{k: v for k, v in _record(rng, f"v{e}", role, 0, 52, 2).items()
+                          if k not in FIELDS or k == "soft_value"} for role in ("chosen", "rejected")])
+    with pytest.raises(ValueError, match=r"needs stored fields \['ref_token_logprob'\]"):
+        train(TrainConfig(model=str(model_dir), store=url, out=str(tmp_path / "x"), objective="tvkd",
+                          tvkd_beta=2.0, tvkd_maxent=True))

@@ -227,7 +227,7 @@ def test_cli_vllm_bad_input_is_one_line(need_vllm, e2e, tmp_path):
             "--out-root", str(tmp_path / "s"), "--no-progress"]
     cases = [
         (["--model", str(tmp_path / "missing")], "sampler tokenizer"),
-        (["--model", e2e["student"], "--dtype", "fp8"], "--dtype"),
+        (["--model", e2e["student"], "--dtype", "fp8"], "unknown dtype"),
         (["--model", e2e["student"], "--device", "cuda:0"] if not torch.cuda.is_available()
          else ["--model", e2e["student"], "--device", "cpu"], "--device"),
         (["--model", e2e["student"], "--max-prompt-length", "1", "--truncate", "fail"],

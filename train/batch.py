@@ -19,6 +19,9 @@ from kdcache.store import PADDED_FIELDS, TOKEN_FIELDS
 # The store's per-token fields with a row for the state after the last token (soft values).
 EXTRA_ROW_FIELDS = tuple(n for n, f in TOKEN_FIELDS.items() if f.extra_row)
 
+# Per-token fields a student with another tokenizer adds to a record (train/xtok/translate.py).
+XTOK_FIELDS = ("xtok_slots", "xtok_aligned", "uld_teacher")
+
 
 
 @dataclass
@@ -41,6 +44,14 @@ class SeqBatch:
     # ids [0, vocab) the teachers scored: a student whose lm_head has more (padding) rows
     # normalises over these only, as precompute did for the teachers (METHODS §1)
     vocab: int | None = None
+    own_topk: int = 0  # ULD: also gather the student's own K largest log-probs (METHODS §5)
+    # --ensemble (METHODS §4): every teacher's padded fields (teachers[0] is `stored`), its
+    # top-K ids' columns in the union index `index[:, 1:]` ([S, T, K_j] each), its weight and
+    # its store's β list. Empty for one teacher.
+    teachers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    teacher_pos: list[torch.Tensor] = field(default_factory=list)
+    teacher_weights: tuple[float, ...] = ()
+    teacher_betas: list[tuple[float, ...]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +76,11 @@ class SeqBatch:
             block_ids=self.block_ids,
             betas=self.betas,
             vocab=self.vocab,
+            own_topk=self.own_topk,
+            teachers=[{k: move(v) for k, v in t.items()} for t in self.teachers],
+            teacher_pos=[move(p) for p in self.teacher_pos],
+            teacher_weights=self.teacher_weights,
+            teacher_betas=self.teacher_betas,
         )
 
 
@@ -118,13 +134,20 @@ def collate(
         rows.append(int(starts[s]) + torch.arange(P - 1, P - 1 + Ty))
     rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
-    stored = {}
-    for name in (*PADDED_FIELDS, *EXTRA_ROW_FIELDS):  # [S, T(, ...)]; soft values [S, T+1, B]
-        if all(name in r and r[name] is not None for r in records):
-            stored[name] = _pad([np.asarray(r[name]) for r in records], T + (name in EXTRA_ROW_FIELDS))
+    stored = _stored(records, T)
+    teachers, teacher_pos = [], []
+    if all("teachers" in r for r in records):  # --ensemble: one set of fields per teacher
+        teachers = [_stored([r["teachers"][j] for r in records], T) for j in range(len(records[0]["teachers"]))]
+        stored = {**stored, **teachers[0]}
 
     index = targets[mask].unsqueeze(1)  # [N, 1]
-    if "topk_ids" in stored:
+    if teachers and "topk_ids" in teachers[0]:
+        # the student's log-probs at every teacher's ids, gathered once (METHODS §4)
+        union, pos = union_index([t["topk_ids"][mask].long() for t in teachers])
+        index = torch.cat([index, union], dim=1)
+        mask_pos = mask.flatten().nonzero().squeeze(1)
+        teacher_pos = [scatter_rows(p, mask, mask_pos) for p in pos]
+    elif "topk_ids" in stored:
         index = torch.cat([index, stored["topk_ids"][mask].long()], dim=1)
 
     def seq_field(key, dtype):
@@ -147,7 +170,40 @@ def collate(
         reward=seq_field("reward", torch.float32),
         roles=[str(r.get("role", "")) for r in records],
         example_ids=[str(r.get("example_id", "")) for r in records],
+        teachers=teachers,
+        teacher_pos=teacher_pos,
     )
+
+
+def _stored(records: list[dict], T: int) -> dict[str, torch.Tensor]:
+    """The per-token fields every record holds, padded: [S, T(, ...)]; soft values [S, T+1, B]."""
+    stored = {}
+    for name in (*PADDED_FIELDS, *XTOK_FIELDS, *EXTRA_ROW_FIELDS):
+        if all(name in r and r[name] is not None for r in records):
+            stored[name] = _pad([np.asarray(r[name]) for r in records], T + (name in EXTRA_ROW_FIELDS))
+    return stored
+
+
+def union_index(ids: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The union of several teachers' top-K ids per row, and where each teacher's ids sit in it.
+
+    ids: per teacher j, [N, K_j] int64. Returns union [N, W] (each row's distinct ids in
+    ascending order, W = the widest row's count <= Σ_j K_j, shorter rows padded with their
+    smallest id: a valid id, gathered but never read) and pos_j [N, K_j] with
+    union[n, pos_j[n, k]] == ids_j[n, k]. Vectorised: one sort of the concatenated ids."""
+    cat = torch.cat(ids, dim=1)
+    n = cat.shape[0]
+    if n == 0 or cat.shape[1] == 0:
+        return cat[:, :1], [torch.zeros_like(t) for t in ids]
+    ordered, order = cat.sort(dim=1, stable=True)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    slot = new.long().cumsum(dim=1) - 1  # each sorted entry's column in the union
+    width = int(slot[:, -1].max()) + 1
+    union = ordered[:, :1].expand(n, width).clone()
+    union.scatter_(1, slot, ordered)  # equal ids write the same value
+    pos = torch.empty_like(slot).scatter_(1, order, slot)  # back to the teachers' own order
+    return union, list(pos.split([t.shape[1] for t in ids], dim=1))
 
 
 def _pad(arrays: list[np.ndarray], length: int) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 `out/last/` holds HF-loadable weights (or the LoRA adapter), the tokenizer, the run's config
 and `training_state.pt` (optimizer, scheduler, RNG, reader position, step, tokens, seconds).
+The reader position is the StreamReader's `{epoch, seed, consumed}` for one store; for
+several (train/teachers.py) it is `{seed, stores: [one reader position per --store]}`, plus
+the mixture sampler's `draws` (how many groups it has drawn: its whole state).
 It is written to a temporary directory and renamed into place, so a kill at any moment
 leaves either the previous checkpoint or the new one. `out/model/` is the final student as
 a plain HF directory (LoRA merged).
@@ -21,7 +24,9 @@ read with `torch.load(weights_only=True)`; `last/dcp/.metadata` (which torch rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import pickle
 import random
@@ -33,22 +38,33 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
+from .distributed import Dist, barrier
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 LAST, MODEL = "last", "model"
 
 # options that may change between a run and its resumption without changing what it computes
 RESUME_FREE = {"resume", "progress", "log_every", "save_every", "report_to", "run_name", "wandb_project", "dist_timeout_s",
-               "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
+               "fit_check", "auto_fit", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 # options left unset (None: auto) that the run resolves at start; a resume that leaves them
 # unset matches whatever the first run resolved them to
-RESOLVED_AT_START = {"grad_checkpointing"}
+RESOLVED_AT_START = {"grad_checkpointing", "tvkd_beta"}
 
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_rank(d: Dist, seed: int) -> None:
+    """Give ranks > 0 their own RNG stream (dropout must differ across ranks); rank 0 keeps
+    the single-process stream. Called after the model is built: DDP copies rank 0's weights."""
+    if d.rank == 0:
+        return
+    set_seed(int(np.random.SeedSequence([seed, d.rank]).generate_state(1)[0]))
 
 
 def rng_state() -> dict:
@@ -74,8 +90,11 @@ def has_checkpoint(out: Path) -> bool:
     return (out / LAST / STATE_FILE).exists()
 
 
-def check_same_run(cfg: TrainConfig, out: Path) -> None:
-    """Refuse to resume a run whose saved config differs: it would silently mix two runs."""
+def check_same_run(cfg: TrainConfig, out: Path) -> TrainConfig:
+    """Refuse to resume a run whose saved config differs: it would silently mix two runs.
+    Returns cfg, with the saved micro-batch split when only the split differs and the
+    optimizer step is the same (on CUDA the fit check may have split the step: auto-fit), so
+    the run goes on exactly as it ran."""
     import yaml
 
     from kdcache import plainyaml
@@ -88,6 +107,8 @@ def check_same_run(cfg: TrainConfig, out: Path) -> None:
         raise _damaged(path, _short(e)) from None
     if not isinstance(saved, dict):
         raise _damaged(path, f"a YAML {type(saved).__name__}, not a mapping of options")
+    if isinstance(saved.get("store"), str):  # saved before --store could be given several times
+        saved["store"] = [saved["store"]] if saved["store"] else []
     now = cfg.to_dict()
     ws = int(saved.get("world_size") or 1)  # runs saved before world_size existed had one process
     if now.get("world_size") and ws != now["world_size"]:
@@ -97,13 +118,21 @@ def check_same_run(cfg: TrainConfig, out: Path) -> None:
             f"resume with {ws} processes (torchrun --nproc-per-node/--nnodes so that "
             f"WORLD_SIZE={ws}), or start over with --no-resume or a new --out"
         )
+    split = ("batch_groups", "grad_accum")
+    saved_split = tuple(int(saved.get(k, now[k])) for k in split)
+    same_step = saved_split[0] * saved_split[1] == cfg.batch_groups * cfg.grad_accum
     diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k, now[k]) != now[k]
-                  and not (k in RESOLVED_AT_START and now[k] is None))
+                  and not (k in RESOLVED_AT_START and now[k] is None) and not (k in split and same_step))
     if diff:
         raise ValueError(
             f"{cfg.out} holds a run with different settings ({', '.join(diff)}): "
             f"use a new --out, or --no-resume to start over"
         )
+    if saved_split != (cfg.batch_groups, cfg.grad_accum):
+        log.info("resuming with the run's micro-batch split --batch-groups %d --grad-accum %d (the same "
+                 "optimizer step of %d groups)", *saved_split, saved_split[0] * saved_split[1])
+        cfg = dataclasses.replace(cfg, batch_groups=saved_split[0], grad_accum=saved_split[1])
+    return cfg
 
 
 def _damaged(path: Path, why: str) -> ValueError:
@@ -299,7 +328,6 @@ def save_sharded_checkpoint(out: Path, d, module, tokenizer, optimizer, schedule
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from .distributed import barrier
 
     tmp = out / f".last-tmp-{step}"
     if d.main:
@@ -371,9 +399,10 @@ def truncate_metrics(path: Path, step: int) -> None:
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the kill
+        except (json.JSONDecodeError, RecursionError):  # a line cut short by the kill
             continue
-        if row.get("step", 0) <= step:
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int) \
+                and row.get("step", 0) <= step:
             keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))

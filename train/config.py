@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .recipe import RECIPE_HELP, with_recipe
+from .recipe import RECIPE_HELP
 
 OBJECTIVES = ("sft", "seqkd", "kd", "dckd", "adpa", "tvkd", "dpo", "tgpo", "pbsd")
 
@@ -21,11 +21,21 @@ class TrainConfig:
 
     model: str = field(default="", metadata={
         "help": "student to train: a local HF model directory (or a cached hub id)", "panel": "Essentials"})
-    store: str = field(default="", metadata={
-        "help": "teacher-signal store: URL, path, or content key under --store-root (from `kdcache precompute`)",
+    # one store, or several (METHODS §4): a mixture, or with --ensemble one teacher each
+    store: list[str] = field(default_factory=list, metadata={
+        "help": "teacher-signal store(s): URL, path, or content key under --store-root (from `kdcache "
+                "precompute`); repeat the flag (or comma-separate) to mix stores, or to ensemble with --ensemble",
+        "panel": "Essentials", "multiple": True})
+    store_weights: list[float] = field(default_factory=list, metadata={
+        "help": "one weight per --store, normalised to sum 1; unset: mixing weighs each store by its groups, "
+                "--ensemble weighs the teachers equally", "panel": "Essentials"})
+    ensemble: bool = field(default=False, metadata={
+        "help": "the --store stores score the SAME examples with different teachers: one student forward, "
+                "the weighted sum of the per-teacher terms (kd, dckd, adpa, tvkd); off: the stores are mixed",
         "panel": "Essentials"})
     out: str = field(default="runs/student", metadata={
-        "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/", "panel": "Essentials"})
+        "help": "run directory: checkpoints, metrics.jsonl, config.yaml and the final model/ (a plain HF model; "
+                "LoRA adapters merged into its weights)", "panel": "Essentials"})
     objective: str = field(default="sft", metadata={
         "help": "loss to train with (docs/LOSSES.md)", "panel": "Essentials", "choices": OBJECTIVES})
     # a paper's published setting (train/recipes/NAME.yaml); its values sit below --config and flags
@@ -80,6 +90,9 @@ class TrainConfig:
     fit_check: bool = field(default=True, metadata={
         "help": "CUDA: estimate the step's memory before loading weights; refuse, naming the switch to use, "
                 "if it cannot fit", "panel": "Memory estimate"})
+    auto_fit: bool = field(default=True, metadata={
+        "help": "CUDA: when the step does not fit, run it as smaller micro-batches with more --grad-accum (the "
+                "same optimizer step) and say so; off: refuse instead", "panel": "Memory estimate"})
     estimate_memory: bool = field(default=False, metadata={
         "help": "print the simulated GPU memory of one training step (loads no weights) and exit",
         "panel": "Memory estimate"})
@@ -104,6 +117,11 @@ class TrainConfig:
     kd_mode: str = field(default="renorm", metadata={
         "help": "kd/dckd: renormalise both over the teacher's top-K, or add the rest as a (K+1)-th bucket",
         "panel": "Objective: KD / DCKD", "choices": ("renorm", "tail")})
+    cross_tokenizer: str = field(default="off", metadata={
+        "help": "a student with another tokenizer than the store's (METHODS §5): map = KD on the "
+                "byte-string vocabulary map at aligned positions (tail mode), uld = sorted-probability "
+                "distance, no map; off refuses a tokenizer mismatch",
+        "panel": "Objective: KD / DCKD", "choices": ("off", "map", "uld")})
     kd_divergence: str = field(default="forward", metadata={
         "help": "kd/dckd: divergence between teacher and student on the top-K", "panel": "Objective: KD / DCKD",
         "choices": ("forward", "reverse", "jsd")})
@@ -130,8 +148,9 @@ class TrainConfig:
         "help": "adpa (released code): weight w of the advantage term; unset: 1.6", "panel": "Objective: ADPA"})
     tvkd_alpha: float = field(default=0.7, metadata={
         "help": "tvkd: weight alpha of the teacher's value shaping psi in the token reward", "panel": "Objective: TVKD"})
-    tvkd_beta: float = field(default=2.0, metadata={
-        "help": "tvkd: which stored soft-value beta to use (one of the store's --betas)", "panel": "Objective: TVKD"})
+    tvkd_beta: float | None = field(default=None, metadata={
+        "help": "tvkd: which stored soft-value beta to use (one of the store's --betas); unset: the store's beta "
+                "when it holds one (the paper's best, 2, is in --recipe tvkd)", "panel": "Objective: TVKD"})
     tvkd_beta_s: float = field(default=1.0, metadata={
         "help": "tvkd: beta_s, the weight of the student's log-prob in the token reward", "panel": "Objective: TVKD"})
     tvkd_gamma: float = field(default=1.0, metadata={
@@ -185,6 +204,11 @@ class TrainConfig:
     dist_timeout_s: int = field(default=1800, metadata={
         "help": "seconds a collective may wait before the job fails (a lost or hung rank)", "panel": "Distributed"})
 
+    def __post_init__(self) -> None:
+        if isinstance(self.store, str):  # one store, as before several were possible
+            self.store = [self.store] if self.store else []
+        self.store = list(self.store)
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):  # every option with a fixed set of values
             allowed = f.metadata.get("choices")
@@ -195,6 +219,7 @@ class TrainConfig:
             raise ValueError("no student model: pass --model DIR (a local HF directory)")
         if not self.store:
             raise ValueError("no store: pass --store URL (from `kdcache precompute`)")
+        check_stores(self)
         if self.batch_groups < 1 or self.grad_accum < 1:
             raise ValueError("--batch-groups and --grad-accum must be >= 1")
         checks = [
@@ -221,9 +246,22 @@ class TrainConfig:
         if self.load_in_4bit and self.lora_r == 0:
             raise ValueError("--load-in-4bit trains LoRA adapters on a 4-bit base: also pass --lora-r (e.g. 16)")
         check_variant_weights(self)
+        check_cross_tokenizer(self)
         from .report import check_available, parse_report_to
 
         check_available(parse_report_to(self.report_to))  # one line naming what to install
+
+    @staticmethod
+    def upgrade_keys(values: dict) -> dict:
+        """A config file's keys from older versions, in today's names (`tensorboard: true`,
+        written before --report-to, is `report_to: [tensorboard]`)."""
+        values = dict(values)
+        if values.get("tensorboard") is not None:
+            if values.pop("tensorboard") and "report_to" not in values:
+                values["report_to"] = ["tensorboard"]
+        else:
+            values.pop("tensorboard", None)
+        return values
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -254,30 +292,54 @@ def check_variant_weights(cfg: TrainConfig) -> None:
             )
 
 
-def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
-    """Layers, lowest first: the recipe (named by the file or a flag), the config file, then
-    explicit overrides (CLI flags the user actually set)."""
-    values: dict = {}
-    if path:
-        from kdcache import plainyaml  # no aliases, bounded depth: a config is plain data
+def check_cross_tokenizer(cfg: TrainConfig) -> None:
+    """What --cross-tokenizer can combine with (METHODS §5; the rest is checked in
+    train/xtok/setup.py once the store and the student are known)."""
+    if cfg.cross_tokenizer == "off":
+        return
+    if cfg.objective in ("kd", "dckd") and cfg.cross_tokenizer == "map" and cfg.kd_mode != "tail":
+        raise ValueError("--cross-tokenizer map distils in tail mode (the unmapped teacher mass is "
+                         "the tail bucket, METHODS §5): add --kd-mode tail")
+    if cfg.cross_tokenizer == "uld" and cfg.objective == "adpa":
+        raise ValueError("--cross-tokenizer uld has no vocabulary map, and adpa's advantages are "
+                         "per teacher id: use --cross-tokenizer map with --objective adpa")
+    if cfg.dckd_reference_code:
+        raise ValueError("--dckd-reference-code is not offered with --cross-tokenizer: use the "
+                         "paper form (--dckd-alpha)")
 
-        try:
-            loaded = plainyaml.load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not a plain YAML config ({str(e).splitlines()[0][:200]})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must be a YAML mapping of TrainConfig fields")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("tensorboard") is not None:  # configs written before --report-to
-        if values.pop("tensorboard") and "report_to" not in values:
-            values["report_to"] = ["tensorboard"]
-    values = with_recipe(values)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown config keys {unknown}: valid keys are the TrainConfig fields "
-            f"({', '.join(sorted(known))})"
-        )
-    return TrainConfig(**values)
+
+# objectives whose teacher terms an ensemble weighs (METHODS §4); the others are refused
+ENSEMBLE_OBJECTIVES = ("kd", "dckd", "adpa", "tvkd")
+
+
+def check_stores(cfg: TrainConfig) -> None:
+    """Several stores (METHODS §4): weights match and make sense; an ensemble has a teacher term."""
+    n = len(cfg.store)
+    if cfg.store_weights and len(cfg.store_weights) != n:
+        raise ValueError(f"--store-weights has {len(cfg.store_weights)} weights for {n} --store: give one "
+                         f"weight per store, in the order of the --store flags")
+    if any(not w >= 0 for w in cfg.store_weights) or (cfg.store_weights and sum(cfg.store_weights) <= 0):
+        raise ValueError(f"--store-weights {','.join(map(str, cfg.store_weights))}: weights must be >= 0 "
+                         f"with a positive sum (they are normalised to sum 1)")
+    if n > 1 and cfg.cross_tokenizer != "off":
+        raise ValueError("--cross-tokenizer with several --store is not supported yet: train from one store, "
+                         "or use stores scored with the student's tokenizer")
+    if cfg.ensemble and n < 2:
+        raise ValueError("--ensemble needs at least two --store (one per teacher, over the same examples)")
+    if cfg.ensemble and cfg.objective not in ENSEMBLE_OBJECTIVES:
+        why = ("one reference per pair is the point of this loss" if cfg.objective in ("dpo", "pbsd")
+               else "it has no per-teacher term to weigh")
+        raise ValueError(f"--ensemble with objective {cfg.objective!r}: {why}; ensemble "
+                         f"{', '.join(ENSEMBLE_OBJECTIVES)}, or mix the stores (drop --ensemble)")
+
+
+def store_weights(cfg: TrainConfig, sizes: list[int]) -> tuple[float, ...]:
+    """Normalised weights, one per store (sizes: each store's groups, for the mixing default)."""
+    if cfg.store_weights:
+        raw = [float(w) for w in cfg.store_weights]
+    elif cfg.ensemble:
+        raw = [1.0] * len(cfg.store)
+    else:
+        raw = [float(n) for n in sizes]
+    total = sum(raw)
+    return tuple(w / total for w in raw) if total > 0 else tuple(1.0 / len(raw) for _ in raw)

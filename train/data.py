@@ -44,16 +44,26 @@ def check_blocks(objective: str, block_ids: list[int]) -> None:
 
 def next_batches(groups: Iterator[list[dict]], cfg: TrainConfig, pad_id: int,
                  betas: tuple[float, ...], device: torch.device,
-                 vocab: int | None = None) -> tuple[list[SeqBatch], int]:
+                 vocab: int | None = None, translate=None, teacher_weights: tuple[float, ...] = (),
+                 teacher_betas: list[tuple[float, ...]] | None = None) -> tuple[list[SeqBatch], int]:
     """The `grad_accum` micro-batches of one step (each `batch_groups` groups), on `device`,
     and their response-token count (counted on the host: no device sync). `vocab`: the ids
-    the store's teachers scored (`SeqBatch.vocab`)."""
+    the store's teachers scored (`SeqBatch.vocab`). `translate`: a student with another
+    tokenizer (train/xtok): each record is re-tokenized and aligned here, before collate.
+    `teacher_weights` / `teacher_betas`: an ensemble's weights and each store's β list
+    (groups from `teachers.EnsembleGroups`)."""
     batches, tokens = [], 0
     for _ in range(cfg.grad_accum):
         records, block_ids = select_records(cfg.objective, [next(groups) for _ in range(cfg.batch_groups)])
         check_blocks(cfg.objective, block_ids)
+        if translate is not None:
+            records = [translate(r) for r in records]
         batch = collate(records, pad_id=pad_id, packed=cfg.packing)
         batch.block_ids, batch.betas, batch.vocab = block_ids, betas, vocab
+        batch.own_topk = 0 if translate is None else translate.own_topk
+        if batch.teachers:
+            batch.teacher_weights = tuple(teacher_weights)
+            batch.teacher_betas = list(teacher_betas or [betas] * len(batch.teachers))
         tokens += batch.num_tokens
         batches.append(batch.to(device))
     return batches, tokens

@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -109,16 +108,6 @@ def setup(cfg: TrainConfig) -> Dist:
 def teardown(d: Dist) -> None:
     if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def seed_rank(d: Dist, seed: int) -> None:
-    """Give ranks > 0 their own RNG stream (dropout must differ across ranks); rank 0 keeps
-    the single-process stream. Called after the model is built: DDP copies rank 0's weights."""
-    if d.rank == 0:
-        return
-    from .checkpoint import set_seed
-
-    set_seed(int(np.random.SeedSequence([seed, d.rank]).generate_state(1)[0]))
 
 
 # --------------------------------------------------------------------------- data agreement

@@ -1,12 +1,20 @@
 """`kdcache eval`: how well a student learned the preference, measured on an eval store.
 
-- reward accuracy (Meng et al. 2024, the ADPA paper's metric): the fraction of pairs whose
-  chosen response gets a higher *average* token log-prob than the rejected one;
-- student-vs-teacher KL on the stored top-K (renormalised forward KL per token), where the
-  store holds teacher fields;
-- a rule reward on the student's own samples, where a reward is given: for the demo's
-  binary rule this is the rule-judged preference rate; with it, the fraction of samples
-  that end with EOS (`eos_rate`).
+- `reward_accuracy` (Meng et al. 2024, the ADPA paper's metric): the fraction of the store's
+  chosen/rejected pairs in which the student gives the chosen response the higher *mean*
+  token log-prob (no reward model: the student's own likelihoods rank the pair);
+- `kl_topk`, where the store holds the teacher's top-K: per response token of chosen and
+  rejected, Σ_k p_k (log p_k − log q_k), with p the teacher's distribution renormalised over
+  its stored top-K ids and q the student's full-vocabulary probabilities of those ids; the
+  mean over tokens, in nats (0: the student gives the teacher's top-K the teacher's mass);
+- with `--reward`, a reward on the student's own samples (`reward_mean`: for the demo's
+  binary rule, the rule-judged preference rate) and the fraction of samples that end with the
+  tokenizer's EOS within --max-new-tokens (`eos_rate`; `eos_token` names it).
+
+A reward is called as `fn(prompt_text, response_text, None) -> float`: `prompt_text` is the
+stored prompt's ids decoded with special tokens skipped (with a chat template its markers go,
+the role names stay: "user\nsort 3 1 2\nassistant\n"), `response_text` the sample up to its EOS,
+decoded the same way, and the third argument (a training row in TGPO rewards) is None.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ class EvalConfig:
         "help": "eval store with chosen/rejected pairs (from `kdcache precompute` on held-out data)",
         "panel": "Essentials"})
     reward: str | None = field(default=None, metadata={
-        "help": "rule reward on samples: module:function (a module.py in the current directory "
-                "works) or built in: sort_rule, numeric_exact_match; unset: no sampling",
+        "help": "reward on samples, called fn(prompt_text, response_text, None) -> float (prompt decoded "
+                "without special tokens): module:function (a module.py in the current directory works) or "
+                "built in: sort_rule, numeric_exact_match; unset: no sampling",
         "panel": "Essentials"})
     samples: int = field(default=4, metadata={
         "help": "samples per prompt for the rule reward", "panel": "Sampling"})
@@ -48,6 +57,10 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed", "panel": "Sampling"})
     chunk_size: int = field(default=1024, metadata={
         "help": "positions per lm_head chunk when scoring", "panel": "Execution"})
+    cross_tokenizer: bool = field(default=False, metadata={
+        "help": "a student with another tokenizer than the store's: re-tokenize the text and align "
+                "(METHODS §5; KL top-K then covers aligned positions, on the mapped ids); default off",
+        "panel": "Essentials"})
     out: str | None = field(default=None, metadata={
         "help": "directory for eval.json and eval.csv; unset: the run directory (runs/x for "
                 "--model runs/x/model), else the model directory", "panel": "Essentials"})
@@ -57,7 +70,7 @@ class EvalConfig:
                 "results directory used (its report.json: the same W&B run)", "panel": "Essentials"})
 
 
-def _load(model_dir: str, store, device):
+def _load(model_dir: str, store, device, cross_tokenizer: bool = False):
     """Tokenizer, then the vocabulary check (the store's ids must mean the same tokens to the
     student, as `train` checks), then the weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,12 +82,12 @@ def _load(model_dir: str, store, device):
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise fail(e) from e
-    vocab = store.meta.scored_vocab
+    vocab = len(tok) if cross_tokenizer else store.meta.scored_vocab
     if vocab is not None and vocab != len(tok):
         raise ValueError(
             f"teacher vocab {vocab} != student vocab {len(tok)} ({model_dir}): the store's ids "
-            f"would mean other tokens to this student; evaluate a student that shares the "
-            f"teachers' tokenizer, on a store precomputed with it")
+            f"would mean other tokens to this student; pass --cross-tokenizer to align the two "
+            f"tokenizers, or evaluate a student that shares the teachers' tokenizer")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:  # *.bin: weights_only
@@ -134,7 +147,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from kdcache.store import open_store
 
-    from . import losses as L
+    from . import losses
     from .rewards import resolve_reward
     if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_groups < 0:
         raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
@@ -142,8 +155,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     store = open_store(cfg.store)
-    model, tok = _load(cfg.model, store, device)
+    model, tok = _load(cfg.model, store, device, cfg.cross_tokenizer)
     pad_id = tok.pad_token_id or 0
+    xtok = None
+    if cfg.cross_tokenizer:  # every record in the student's tokens (train/xtok)
+        from types import SimpleNamespace
+
+        from .xtok.setup import prepare, xtok_cache_dir
+
+        xtok = prepare(SimpleNamespace(cross_tokenizer="map", objective="kd"), store, tok,
+                       xtok_cache_dir(), cfg.store)
     pairs, prompts, n_groups = [], [], 0
     for group in store.groups():
         if cfg.max_groups and n_groups >= cfg.max_groups:
@@ -151,14 +172,17 @@ def evaluate(cfg: EvalConfig) -> dict:
         n_groups += 1
         chosen = next((r for r in group if r["role"] == "chosen"), None)
         rejected = next((r for r in group if r["role"] == "rejected"), None)
+        if xtok is not None:
+            chosen, rejected = (None if r is None else xtok(r) for r in (chosen, rejected))
         if chosen is not None and rejected is not None:
             pairs.append((chosen, rejected))
-        prompts.append(group[0])
+        prompts.append(group[0] if xtok is None else xtok(group[0]))
     result: dict = {"groups": n_groups}
     has_topk = "topk_logprobs" in store.fields and "topk_ids" in store.fields
 
     wins, kl_sum, kl_tokens = 0, 0.0, 0
-    vocab = store.meta.scored_vocab  # the student normalises over the ids the teachers scored
+    # the student normalises over the ids the teachers scored (its own, across tokenizers)
+    vocab = len(tok) if xtok is not None else store.meta.scored_vocab
     for i in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[i : i + cfg.batch_size]
         records = [c for c, _ in chunk] + [r for _, r in chunk]
@@ -167,14 +191,23 @@ def evaluate(cfg: EvalConfig) -> dict:
         n = len(chunk)
         wins += int((avg[:n] > avg[n:]).sum())
         if has_topk:
-            kl = L.kd_per_token(out.topk_logprobs, batch.stored["topk_logprobs"])
-            kl_sum += float((kl * batch.mask).sum())
-            kl_tokens += int(batch.mask.sum())
+            mask = batch.mask
+            s_topk = out.topk_logprobs
+            if xtok is not None:  # aligned positions with a mapped id, on the mapped ids
+                from .xtok.translate import student_topk
+
+                s_topk = student_topk(s_topk, batch.stored)
+                mask = mask & batch.stored["xtok_slots"].bool().any(-1)
+            kl = losses.kd_per_token(s_topk, batch.stored["topk_logprobs"])
+            kl_sum += float((kl * mask).sum())
+            kl_tokens += int(mask.sum())
     if pairs:
         result["reward_accuracy"] = wins / len(pairs)
         result["pairs"] = len(pairs)
     if kl_tokens:
         result["kl_topk"] = kl_sum / kl_tokens
+    if xtok is not None:
+        result.update(xtok.stats.summary())
 
     if fn is not None:
         prompt_ids = [list(map(int, r["prompt_ids"])) for r in prompts]
@@ -185,8 +218,10 @@ def evaluate(cfg: EvalConfig) -> dict:
             prompt_text = tok.decode(rec["prompt_ids"], skip_special_tokens=True)
             scores.append(float(fn(prompt_text, tok.decode(resp, skip_special_tokens=True), None)))
         result["reward_mean"] = sum(scores) / max(1, len(scores))
+        result["reward"] = cfg.reward  # names the column in `kdcache plot --table`
         # a student that stops stopping (e.g. ADPA drifting onto tail tokens) shows here first
         result["eos_rate"] = ended / max(1, len(scores))
+        result["eos_token"] = tok.convert_ids_to_tokens(tok.eos_token_id)
         result["samples"] = len(scores)
     return result
 

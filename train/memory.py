@@ -71,7 +71,7 @@ from torch.utils._pytree import tree_flatten
 from .chunked import has_data
 from .config import TrainConfig
 from .data import next_batches
-from .objectives import OBJECTIVE_SPECS
+from .objectives import OBJECTIVE_SPECS, objective_fields
 from .optim import make_optimizer, make_scheduler
 from .step import Precision, train_step
 from .student import prepare_student, weights_dtype
@@ -209,6 +209,7 @@ class Switch:
     peak_gib: float
     needed_gib: float
     fits: bool
+    changes: dict = field(default_factory=dict)  # the TrainConfig fields it sets (auto-fit)
 
 
 @dataclass
@@ -234,9 +235,18 @@ class MemoryEstimate:
     config: dict = field(default_factory=dict)  # the memory-relevant settings estimated
     switches: list[Switch] = field(default_factory=list)
     seconds: float = 0.0
+    # what the trainer runs instead when the step does not fit as configured (a smaller
+    # micro-batch, more accumulation: the same optimizer step), and why none, when none
+    auto_fit: Switch | None = None
+    auto_fit_note: str = ""
+
+    @property
+    def runs(self) -> bool:
+        """Whether `kdcache train` runs this config on the card: as configured or auto-fitted."""
+        return self.fits or (self.auto_fit is not None and self.auto_fit.fits)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "runs": self.runs}
 
     def format(self) -> str:
         b = self.breakdown_gib
@@ -253,6 +263,12 @@ class MemoryEstimate:
             f"{FRAGMENTATION:.0%} fragmentation) = {self.needed_gib:.2f} GiB needed of {self.gpu_gib:.2f} GiB: "
             + ("FITS" if self.fits else "DOES NOT FIT"),
         ]
+        if self.auto_fit is not None:
+            a = self.auto_fit
+            lines.append(f"  auto-fit: the trainer runs it as {a.flags} (the same optimizer step): peak "
+                         f"{a.peak_gib:.2f}, needed {a.needed_gib:.2f} GiB: FITS (--no-auto-fit refuses instead)")
+        elif self.auto_fit_note:
+            lines.append(f"  auto-fit: {self.auto_fit_note}")
         if self.switches:
             lines.append("  switches (each alone; '+' lines stack on the ones above):")
             for s in self.switches:
@@ -280,14 +296,15 @@ def allowance(peak: int) -> int:
 
 # ----------------------------------------------------------------------------- the step
 def synthetic_groups(cfg: TrainConfig, seq_len: int, prompt_len: int, k: int, vocab: int,
-                     betas: Sequence[float], per_block: Sequence[int] = ()) -> list[dict]:
+                     betas: Sequence[float], per_block: Sequence[int] = (), teachers: int = 1) -> list[dict]:
     """One group holding `per_block[b]` records (default 1) for block b of the objective,
     each `seq_len` tokens (`prompt_len` of prompt), with exactly the fields the trainer reads
     for it. Values are valid (ids in range, log-probs < 0) but meaningless: memory depends on
-    shapes only."""
+    shapes only. `teachers` > 1: an ensemble whose teachers' top-K ids are all different, so
+    the union index is the worst case, teachers x K wide."""
     spec = OBJECTIVE_SPECS[cfg.objective]
     T = seq_len - prompt_len
-    fields = set(spec.fields) | ({"ref_token_logprob"} if cfg.objective == "tvkd" and cfg.tvkd_maxent else set())
+    fields = set(objective_fields(cfg))
     values = {"topk_ids": (np.arange(T * k).reshape(T, k) % vocab).astype(np.int32),
               "topk_logprobs": np.full((T, k), -3.0, np.float32),
               "ref_topk_logprobs": np.full((T, k), -3.5, np.float32),
@@ -301,6 +318,10 @@ def synthetic_groups(cfg: TrainConfig, seq_len: int, prompt_len: int, k: int, vo
                    "response_ids": (np.arange(T) % vocab).astype(np.int32),
                    "teacher_prompt_ids": None, "is_terminal": True, "reward": float(i % 2)}
             rec.update({f: values.get(f, np.full(T, -1.0, np.float32)) for f in fields})
+            if teachers > 1:
+                rec["teachers"] = [{**{f: rec[f] for f in fields}, **(
+                    {"topk_ids": ((rec["topk_ids"] + j * k) % vocab).astype(np.int32)} if "topk_ids" in fields else {})}
+                    for j in range(teachers)]
             group.append(rec)
     return group
 
@@ -314,6 +335,8 @@ def fake_batches(mode, batches) -> list:
                 if isinstance(v := getattr(b, f.name), torch.Tensor)}
         fb = dataclasses.replace(b, **conv)
         fb.stored = {k: mode.from_tensor(v) for k, v in b.stored.items()}
+        fb.teachers = [{k: mode.from_tensor(v) for k, v in t.items()} for t in b.teachers]
+        fb.teacher_pos = [mode.from_tensor(p) for p in b.teacher_pos]
         out.append(fb)
     return out
 
@@ -323,6 +346,7 @@ def batch_tensors(batches) -> list[torch.Tensor]:
     for b in batches:
         out += [v for f in dataclasses.fields(b) if isinstance(v := getattr(b, f.name), torch.Tensor)]
         out += list(b.stored.values())
+        out += [v for t in b.teachers[1:] for v in t.values()] + list(b.teacher_pos)  # teachers[0] is stored
     return out
 
 
@@ -432,7 +456,7 @@ def cuda_choices(cfg: TrainConfig) -> tuple[Precision, torch.dtype]:
 
 def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: int,
              per_block: Sequence[int] = (), betas: Sequence[float] = (1.0,),
-             make_opt: Callable | None = None) -> dict:
+             make_opt: Callable | None = None, teachers: int = 1) -> dict:
     """One steady-state step of cfg on fake tensors, as CUDA would run it. Loads no weights.
     `make_opt(params)` replaces the trainer's optimizer (benchmarks compare others)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -442,13 +466,20 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
         raise ValueError("the memory estimate does not model --load-in-4bit (bitsandbytes 4-bit base)")
     if cfg.objective == "tgpo":  # module docstring: the same rollouts and gather, under the kd loss
         cfg = dataclasses.replace(cfg, objective="kd")
+    # micro-batches 4..N of a step repeat the third (the accumulated gradients, one micro-batch's
+    # activations, the running metric sums: the 2nd differs from the 3rd by one 512-byte block
+    # of them); only their inputs, all collated before the step, add up (tests/test_memory_autofit.py)
+    extra_inputs = max(0, cfg.grad_accum - 3)
+    cfg = _variant(cfg, grad_accum=min(cfg.grad_accum, 3))
     precision, wdtype = cuda_choices(cfg)
-    if cfg.objective == "tvkd":
+    if cfg.objective == "tvkd":  # unset: the store's only beta (train.trainer.resolve_tvkd_beta)
+        cfg = cfg if cfg.tvkd_beta is not None else _variant(cfg, tvkd_beta=float(betas[0]))
         betas = tuple(sorted({*betas, cfg.tvkd_beta}))
     vocab = hf_config.vocab_size
-    group = synthetic_groups(cfg, seq_len, prompt_len, k, vocab, betas, per_block)
+    group = synthetic_groups(cfg, seq_len, prompt_len, k, vocab, betas, per_block, teachers)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
-    real = next_batches(itertools.repeat(group), cfg, 0, tuple(betas), torch.device("cpu"))[0]
+    real = next_batches(itertools.repeat(group), cfg, 0, tuple(betas), torch.device("cpu"),
+                        teacher_weights=(1.0 / teachers,) * teachers)[0]
     batches = fake_batches(mode, real)
     tracker = StorageTracker()
     threads = torch.get_num_threads()
@@ -467,8 +498,19 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
             res = measure_step(model, cfg, batches, precision, make_opt, tracker)
     finally:
         torch.set_num_threads(threads)
+    if extra_inputs:
+        one = extra_inputs * _storage_bytes(batch_tensors(batches[-1:]))
+        res["peak"] += one
+        res["breakdown"]["inputs"] += one
+        res["phases"] = {p: v + one for p, v in res["phases"].items()}
     res["sequences"] = len(batches[0].roles)
     return res
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the unique storages of `tensors`, in the allocator's 512-byte blocks."""
+    seen = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(-(-int(n) // BLOCK) * BLOCK for n in seen.values())
 
 
 def fake_weights_(model: torch.nn.Module) -> None:
@@ -538,9 +580,9 @@ def memory_settings(cfg: TrainConfig) -> dict:
 
 
 # TrainConfig fields that cannot change a step's memory (every other one is in the cache key)
-NOT_MEMORY = {"model", "store", "out", "store_root", "seed", "lr", "weight_decay", "warmup_steps",
+NOT_MEMORY = {"model", "store", "store_weights", "out", "store_root", "seed", "lr", "weight_decay", "warmup_steps",
               "max_steps", "epochs", "log_every", "save_every", "resume", "report_to", "run_name", "wandb_project", "progress",
-              "fit_check", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
+              "fit_check", "auto_fit", "estimate_memory", "gpu_memory", "require_fit", "estimate_seq_len"}
 
 
 def _cache_key(cfg: TrainConfig, hf_config, shape: dict) -> str:
@@ -617,17 +659,22 @@ def _apply(cfg: TrainConfig, seq_len: int, changes: dict) -> tuple[TrainConfig, 
 
 
 def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, prompt_len: int | None = None,
-                    k: int = 50, per_block: Sequence[int] = (), gpu_bytes: int | None = None,
+                    k: int = 50, per_block: Sequence[int] = (), teachers: int = 1, gpu_bytes: int | None = None,
                     suggest: bool = True, stop_at_fit: bool = False, cache: bool = True,
+                    auto_fit: bool = False, uniform_groups: bool = True,
                     progress: Callable[[str], None] | None = None) -> MemoryEstimate:
-    """The peak memory of one training step of cfg on a CUDA GPU of `gpu_bytes`, and (when it
-    does not fit and `suggest`) the switches that would make it fit, each estimated.
+    """The peak memory of one training step of cfg on a CUDA GPU of `gpu_bytes`; when it does
+    not fit, with `auto_fit`, the micro-batch split the trainer would run instead
+    (`est.auto_fit`, or `est.auto_fit_note` saying why none), and, when that does not make it
+    fit either and `suggest`, the switches that would, each estimated.
 
     `hf_config`: the student's transformers config (default: read from cfg.model).
     `seq_len`/`prompt_len`: tokens per sequence (every sequence of the micro-batch is this
     long: the worst case); `k`: stored top-K; `per_block`: records per role block of a group
-    of an unpaired objective (e.g. the G rollouts of a TGPO group; default 1 each). `progress(msg)` hears of
-    each simulation before it runs (each takes seconds to a minute on one core)."""
+    of an unpaired objective (e.g. the G rollouts of a TGPO group; default 1 each);
+    `teachers`: an ensemble's stores (their union index taken as teachers x K wide);
+    `uniform_groups`: every group gives each block the same number of records (`store_shape`).
+    `progress(msg)` hears of each simulation before it runs (seconds to minutes on one core)."""
     hf_config = hf_config if hf_config is not None else model_config(cfg)
     gpu = gpu_bytes or DEFAULT_GPU
     prompt_len = prompt_len if prompt_len is not None else max(1, seq_len // 8)
@@ -636,7 +683,8 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
 
     def one(c: TrainConfig, s: int) -> dict:
         p = min(prompt_len, s // 2) if s != seq_len else prompt_len
-        return run(c, hf_config, seq_len=s, prompt_len=max(1, p), k=k, per_block=tuple(per_block))
+        shape = dict(seq_len=s, prompt_len=max(1, p), k=k, per_block=tuple(per_block))
+        return run(c, hf_config, **shape, **({"teachers": teachers} if teachers > 1 else {}))
 
     if progress:
         progress("simulating the step as configured")
@@ -650,11 +698,64 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
         largest_gib=r["largest"] / GIB, largest_where=r["largest_where"],
         phase_gib={p: v / GIB for p, v in r["phases"].items()},
         allowance_gib=allowance(r["peak"]) / GIB, needed_gib=need / GIB, gpu_gib=gpu / GIB,
-        fits=need <= gpu, config=memory_settings(cfg))
-    if not est.fits and suggest:
+        fits=need <= gpu, config={**memory_settings(cfg), **({"teachers": teachers} if teachers > 1 else {})})
+    if not est.fits and auto_fit:
+        est.auto_fit_note = split_blocker(cfg, uniform_groups)
+        if not est.auto_fit_note:
+            est.auto_fit = _largest_split(cfg, seq_len, one, gpu, progress)
+            if est.auto_fit is None:
+                est.auto_fit_note = "no smaller micro-batch fits either (--batch-groups 1 included)"
+    if not est.runs and suggest:
         est.switches = _try_switches(cfg, seq_len, one, gpu, stop_at_fit, progress)
     est.seconds = time.perf_counter() - t0
     return est
+
+
+def same_step_splits(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """(batch_groups, grad_accum) of every smaller micro-batch that takes the same groups per
+    optimizer step as cfg (an exact divisor of --batch-groups), largest micro-batch first."""
+    b = cfg.batch_groups
+    return [(d, cfg.grad_accum * (b // d)) for d in range(b - 1, 0, -1) if b % d == 0]
+
+
+def split_blocker(cfg: TrainConfig, uniform_groups: bool = True) -> str:
+    """Why a smaller micro-batch would change the optimizer step's math ("" when it would not).
+
+    `train_step` averages the micro-batches' losses, and every paper-form loss is a mean of
+    per-sequence (or per-pair, per-prompt) terms over the micro-batch; split into equal parts,
+    the mean of the parts' means is the whole batch's mean: the same gradient, up to float
+    summation order. Equal parts need every group to supply the same records; a token mean
+    over the micro-batch (the released-code variants) would weight tokens differently."""
+    if cfg.batch_groups <= 1:
+        return "the micro-batch is already one group (--batch-groups 1)"
+    if (cfg.objective == "dckd" and cfg.dckd_reference_code) or (cfg.objective == "adpa" and cfg.adpa_reference_code):
+        return (f"{cfg.objective}'s released-code loss is a token mean over the micro-batch, so a smaller "
+                "micro-batch would weight tokens differently: only suggested below")
+    if not uniform_groups:
+        return ("the store's groups give the objective unequal numbers of records, so a smaller micro-batch "
+                "would weight them differently: only suggested below")
+    return ""
+
+
+def _largest_split(cfg: TrainConfig, seq_len: int, one: Callable, gpu: int,
+                   progress: Callable[[str], None] | None) -> Switch | None:
+    """The largest same-step micro-batch that fits, by bisection over `same_step_splits`
+    (a smaller micro-batch never needs more memory): log2(#splits) simulations."""
+    splits = same_step_splits(cfg)
+    lo, hi, best = 0, len(splits) - 1, None  # find the first (largest) index that fits
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        b, a = splits[mid]
+        if progress:
+            progress(f"simulating --batch-groups {b} --grad-accum {a}")
+        r = one(_variant(cfg, batch_groups=b, grad_accum=a), seq_len)
+        need = r["peak"] + allowance(r["peak"])
+        if need <= gpu:
+            best, hi = Switch("same step, smaller micro-batch", f"--batch-groups {b} --grad-accum {a}",
+                              r["peak"] / GIB, need / GIB, True, {"batch_groups": b, "grad_accum": a}), mid - 1
+        else:
+            lo = mid + 1
+    return best
 
 
 def _try_switches(cfg: TrainConfig, seq_len: int, one: Callable, gpu: int, stop_at_fit: bool,
@@ -691,10 +792,22 @@ def _try_switches(cfg: TrainConfig, seq_len: int, one: Callable, gpu: int, stop_
 # ----------------------------------------------------------------------------- the trainer's hook
 def store_shape(store, cfg: TrainConfig) -> dict:
     """seq_len / prompt_len / k / per_block of the worst micro-batch the store can produce:
-    its longest record, its largest role block per group (read from the records tables only)."""
+    its longest record, its largest role block per group (read from the records tables only),
+    and `uniform`: whether every group gives each block of the objective the same number of
+    records (then a smaller micro-batch keeps the step's math: `split_blocker`).
+    Several stores (a list): the worst of each, and for --ensemble `teachers` = their number
+    (the union index J x K wide); a mixture's groups come from one store each."""
+    if isinstance(store, list | tuple):
+        shapes = [store_shape(s, cfg) for s in store]
+        worst = max(shapes, key=lambda x: x["seq_len"])
+        return {**worst, "k": max(x["k"] for x in shapes),
+                "per_block": tuple(max(x["per_block"][b] for x in shapes) for b in range(len(worst["per_block"]))),
+                "uniform": all(x["uniform"] for x in shapes) and len({x["per_block"] for x in shapes}) == 1,
+                "teachers": len(store) if cfg.ensemble else 1}
     longest, prompt = 0, 1
     spec = OBJECTIVE_SPECS[cfg.objective]
     per_block = [1] * len(spec.blocks)
+    layouts: set[tuple[int, ...]] = set()  # records per block, per group
     n = len(store.shards)
     picked = range(n) if n <= MAX_SHARDS_READ else np.linspace(0, n - 1, MAX_SHARDS_READ).astype(int)
     if n > MAX_SHARDS_READ:
@@ -707,18 +820,22 @@ def store_shape(store, cfg: TrainConfig) -> dict:
         j = int(np.argmax(total))
         if int(total[j]) > longest:
             longest, prompt = int(total[j]), int(plens[j])
-        if not spec.paired:
-            counts: dict = {}
-            for e, r in zip(shard.column("example_id"), shard.column("role"), strict=True):
-                for b, rs in enumerate(spec.blocks):
-                    if r in rs:
-                        counts[(e, b)] = counts.get((e, b), 0) + 1
-                        break
-            for (_, b), n in counts.items():
-                per_block[b] = max(per_block[b], n)
+        counts: dict = {}
+        for e, r in zip(shard.column("example_id"), shard.column("role"), strict=True):
+            c = counts.setdefault(e, [0] * len(spec.blocks))
+            for b, rs in enumerate(spec.blocks):
+                if r in rs:
+                    c[b] += 1
+                    break
+        for c in counts.values():
+            # a paired objective takes one record per block, and skips a group missing one
+            layouts.add(tuple(min(x, 1) for x in c) if spec.paired else tuple(c))
+            if not spec.paired:
+                per_block = [max(p, x) for p, x in zip(per_block, c, strict=True)]
     seq = cfg.estimate_seq_len or longest or 2048
     return {"seq_len": seq, "prompt_len": max(1, min(prompt, seq - 1)) if longest else max(1, seq // 8),
-            "k": int(store.meta.k or 1), "per_block": tuple(per_block), "betas": tuple(store.meta.betas or (1.0,))}
+            "k": int(store.meta.k or 1), "per_block": tuple(per_block), "betas": tuple(store.meta.betas or (1.0,)),
+            "uniform": len(layouts) <= 1, "teachers": 1}
 
 
 def detected_gpu_bytes(cfg: TrainConfig) -> int | None:
@@ -731,23 +848,28 @@ def detected_gpu_bytes(cfg: TrainConfig) -> int | None:
 
 
 def fit_or_fail(cfg: TrainConfig, store) -> TrainConfig:
-    """The trainer's up-front check on CUDA (before any weight is loaded).
+    """The trainer's up-front check on CUDA (before any weight is loaded); returns the config
+    to run.
 
-    Rule (one or two simulations of seconds to a minute each, cached on disk per settings,
-    model config and store shape, so a resumed or repeated run pays nothing):
+    Rule (a few simulations of seconds to minutes each, cached on disk per settings, model
+    config and store shape, so a resumed or repeated run pays nothing):
     - simulate the step as configured, with grad checkpointing ON if it was left on auto;
     - auto and it fits with room to spare (needed < half the GPU): simulate it OFF too and
       keep it off if that fits (checkpointing costs ~30% more compute);
-    - it does not fit: stop with the estimate and the switches tried in order of preference
-      (alone, then stacked) up to the first that fits, so no run OOMs after loading weights."""
+    - it does not fit: with --auto-fit (the default) run the same optimizer step as smaller
+      micro-batches with more accumulation, the largest that fits, and say so in one line;
+      when none fits (or the split would change the math, or --no-auto-fit): stop with the
+      estimate and the switches tried in order of preference (alone, then stacked) up to the
+      first that fits, so no run OOMs after loading weights. Switches that change what is
+      trained (shorter sequences, another optimizer, LoRA) are only ever suggested."""
     gpu = detected_gpu_bytes(cfg)
     hf_config = model_config(cfg)
     shape = store_shape(store, cfg)
     kw = dict(seq_len=shape["seq_len"], prompt_len=shape["prompt_len"], k=shape["k"],
-              per_block=shape["per_block"], gpu_bytes=gpu)
+              per_block=shape["per_block"], teachers=shape["teachers"], gpu_bytes=gpu)
     auto_gc = cfg.grad_checkpointing is None
     c = _variant(cfg, grad_checkpointing=True) if auto_gc else cfg
-    est = estimate_memory(c, hf_config, suggest=False, **kw)
+    est = estimate_memory(c, hf_config, suggest=False, auto_fit=cfg.auto_fit, uniform_groups=shape["uniform"], **kw)
     if est.fits and auto_gc and est.needed_gib < est.gpu_gib / 2:
         off = estimate_memory(_variant(cfg, grad_checkpointing=False), hf_config, suggest=False, **kw)
         if off.fits:
@@ -756,7 +878,15 @@ def fit_or_fail(cfg: TrainConfig, store) -> TrainConfig:
         log.info("memory: step peak %.2f GiB + %.2f allowance of %.2f GiB (grad checkpointing %s)",
                  est.peak_gib, est.allowance_gib, est.gpu_gib, "on" if c.grad_checkpointing else "off")
         return c
-    est = estimate_memory(c, hf_config, suggest=True, stop_at_fit=True, **kw)
+    if est.auto_fit is not None:
+        a = est.auto_fit
+        log.warning("memory: --batch-groups %d --grad-accum %d needs %.2f GiB of %.2f; running %s instead, the "
+                    "same optimizer step of %d groups (%.2f GiB; --no-auto-fit refuses instead)",
+                    c.batch_groups, c.grad_accum, est.needed_gib, est.gpu_gib, a.flags,
+                    c.batch_groups * c.grad_accum, a.needed_gib)
+        return _variant(c, **a.changes)
+    est = estimate_memory(c, hf_config, suggest=True, stop_at_fit=True, auto_fit=cfg.auto_fit,
+                          uniform_groups=shape["uniform"], **kw)
     raise ValueError("this training step does not fit the GPU; nothing was loaded.\n" + est.format()
                      + "\nuse a setting marked FITS (or pass --no-fit-check to try anyway)")
 
@@ -766,13 +896,16 @@ def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = 
     if not cfg.model:
         raise ValueError("--estimate-memory needs --model DIR (a local HF directory; its config.json is enough)")
     dataclasses.replace(cfg, store=cfg.store or "-").validate()
-    shape = {"seq_len": cfg.estimate_seq_len or 2048, "prompt_len": None, "k": 50, "per_block": ()}
+    shape = {"seq_len": cfg.estimate_seq_len or 2048, "prompt_len": None, "k": 50, "per_block": (),
+             "uniform_groups": True, "teachers": 1}
     if cfg.store:
         from kdcache.store import open_store
 
-        s = store_shape(open_store(cfg.store, root=cfg.store_root), cfg)
-        shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block")})
+        stores = [open_store(u, root=cfg.store_root) for u in cfg.store]
+        s = store_shape(stores if len(stores) > 1 else stores[0], cfg)
+        shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block", "teachers")},
+                     uniform_groups=s["uniform"])
     gpu = detected_gpu_bytes(cfg) or DEFAULT_GPU
     if cfg.grad_checkpointing is None:  # auto: the estimate shows what the trainer would start with
         cfg = _variant(cfg, grad_checkpointing=True)
-    return estimate_memory(cfg, model_config(cfg), gpu_bytes=gpu, progress=progress, **shape)
+    return estimate_memory(cfg, model_config(cfg), gpu_bytes=gpu, progress=progress, auto_fit=cfg.auto_fit, **shape)

@@ -5,31 +5,13 @@ from __future__ import annotations
 
 import sys
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from kdcache.progress import progress_bar
 
 
 class StepProgress:
     def __init__(self, total: int, start: int = 0, desc: str = "") -> None:
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-            disable=not sys.stderr.isatty(),
-            console=Console(stderr=True),
-        )
+        self._progress = progress_bar("{task.description}", "{task.fields[tps]:,.0f} tok/s",
+                                      "loss {task.fields[loss]:.4f}", enabled=sys.stderr.isatty())
         self._progress.start()
         self._task = self._progress.add_task(desc, total=total, completed=start, loss=float("nan"), tps=0.0)
 

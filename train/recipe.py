@@ -29,24 +29,24 @@ RECIPE_HELP = (
 )
 
 
-def recipe_values(name: str) -> dict:
-    """The TrainConfig values of recipe `name`; unknown names and keys are refused."""
-    from .config import TrainConfig  # config imports this module for its help text
-
+def recipe_values(name: str, config_cls: type | None = None) -> dict:
+    """The config values of recipe `name`; unknown names are refused, and keys that are not
+    fields of `config_cls` (TrainConfig; passed in, as config.py imports this module for
+    its help text)."""
     names = available_recipes()
     if name not in names:
         raise ValueError(f"unknown recipe {name!r}: available recipes are {', '.join(names)}")
     values = yaml.safe_load((_dir() / f"{name}.yaml").read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"recipe {name}: expected a YAML mapping of TrainConfig fields")
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"recipe"}
+    known = {f.name for f in dataclasses.fields(config_cls)} - {"recipe"} if config_cls else set(values)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"recipe {name}: unknown keys {unknown}; valid keys are the TrainConfig fields")
     return values
 
 
-def with_recipe(values: dict) -> dict:
+def with_recipe(values: dict, config_cls: type) -> dict:
     """`values` (config file + flags) over the values of the recipe they name, if any."""
     name = values.get("recipe")
-    return {**recipe_values(name), **values} if name else dict(values)
+    return {**recipe_values(name, config_cls), **values} if name else dict(values)

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .batch import SeqBatch
 from .config import TrainConfig
 from .distributed import StudentForward
-from .objectives import OBJECTIVE_SPECS
+from .objectives import objective_loss
 from .student import student_forward
 
 
@@ -53,7 +53,7 @@ def forward_loss(model, batch: SeqBatch, cfg: TrainConfig, step: int,
         # __call__, where gradient sync is set up: it takes the batch itself
         wrapped = isinstance(model, (DistributedDataParallel, StudentForward))
         student = model(batch) if wrapped else student_forward(model, batch, cfg.chunk_size)
-    return OBJECTIVE_SPECS[cfg.objective].loss(student, batch, cfg, step)
+    return objective_loss(cfg.objective, batch)(student, batch, cfg, step)
 
 
 def train_step(model, optimizer, scheduler, params: Sequence[torch.Tensor],

@@ -16,12 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .batch import SeqBatch, scatter_rows
 from .chunked import gather_logprobs
 from .config import TrainConfig
+from .xtok.student_topk import student_topk_ids
 
 
 @dataclass
 class StudentOut:
     token_logprobs: torch.Tensor  # [S, T] log π_θ(y_t|s_t)
     topk_logprobs: torch.Tensor | None  # [S, T, K] log π_θ(topk_ids|s_t), full-vocab normalised
+    own_topk_logprobs: torch.Tensor | None = None  # [S, T, K'] the student's K' largest (ULD)
 
 
 def weights_dtype(cfg: TrainConfig, device: torch.device | str) -> torch.dtype:
@@ -113,7 +115,12 @@ def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:
     if batch.vocab is not None and batch.vocab < weight.shape[0]:  # padded rows: no token
         weight, bias = weight[: batch.vocab], None if bias is None else bias[: batch.vocab]
     rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)
-    gathered = gather_logprobs(rows_h, weight, batch.index, chunk_size=chunk_size, bias=bias)
+    index, own = batch.index, batch.own_topk
+    if own:  # ULD: the student's own top ids, found chunk by chunk without gradient
+        index = torch.cat([index, student_topk_ids(rows_h, weight, bias, own, chunk_size)], dim=1)
+    gathered = gather_logprobs(rows_h, weight, index, chunk_size=chunk_size, bias=bias)
     gathered = scatter_rows(gathered, batch.mask, batch.mask_pos)  # [S, T, M]
+    own_lp = gathered[..., -own:] if own else None
+    gathered = gathered[..., : gathered.shape[-1] - own]
     topk = gathered[..., 1:] if gathered.shape[-1] > 1 else None
-    return StudentOut(token_logprobs=gathered[..., 0], topk_logprobs=topk)
+    return StudentOut(token_logprobs=gathered[..., 0], topk_logprobs=topk, own_topk_logprobs=own_lp)

@@ -43,6 +43,36 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     return fast
 
 
+# A student tokenizer that splits the demo's text differently (METHODS §5 demo rows): BPE
+# over characters, spaces included, with merges that glue " 2" and "1 2" and " : ", and no
+# whole words, so some of its tokens span other text than the word-level teacher's.
+SPLIT_MERGES = [(" ", "2"), ("1", " 2"), (" ", ":"), (" :", " ")]
+SPLIT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}\n{% endif %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}</s>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_split_tokenizer(merges: list[tuple[str, str]] | None = None) -> PreTrainedTokenizerFast:
+    """Character BPE (ids 0..5 the same special tokens as `build_tokenizer`) with `merges`."""
+    merges = SPLIT_MERGES if merges is None else merges
+    chars = [str(d) for d in range(10)] + list("abcdefghijklmnopqrstuvwxyz") + list(" :=?.,!\n")
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for t in chars + [a + b for a, b in merges]:
+        vocab.setdefault(t, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = SPLIT_CHAT_TEMPLATE
+    return fast
+
+
 def build_model(
     vocab_size: int,
     arch: str = "llama",

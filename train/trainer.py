@@ -25,7 +25,7 @@ import torch
 
 from kdcache.store import StreamReader, open_store
 
-from . import distributed as D
+from . import distributed
 from .checkpoint import (
     LAST,
     MODEL,
@@ -38,17 +38,21 @@ from .checkpoint import (
     read_dcp_metadata,
     save_checkpoint,
     save_sharded_checkpoint,
+    seed_rank,
     set_rng_state,
     set_seed,
     truncate_metrics,
 )
-from .config import TrainConfig
+from .config import TrainConfig, store_weights
 from .data import group_stream, next_batches
-from .objectives import OBJECTIVE_SPECS
+from .objectives import OBJECTIVE_SPECS, objective_fields
 from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
 from .student import base_causal_lm, load_student
+from .teachers import EnsembleGroups, MixedGroups, check_layout
+from .xtok.setup import prepare as prepare_xtok
+from .xtok.setup import xtok_cache_dir
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -64,36 +68,81 @@ class TrainResult:
     rank: int = 0  # under torchrun only rank 0 reports (the CLI prints nothing on other ranks)
 
 
-def _check_fields(cfg: TrainConfig, store) -> None:
+def resolve_stores(cfg: TrainConfig) -> list:
+    """Every --store (URL, path, or content key under --store-root), in order."""
+    return [open_store(u, root=cfg.store_root) for u in cfg.store]
+
+
+def resolve_tvkd_beta(cfg: TrainConfig, store, url: str | None = None) -> TrainConfig:
+    """TVKD reads one β column of the stored soft values: --tvkd-beta, or, unset, the store's
+    only β (said in one line); refused, naming the store's betas, when it cannot be found."""
+    if cfg.objective != "tvkd":
+        return cfg
+    betas = [float(b) for b in (store.meta.betas or ())]
+    if cfg.tvkd_beta is None:
+        if len(betas) != 1:
+            raise ValueError(f"store {url or cfg.store[0]!r} holds soft values at betas {betas}: pick one with --tvkd-beta")
+        log.info("tvkd: beta %g, the store's only soft-value beta (--tvkd-beta picks another store's)", betas[0])
+        return dataclasses.replace(cfg, tvkd_beta=betas[0])
+    if not any(abs(b - cfg.tvkd_beta) < 1e-9 for b in betas):
+        raise ValueError(
+            f"--tvkd-beta {cfg.tvkd_beta} is not among the store's soft-value betas "
+            f"{betas}" + (f" (store {url!r})" if url else "") + ": pick one of those, leave it unset for a store of one beta, or precompute with --betas"
+        )
+    return cfg
+
+
+def _check_fields(cfg: TrainConfig, store, url: str | None = None) -> None:
     """Up front, before the reader opens: the objective's fields are stored."""
-    spec = OBJECTIVE_SPECS[cfg.objective]
-    missing = [f for f in spec.fields if f not in store.fields]
+    missing = [f for f in objective_fields(cfg) if f not in store.fields]
     if missing:
         raise ValueError(
             f"objective {cfg.objective!r} needs stored fields {missing}, which store "
-            f"{cfg.store!r} lacks: re-run `kdcache precompute` with a teacher"
+            f"{url or cfg.store[0]!r} lacks: re-run `kdcache precompute` with a teacher"
             + (" and a --reference" if any(f.startswith("ref_") for f in missing) else "")
         )
 
 
-def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int) -> None:
-    """Once the student is loaded: it reads the same ids as the store's teacher."""
-    store_vocab = store.meta.scored_vocab
+def _check_several(cfg: TrainConfig, stores: list) -> None:
+    """Several --store (METHODS §4), before the reader opens: one tokenizer for all; mixed
+    groups collate together (one K, one β list); ensemble stores hold the same sequences."""
+    first, url0 = stores[0], cfg.store[0]
+    sha0 = (first.meta.tokenizer or {}).get("sha256") if isinstance(first.meta.tokenizer, dict) else None
+    for s, url in zip(stores[1:], cfg.store[1:], strict=True):
+        sha = (s.meta.tokenizer or {}).get("sha256") if isinstance(s.meta.tokenizer, dict) else None
+        if (sha0 and sha and sha != sha0) or s.meta.scored_vocab != first.meta.scored_vocab:
+            raise ValueError(f"store {url!r} was scored with another tokenizer than {url0!r}: every --store must "
+                             f"share the student's tokenizer; precompute {url!r} with a teacher of the student's "
+                             f"family (or train on the stores separately)")
+        if cfg.ensemble:
+            continue
+        if "topk_ids" in OBJECTIVE_SPECS[cfg.objective].fields and s.meta.k != first.meta.k:
+            raise ValueError(f"store {url!r} holds top-{s.meta.k} and {url0!r} top-{first.meta.k}: mixed stores "
+                             f"share one K (their groups share micro-batches); precompute {url!r} with --k "
+                             f"{first.meta.k}, or pass --ensemble if they score the same examples")
+        if cfg.objective == "tvkd" and tuple(s.meta.betas) != tuple(first.meta.betas):
+            raise ValueError(f"store {url!r} holds soft values at betas {list(s.meta.betas)} and {url0!r} at "
+                             f"{list(first.meta.betas)}: mixed stores share one β list; precompute {url!r} with "
+                             f"--betas {','.join(map(str, first.meta.betas))}")
+    if cfg.ensemble:
+        check_layout(stores, cfg.store)
+
+
+def _check_store(cfg: TrainConfig, store, tokenizer, head_rows: int, xtok=None, url: str | None = None) -> None:
+    """Once the student is loaded: it reads the same ids as the store's teacher (or, with
+    --cross-tokenizer, its own ids, translated by `xtok`; train/xtok/setup.py)."""
+    store_vocab = len(tokenizer) if xtok is not None else store.meta.scored_vocab
     if store_vocab is not None and store_vocab != len(tokenizer):
         raise ValueError(
-            f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}: the store's ids "
-            f"would mean other tokens to this student; use a student that shares the teachers' "
-            f"tokenizer (same model family)"
+            f"teacher vocab {store_vocab} != student vocab {len(tokenizer)}"
+            + (f" (store {url!r})" if url else "") + ": the store's ids "
+            "would mean other tokens to this student; pass --cross-tokenizer map (or uld) to "
+            "align the two tokenizers, or use a student that shares the teachers' tokenizer"
         )
     if store_vocab is not None and store_vocab > head_rows:
         raise ValueError(
             f"teacher vocab {store_vocab} > student output rows {head_rows}: the student's "
             f"lm_head cannot score every stored id; resize its embeddings or pick another student"
-        )
-    if cfg.objective == "tvkd" and not any(abs(b - cfg.tvkd_beta) < 1e-9 for b in store.meta.betas):
-        raise ValueError(
-            f"--tvkd-beta {cfg.tvkd_beta} is not among the store's soft-value betas "
-            f"{list(store.meta.betas)}: pick one of those or precompute with --betas"
         )
 
 
@@ -120,49 +169,68 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
     what it wrote, so a failed command leaves nothing behind. Under torchrun every rank calls
     this; an error on one rank makes the others fail promptly, naming it (PeerFailure)."""
     cfg.validate()
-    d = D.setup(cfg)
+    d = distributed.setup(cfg)
     try:
-        with D.rank_logging(d):
+        with distributed.rank_logging(d):
             return _train(dataclasses.replace(cfg, world_size=d.world_size), d, stop_after)
     except BaseException as e:
         out = Path(cfg.out)
         hint = (f"{out / LAST} is intact: run the same command again to resume from it"
                 if has_checkpoint(out) else "no checkpoint was written: run the command again")
-        failure = D.explain_failure(d, e, hint)
+        failure = distributed.explain_failure(d, e, hint)
         if failure is not None:
             raise failure from e
         raise
     finally:
-        D.teardown(d)
+        distributed.teardown(d)
 
 
-def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
+def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> TrainResult:
     out = Path(cfg.out)
     resuming = cfg.resume and has_checkpoint(out)
     if resuming:
-        check_same_run(cfg, out)
+        cfg = check_same_run(cfg, out)
         if cfg.fsdp:  # refuse a damaged or hostile DCP checkpoint before any weight loads
             read_dcp_metadata(out / LAST / "dcp")
-    store = open_store(cfg.store, root=cfg.store_root)
+    stores = resolve_stores(cfg)
+    store = stores[0]
+    several = len(stores) > 1
+    if several and d.enabled:
+        raise ValueError("several --store under torchrun are not supported yet: train with several stores "
+                         "in one process (without torchrun)")
+    for s, url in zip(stores, cfg.store, strict=True):  # unset: the first store's only beta, in every store
+        cfg = resolve_tvkd_beta(cfg, s, url if several else None)
     budget = None
     if d.enabled:  # every rank takes the same number of groups from each epoch
-        budget = D.epoch_budget(store, list(OBJECTIVE_SPECS[cfg.objective].fields), cfg.seed, d.world_size)
-        D.check_budget(store, cfg.store, budget, d.world_size)
-    total = total_steps(cfg, store.num_groups, budget)
+        budget = distributed.epoch_budget(store, list(objective_fields(cfg)), cfg.seed, d.world_size)
+        distributed.check_budget(store, cfg.store[0], budget, d.world_size)
+    # an epoch of a mixture is as many groups as all its stores hold (with the default
+    # weights, one pass over each store in expectation); of an ensemble, one store's
+    n_groups = sum(s.num_groups for s in stores) if several and not cfg.ensemble else store.num_groups
+    total = total_steps(cfg, n_groups, budget)
     state = load_state(out) if resuming else None
-    D.agree(d, "the step count and the resume step", total=total, start=state["step"] if state else 0)
+    distributed.agree(d, "the step count and the resume step", total=total, start=state["step"] if state else 0)
     if state is not None:
         if state["step"] >= total and (out / MODEL).exists():  # finished: nothing to do
             return TrainResult(str(out), state["step"], state["tokens"], float(state.get("seconds", 0.0)),
                                float(state.get("loss", float("nan"))), d.rank)
-    _check_fields(cfg, store)
+    for s, url in zip(stores, cfg.store, strict=True):
+        _check_fields(cfg, s, url)
+    if several:
+        _check_several(cfg, stores)
     # the reader at its (restored) position; the first group is read while the student loads
-    reader = StreamReader(store, fields=list(OBJECTIVE_SPECS[cfg.objective].fields), shuffle=True,
-                          seed=cfg.seed, rank=d.rank, world_size=d.world_size)
+    readers = [StreamReader(s, fields=list(objective_fields(cfg)), shuffle=True,
+                            seed=cfg.seed, rank=d.rank, world_size=d.world_size) for s in stores]
+    reader = readers[0]
+    if several:  # one position for all: the mixture's sampler, or the ensemble's lockstep
+        weights = store_weights(cfg, [s.num_groups for s in stores])
+        reader = EnsembleGroups(readers, cfg.store) if cfg.ensemble else MixedGroups(readers, weights, cfg.seed)
+        log.info("%s of %d stores, weights %s", "ensemble" if cfg.ensemble else "mixture", len(stores),
+                 ", ".join(f"{w:.3f}" for w in weights))
     if state is not None:
-        reader.load_state_dict(D.rank_reader_state(d, state))
+        reader.load_state_dict(distributed.rank_reader_state(d, state))
     start = state["step"] if state else 0
-    groups = group_stream(reader, budget)
+    groups = reader if several else group_stream(reader, budget)
     if start < total and (stop_after is None or start < stop_after):  # a step will take it
         groups = FirstAhead(groups)
     set_seed(cfg.seed)
@@ -171,20 +239,29 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
     if device.type == "cuda" and cfg.fit_check and not cfg.fsdp:
         from .memory import fit_or_fail
 
-        cfg = fit_or_fail(cfg, store)
+        cfg = fit_or_fail(cfg, stores if several else store)
     if resuming and not cfg.fsdp:  # under FSDP the weights are in last/dcp, loaded after sharding
         model, tokenizer = _load_resumed(cfg, device)
     else:
         model, tokenizer = load_student(cfg, device)
-    _check_store(cfg, store, tokenizer, base_causal_lm(model).get_output_embeddings().weight.shape[0])
+    head_rows = base_causal_lm(model).get_output_embeddings().weight.shape[0]
+    xtok = None
+    for s, url in zip(stores, cfg.store, strict=True):  # several stores: --cross-tokenizer is off (config)
+        xtok = prepare_xtok(cfg, s, tokenizer, xtok_cache_dir(), url)
+        _check_store(cfg, s, tokenizer, head_rows, xtok, url if several else None)
+    if d.main and cfg.lora_r > 0:
+        params = list(model.parameters())
+        n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        log.info("LoRA r=%d on %s: %s trainable parameters of %s (%.2f%%); model/ gets the merged weights",
+                 cfg.lora_r, ",".join(cfg.lora_targets), f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(n_all, 1))
     if d.main:
         per_rank = cfg.batch_groups * cfg.grad_accum
         log.info("effective batch: %d groups per optimizer step = %d per micro-batch x %d micro-batches "
                  "x %d process(es); %d steps", per_rank * d.world_size, cfg.batch_groups, cfg.grad_accum,
                  d.world_size, total)
-        if budget is not None and D.skipped_share(store, budget, d.world_size) > 0:
+        if budget is not None and distributed.skipped_share(store, budget, d.world_size) > 0:
             log.info("each rank takes %d groups per epoch (the least any rank holds): %.1f%% of the "
-                     "store's groups sit out epoch 0", budget(0), 100 * D.skipped_share(store, budget, d.world_size))
+                     "store's groups sit out epoch 0", budget(0), 100 * distributed.skipped_share(store, budget, d.world_size))
 
     created = not out.exists()
     try:
@@ -201,8 +278,8 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
             reporter = open_reporter(parse_report_to(cfg.report_to), out, cfg.to_dict(), store,
                                      resuming, cfg.run_name, cfg.wandb_project)
         try:
-            return _loop(cfg, out, store, reader, groups, model, tokenizer, device, total, state,
-                         stop_after, d, reporter)
+            return _loop(cfg, out, stores, reader, groups, model, tokenizer, device, total, state,
+                         stop_after, d, reporter, xtok)
         finally:
             if reporter is not None:
                 reporter.close()
@@ -212,11 +289,11 @@ def _train(cfg: TrainConfig, d: D.Dist, stop_after: int | None) -> TrainResult:
         raise
 
 
-def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iterator[list[dict]],
+def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[list[dict]],
           model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
-          d: D.Dist, reporter=None) -> TrainResult:
+          d: distributed.Dist, reporter=None, xtok=None) -> TrainResult:
     precision = Precision.for_run(cfg, device)
-    step_model = D.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
+    step_model = distributed.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
     optimizer = make_optimizer(cfg, params)
     scheduler = make_scheduler(cfg, optimizer, total)
@@ -229,7 +306,7 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        D.restore_rank_state(d, state)  # RNG on ranks > 0 (the reader was restored in _train)
+        distributed.restore_rank_state(d, state)  # RNG on ranks > 0 (the reader was restored in _train)
         if d.main:
             set_rng_state(state["rng"])
         step, tokens, prior_s = state["step"], state["tokens"], float(state.get("seconds", 0.0))
@@ -238,13 +315,20 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
             truncate_metrics(metrics_path, step)
         log.info("resumed %s at step %d", out / LAST, step)
     else:
-        D.seed_rank(d, cfg.seed)
+        seed_rank(d, cfg.seed)
         if d.main and metrics_path.exists():
             metrics_path.unlink()
 
     pad_id = tokenizer.pad_token_id or 0
+    store = stores[0]
     betas = tuple(store.meta.betas)
     vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
+    if xtok is not None:  # the student's own ids (train/xtok)
+        vocab = len(tokenizer)
+    ensemble = {}
+    if cfg.ensemble:
+        ensemble = {"teacher_weights": store_weights(cfg, [s.num_groups for s in stores]),
+                    "teacher_betas": [tuple(s.meta.betas) for s in stores]}
     model.train()
     t0, tokens0, saved_at = time.perf_counter(), tokens, step
     metrics: dict[str, torch.Tensor] = {}
@@ -252,8 +336,8 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
 
     def checkpoint() -> None:
         nonlocal tokens, pending
-        tokens, pending = tokens + D.sum_int(d, pending), 0
-        ranks = D.rank_states(d, reader) if d.enabled else None
+        tokens, pending = tokens + distributed.sum_int(d, pending), 0
+        ranks = distributed.rank_states(d, reader) if d.enabled else None
         seconds = prior_s + time.perf_counter() - t0
         if cfg.fsdp:
             save_sharded_checkpoint(out, d, step_model, tokenizer, optimizer, scheduler, reader, step,
@@ -262,21 +346,25 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
         if d.main:
             save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
                             seconds, last_loss, ranks)
-        D.barrier(d)  # nobody goes on before the checkpoint is complete
+        distributed.barrier(d)  # nobody goes on before the checkpoint is complete
 
     while step < total and (stop_after is None or step < stop_after):
-        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab)
+        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab, xtok, **ensemble)
         metrics = train_step(step_model, optimizer, scheduler, params, batches, cfg, step, precision)
         step += 1
         pending += step_tokens  # this rank's; summed over ranks when logged or saved
         if step % cfg.log_every == 0 or step == total:
-            row, new = D.reduce_metrics(d, metrics, pending)  # the one device sync per log row
+            row, new = distributed.reduce_metrics(d, metrics, pending)  # the one device sync per log row
             tokens, pending = tokens + new, 0
             last_loss = row["loss"]
             elapsed = time.perf_counter() - t0
             row_tps = (tokens - tokens0) / max(elapsed, 1e-9)
             row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                    "tokens_per_s": row_tps, **row}
+            if xtok is not None:  # so far in this process (METHODS §5 report)
+                row["aligned_fraction"] = xtok.stats.aligned_fraction
+                if xtok.stats.topk_mass > 0:  # none with ULD: no map
+                    row["mapped_topk_mass"] = xtok.stats.mapped_mass_fraction
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -289,11 +377,17 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
             saved_at = step
     if progress is not None:
         progress.close()
+    if xtok is not None and d.main:
+        mass = xtok.stats.mapped_mass_fraction
+        log.info("cross-tokenizer (%s): %.1f%% of student tokens aligned%s", cfg.cross_tokenizer,
+                 100 * xtok.stats.aligned_fraction,
+                 "" if mass != mass else f", {100 * mass:.1f}% of the teacher's top-K mass at aligned "
+                 "positions maps")
     if metrics:
-        last_loss = D.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
-    tokens, pending = tokens + D.sum_int(d, pending), 0
+        last_loss = distributed.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
+    tokens, pending = tokens + distributed.sum_int(d, pending), 0
     # rank 0 decides (its view of out/ is the one that counts when --out is not shared)
-    if D.sum_int(d, int(saved_at != step or not has_checkpoint(out)) if d.main else 0):
+    if distributed.sum_int(d, int(saved_at != step or not has_checkpoint(out)) if d.main else 0):
         checkpoint()
     seconds = prior_s + time.perf_counter() - t0
     if step >= total:
@@ -301,7 +395,7 @@ def _loop(cfg: TrainConfig, out: Path, store, reader: StreamReader, groups: Iter
             export_sharded(out, d, step_model, model, tokenizer)
         elif d.main:
             export_model(out, model, tokenizer)
-        D.barrier(d)
+        distributed.barrier(d)
     return TrainResult(str(out), step, tokens, seconds, last_loss, d.rank)
 
 

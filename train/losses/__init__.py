@@ -6,11 +6,13 @@ from ._common import LossOutput
 from .adpa import adpa_loss, advantage_error, exact_advantage, paper_advantage
 from .dckd import dckd_loss
 from .dpo import dpo_loss
+from .ensemble import ensemble_loss, mix_teachers
 from .pbsd import pbsd_loss
 from .sft import seqkd_loss, sft_loss
 from .tgpo import group_advantages, grpo_loss, guidance_loss, guidance_weight, tgpo_loss
 from .topk_kd import kd_per_token, tail_logprob, topk_kd_loss
 from .tvkd import tvkd_loss, tvkd_rewards, tvkd_shaping
+from .uld import uld_loss, uld_per_token
 
 __all__ = [
     "LossOutput",
@@ -18,12 +20,14 @@ __all__ = [
     "advantage_error",
     "dckd_loss",
     "dpo_loss",
+    "ensemble_loss",
     "exact_advantage",
     "group_advantages",
     "grpo_loss",
     "guidance_loss",
     "guidance_weight",
     "kd_per_token",
+    "mix_teachers",
     "paper_advantage",
     "pbsd_loss",
     "seqkd_loss",
@@ -34,4 +38,6 @@ __all__ = [
     "tvkd_loss",
     "tvkd_rewards",
     "tvkd_shaping",
+    "uld_loss",
+    "uld_per_token",
 ]

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _released as rc
+from . import _released as released
 from ._common import LossOutput, check_mask, check_same, masked, seq_sum, token_mean
 
 FLOORS = ("reference", "dpo")
@@ -77,7 +77,7 @@ def paper_advantage(
     neg_inf = torch.tensor(float("-inf"), dtype=ref_lp.dtype, device=ref_lp.device)
     found = torch.where(match, ref_lp[..., None, :], neg_inf).amax(-1)  # ids are unique per row
     if floor == "dpo":
-        lo = math.log(rc.FLOOR)
+        lo = math.log(released.FLOOR)
         dpo_lp, found = dpo_lp.clamp(min=lo), found.clamp(min=lo)
         missing = dpo_lp.amin(-1, keepdim=True)  # max(min_k p_dpo, 1e-7), in log space
     else:
@@ -128,11 +128,11 @@ def adpa_loss(
     adv = masked(advantage.to(rollout_student_topk.dtype), rm)
     student = masked(rollout_student_topk, rm)
     if reference_code:
-        q = rc.buckets(student)  # [R, T̂, K+1]: clamped π_θ at the ids, then the clamped tail
-        target = rc.stabilize(torch.cat([adv, torch.zeros_like(adv[..., :1])], dim=-1))
+        q = released.buckets(student)  # [R, T̂, K+1]: clamped π_θ at the ids, then the clamped tail
+        target = released.stabilize(torch.cat([adv, torch.zeros_like(adv[..., :1])], dim=-1))
         per_token = masked((q * target).sum(-1), rm)
-        sft = rc.token_average(-sft_token_logprobs, sm)
-        term = rc.token_average(per_token, rm)
+        sft = released.token_average(-sft_token_logprobs, sm)
+        term = released.token_average(per_token, rm)
     else:
         # π_θ(a|ŝ_t) = exp(log-prob); the gradient flows through π_θ itself (Eq. 10 -> Eq. 12).
         per_token = masked((torch.exp(student) * adv).sum(-1), rm)  # [R, T̂]

@@ -22,17 +22,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _released as rc
+from . import _released as released
 from ._common import LossOutput, check_mask, check_same, masked, seq_sum, token_mean
 from .topk_kd import kd_per_token
 
 
 def released_kl(student_topk: Tensor, teacher_topk: Tensor) -> Tensor:
     """Per-token (K+1)-bucket forward KL of the released code, [..., K] -> [...]."""
-    p = rc.buckets(teacher_topk)
-    q = rc.buckets(student_topk)
+    p = released.buckets(teacher_topk)
+    q = released.buckets(student_topk)
     # the in-place floor `q[q < 1e-7] = 1e-7` of get_kl_loss: a constant, hence no gradient
-    q = torch.where(q < rc.FLOOR, torch.full_like(q, rc.FLOOR), q)
+    q = torch.where(q < released.FLOOR, torch.full_like(q, released.FLOOR), q)
     return (p * (p.log() - q.log())).sum(-1)
 
 
@@ -72,9 +72,9 @@ def dckd_loss(
     s_l, t_l = masked(rejected_student_topk, rm), masked(rejected_teacher_topk, rm)
     if reference_code:
         w_sft, w_w, w_l = weights
-        sft = rc.token_average(-chosen_token_logprobs, cm)
-        kd_w = rc.token_average(released_kl(s_w, t_w), cm)
-        kd_l = rc.token_average(released_kl(s_l, t_l), rm)
+        sft = released.token_average(-chosen_token_logprobs, cm)
+        kd_w = released.token_average(released_kl(s_w, t_w), cm)
+        kd_l = released.token_average(released_kl(s_l, t_l), rm)
         loss = w_sft * sft + w_w * kd_w + w_l * kd_l
     else:
         sft = seq_sum(-chosen_token_logprobs, cm).mean()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._common import LossOutput, check_mask, check_pairs, check_same, logsigmoid_loss, seq_sum
+from ._common import LossOutput
+from .dpo import dpo_loss
 
 
 def pbsd_loss(
@@ -28,12 +29,7 @@ def pbsd_loss(
 ) -> LossOutput:
     """pos_* [P, T+] on y+ and neg_* [P, T−] on y−: student token log-probs log π_θ(y_t|x, y_<t)
     (no context), stored teacher token log-probs log π_teach(y_t|x, c, y_<t), masks.
-    Metrics: `margin` (β-scaled), `accuracy`."""
-    pm = check_mask(pos_mask, pos_logprobs, "pos_mask")
-    nm = check_mask(neg_mask, neg_logprobs, "neg_mask")
-    check_pairs(pm, nm, "pbsd")
-    check_same("pos_teacher_logprobs", pos_teacher_logprobs, pos_logprobs.shape)
-    check_same("neg_teacher_logprobs", neg_teacher_logprobs, neg_logprobs.shape)
-    pos = seq_sum(pos_logprobs, pm) - seq_sum(pos_teacher_logprobs.to(pos_logprobs.dtype), pm)
-    neg = seq_sum(neg_logprobs, nm) - seq_sum(neg_teacher_logprobs.to(neg_logprobs.dtype), nm)
-    return logsigmoid_loss(beta * (pos - neg))
+    Metrics: `margin` (β-scaled), `accuracy`. It is `dpo_loss` with y+ as chosen, y− as
+    rejected and the teacher as the reference (the same operations, so the same bits)."""
+    return dpo_loss(pos_logprobs, pos_teacher_logprobs, pos_mask, neg_logprobs, neg_teacher_logprobs,
+                    neg_mask, beta=beta)
