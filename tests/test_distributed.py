@@ -27,7 +27,7 @@ from kdcache.train import distributed as D
 from kdcache.train.checkpoint import set_seed
 from kdcache.train.config import OBJECTIVES, TrainConfig
 from kdcache.train.data import group_stream, next_batches
-from kdcache.train.objectives import OBJECTIVE_SPECS
+from kdcache.train.objectives import objective_fields
 from kdcache.train.optim import make_optimizer, make_scheduler
 from kdcache.train.step import Precision, train_step
 from kdcache.train.student import load_student
@@ -162,8 +162,8 @@ def reference(cfg: TrainConfig, world: int = WORLD) -> dict[str, torch.Tensor]:
     cpu = torch.device("cpu")
     set_seed(cfg.seed)
     model, tok = load_student(cfg, cpu)
-    store = open_store(cfg.store)
-    fields = list(OBJECTIVE_SPECS[cfg.objective].fields)
+    store = open_store(cfg.store[0])  # TrainConfig.store is a list (several teachers)
+    fields = list(objective_fields(cfg))
 
     def budget(e):
         return min(len(StreamReader(store, fields=fields, seed=cfg.seed, epoch=e, rank=r, world_size=world))
