@@ -36,6 +36,8 @@ import json
 import os
 import platform
 import random
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +45,7 @@ import torch
 
 from kdcache.precompute.data import Sequence
 from kdcache.precompute.engine import Scorer, bucket_batches, score_sequences
+from kdcache.precompute.scoring import auto_chunk
 
 # dense bf16 peak (no sparsity), for MFU
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
@@ -53,6 +56,13 @@ LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                  max_position_embeddings=8192, rope_theta=500000.0)
 TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=256, vocab_size=4096, max_position_embeddings=2048)
+# Qwen2.5-0.5B's shape (q/k/v biases, 151,936 output rows): runs on CPU in minutes at a few
+# thousand tokens, and its head (~28 % of the forward FLOPs) shows the vocabulary work that a
+# 4k-vocabulary toy hides
+QWEN_0_5B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                 max_position_embeddings=4096, attention_bias=True)
+SHAPES = {"tiny": TINY, "llama8b": LLAMA3_8B, "qwen0.5b": QWEN_0_5B}
 
 
 def build(shape: dict, device: torch.device, dtype: torch.dtype, attn: str,
@@ -94,28 +104,34 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def timed(fn, batches, dev, repeat: int = 1) -> tuple[float, float]:
-    """Best of `repeat` passes over all batches (after a warm-up pass over the shortest and the
-    widest batch); peak memory (weights included) over the timed passes."""
+def warm_up(fn, batches, dev) -> None:
+    """Kernels for both ends of the length range, allocator."""
     for b in {id(batches[0]): batches[0], id(batches[-1]): batches[-1]}.values():
-        fn(b)  # warm-up: kernels for both ends of the length range, allocator
+        fn(b)
     sync(dev)
+
+
+def timed_pass(fn, batches, dev) -> tuple[float, float, float | None]:
+    """One pass over all batches: wall seconds, this process's CPU seconds, and peak memory
+    (weights included) on CUDA. On a CPU shared with other jobs the wall time swings with
+    their load; the CPU time of a one-thread run does not, so CPU runs compare CPU time."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    best = float("inf")
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        for b in batches:
-            fn(b)
-        sync(dev)
-        best = min(best, time.perf_counter() - t0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for b in batches:
+        fn(b)
+    sync(dev)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    return best, peak
+    return time.perf_counter() - t0, time.process_time() - c0, peak
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="model shape (default: tiny with --smoke, llama8b on CUDA); qwen0.5b "
+                         "runs on CPU (float32, --threads) or on CUDA (bf16)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU: intra-op threads (qwen0.5b)")
     ap.add_argument("--pipeline", action="store_true",
                     help="the whole precompute run: scorer time spent waiting on the writer")
     ap.add_argument("--rows", type=int, default=None, help="--pipeline: dataset rows")
@@ -152,10 +168,14 @@ def main() -> None:
         torch.set_num_threads(1)  # a tiny model on a shared box: one thread is steadier
         dev, dtype, shape = torch.device("cpu"), torch.float32, TINY
         tokens, lo, hi = args.tokens or 2048, args.min_len or 16, args.max_len or 256
+    elif args.shape == "qwen0.5b" and not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)
+        dev, dtype, shape = torch.device("cpu"), torch.float32, QWEN_0_5B
+        tokens, lo, hi = args.tokens or 1536, args.min_len or 64, args.max_len or 384
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run on a GPU box, or pass --smoke for the CPU check")
-        dev, dtype, shape = torch.device("cuda"), torch.bfloat16, LLAMA3_8B
+        dev, dtype, shape = torch.device("cuda"), torch.bfloat16, SHAPES[args.shape or "llama8b"]
         tokens, lo, hi = args.tokens or 16384, args.min_len or 128, args.max_len or 2048
         torch.backends.cuda.matmul.allow_tf32 = False  # the float32 head stays exact
 
@@ -176,9 +196,26 @@ def main() -> None:
     def ours(b):
         score_sequences(b, scorer, None, args.k, [1.0], 0, 2, args.chunk, packed=args.packed)
 
-    def bare_x2(b):  # the floor for two models: two decoder forwards
+    def bare_x2(b):  # two decoder forwards
         bare(b)
         ref_scorer.hidden_at_states([(s.prompt_ids, s.response_ids) for s in b], 0, args.packed)
+
+    # The floor of a scoring pass: the decoder AND the output head over the scored states
+    # (s_1..s_{T+1} of every response), as plain float32 matmuls in the same chunks as ours,
+    # the logits thrown away: no top-K, no log-softmax, no gather, no soft values.
+    chunk = args.chunk or auto_chunk(shape["vocab_size"])
+
+    def head_rows(sc, b):
+        h = sc.hidden_at_states([(s.prompt_ids, s.response_ids) for s in b], 0, args.packed)
+        for i in range(0, h.shape[0], chunk):
+            sc.head.logits(h[i:i + chunk])  # the float32 logits ours computes, no more
+
+    def floor(b):
+        head_rows(scorer, b)
+
+    def floor_x2(b):
+        head_rows(scorer, b)
+        head_rows(ref_scorer, b)
 
     def ours_teacher_ref(b):  # two models: every field, teacher and reference
         score_sequences(b, scorer, ref_scorer, args.k, [1.0], 0, 2, args.chunk,
@@ -204,21 +241,48 @@ def main() -> None:
             lp.logsumexp(-1)
 
     results = {}
-    methods = [("bare_forward", bare, 1), ("ours", ours, 1)]
+    methods = [("bare_forward", bare, 1), ("floor", floor, 1), ("ours", ours, 1)]
     if ref_scorer is not None:
-        methods += [("bare_forward_x2", bare_x2, 2), ("ours_teacher_ref", ours_teacher_ref, 2),
+        methods += [("bare_forward_x2", bare_x2, 2), ("floor_x2", floor_x2, 2),
+                    ("ours_teacher_ref", ours_teacher_ref, 2),
                     ("ours_same_model", ours_same_model, 1),
                     ("ours_seq_logprobs", ours_seq_logprobs, 1)]
     if not args.skip_naive:
         methods.append(("naive_full_logits", naive, 1))
     n_models = {name: m for name, _, m in methods}
+    runs: dict[str, list[float]] = {name: [] for name, _, _ in methods}
+    cpu_runs: dict[str, list[float]] = {name: [] for name, _, _ in methods}
     for name, fn, _ in methods:
         try:
-            secs, peak = timed(fn, batches, dev, args.repeat)
-            results[name] = {"seconds": secs, "tokens_per_s": n_tokens / secs, "peak_gib": peak}
+            warm_up(fn, batches, dev)
         except torch.OutOfMemoryError as e:
             results[name] = {"error": f"OOM: {str(e).splitlines()[0]}"}
             torch.cuda.empty_cache()
+    # repetitions alternate over the methods (rotating who goes first), so that a shared
+    # machine's load falls on all of them alike; the best pass of each is reported
+    live = [m for m in methods if m[0] not in results]
+    peaks: dict[str, float | None] = {}
+    for rep in range(max(1, args.repeat)):
+        for name, fn, _ in live[rep % len(live):] + live[:rep % len(live)]:
+            secs, cpu, peak = timed_pass(fn, batches, dev)
+            runs[name].append(secs)
+            cpu_runs[name].append(cpu)
+            peaks[name] = peak if peaks.get(name) is None else max(peaks[name], peak)
+            print(f"rep {rep} {name}: {n_tokens / secs:,.0f} tok/s wall, {n_tokens / cpu:,.0f} tok per "
+                  "CPU-s", file=sys.stderr, flush=True)
+    # CUDA: wall time (the GPU's). CPU: CPU time, robust to other jobs on a shared machine
+    # (median of the passes); tokens_per_s is then tokens per CPU-second of this process
+    use_cpu_time = dev.type == "cpu"
+    for name, _, _ in live:
+        secs = statistics.median(cpu_runs[name]) if use_cpu_time else min(runs[name])
+        results[name] = {"seconds": secs, "tokens_per_s": n_tokens / secs, "peak_gib": peaks[name],
+                         "passes_wall_s": runs[name], "passes_cpu_s": cpu_runs[name]}
+    ratios = {}
+    for ours_name, floor_name in (("ours", "floor"), ("ours_same_model", "floor"),
+                                  ("ours_seq_logprobs", "floor"), ("ours_teacher_ref", "floor_x2")):
+        if "tokens_per_s" in results.get(ours_name, {}) and "tokens_per_s" in results.get(floor_name, {}):
+            ratios[f"{ours_name}/{floor_name}"] = (results[ours_name]["tokens_per_s"]
+                                                   / results[floor_name]["tokens_per_s"])
 
     # numerics at scale: ours (float32 head) vs naive (the model's own bf16 logits), batch 0
     b0 = batches[0][:4]
@@ -230,17 +294,18 @@ def main() -> None:
         diff = (torch.from_numpy(recs[0]["topk_logprobs"]).to(dev)
                 - lp.topk(args.k, -1).values).abs().max().item()
 
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
-    peak_tf = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    peak_tf = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     fpt = flops_per_token(shape, avg_len)
-    for name, r in results.items():
-        r["models"] = n_models[name]
+    for method, r in results.items():
+        r["models"] = n_models[method]
         if "tokens_per_s" in r:  # useful work: one full forward per model of the method
-            r["achieved_tflops"] = r["tokens_per_s"] * fpt * n_models[name] / 1e12
+            r["achieved_tflops"] = r["tokens_per_s"] * fpt * n_models[method] / 1e12
             r["mfu"] = r["achieved_tflops"] / peak_tf if peak_tf else None
     out = {
-        "machine": {"device": name, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "platform": platform.platform()},
+        "machine": {"device": device, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "platform": platform.platform(), "threads": torch.get_num_threads(),
+                    "load_avg_at_end": os.getloadavg()},
         "model": {"shape": shape, "dtype": str(dtype), "attn": args.attn, "packed": args.packed,
                   "smoke": args.smoke},
         "workload": {"tokens": n_tokens, "sequences": len(seqs), "min_len": lo, "max_len": hi,
@@ -250,11 +315,16 @@ def main() -> None:
         # (2 x params incl. lm_head at every token + causal attention), so bare_forward (no
         # head) and ours (head only at scored positions) are not credited for skipped work.
         "flops_per_token": fpt, "peak_tflops": peak_tf, "repeat": args.repeat, "results": results,
-        "max_abs_diff_topk_logprobs_vs_model_logits": diff,
+        "timing": "median CPU time of the passes (tokens per CPU-second)" if dev.type == "cpu"
+                  else "best wall time of the passes",
+        "max_abs_diff_topk_logprobs_vs_model_logits": diff, "ratios_to_floor": ratios,
     }
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    stem = "precompute_smoke" if args.smoke else "precompute"
+    stem = "precompute_smoke" if args.smoke else (
+        "precompute" if args.shape in (None, "llama8b") else f"precompute_{args.shape}")
+    if args.shape == "qwen0.5b" and dev.type == "cpu":
+        stem += "_cpu"
     (outdir / f"{stem}.json").write_text(json.dumps(out, indent=1))
     (outdir / f"{stem}.md").write_text(render_md(out))
     print(render_md(out))
@@ -266,18 +336,20 @@ def render_md(o: dict) -> str:
         f"# Precompute benchmark{' (CPU smoke)' if o['model']['smoke'] else ''}",
         "",
         f"Machine: **{m['device']}**, {m['cpu_count']} CPUs, torch {m['torch']}, {m['platform']}",
-        f"Model: Llama-shaped random init, hidden {o['model']['shape']['hidden_size']}, "
+        f"Model: {'Qwen2 (q/k/v biases)' if o['model']['shape'].get('attention_bias') else 'Llama'}-shaped random init, hidden {o['model']['shape']['hidden_size']}, "
         f"{o['model']['shape']['num_hidden_layers']} layers, vocab {o['model']['shape']['vocab_size']}, "
         f"{o['model']['dtype']}, attn {o['model']['attn']}, packed {o['model']['packed']}",
         f"Workload: {w['tokens']} tokens in {w['sequences']} sequences of {w['min_len']}-{w['max_len']} "
         f"tokens, {w['batches']} batches of <= {w['batch_tokens']} padded tokens, K={w['k']}",
         "",
-        "Methods: bare_forward = decoder only (the floor); ours = teacher fields (top-K, token "
+        "Methods: bare_forward = decoder only; floor = decoder + the output head's matmul over "
+        "the scored states (the least a scoring pass must do); ours = teacher fields (top-K, token "
         "log-prob, soft value); *_x2 / ours_teacher_ref = teacher + a second model as reference; "
         "ours_same_model = teacher == reference (same fingerprint): ONE forward gives both; "
         "ours_seq_logprobs = a DPO store (ref_token_logprob only: no top-K, no soft values, one "
-        "forward); naive = full [B, T, V] logits. Compare ours_same_model and ours_seq_logprobs "
-        "with bare_forward, ours_teacher_ref with bare_forward_x2.",
+        "forward); naive = full [B, T, V] logits. Compare ours, ours_same_model and "
+        "ours_seq_logprobs with floor, ours_teacher_ref with floor_x2. Repetitions alternate "
+        f"over the methods; timing: {o.get('timing', 'best wall time of the passes')}.",
         "",
         "| method | models | tokens/s | peak GiB | TFLOP/s | MFU |",
         "|---|---:|---:|---:|---:|---:|",
@@ -293,6 +365,10 @@ def render_md(o: dict) -> str:
     lines += ["", f"Max |ours - log_softmax(model logits)| over top-K log-probs (batch 0): "
                   f"{o['max_abs_diff_topk_logprobs_vs_model_logits']:.3g} "
                   "(ours uses float32 head logits; the model's own logits are rounded to its dtype)", ""]
+    if o.get("ratios_to_floor"):
+        lines += ["| ratio to the floor (tokens/s) | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in o["ratios_to_floor"].items()]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -93,6 +93,9 @@ class Case:
     k: int  # KD: teacher top-K stored
     prompt: tuple[int, int] = (8, 24)  # words per prompt, min..max
     response: tuple[int, int] = (8, 48)
+    kv_heads: int | None = None  # None: as many as heads
+    intermediate: int | None = None  # None: tiny's default (4 x hidden)
+    tie: bool = False  # tied input/output embeddings
 
     def scaled(self, steps: int, rows: int) -> Case:
         return dataclasses.replace(self, steps=steps, rows=rows)
@@ -105,6 +108,11 @@ CASES = {
     "tiny": Case("tiny", words=0, hidden=256, layers=4, heads=4, rows=400, batch=8, steps=20, k=20),
     # a realistic vocabulary: 32k words (+6 specials), hidden 512; sized for minutes on 2 cores
     "32k": Case("32k", words=32000, hidden=512, layers=4, heads=8, rows=48, batch=8, steps=6, k=50),
+    # a real model's shape: Qwen2.5-0.5B (hidden 896, 24 layers, 14 / 2 heads, intermediate 4864,
+    # tied embeddings, 151,936 output rows; a Llama config, so no q/k/v biases), random init;
+    # small batches so one step takes seconds on 2 cores
+    "qwen0.5b": Case("qwen0.5b", words=151930, hidden=896, layers=24, heads=14, rows=10, batch=2,
+                     steps=5, k=50, kv_heads=2, intermediate=4864, tie=True),
 }
 SYSTEMS = ("kdcache", "trl-pre", "trl")
 
@@ -129,7 +137,8 @@ def prepare(case: Case, root: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     words = DEFAULT_WORDS if case.words == 0 else [f"w{i}" for i in range(case.words)]
     tok = build_tokenizer(words)
-    kw = dict(hidden=case.hidden, layers=case.layers, heads=case.heads, max_positions=512)
+    kw = dict(hidden=case.hidden, layers=case.layers, heads=case.heads, max_positions=512,
+              kv_heads=case.kv_heads, intermediate=case.intermediate, tie_embeddings=case.tie)
     for name, seed in (("ref", 0), ("teacher", 1)):  # ref: the DPO reference AND the students' init
         model = build_model(len(tok), seed=seed, **kw)
         model.save_pretrained(d / name)
@@ -285,7 +294,8 @@ def _load(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
-def trl_dpo(case: Case, d: Path, mode: str, steps: int, out: Path, clock: Clock, prof) -> dict:
+def trl_dpo(case: Case, d: Path, mode: str, steps: int, out: Path, clock: Clock, prof,
+            extra_callbacks: list | None = None) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -311,7 +321,7 @@ def trl_dpo(case: Case, d: Path, mode: str, steps: int, out: Path, clock: Clock,
     tok = AutoTokenizer.from_pretrained(str(d / "ref"))
     t = time.perf_counter()
     trainer = Trainer(model=_load(d / "ref"), args=args, train_dataset=ds, processing_class=tok,
-                      callbacks=[_trl_callback(clock, prof)])
+                      callbacks=[_trl_callback(clock, prof), *(extra_callbacks or [])])
     extra["setup_s"] = time.perf_counter() - t
     check_ids_dpo(trainer.train_dataset, order, str(d / "store-dpo"))
     trainer.train()
@@ -341,7 +351,8 @@ def _topk_examples(d: Path, order: list[str]) -> list[dict]:
     return out
 
 
-def trl_kd(case: Case, d: Path, mode: str, steps: int, out: Path, clock: Clock, prof) -> dict:
+def trl_kd(case: Case, d: Path, mode: str, steps: int, out: Path, clock: Clock, prof,
+           extra_callbacks: list | None = None) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -364,7 +375,7 @@ def trl_kd(case: Case, d: Path, mode: str, steps: int, out: Path, clock: Clock, 
         args = trl_args(GKDConfig, case, out, steps, lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False)
         t = time.perf_counter()
         trainer = Trainer(model=_load(d / "ref"), teacher_model=_load(d / "teacher"), args=args,
-                          train_dataset=ds, processing_class=tok, callbacks=[_trl_callback(clock, prof)])
+                          train_dataset=ds, processing_class=tok, callbacks=[_trl_callback(clock, prof), *(extra_callbacks or [])])
         extra["setup_s"] = time.perf_counter() - t
         trainer.train()
         return extra
@@ -409,7 +420,7 @@ def trl_kd(case: Case, d: Path, mode: str, steps: int, out: Path, clock: Clock, 
                     dataset_kwargs={"skip_prepare_dataset": True})
     t = time.perf_counter()
     trainer = Trainer(model=_load(d / "ref"), args=args, train_dataset=Dataset.from_list(examples),
-                      processing_class=tok, data_collator=collate, callbacks=[_trl_callback(clock, prof)])
+                      processing_class=tok, data_collator=collate, callbacks=[_trl_callback(clock, prof), *(extra_callbacks or [])])
     extra["setup_s"] = time.perf_counter() - t
     trainer.train()
     return extra
@@ -459,15 +470,94 @@ def child(ns: argparse.Namespace) -> None:
     d = work_dir(Path(ns.root), case)
     out = Path(ns.run_dir)
     prof = Path(ns.profile_to) if ns.profile_to else None
-    if ns.system == "kdcache":
+    if ns.tensor_peak:
+        res = tensor_peak(ns.system, case, d, ns.objective, out / "run")
+    elif ns.system == "kdcache":
         res = run_kdcache(case, d, ns.objective, case.steps, out / "run", prof)
     else:
         res = run_trl(case, d, ns.objective, ns.system, case.steps, out / "run", prof)
+    import resource
+
+    res["rss_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     Path(ns.out_json).write_text(json.dumps(res))
 
 
+# ----------------------------------------------------------------------------- tensor peak
+def tensor_peak(system: str, case: Case, d: Path, objective: str, out: Path) -> dict:
+    """Peak bytes of live tensors during one steady-state training step (the third: optimizer
+    states exist), counted by kdcache's StorageTracker on real tensors: what a GPU's
+    max_memory_allocated would report for the same fp32 step, the same way for both systems.
+    Weights, gradients and optimizer states are registered when the step starts."""
+    import itertools
+
+    from kdcache.train import trainer as T
+    from kdcache.train.memory import StorageTracker
+
+    target = 3
+    box: dict = {}
+
+    def start(model, optimizer) -> None:
+        tr = StorageTracker()
+        tr.__enter__()
+        tr.register(itertools.chain(model.parameters(), model.buffers()), "weights")
+        tr.register([p.grad for p in model.parameters() if p.grad is not None], "grads")
+        tr.register([v for st in optimizer.state.values() for v in st.values()
+                     if isinstance(v, torch_tensor())], "optimizer")
+        tr.reset_peak("step")
+        box["tracker"] = tr
+
+    def stop() -> None:
+        tr = box.pop("tracker")
+        tr._resolve()
+        tr.__exit__(None, None, None)
+        box["peak"] = tr.peak
+        box["where"] = tr.peak_where
+
+    steps = max(case.steps, target)
+    if system == "kdcache":
+        train_step = T.train_step
+        calls = itertools.count(1)
+
+        def tracked(model, optimizer, *a, **k):
+            n = next(calls)
+            if n == target:
+                start(model, optimizer)
+            try:
+                return train_step(model, optimizer, *a, **k)
+            finally:
+                if n == target:
+                    stop()
+
+        T.train_step = tracked
+        try:
+            T.train(kdcache_cfg(case, d, objective, out, steps))
+        finally:
+            T.train_step = train_step
+    else:
+        from transformers import TrainerCallback
+
+        class Track(TrainerCallback):
+            def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+                if state.global_step + 1 == target:
+                    start(model, optimizer)
+
+            def on_step_end(self, args, state, control, **kw):
+                if "tracker" in box:
+                    stop()
+
+        fn = trl_dpo if objective == "dpo" else trl_kd
+        fn(case, d, system, steps, out, Clock(), None, extra_callbacks=[Track()])
+    return {"tensor_peak_gib": box["peak"] / 2**30, "tensor_peak_where": box["where"]}
+
+
+def torch_tensor():
+    import torch
+
+    return torch.Tensor
+
+
 def spawn(system: str, case: Case, objective: str, threads: int, root: Path, tmp: Path,
-          profile_to: Path | None = None, timeout: float = 3600) -> dict:
+          profile_to: Path | None = None, timeout: float = 3600, tensor_peak: bool = False) -> dict:
     import shutil
 
     run_dir = tmp / f"{system}-{objective}-{case.name}-{threads}"
@@ -482,6 +572,8 @@ def spawn(system: str, case: Case, objective: str, threads: int, root: Path, tmp
            "--root", str(root), "--run-dir", str(run_dir), "--out-json", str(out_json)]
     if profile_to is not None:
         cmd += ["--profile-to", str(profile_to)]
+    if tensor_peak:
+        cmd.append("--tensor-peak")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"{system} {objective} {case.name} x{threads} failed:\n{p.stderr[-4000:]}")
@@ -492,7 +584,7 @@ def spawn(system: str, case: Case, objective: str, threads: int, root: Path, tmp
 
 # ----------------------------------------------------------------------------- the comparison
 def compare(cases: list[Case], objectives: list[str], threads: list[int], reps: int, root: Path,
-            tmp: Path, results: dict, save) -> None:
+            tmp: Path, results: dict, save, memory_cases: tuple[str, ...] = ()) -> None:
     for case in cases:
         prepare(case, root)
         for objective in objectives:
@@ -506,7 +598,15 @@ def compare(cases: list[Case], objectives: list[str], threads: list[int], reps: 
                         runs[system].append(r)
                         print(f"{key} rep {rep} {system}: loop {r['loop_s']:.2f}s "
                               f"(step {r['step_median_s'] * 1e3:.0f} ms)", file=sys.stderr, flush=True)
-                results["rows"][key] = summarise(case, objective, n, runs)
+                row = summarise(case, objective, n, runs)
+                if case.name in memory_cases:  # one extra process per system: the tracked step
+                    for system in SYSTEMS:
+                        r = spawn(system, case, objective, n, root, tmp, tensor_peak=True)
+                        row[system]["tensor_peak_gib"] = r["tensor_peak_gib"]
+                        row[system]["tensor_peak_where"] = r["tensor_peak_where"]
+                        print(f"{key} {system}: tensor peak {r['tensor_peak_gib']:.2f} GiB",
+                              file=sys.stderr, flush=True)
+                results["rows"][key] = row
                 save()
 
 
@@ -520,7 +620,7 @@ def summarise(case: Case, objective: str, threads: int, runs: dict[str, list[dic
         loops = [r["loop_s"] for r in runs[s]]
         row[s] = {"loop_s": med(s, "loop_s"), "loop_min_s": min(loops), "loop_max_s": max(loops),
                   "step_median_s": med(s, "step_median_s"), "first_step_s": med(s, "first_step_s"),
-                  "run_s": med(s, "run_s")}
+                  "run_s": med(s, "run_s"), "rss_peak_mib": med(s, "rss_peak_mib")}
         if "ref_pass_s" in runs[s][0]:
             row[s]["ref_pass_s"] = med(s, "ref_pass_s")
     for s in ("trl-pre", "trl"):
@@ -796,6 +896,26 @@ def write_report(results: dict, path_md: Path) -> None:
                      f"{loop(r, 'trl')} | **{r['trl-pre_over_kdcache']:.2f}x** | **{r['trl_over_kdcache']:.2f}x** | "
                      f"{steps} | {r['loss_maxdiff_trl-pre']:.1e} | "
                      f"{'yes' if r.get('loss_agree_trl-pre') else 'NO'} | {r['reps']} |")
+    mem = [r for _k, r in sorted(results["rows"].items()) if "rss_peak_mib" in r["kdcache"]]
+    if mem:
+        lines += ["", "## Memory", "",
+                  "Peak RSS: the whole process (weights, optimizer, Python, allocator caches), median of "
+                  "the timed repetitions. Tensor peak: bytes of live tensors during one steady-state step "
+                  "(the third), counted by kdcache's StorageTracker on real tensors the same way for every "
+                  "system: what `torch.cuda.max_memory_allocated` would report for this fp32 step on a GPU. "
+                  "Ratio = peer / kdcache (> 1: kdcache smaller).", "",
+                  "| case | objective | threads | RSS MiB (k / pre / trl) | trl-pre / kdcache RSS | "
+                  "tensor peak GiB (k / pre / trl) | trl-pre / kdcache tensors | trl / kdcache tensors |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in mem:
+            rss = " / ".join(f"{r[s]['rss_peak_mib']:,.0f}" for s in SYSTEMS)
+            has_tp = all("tensor_peak_gib" in r[s] for s in SYSTEMS)
+            tp = " / ".join(f"{r[s]['tensor_peak_gib']:.2f}" for s in SYSTEMS) if has_tp else "-"
+            rt = {s: f"{r[s]['tensor_peak_gib'] / r['kdcache']['tensor_peak_gib']:.2f}x" if has_tp else "-"
+                  for s in ("trl-pre", "trl")}
+            lines.append(f"| {r['case']} | {r['objective']} | {r['threads']} | {rss} | "
+                         f"{r['trl-pre']['rss_peak_mib'] / r['kdcache']['rss_peak_mib']:.2f}x | {tp} | "
+                         f"{rt['trl-pre']} | {rt['trl']} |")
     if results.get("startup"):
         s = results["startup"]
         lines += ["", "## `kdcache train` start-up (DPO, tiny; median of "
@@ -857,6 +977,9 @@ def main() -> None:
     ap.add_argument("--run-dir", default="")
     ap.add_argument("--out-json", default="")
     ap.add_argument("--profile-to", default="")
+    ap.add_argument("--tensor-peak", action="store_true")
+    ap.add_argument("--memory-cases", default="qwen0.5b",
+                    help="cases whose rows also get each system's tensor peak (one extra process each)")
     ns = ap.parse_args()
     if ns.child or ns.startup_child or ns.precompute_child:
         ns.threads = int(str(ns.threads).split(",")[0])
@@ -920,7 +1043,8 @@ def main() -> None:
 
     skip = set(ns.skip.split(","))
     if "loop" not in skip:
-        compare(cases, ns.objectives.split(","), threads, ns.reps, root, tmp, results, save)
+        compare(cases, ns.objectives.split(","), threads, ns.reps, root, tmp, results, save,
+                tuple(ns.memory_cases.split(",")))
     if "startup" not in skip:
         results["startup"] = startup(CASES["tiny"], root, tmp, ns.reps)
         save()

@@ -192,32 +192,40 @@ def score_chunked(
             nan = torch.tensor(float("nan"), **f32)
 
             z = head.logits(hidden[s:e])  # [c, V] float32: the only full-vocab tensor
-            lse = torch.logsumexp(z, dim=-1)
-            out["lse"][s:e] = lse
+            # what needs the raw logits first (gathers, top-K, other betas), then the lse,
+            # which may overwrite z (`_lse_rows`) unless the reference reuses it
             if k:
                 vals, ids = torch.topk(z, k, dim=-1, largest=True, sorted=True)
+            tok_z = z.gather(1, tgt_idx).squeeze(1)
+            for j, b in enumerate(betas):  # V_beta(s) = beta * logsumexp(z / beta)
+                if b != 1.0:
+                    out["soft_value"][s:e, j] = b * torch.logsumexp(z / b, -1)
+            teacher_z = z if has_ref and same_model else None
+            lse = _lse_rows(z, vals[:, :1] if k else None, overwrite=teacher_z is None)
+            del z
+            out["lse"][s:e] = lse
+            if k:
                 topk_lp = vals - lse.unsqueeze(1)
                 out["topk_ids"][s:e] = ids
                 out["topk_logprobs"][s:e] = topk_lp
                 out["topk_mass"][s:e] = topk_lp.exp().sum(-1)
                 del vals
-            tok = z.gather(1, tgt_idx).squeeze(1) - lse
-            out["token_logprob"][s:e] = torch.where(has_tgt, tok, nan)
+            out["token_logprob"][s:e] = torch.where(has_tgt, tok_z - lse, nan)
             for j, b in enumerate(betas):
-                # V_beta(s) = beta * logsumexp(z / beta); beta = 1 is the lse itself.
-                out["soft_value"][s:e, j] = lse if b == 1.0 else b * torch.logsumexp(z / b, -1)
-            teacher_z = z if has_ref and same_model else None
-            del z
+                if b == 1.0:  # beta = 1 is the lse itself
+                    out["soft_value"][s:e, j] = lse
 
             if has_ref:
                 zr = teacher_z if teacher_z is not None else ref_head.logits(ref_hidden[s:e])
-                lse_r = torch.logsumexp(zr, dim=-1)
+                tok_zr = zr.gather(1, tgt_idx).squeeze(1)
+                zr_at_ids = zr.gather(1, ids) if k else None
+                paper = k and ref_mode != "exact"  # the approximation reads the raw logits
+                lse_r = lse if teacher_z is not None else _lse_rows(zr, None, overwrite=not paper)
                 out["ref_lse"][s:e] = lse_r
-                tok_r = zr.gather(1, tgt_idx).squeeze(1) - lse_r
-                out["ref_token_logprob"][s:e] = torch.where(has_tgt, tok_r, nan)
+                out["ref_token_logprob"][s:e] = torch.where(has_tgt, tok_zr - lse_r, nan)
             if has_ref and k:
-                ref_at_ids = zr.gather(1, ids) - lse_r.unsqueeze(1)
-                if ref_mode != "exact":
+                ref_at_ids = zr_at_ids - lse_r.unsqueeze(1)
+                if paper:
                     floor = "dpo" if ref_mode == "paper-dpo-floor" else "reference"
                     approx = _paper_ref_approx(zr, lse_r, ids, k, floor, topk_lp)
                     out["ref_paper_abs_err"][s:e] = (approx - ref_at_ids).abs().mean(-1)
@@ -227,6 +235,19 @@ def score_chunked(
             if has_ref:
                 del zr
     return out
+
+
+def _lse_rows(z: Tensor, row_max: Tensor | None = None, overwrite: bool = False) -> Tensor:
+    """logsumexp over the last dim of [c, V] logits. With `overwrite` on CPU, z is turned
+    into exp(z - max) in place: torch.logsumexp makes a [c, V] temporary and reads the
+    logits once more, which at V = 151,936 cost ~0.3 ms of ~3.3 ms a scored position on one
+    core (benchmarks/results/precompute_qwen0.5b_cpu.md). `row_max` [c, 1]: the row maxima
+    when known (the top-1 of the top-K). GPUs keep torch's kernel (not measured there)."""
+    if not overwrite or z.device.type != "cpu":
+        return torch.logsumexp(z, dim=-1)
+    m = z.amax(-1, keepdim=True) if row_max is None else row_max
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row: lse -inf
+    return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(1))
 
 
 def _paper_ref_approx(zr: Tensor, lse_r: Tensor, dpo_ids: Tensor, k: int,

@@ -137,3 +137,27 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="share one tokenizer"):
         score_chunked(hid, w, tgt, k=2, ref_hidden=hid, ref_lm_head=w[:50])
     assert auto_chunk(128256) >= 256
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("shape", [(1, 5), (7, 4096), (3, 151936)])
+@pytest.mark.parametrize("given_max", [False, True])
+def test_lse_rows_equals_float64_logsumexp(shape, overwrite, given_max):
+    """The in-place log-sum-exp of the scoring loop (CPU fast path) against float64, with
+    rows of large, tiny and -inf logits; it returns torch.logsumexp's bits on ordinary rows."""
+    from kdcache.precompute.scoring import _lse_rows
+
+    g = torch.Generator().manual_seed(shape[1])
+    z = torch.randn(shape, generator=g) * 30
+    z[0, : shape[1] // 2] = float("-inf")  # masked ids
+    if shape[0] > 2:
+        z[1] = float("-inf")  # an all -inf row: -inf, not nan
+        z[2] += 1e4  # large logits: no overflow
+    want = torch.logsumexp(z.double(), -1)
+    plain = torch.logsumexp(z, -1)
+    top = z.amax(-1, keepdim=True) if given_max else None
+    got = _lse_rows(z.clone(), top, overwrite=overwrite)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite) and (got[~finite] == want[~finite].float()).all()
+    assert torch.allclose(got[finite].double(), want[finite], rtol=1e-6, atol=1e-4)
+    assert torch.equal(got[finite], plain[finite])
