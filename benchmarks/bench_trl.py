@@ -949,6 +949,11 @@ def write_report(results: dict, path_md: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+def with_ext(out: Path, ext: str) -> Path:
+    """--out STEM + ext (not Path.with_suffix: a stem like trl_qwen0.5b has a dot)."""
+    return out.parent / (out.name + ext)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="tiny,32k")
@@ -998,7 +1003,7 @@ def main() -> None:
     os.environ["BENCH_TRL_OPTIM"] = ns.trl_optim  # the children's TRL optimizer
     out = Path(ns.out)
     if ns.report:
-        write_report(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".md"))
+        write_report(json.loads(with_ext(out, ".json").read_text()), with_ext(out, ".md"))
         return
     root = Path(ns.root)
     tmp = root / "runs"
@@ -1029,8 +1034,8 @@ def main() -> None:
                "cases": [dict(dataclasses.asdict(c), vocab=(52 if c.words == 0 else c.words + 6)) for c in cases],
                "rows": {}, "precompute": {}, "startup": None, "trl_optim": ns.trl_optim,
                "loss_rtol": LOSS_RTOL}
-    if out.with_suffix(".json").exists():  # keep what other sections measured
-        old = json.loads(out.with_suffix(".json").read_text())
+    if with_ext(out, ".json").exists():  # keep what other sections measured
+        old = json.loads(with_ext(out, ".json").read_text())
         results["rows"] = old.get("rows", {})
         results["precompute"] = old.get("precompute", {})
         results["startup"] = old.get("startup")
@@ -1038,8 +1043,8 @@ def main() -> None:
         results["cases"] += [c for c in old.get("cases", []) if c["name"] not in names]
 
     def save() -> None:
-        out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-        write_report(results, out.with_suffix(".md"))
+        with_ext(out, ".json").write_text(json.dumps(results, indent=1))
+        write_report(results, with_ext(out, ".md"))
 
     skip = set(ns.skip.split(","))
     if "loop" not in skip:
