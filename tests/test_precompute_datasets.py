@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from reference_checks import one_error
 from typer.testing import CliRunner
 
 import kdcache.cli as cli
@@ -160,16 +161,6 @@ def test_precompute_cli_feeds_a_folder_and_a_csv(tmp_path, reference):
         assert got == sorted(reference)
 
 
-def _one_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
 def _precompute(tmp_path: Path, data: str, *extra: str):
     tok = tmp_path / "tok"
     if not tok.exists():
@@ -183,33 +174,33 @@ def test_errors_name_the_dataset_split_row_and_column(tmp_path):
     rows = [dict(r) for r in RENAMED]
     rows[6]["response_k"] = ""
     _snapshot(tmp_path / "bad", rows)
-    _one_error(_precompute(tmp_path, str(tmp_path / "bad"), "--columns", MAPPING),
+    one_error(_precompute(tmp_path, str(tmp_path / "bad"), "--columns", MAPPING),
                str(tmp_path / "bad"), "split train row 6", "'response_k'", "is empty")
-    _one_error(_precompute(tmp_path, str(snap)), str(snap), "split train row 0",
+    one_error(_precompute(tmp_path, str(snap)), str(snap), "split train row 0",
                "cannot tell the dataset kind", "question")
-    _one_error(_precompute(tmp_path, str(snap), "--columns", MAPPING, "--split", "validation"),
+    one_error(_precompute(tmp_path, str(snap), "--columns", MAPPING, "--split", "validation"),
                "no split 'validation'", "train, test", "--split")
-    _one_error(_precompute(tmp_path, str(snap), "--columns", MAPPING, "--data-config", "nope"),
+    one_error(_precompute(tmp_path, str(snap), "--columns", MAPPING, "--data-config", "nope"),
                str(snap), "nope", "--data-config")
-    _one_error(_precompute(tmp_path, str(snap), "--columns", "question=prompt"),
+    one_error(_precompute(tmp_path, str(snap), "--columns", "question=prompt"),
                "--columns", "ROLE=COLUMN", "prompt, chosen, rejected")
     c = _csv(tmp_path / "d.csv", [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2 +
              [{"prompt": "a", "chosen": "", "rejected": "c"}])
-    _one_error(_precompute(tmp_path, str(c)), f"{c} split train row 2", "'chosen'", "is empty")
+    one_error(_precompute(tmp_path, str(c)), f"{c} split train row 2", "'chosen'", "is empty")
     (tmp_path / "h.csv").write_text("prompt,chosen,rejected\n")
-    _one_error(_precompute(tmp_path, str(tmp_path / "h.csv")), "h.csv", "has no rows")
+    one_error(_precompute(tmp_path, str(tmp_path / "h.csv")), "h.csv", "has no rows")
     (tmp_path / "d.txt").write_text("hello\n")
-    _one_error(_precompute(tmp_path, str(tmp_path / "d.txt")), "d.txt", "unknown format")
-    _one_error(_precompute(tmp_path, str(tmp_path / "d.jsonl.gz"), "--split", "test"),
+    one_error(_precompute(tmp_path, str(tmp_path / "d.txt")), "d.txt", "unknown format")
+    one_error(_precompute(tmp_path, str(tmp_path / "d.jsonl.gz"), "--split", "test"),
                "is a data file", "--split")
     (tmp_path / "empty").mkdir()
-    _one_error(_precompute(tmp_path, str(tmp_path / "empty")), str(tmp_path / "empty"))
+    one_error(_precompute(tmp_path, str(tmp_path / "empty")), str(tmp_path / "empty"))
     assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").iterdir())
 
 
 def test_a_dataset_id_not_on_disk_fails_fast_offline(tmp_path):
     t0 = time.monotonic()
-    line = _one_error(_precompute(tmp_path, "someone/no-such-dataset"), "'someone/no-such-dataset'",
+    line = one_error(_precompute(tmp_path, "someone/no-such-dataset"), "'someone/no-such-dataset'",
                       "not a local file or folder", "Hugging Face cache", "offline")
     assert time.monotonic() - t0 < 60, line  # no network wait
 

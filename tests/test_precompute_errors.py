@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+from reference_checks import one_error
 from typer.testing import CliRunner
 
 import kdcache.cli as cli
@@ -48,16 +49,6 @@ def _run(work: Path, tmp_path: Path, *extra: str, data: str | None = None):
     return runner.invoke(cli.app, args)
 
 
-def _one_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
 def _nothing_written(*paths: Path) -> None:
     """No file at all under these paths (a probe's directories are removed again)."""
     for root in paths:
@@ -67,14 +58,14 @@ def _nothing_written(*paths: Path) -> None:
 
 def test_missing_column(work, tmp_path):
     data = _data(tmp_path, [ROWS[0], {"prompt": "a", "chosen": "b"}])
-    _one_error(_run(work, tmp_path, data=data), "d.jsonl line 2: missing column 'rejected'", "needs")
+    one_error(_run(work, tmp_path, data=data), "d.jsonl line 2: missing column 'rejected'", "needs")
     _nothing_written(tmp_path / "stores")
 
 
 @pytest.mark.parametrize("col", ["prompt", "chosen"])
 def test_empty_prompt_or_response(work, tmp_path, col):
     data = _data(tmp_path, [ROWS[0], {**ROWS[1], col: "  "}])
-    _one_error(_run(work, tmp_path, data=data), f"d.jsonl line 2: column '{col}' is empty", "fix")
+    one_error(_run(work, tmp_path, data=data), f"d.jsonl line 2: column '{col}' is empty", "fix")
     _nothing_written(tmp_path / "stores")
 
 
@@ -86,14 +77,14 @@ def test_over_long_truncated_and_reported_or_refused(work, tmp_path, caplog):
     assert report["truncated"] > 0
     assert f"truncated {report['truncated']} of " in caplog.text  # printed by the CLI's logging
     res = _run(work, tmp_path / "f", "--max-length", "9", "--truncate", "fail")
-    _one_error(res, "prefs.jsonl line ", "> max_length 9", "raise --max-length")
+    one_error(res, "prefs.jsonl line ", "> max_length 9", "raise --max-length")
     _nothing_written(tmp_path / "f")
 
 
 def test_too_long_prompt_is_named_as_the_prompt(work, tmp_path):
     data = _data(tmp_path, [ROWS[0], {**ROWS[1], "prompt": " ".join("abcdefgh")}])
     res = _run(work, tmp_path, "--max-length", "10", "--truncate", "fail", data=data)
-    _one_error(res, "d.jsonl line 2: the prompt alone is 10 tokens >= max_length 10",
+    one_error(res, "d.jsonl line 2: the prompt alone is 10 tokens >= max_length 10",
                "no room for a response")
     _nothing_written(tmp_path / "stores")
 
@@ -103,7 +94,7 @@ def test_too_long_prompt_is_named_as_the_prompt(work, tmp_path):
     ("2", "no rows left to score: all 12 rows were dropped (12 with a prompt of >= max_length 2"),
 ])
 def test_max_length_that_keeps_nothing_is_refused(work, tmp_path, max_length, needle):
-    _one_error(_run(work, tmp_path, "--max-length", max_length), needle)
+    one_error(_run(work, tmp_path, "--max-length", max_length), needle)
     _nothing_written(tmp_path / "stores")
 
 
@@ -146,16 +137,16 @@ def test_bad_options_are_refused_before_anything_is_written(work, tmp_path, args
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
     out = tmp_path / "out"
-    _one_error(_run(work, tmp_path, "--out", str(out), *args), needle)
+    one_error(_run(work, tmp_path, "--out", str(out), *args), needle)
     _nothing_written(tmp_path / "stores", out)
 
 
 def test_a_refused_command_leaves_the_out_free_for_the_corrected_one(work, tmp_path):
     out = tmp_path / "out"
-    _one_error(_run(work, tmp_path, "--out", str(out), "--ref-mode", "papr", "--reference",
+    one_error(_run(work, tmp_path, "--out", str(out), "--ref-mode", "papr", "--reference",
                     str(work / "dpo")), "--ref-mode")
     _nothing_written(out)
-    _one_error(_run(work, tmp_path, "--out", str(out), "--betas", "1,,x"), "--betas")
+    one_error(_run(work, tmp_path, "--out", str(out), "--betas", "1,,x"), "--betas")
     res = _run(work, tmp_path, "--out", str(out), "--betas", "1,2")
     assert res.exit_code == 0, res.output
     assert open_store(str(out)).complete
@@ -172,21 +163,21 @@ def test_a_refused_command_leaves_the_out_free_for_the_corrected_one(work, tmp_p
 ])
 def test_data_file_problems_name_the_file(work, tmp_path, content, needle):
     (tmp_path / "d.jsonl").write_bytes(content)
-    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.jsonl")), needle)
+    one_error(_run(work, tmp_path, data=str(tmp_path / "d.jsonl")), needle)
     _nothing_written(tmp_path / "stores")
 
 
 def test_corrupt_gzip_and_parquet_name_the_file(work, tmp_path):
     good = gzip.compress(json.dumps(ROWS[0]).encode() * 50)
     (tmp_path / "d.jsonl.gz").write_bytes(good[: len(good) // 2])
-    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.jsonl.gz")), "d.jsonl.gz")
+    one_error(_run(work, tmp_path, data=str(tmp_path / "d.jsonl.gz")), "d.jsonl.gz")
     (tmp_path / "d.parquet").write_bytes(b"PAR1 not really parquet")
-    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.parquet")), "d.parquet", "Parquet")
-    _one_error(_run(work, tmp_path, data=str(tmp_path / "nothing-*.jsonl")), "no data file matches")
+    one_error(_run(work, tmp_path, data=str(tmp_path / "d.parquet")), "d.parquet", "Parquet")
+    one_error(_run(work, tmp_path, data=str(tmp_path / "nothing-*.jsonl")), "no data file matches")
     (tmp_path / "d.txt").write_text("a,b\n")
-    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.txt")), "d.txt", "unknown format")
+    one_error(_run(work, tmp_path, data=str(tmp_path / "d.txt")), "d.txt", "unknown format")
     (tmp_path / "d.csv").write_text("a,b\n")  # csv goes through `datasets`: a header, no rows
-    _one_error(_run(work, tmp_path, data=str(tmp_path / "d.csv")), "d.csv", "has no rows")
+    one_error(_run(work, tmp_path, data=str(tmp_path / "d.csv")), "d.csv", "has no rows")
     _nothing_written(tmp_path / "stores")
 
 
@@ -195,7 +186,7 @@ def test_out_that_holds_other_files_is_refused(work, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     (out / ".manifest.json.tmp-123").write_text("")  # a killed writer's leftover is fine
-    _one_error(_run(work, tmp_path, "--out", str(out)), "is a directory with other files "
+    one_error(_run(work, tmp_path, "--out", str(out)), "is a directory with other files "
                "(notes.txt) and no kdcache store")
     assert sorted(p.name for p in out.iterdir()) == [".manifest.json.tmp-123", "notes.txt"]
     (out / "notes.txt").unlink()
@@ -204,14 +195,14 @@ def test_out_that_holds_other_files_is_refused(work, tmp_path):
 
 def test_directory_as_data_and_invisible_devices(work, tmp_path):
     # a folder is read as a `datasets` dataset folder; this one holds models, not a dataset
-    _one_error(_run(work, tmp_path, data=str(work)), str(work))
+    one_error(_run(work, tmp_path, data=str(work)), str(work))
     (tmp_path / "empty").mkdir()
-    _one_error(_run(work, tmp_path, data=str(tmp_path / "empty")), "empty",
+    one_error(_run(work, tmp_path, data=str(tmp_path / "empty")), "empty",
                "doesn't contain any data files", "a dataset folder")
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    _one_error(_run(work, tmp_path, "--devices", str(n)), f"CUDA device {n} is not visible here")
+    one_error(_run(work, tmp_path, "--devices", str(n)), f"CUDA device {n} is not visible here")
     _nothing_written(tmp_path / "stores")
 
 
@@ -224,26 +215,26 @@ def test_tokenized_only_from_the_cli(work, tmp_path):
     assert store.complete and store.fields == [] and len(store) == 2 * len(ROWS)
     res = runner.invoke(cli.app, ["precompute", "--data", str(work / "prefs.jsonl"),
                                   "--out-root", str(tmp_path / "t")])
-    _one_error(res, "no --teacher", "--tokenizer DIR for a tokenized-only store")
+    one_error(res, "no --teacher", "--tokenizer DIR for a tokenized-only store")
     _nothing_written(tmp_path / "t")
 
 
 def test_config_file_problems(work, tmp_path):
-    _one_error(_run(work, tmp_path, "-c", str(tmp_path / "missing.yaml")), "--config", "no such file")
+    one_error(_run(work, tmp_path, "-c", str(tmp_path / "missing.yaml")), "--config", "no such file")
     (tmp_path / "c.yaml").write_text("k: [unclosed\n")
-    _one_error(_run(work, tmp_path, "-c", str(tmp_path / "c.yaml")), "--config", "not valid YAML")
+    one_error(_run(work, tmp_path, "-c", str(tmp_path / "c.yaml")), "--config", "not valid YAML")
     (tmp_path / "c.yaml").write_text(f"k: abc\nteacher: {work / 'dpo'}\ndata: {work / 'prefs.jsonl'}\n")
     res = runner.invoke(cli.app, ["precompute", "-c", str(tmp_path / "c.yaml"),
                                   "--out-root", str(tmp_path / "stores")])
-    _one_error(res, "c.yaml: k: expected int, got 'abc'")
+    one_error(res, "c.yaml: k: expected int, got 'abc'")
     res = runner.invoke(cli.app, ["precompute", "--teacher", str(work / "dpo"),
                                   "--out-root", str(tmp_path / "stores")])
-    _one_error(res, "pass exactly one of --data FILE")
+    one_error(res, "pass exactly one of --data FILE")
     _nothing_written(tmp_path / "stores")
 
 
 def test_tokenizer_mismatch(work, tmp_path):
-    _one_error(_run(work, tmp_path, "--student", str(work / "other")),
+    one_error(_run(work, tmp_path, "--student", str(work / "other")),
                "teacher vocab 52 != student vocab 9", "share one tokenizer")
     _nothing_written(tmp_path / "stores")
 
@@ -254,7 +245,7 @@ def test_unreadable_model_directory(work, tmp_path, broken):
     d.mkdir()
     if broken == "bad_config":
         (d / "config.json").write_text("{not json")
-    _one_error(_run(work, tmp_path, "--reference", str(d)),
+    one_error(_run(work, tmp_path, "--reference", str(d)),
                f"cannot load the reference tokenizer from {str(d)!r}", "pass a local HF model")
     _nothing_written(tmp_path / "stores")
 
@@ -265,7 +256,7 @@ def test_non_writable_output(work, tmp_path, monkeypatch):
     res = runner.invoke(cli.app, ["precompute", "--teacher", str(work / "dpo"), "--data",
                                   str(work / "prefs.jsonl"), "--out-root",
                                   str(tmp_path / "afile" / "stores"), "--no-progress"])
-    _one_error(res, "is not writable", "pass a writable --out")
+    one_error(res, "is not writable", "pass a writable --out")
 
 
 def test_disk_full_mid_run_commits_nothing_partial_and_resumes(work, tmp_path, monkeypatch):
@@ -282,7 +273,7 @@ def test_disk_full_mid_run_commits_nothing_partial_and_resumes(work, tmp_path, m
 
     monkeypatch.setattr(store_writer, "write_files", full_disk)
     res = _run(work, tmp_path, "--codec", "lossless")
-    _one_error(res, "no space left on the device", "free space", "re-run the same command",
+    one_error(res, "no space left on the device", "free space", "re-run the same command",
                "store gc", "--min-age 0")
     (url,) = (tmp_path / "stores").glob("*/manifest.json")
     url = url.parent
@@ -333,19 +324,19 @@ def _rollout(work: Path, tmp_path: Path, *extra: str, data: str | None = None):
 ])
 def test_rollout_bad_options(work, tmp_path, args, needle):
     out = tmp_path / "out"
-    _one_error(_rollout(work, tmp_path, "--out", str(out), *args), needle)
+    one_error(_rollout(work, tmp_path, "--out", str(out), *args), needle)
     _nothing_written(tmp_path / "stores", out)
 
 
 def test_rollout_data_problems_name_the_file(work, tmp_path):
     (tmp_path / "d.jsonl").write_bytes(b'{"prompt": "a"}\n\x80\x81\n')
-    _one_error(_rollout(work, tmp_path, data=str(tmp_path / "d.jsonl")), "d.jsonl line 2 is not UTF-8")
+    one_error(_rollout(work, tmp_path, data=str(tmp_path / "d.jsonl")), "d.jsonl line 2 is not UTF-8")
     data = _data(tmp_path, [{"prompt": "a"}, {"question": "b"}], "q.jsonl")
-    _one_error(_rollout(work, tmp_path, data=data), "q.jsonl line 2: missing column 'prompt'")
-    _one_error(_rollout(work, tmp_path, "--include-chosen", data=data),
+    one_error(_rollout(work, tmp_path, data=data), "q.jsonl line 2: missing column 'prompt'")
+    one_error(_rollout(work, tmp_path, "--include-chosen", data=data),
                "q.jsonl line 1: --include-chosen needs a 'chosen' or 'completion' column")
     res = runner.invoke(cli.app, ["rollout", "--data", data])
-    _one_error(res, "missing --model")
+    one_error(res, "missing --model")
     _nothing_written(tmp_path / "stores")
 
 

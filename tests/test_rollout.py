@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from reference_checks import processed_logprobs
 
 from kdcache.precompute.data import DataError
 from kdcache.precompute.rollout import RolloutConfig, run_rollout, sample_hf
@@ -19,22 +20,6 @@ from kdcache.train.tiny import build_model, build_tokenizer, save_tiny
 TOK = build_tokenizer()
 V = len(TOK)
 EOS, PAD = TOK.eos_token_id, TOK.pad_token_id
-
-
-def _processed_logprobs(z: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Independent float64 temperature -> top-k -> nucleus, then log_softmax."""
-    z = z.double() / temperature
-    if top_k:
-        kth = z.topk(top_k, -1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if top_p < 1.0:
-        p = torch.softmax(z, -1)
-        sp, order = p.sort(-1, descending=True)
-        mass_above = sp.cumsum(-1) - sp  # mass of strictly more probable tokens
-        keep_sorted = mass_above < top_p
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        z = z.masked_fill(~keep, float("-inf"))
-    return torch.log_softmax(z, -1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -49,7 +34,7 @@ def test_behavior_logprobs_match_recomputation(arch, temperature, top_k, top_p):
         assert EOS not in resp[:-1]
         with torch.no_grad():
             z = model(input_ids=torch.tensor([p + resp])).logits[0, len(p) - 1: -1]
-        want = _processed_logprobs(z, temperature, top_k, top_p)
+        want = processed_logprobs(z, temperature, top_k, top_p)
         want = want.gather(1, torch.tensor(resp)[:, None])[:, 0]
         assert torch.isfinite(want).all(), "a sampled token lies outside the recomputed support"
         np.testing.assert_allclose(np.array(lps), want.numpy(), atol=1e-4)

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from reference_checks import processed_logprobs
 
 from kdcache.precompute.vllm_backend import request_seeds, stdout_to_stderr, vllm_dtype
 from kdcache.train.tiny import build_tokenizer, save_tiny
@@ -40,21 +41,6 @@ def need_vllm():
         pytest.skip("vllm is not installed (it lives in its own environment: docs/PRECOMPUTE.md)")
 
 
-def _processed_logprobs(z: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Independent float64 temperature -> top-k -> nucleus, then log_softmax."""
-    z = z.double() / temperature
-    if top_k:
-        kth = z.topk(top_k, -1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if top_p < 1.0:
-        p = torch.softmax(z, -1)
-        sp, order = p.sort(-1, descending=True)
-        keep_sorted = (sp.cumsum(-1) - sp) < top_p
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        z = z.masked_fill(~keep, float("-inf"))
-    return torch.log_softmax(z, -1)
-
-
 def _max_abs_diff(model_dir, prompts, out, temperature, top_k, top_p) -> float:
     """Largest |stored - HF float32 forward (float64 processing)| over every sampled token."""
     from transformers import AutoModelForCausalLM
@@ -65,7 +51,7 @@ def _max_abs_diff(model_dir, prompts, out, temperature, top_k, top_p) -> float:
         assert len(resp) == len(lps) >= 1
         with torch.no_grad():
             z = model(input_ids=torch.tensor([list(p) + list(resp)])).logits[0, len(p) - 1: -1]
-        want = _processed_logprobs(z, temperature, top_k, top_p)
+        want = processed_logprobs(z, temperature, top_k, top_p)
         want = want.gather(1, torch.tensor(np.asarray(resp, np.int64))[:, None])[:, 0]
         assert torch.isfinite(want).all(), "a sampled token lies outside the recomputed support"
         worst = max(worst, float((torch.tensor(np.asarray(lps, np.float64)) - want).abs().max()))
