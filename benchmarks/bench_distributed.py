@@ -108,7 +108,7 @@ def worker(spec: dict) -> None:
     from kdcache.train.data import group_stream, next_batches
     from kdcache.train.optim import make_optimizer, make_scheduler
     from kdcache.train.step import Precision, train_step
-    from kdcache.train.student import load_student
+    from kdcache.train.student import StudentForward, load_student
 
     cfg = TrainConfig(model=spec["model"], store=spec["store"], out="unused", objective="dckd",
                       batch_groups=spec["batch_groups"], chunk_size=spec["chunk_size"], max_steps=10**6,
@@ -118,7 +118,8 @@ def worker(spec: dict) -> None:
     device = d.device()
     model, tok = load_student(cfg, device)
     precision = Precision.for_run(cfg, device)
-    step_model = D.wrap(d, model, cfg, precision.bf16) if d.enabled else model
+    student = StudentForward(model, cfg.chunk_size)
+    step_model = D.wrap(d, student, cfg, precision.bf16) if d.enabled else student
     comm: list[float] = []
     if d.enabled:
         def timed(state, bucket):  # the default all-reduce, timed from hand-off to completion

@@ -53,10 +53,11 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from kdcache.train import memory
 from kdcache.train import step as step_mod
+from kdcache.train import student as student_mod
 from kdcache.train.batch import scatter_rows
 from kdcache.train.config import TrainConfig
 from kdcache.train.memory import GIB, LORA_ALL, allowance
-from kdcache.train.student import StudentOut
+from kdcache.train.student import StudentForward, StudentOut
 
 CARD = 24 * GIB
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,16 +146,17 @@ def full_logits_forward(model, batch, _chunk_size: int) -> StudentOut:
 
 @contextlib.contextmanager
 def forward_for(setting: str):
-    """The baseline swaps the student forward inside the trainer's own train_step."""
+    """The baseline swaps the student forward inside the trainer's own train_step (the
+    `student_forward` that `StudentForward` calls)."""
     if setting != "baseline":
         yield
         return
-    saved = step_mod.student_forward
-    step_mod.student_forward = full_logits_forward
+    saved = student_mod.student_forward
+    student_mod.student_forward = full_logits_forward
     try:
         yield
     finally:
-        step_mod.student_forward = saved
+        student_mod.student_forward = saved
 
 
 def make_opt_for(row: Row, cfg: TrainConfig):
@@ -368,6 +370,7 @@ def measure_row(spec: dict) -> dict:
                                                          dtype=weights_dtype(cfg, device))
             model = prepare_student(model, cfg)
         model.train()
+        student = StudentForward(model, cfg.chunk_size)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_opt_for(row, cfg) or (lambda ps: make_optimizer(cfg, ps))
         optimizer = optimizer(params)
@@ -386,7 +389,7 @@ def measure_row(spec: dict) -> dict:
                 phase = "data"
                 batches, n_tok = next_batches(groups, cfg, 0, (1.0,), device)
                 phase = "step"
-                metrics = step_mod.train_step(model, optimizer, scheduler, params, batches, cfg, step, precision)
+                metrics = step_mod.train_step(student, optimizer, scheduler, params, batches, cfg, step, precision)
                 losses.append(float(metrics["loss"]))  # a sync, as the trainer's log row
                 if step >= spec["warmup"]:
                     times.append(time.perf_counter() - t0)

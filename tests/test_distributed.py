@@ -30,7 +30,7 @@ from kdcache.train.data import group_stream, next_batches
 from kdcache.train.objectives import objective_fields
 from kdcache.train.optim import make_optimizer, make_scheduler
 from kdcache.train.step import Precision, train_step
-from kdcache.train.student import load_student
+from kdcache.train.student import StudentForward, load_student
 from kdcache.train.tiny import build_tokenizer, save_tiny
 from kdcache.train.trainer import train
 
@@ -174,10 +174,11 @@ def reference(cfg: TrainConfig, world: int = WORLD) -> dict[str, torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt, precision = make_optimizer(cfg, params), Precision.for_run(cfg, cpu)
     sched = make_scheduler(cfg, opt, cfg.max_steps)
+    student = StudentForward(model, cfg.chunk_size)
     model.train()
     for step in range(cfg.max_steps):
         batches = [b for s in streams for b in next_batches(s, cfg, tok.pad_token_id, tuple(BETAS), cpu)[0]]
-        train_step(model, opt, sched, params, batches, cfg, step, precision)
+        train_step(student, opt, sched, params, batches, cfg, step, precision)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return {k: v.detach() for k, v in model.state_dict().items()}

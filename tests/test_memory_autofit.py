@@ -18,6 +18,7 @@ from kdcache.train.checkpoint import check_same_run
 from kdcache.train.data import next_batches
 from kdcache.train.memory import GIB, same_step_splits, split_blocker, synthetic_groups
 from kdcache.train.step import Precision, forward_loss
+from kdcache.train.student import StudentForward
 
 
 def test_same_step_splits_keep_the_groups_per_step():
@@ -30,8 +31,9 @@ def _grads(cfg, groups, model):
     """The gradient of one optimizer step (train_step's accumulation: loss / n per micro-batch)."""
     model.zero_grad(set_to_none=True)
     batches, _ = next_batches(iter(groups), cfg, 0, (1.0,), torch.device("cpu"), vocab=TINY["vocab_size"])
+    student = StudentForward(model, cfg.chunk_size)
     for b in batches:
-        loss, _ = forward_loss(model, b, cfg, 1, Precision(bf16=False, device_type="cpu"))
+        loss, _ = forward_loss(student, b, cfg, 1, Precision(bf16=False, device_type="cpu"))
         (loss / len(batches)).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from kdcache.store import StreamReader
 
 from .config import TrainConfig
-from .student import base_causal_lm, student_forward
+from .student import StudentForward, base_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -245,24 +245,9 @@ def comm_device(d: Dist) -> torch.device:
 
 
 # --------------------------------------------------------------------------- the wrapped student
-class StudentForward(torch.nn.Module):
-    """The student's memory-light forward (`student_forward`) as a module taking a batch.
-
-    DDP and FSDP only see a step through their own module's __call__ (that is where DDP
-    prepares the gradient all-reduce and FSDP gathers the root's parameters and registers
-    their reduce-scatter), so the wrapped student is called with the batch itself."""
-
-    def __init__(self, model: torch.nn.Module, chunk_size: int) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-
-    def forward(self, batch):
-        return student_forward(self.model, batch, self.chunk_size)
-
-
-def wrap(d: Dist, model: torch.nn.Module, cfg: TrainConfig, bf16: bool) -> torch.nn.Module:
-    """DDP, or FSDP2 (`fully_shard` per decoder layer, then the root) with --fsdp.
+def wrap(d: Dist, student: StudentForward, cfg: TrainConfig, bf16: bool) -> torch.nn.Module:
+    """The student module (train/student.py) in DDP, or sharded by FSDP2 (`fully_shard` per
+    decoder layer, then the root) with --fsdp; called with the batch, as unwrapped.
 
     DDP: `broadcast_buffers=False` because the only buffers are rotary tables, equal on every
     rank (otherwise each forward broadcasts them); no find_unused_parameters/static_graph:
@@ -270,16 +255,15 @@ def wrap(d: Dist, model: torch.nn.Module, cfg: TrainConfig, bf16: bool) -> torch
     gradient checkpointing included), so neither is needed. FSDP: under bf16 the gathered
     parameters are bf16 and gradients are reduced in fp32 (the sharded fp32 master weights
     and an fp32 reduction keep AdamW's small updates); in fp32 runs nothing is cast."""
-    module = StudentForward(model, cfg.chunk_size)
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 else MixedPrecisionPolicy())
-        for layer in base_causal_lm(model).get_decoder().layers:
+        for layer in base_causal_lm(student.model).get_decoder().layers:
             fully_shard(layer, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)  # the root: embeddings, final norm, lm_head
-        return module
+        fully_shard(student, mp_policy=mp)  # the root: embeddings, final norm, lm_head
+        return student
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel
@@ -289,7 +273,7 @@ def wrap(d: Dist, model: torch.nn.Module, cfg: TrainConfig, bf16: bool) -> torch
     no_buffer_sync = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
-    return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
+    return DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None,
                                    gradient_as_bucket_view=True, **no_buffer_sync)
 
 

@@ -74,7 +74,7 @@ from .data import next_batches
 from .objectives import OBJECTIVE_SPECS, objective_fields
 from .optim import make_optimizer, make_scheduler
 from .step import Precision, train_step
-from .student import prepare_student, weights_dtype
+from .student import StudentForward, prepare_student, weights_dtype
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def measure_step(model, cfg: TrainConfig, batches, precision: Precision,
     tracker.reset_peak("step")
     hooks = [optimizer.register_step_pre_hook(lambda *a: setattr(tracker, "phase", "optimizer")),
              optimizer.register_step_post_hook(lambda *a: setattr(tracker, "phase", "step"))]
-    train_step(model, optimizer, scheduler, params, batches, cfg, 1, precision)
+    train_step(StudentForward(model, cfg.chunk_size), optimizer, scheduler, params, batches, cfg, 1, precision)
     tracker._resolve()
     for h in hooks:
         h.remove()

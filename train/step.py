@@ -15,13 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from .batch import SeqBatch
 from .config import TrainConfig
-from .distributed import StudentForward
 from .objectives import objective_loss
-from .student import student_forward
 
 
 @dataclass(frozen=True)
@@ -44,33 +41,31 @@ class Precision:
                               cache_enabled=self.cache)
 
 
-def forward_loss(model, batch: SeqBatch, cfg: TrainConfig, step: int,
+def forward_loss(student: torch.nn.Module, batch: SeqBatch, cfg: TrainConfig, step: int,
                  precision: Precision) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The objective's loss on one micro-batch (student forward under autocast; the loss
-    itself in the gathered float32 log-probs)."""
+    """The objective's loss on one micro-batch. `student` is the student module
+    (train/student.py: `StudentForward`, DDP- or FSDP-wrapped in distributed runs), called on
+    the batch under autocast; the loss itself is computed in the gathered float32 log-probs."""
     with precision.autocast():
-        # a DDP/FSDP-wrapped student (train/distributed.py) must be called through its own
-        # __call__, where gradient sync is set up: it takes the batch itself
-        wrapped = isinstance(model, (DistributedDataParallel, StudentForward))
-        student = model(batch) if wrapped else student_forward(model, batch, cfg.chunk_size)
-    return objective_loss(cfg.objective, batch)(student, batch, cfg, step)
+        out = student(batch)
+    return objective_loss(cfg.objective, batch)(out, batch, cfg, step)
 
 
-def train_step(model, optimizer, scheduler, params: Sequence[torch.Tensor],
+def train_step(student: torch.nn.Module, optimizer, scheduler, params: Sequence[torch.Tensor],
                batches: Sequence[SeqBatch], cfg: TrainConfig, step: int,
                precision: Precision) -> dict[str, torch.Tensor]:
     """Accumulate gradients over `batches` (one optimizer step), clip, step.
 
-    Under DDP (`model.no_sync` exists) gradients are all-reduced once, after the last
-    micro-batch. Returns the micro-batch mean of the loss and every loss metric, plus
+    `student` as in `forward_loss`. Under DDP (`student.no_sync` exists) gradients are
+    all-reduced once, after the last micro-batch. Returns the micro-batch mean of the loss and every loss metric, plus
     `grad_norm` (before clipping) when clipping is on."""
     optimizer.zero_grad(set_to_none=True)
     n = len(batches)
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
-        sync = i == n - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
-            loss, metrics = forward_loss(model, batch, cfg, step, precision)
+        sync = i == n - 1 or not hasattr(student, "no_sync")
+        with contextlib.nullcontext() if sync else student.no_sync():
+            loss, metrics = forward_loss(student, batch, cfg, step, precision)
             (loss / n).backward()
         for k, v in {"loss": loss, **metrics}.items():
             v = v.detach() / n

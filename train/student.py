@@ -2,7 +2,8 @@
 
 The forward stops at the final hidden states; `gather_logprobs` then projects only the
 response rows through lm_head, one chunk at a time, so full-vocab logits for the whole
-batch never exist (forward or backward).
+batch never exist (forward or backward). Training calls it one way, as the module
+`StudentForward(model, chunk_size)(batch)`, which DDP/FSDP wrap in distributed runs.
 """
 
 from __future__ import annotations
@@ -124,3 +125,21 @@ def student_forward(model, batch: SeqBatch, chunk_size: int) -> StudentOut:
     gathered = gathered[..., : gathered.shape[-1] - own]
     topk = gathered[..., 1:] if gathered.shape[-1] > 1 else None
     return StudentOut(token_logprobs=gathered[..., 0], topk_logprobs=topk, own_topk_logprobs=own_lp)
+
+
+class StudentForward(torch.nn.Module):
+    """`student_forward` as a module taking a batch: what `train_step` calls.
+
+    DDP and FSDP only see a step through their own module's __call__ (that is where DDP
+    prepares the gradient all-reduce and FSDP gathers the root's parameters and registers
+    their reduce-scatter), so the student is called with the batch itself, wrapped or not
+    (train/distributed.py: `wrap`). It adds no parameters: its state-dict keys are the
+    model's under a `model.` prefix."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: SeqBatch) -> StudentOut:
+        return student_forward(self.model, batch, self.chunk_size)

@@ -49,7 +49,7 @@ from .objectives import OBJECTIVE_SPECS, objective_fields
 from .optim import make_optimizer, make_scheduler
 from .prefetch import FirstAhead
 from .step import Precision, train_step
-from .student import base_causal_lm, load_student
+from .student import StudentForward, base_causal_lm, load_student
 from .teachers import EnsembleGroups, MixedGroups, check_layout
 from .xtok.setup import prepare as prepare_xtok
 from .xtok.setup import xtok_cache_dir
@@ -293,7 +293,8 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
           model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
           d: distributed.Dist, reporter=None, xtok=None) -> TrainResult:
     precision = Precision.for_run(cfg, device)
-    step_model = distributed.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
+    student = StudentForward(model, cfg.chunk_size)
+    step_model = distributed.wrap(d, student, cfg, precision.bf16) if d.enabled else student  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
     optimizer = make_optimizer(cfg, params)
     scheduler = make_scheduler(cfg, optimizer, total)
