@@ -2,6 +2,9 @@
 
 setup (store, student, optimizer) -> stream groups -> `next_batches` -> `train_step`
 (forward, loss, backward, clip, optimizer step: train/step.py) -> log / checkpoint.
+`_train` checks and loads everything; a `Run` holds the loop's state (the wrapped student,
+optimizer, scheduler, reader, counters) and `_loop` drives its `step_once`, `log_row` and
+`checkpoint`.
 Resume restores model, optimizer, scheduler, RNG and the reader position, so a run stopped
 after ANY step and resumed ends bitwise identical to an uninterrupted one on CPU.
 Under torchrun the same loop runs on every rank (train/distributed.py: DDP or FSDP2, rank 0
@@ -18,8 +21,9 @@ import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -278,8 +282,13 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
             reporter = open_reporter(parse_report_to(cfg.report_to), out, cfg.to_dict(), store,
                                      resuming, cfg.run_name, cfg.wandb_project)
         try:
-            return _loop(cfg, out, stores, reader, groups, model, tokenizer, device, total, state,
-                         stop_after, d, reporter, xtok)
+            run = Run(cfg, out, d, stores, reader, groups, model, tokenizer, device, total,
+                      reporter=reporter, xtok=xtok)
+            if state is not None:
+                run.restore(state)
+            else:
+                run.fresh()
+            return _loop(run, stop_after)
         finally:
             if reporter is not None:
                 reporter.close()
@@ -289,115 +298,184 @@ def _train(cfg: TrainConfig, d: distributed.Dist, stop_after: int | None) -> Tra
         raise
 
 
-def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[list[dict]],
-          model, tokenizer, device, total: int, state: dict | None, stop_after: int | None,
-          d: distributed.Dist, reporter=None, xtok=None) -> TrainResult:
-    precision = Precision.for_run(cfg, device)
-    student = StudentForward(model, cfg.chunk_size)
-    step_model = distributed.wrap(d, student, cfg, precision.bf16) if d.enabled else student  # what train_step calls
-    params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
-    optimizer = make_optimizer(cfg, params)
-    scheduler = make_scheduler(cfg, optimizer, total)
-    step, tokens, pending, prior_s, last_loss = 0, 0, 0, 0.0, float("nan")
-    row_tps = 0.0  # tokens/s at the last log row (the progress bar shows it)
-    metrics_path = out / METRICS
-    if state is not None:
+@dataclass(eq=False)
+class Run:
+    """One run's state while its loop goes: what `_train` set up, the step's pieces built
+    from it (the wrapped student, optimizer, scheduler), and the counters that `step_once`
+    advances, `log_row` reports and `checkpoint` saves."""
+
+    cfg: TrainConfig
+    out: Path
+    d: distributed.Dist
+    stores: list
+    reader: Any  # StreamReader, MixedGroups or EnsembleGroups: its position is checkpointed
+    groups: Iterator[list[dict]]
+    model: torch.nn.Module  # the student as loaded (peft-wrapped with LoRA): what checkpoints save
+    tokenizer: Any
+    device: torch.device
+    total: int  # optimizer steps of the whole run
+    reporter: Any = None  # rank 0's trackers (train/report.py)
+    xtok: Any = None  # --cross-tokenizer's translation (train/xtok)
+    step: int = 0
+    tokens: int = 0  # summed over ranks, up to the last log row or checkpoint
+    pending: int = 0  # this rank's tokens since then
+    prior_s: float = 0.0  # training seconds of the earlier segments of a resumed run
+    last_loss: float = float("nan")
+    row_tps: float = 0.0  # tokens/s at the last log row (the progress bar shows it)
+    t0: float = 0.0  # when this segment's loop started (`begin`)
+    tokens0: int = 0  # the tokens then
+    saved_at: int = 0  # the step of this segment's last checkpoint
+    precision: Precision = field(init=False)
+    step_model: torch.nn.Module = field(init=False)  # what train_step calls: StudentForward, or DDP/FSDP of it
+    params: list[torch.Tensor] = field(init=False)  # the trainable ones (FSDP: the sharded ones)
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scheduler: Any = field(init=False)
+    batch_args: tuple = field(init=False)  # next_batches' pad id, betas, device, vocab, xtok
+    batch_kw: dict = field(init=False)  # and an ensemble's teacher weights and betas
+
+    def __post_init__(self) -> None:
+        cfg, d = self.cfg, self.d
+        self.precision = Precision.for_run(cfg, self.device)
+        student = StudentForward(self.model, cfg.chunk_size)
+        self.step_model = distributed.wrap(d, student, cfg, self.precision.bf16) if d.enabled else student
+        self.params = [p for p in self.step_model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg, self.params)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.total)
+        store = self.stores[0]
+        vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
+        if self.xtok is not None:  # the student's own ids (train/xtok)
+            vocab = len(self.tokenizer)
+        self.batch_args = (self.tokenizer.pad_token_id or 0, tuple(store.meta.betas), self.device, vocab,
+                           self.xtok)
+        self.batch_kw = {}
+        if cfg.ensemble:
+            self.batch_kw = {"teacher_weights": store_weights(cfg, [s.num_groups for s in self.stores]),
+                             "teacher_betas": [tuple(s.meta.betas) for s in self.stores]}
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / METRICS
+
+    def restore(self, state: dict) -> None:
+        """A resumed run: optimizer, scheduler, RNG and counters as saved (the reader was
+        restored in `_train`, before the student loaded); log rows after the checkpoint go."""
+        cfg, d = self.cfg, self.d
         if cfg.fsdp:
-            load_sharded(out, step_model, optimizer)
+            load_sharded(self.out, self.step_model, self.optimizer)
         else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        distributed.restore_rank_state(d, state)  # RNG on ranks > 0 (the reader was restored in _train)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        distributed.restore_rank_state(d, state)  # RNG on ranks > 0
         if d.main:
             set_rng_state(state["rng"])
-        step, tokens, prior_s = state["step"], state["tokens"], float(state.get("seconds", 0.0))
-        last_loss = float(state.get("loss", float("nan")))
+        self.step, self.tokens, self.prior_s = state["step"], state["tokens"], float(state.get("seconds", 0.0))
+        self.last_loss = float(state.get("loss", float("nan")))
         if d.main:
-            truncate_metrics(metrics_path, step)
-        log.info("resumed %s at step %d", out / LAST, step)
-    else:
-        seed_rank(d, cfg.seed)
-        if d.main and metrics_path.exists():
-            metrics_path.unlink()
+            truncate_metrics(self.metrics_path, self.step)
+        log.info("resumed %s at step %d", self.out / LAST, self.step)
 
-    pad_id = tokenizer.pad_token_id or 0
-    store = stores[0]
-    betas = tuple(store.meta.betas)
-    vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
-    if xtok is not None:  # the student's own ids (train/xtok)
-        vocab = len(tokenizer)
-    ensemble = {}
-    if cfg.ensemble:
-        ensemble = {"teacher_weights": store_weights(cfg, [s.num_groups for s in stores]),
-                    "teacher_betas": [tuple(s.meta.betas) for s in stores]}
-    model.train()
-    t0, tokens0, saved_at = time.perf_counter(), tokens, step
-    metrics: dict[str, torch.Tensor] = {}
-    progress = _progress(cfg, total, step) if d.main else None
+    def fresh(self) -> None:
+        """A new run: every rank's RNG from the seed, no earlier log rows."""
+        seed_rank(self.d, self.cfg.seed)
+        if self.d.main and self.metrics_path.exists():
+            self.metrics_path.unlink()
 
-    def checkpoint() -> None:
-        nonlocal tokens, pending
-        tokens, pending = tokens + distributed.sum_int(d, pending), 0
-        ranks = distributed.rank_states(d, reader) if d.enabled else None
-        seconds = prior_s + time.perf_counter() - t0
+    def begin(self) -> None:
+        """This segment's clock starts: tokens/s and the run's seconds count from here."""
+        self.model.train()
+        self.t0, self.tokens0, self.saved_at = time.perf_counter(), self.tokens, self.step
+
+    def seconds(self) -> float:
+        return self.prior_s + time.perf_counter() - self.t0
+
+    def step_once(self) -> dict[str, torch.Tensor]:
+        """One optimizer step on the next batches; its metrics stay on the device."""
+        batches, step_tokens = next_batches(self.groups, self.cfg, *self.batch_args, **self.batch_kw)
+        metrics = train_step(self.step_model, self.optimizer, self.scheduler, self.params, batches,
+                             self.cfg, self.step, self.precision)
+        self.step += 1
+        self.pending += step_tokens  # this rank's; summed over ranks when logged or saved
+        return metrics
+
+    def log_row(self, metrics: dict[str, torch.Tensor]) -> None:
+        """A metrics.jsonl row (rank 0) and the trackers': the step's metrics averaged over ranks."""
+        row, new = distributed.reduce_metrics(self.d, metrics, self.pending)  # the one device sync per log row
+        self.tokens, self.pending = self.tokens + new, 0
+        self.last_loss = row["loss"]
+        elapsed = time.perf_counter() - self.t0
+        self.row_tps = (self.tokens - self.tokens0) / max(elapsed, 1e-9)
+        row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens,
+               "tokens_per_s": self.row_tps, **row}
+        if self.xtok is not None:  # so far in this process (METHODS §5 report)
+            row["aligned_fraction"] = self.xtok.stats.aligned_fraction
+            if self.xtok.stats.topk_mass > 0:  # none with ULD: no map
+                row["mapped_topk_mass"] = self.xtok.stats.mapped_mass_fraction
+        if self.d.main:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.reporter is not None:
+            self.reporter.log(row)
+
+    def checkpoint(self) -> None:
+        """out/last at this step. Every rank calls it: rank 0 writes (FSDP: every rank its shards)."""
+        cfg, d, out = self.cfg, self.d, self.out
+        self.tokens, self.pending = self.tokens + distributed.sum_int(d, self.pending), 0
+        self.saved_at = self.step
+        ranks = distributed.rank_states(d, self.reader) if d.enabled else None
+        seconds = self.seconds()
         if cfg.fsdp:
-            save_sharded_checkpoint(out, d, step_model, tokenizer, optimizer, scheduler, reader, step,
-                                    tokens, cfg, seconds, last_loss, ranks)
+            save_sharded_checkpoint(out, d, self.step_model, self.tokenizer, self.optimizer, self.scheduler,
+                                    self.reader, self.step, self.tokens, cfg, seconds, self.last_loss, ranks)
             return
         if d.main:
-            save_checkpoint(out, model, tokenizer, optimizer, scheduler, reader, step, tokens, cfg,
-                            seconds, last_loss, ranks)
+            save_checkpoint(out, self.model, self.tokenizer, self.optimizer, self.scheduler, self.reader,
+                            self.step, self.tokens, cfg, seconds, self.last_loss, ranks)
         distributed.barrier(d)  # nobody goes on before the checkpoint is complete
 
-    while step < total and (stop_after is None or step < stop_after):
-        batches, step_tokens = next_batches(groups, cfg, pad_id, betas, device, vocab, xtok, **ensemble)
-        metrics = train_step(step_model, optimizer, scheduler, params, batches, cfg, step, precision)
-        step += 1
-        pending += step_tokens  # this rank's; summed over ranks when logged or saved
-        if step % cfg.log_every == 0 or step == total:
-            row, new = distributed.reduce_metrics(d, metrics, pending)  # the one device sync per log row
-            tokens, pending = tokens + new, 0
-            last_loss = row["loss"]
-            elapsed = time.perf_counter() - t0
-            row_tps = (tokens - tokens0) / max(elapsed, 1e-9)
-            row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                   "tokens_per_s": row_tps, **row}
-            if xtok is not None:  # so far in this process (METHODS §5 report)
-                row["aligned_fraction"] = xtok.stats.aligned_fraction
-                if xtok.stats.topk_mass > 0:  # none with ULD: no map
-                    row["mapped_topk_mass"] = xtok.stats.mapped_mass_fraction
-            if d.main:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-            if reporter is not None:
-                reporter.log(row)
+    def finish(self, metrics: dict[str, torch.Tensor]) -> TrainResult:
+        """After this segment's last step: the final loss and tokens, a checkpoint unless that
+        step has one, and out/model once the run is complete."""
+        cfg, d, out = self.cfg, self.d, self.out
+        if self.xtok is not None and d.main:
+            mass = self.xtok.stats.mapped_mass_fraction
+            log.info("cross-tokenizer (%s): %.1f%% of student tokens aligned%s", cfg.cross_tokenizer,
+                     100 * self.xtok.stats.aligned_fraction,
+                     "" if mass != mass else f", {100 * mass:.1f}% of the teacher's top-K mass at aligned "
+                     "positions maps")
+        if metrics:
+            self.last_loss = distributed.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
+        self.tokens, self.pending = self.tokens + distributed.sum_int(d, self.pending), 0
+        # rank 0 decides (its view of out/ is the one that counts when --out is not shared)
+        if distributed.sum_int(d, int(self.saved_at != self.step or not has_checkpoint(out)) if d.main else 0):
+            self.checkpoint()
+        seconds = self.seconds()
+        if self.step >= self.total:
+            if cfg.fsdp:
+                export_sharded(out, d, self.step_model, self.model, self.tokenizer)
+            elif d.main:
+                export_model(out, self.model, self.tokenizer)
+            distributed.barrier(d)
+        return TrainResult(str(out), self.step, self.tokens, seconds, self.last_loss, d.rank)
+
+
+def _loop(run: Run, stop_after: int | None) -> TrainResult:
+    """Step until the run's total (or `stop_after` steps, for resume tests), logging every
+    --log-every steps and saving every --save-every."""
+    cfg = run.cfg
+    run.begin()
+    metrics: dict[str, torch.Tensor] = {}
+    progress = _progress(cfg, run.total, run.step) if run.d.main else None
+    while run.step < run.total and (stop_after is None or run.step < stop_after):
+        metrics = run.step_once()
+        if run.step % cfg.log_every == 0 or run.step == run.total:
+            run.log_row(metrics)
         if progress is not None:
-            progress.update(1, loss=last_loss, tps=row_tps)
-        if cfg.save_every and step % cfg.save_every == 0:
-            checkpoint()
-            saved_at = step
+            progress.update(1, loss=run.last_loss, tps=run.row_tps)
+        if cfg.save_every and run.step % cfg.save_every == 0:
+            run.checkpoint()
     if progress is not None:
         progress.close()
-    if xtok is not None and d.main:
-        mass = xtok.stats.mapped_mass_fraction
-        log.info("cross-tokenizer (%s): %.1f%% of student tokens aligned%s", cfg.cross_tokenizer,
-                 100 * xtok.stats.aligned_fraction,
-                 "" if mass != mass else f", {100 * mass:.1f}% of the teacher's top-K mass at aligned "
-                 "positions maps")
-    if metrics:
-        last_loss = distributed.reduce_metrics(d, {"loss": metrics["loss"]}, 0)[0]["loss"]
-    tokens, pending = tokens + distributed.sum_int(d, pending), 0
-    # rank 0 decides (its view of out/ is the one that counts when --out is not shared)
-    if distributed.sum_int(d, int(saved_at != step or not has_checkpoint(out)) if d.main else 0):
-        checkpoint()
-    seconds = prior_s + time.perf_counter() - t0
-    if step >= total:
-        if cfg.fsdp:
-            export_sharded(out, d, step_model, model, tokenizer)
-        elif d.main:
-            export_model(out, model, tokenizer)
-        distributed.barrier(d)
-    return TrainResult(str(out), step, tokens, seconds, last_loss, d.rank)
+    return run.finish(metrics)
 
 
 def _remove_run_files(out: Path, created: bool) -> None:
