@@ -137,7 +137,7 @@ def worker(spec: dict) -> None:
     params = [p for p in step_model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     sched = make_scheduler(cfg, opt, cfg.max_steps)
-    store = open_store(cfg.store)
+    store = open_store(cfg.store[0])  # TrainConfig.store is a list (several teachers)
     fields = ["topk_ids", "topk_logprobs"]
     budget = D.epoch_budget(store, fields, 0, d.world_size) if d.enabled else None
     groups = group_stream(StreamReader(store, fields=fields, seed=0, rank=d.rank, world_size=d.world_size),

@@ -376,7 +376,7 @@ def measure_row(spec: dict) -> dict:
         optimizer = optimizer(params)
         scheduler = make_scheduler(cfg, optimizer, cfg.max_steps)
         precision = step_mod.Precision.for_run(cfg, device)
-        store = open_store(cfg.store)
+        store = open_store(cfg.store[0])  # TrainConfig.store is a list (several teachers)
         reader = StreamReader(store, fields=list(OBJECTIVE_SPECS[cfg.objective].fields), shuffle=True, seed=cfg.seed)
         groups = group_stream(reader)
         times, tokens = [], 0
