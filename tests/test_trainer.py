@@ -12,7 +12,7 @@ from kdcache.cli import make_config
 from kdcache.store import StoreMeta, StoreWriter
 from kdcache.train.batch import collate
 from kdcache.train.config import OBJECTIVES, TrainConfig
-from kdcache.train.student import student_forward
+from kdcache.train.student import StudentForward, student_forward
 from kdcache.train.tiny import build_tokenizer, save_tiny
 from kdcache.train.trainer import train
 
@@ -123,6 +123,23 @@ def test_student_forward_equals_full_logits(setup, dtype, packed):
         torch.testing.assert_close(out.token_logprobs[s, :T].double(), ref.gather(-1, ids[:, None])[:, 0], atol=tol, rtol=0)
         topk = torch.tensor(np.array(r["topk_ids"]), dtype=torch.long)
         torch.testing.assert_close(out.topk_logprobs[s, :T].double(), ref.gather(-1, topk), atol=tol, rtol=0)
+
+
+def test_the_student_module_is_student_forward_and_adds_no_state(setup):
+    """StudentForward, the one form every step calls: the output of student_forward, the
+    model's parameters in their order (optimizer states and checkpoints carry over) and its
+    state-dict keys under `model.` (what the FSDP export strips)."""
+    model_dir, url, _ = setup
+    from kdcache.store import open_store
+
+    records = next(open_store(url).groups())[:4]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    student, batch = StudentForward(model, chunk_size=3), collate(records)
+    got, want = student(batch), student_forward(model, batch, chunk_size=3)
+    assert torch.equal(got.token_logprobs, want.token_logprobs)
+    assert torch.equal(got.topk_logprobs, want.topk_logprobs)
+    assert [id(p) for p in student.parameters()] == [id(p) for p in model.parameters()]
+    assert list(student.state_dict()) == [f"model.{k}" for k in model.state_dict()]
 
 
 @pytest.mark.parametrize("objective", ["dckd", "adpa"])
