@@ -330,8 +330,10 @@ class Run:
     params: list[torch.Tensor] = field(init=False)  # the trainable ones (FSDP: the sharded ones)
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: Any = field(init=False)
-    batch_args: tuple = field(init=False)  # next_batches' pad id, betas, device, vocab, xtok
-    batch_kw: dict = field(init=False)  # and an ensemble's teacher weights and betas
+    pad_id: int = field(init=False)
+    betas: tuple[float, ...] = field(init=False)  # the first store's soft-value betas
+    vocab: int | None = field(init=False)  # the ids a step's log-probs normalise over
+    ensemble: dict = field(init=False)  # --ensemble: each teacher's weight and betas
 
     def __post_init__(self) -> None:
         cfg, d = self.cfg, self.d
@@ -342,14 +344,14 @@ class Run:
         self.optimizer = make_optimizer(cfg, self.params)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.total)
         store = self.stores[0]
-        vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.betas = tuple(store.meta.betas)
+        self.vocab = store.meta.scored_vocab  # a padded student head normalises over these ids only
         if self.xtok is not None:  # the student's own ids (train/xtok)
-            vocab = len(self.tokenizer)
-        self.batch_args = (self.tokenizer.pad_token_id or 0, tuple(store.meta.betas), self.device, vocab,
-                           self.xtok)
-        self.batch_kw = {}
+            self.vocab = len(self.tokenizer)
+        self.ensemble = {}
         if cfg.ensemble:
-            self.batch_kw = {"teacher_weights": store_weights(cfg, [s.num_groups for s in self.stores]),
+            self.ensemble = {"teacher_weights": store_weights(cfg, [s.num_groups for s in self.stores]),
                              "teacher_betas": [tuple(s.meta.betas) for s in self.stores]}
 
     @property
@@ -390,7 +392,8 @@ class Run:
 
     def step_once(self) -> dict[str, torch.Tensor]:
         """One optimizer step on the next batches; its metrics stay on the device."""
-        batches, step_tokens = next_batches(self.groups, self.cfg, *self.batch_args, **self.batch_kw)
+        batches, step_tokens = next_batches(self.groups, self.cfg, self.pad_id, self.betas, self.device,
+                                            self.vocab, self.xtok, **self.ensemble)
         metrics = train_step(self.step_model, self.optimizer, self.scheduler, self.params, batches,
                              self.cfg, self.step, self.precision)
         self.step += 1
