@@ -706,11 +706,11 @@ def store_merge(out: str = typer.Argument(..., help="URL of the merged store"),
     parts) into OUT, under the unpartitioned run's meta; print OUT. Stores whose meta
     differs otherwise are refused. (`kdcache precompute ... --merge-parts N` does the same
     from the config and also restores the single run's shard order.)"""
-    from kdcache.store.admin import merge
+    from kdcache.precompute.partitions import merge_stores
 
     def run() -> str:
         _refuse_memory({"out": out})
-        return merge(parts, out)
+        return merge_stores(parts, out, option="OUT")
 
     typer.echo(_friendly(run))
 

@@ -57,9 +57,9 @@ from .models import (
     resolve_dtype,
     tokenizer_fingerprint,
 )
-from .run import cache_hit, check_out_is_free, check_writable, code_version
+from .run import cache_hit, code_version, out_option
 from .sources import open_data
-from .storeapi import StoreMeta, store_key
+from .storeapi import StoreMeta, check_output, store_key
 from .writing import GroupWriter
 
 BEHAVIOR_DEFINITION = "log-prob under the sampling distribution after temperature, top-k, top-p"
@@ -243,8 +243,7 @@ def run_rollout(cfg: RolloutConfig) -> str:
     if cache_hit(url, meta):
         return url
     reward_fn = cfg.reward
-    check_out_is_free(url)
-    check_writable(url)
+    check_output(url, out_option(cfg))
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     with GroupWriter(url, meta, cfg.shard_records, cfg.resume, "rollout_report", clamp=True) as writer:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -61,9 +59,9 @@ from .storeapi import (
     TOPK_FIELDS,
     NoStoreError,
     StoreMeta,
+    check_output,
     describe_files,
     open_store,
-    probe_writable,
     store_key,
 )
 from .writing import GroupWriter
@@ -331,63 +329,18 @@ def default_url(cfg: PrecomputeConfig, meta: StoreMeta) -> str:
     return cfg.out or f"{cfg.out_root.rstrip('/')}/{store_key(meta)}"
 
 
+def out_option(cfg: Any) -> str:
+    """The option that names a run's output location, for error messages."""
+    return "--out" if cfg.out else "--out-root"
+
+
 def cache_hit(url: str, meta: StoreMeta) -> bool:
     """A complete store with this content already exists at `url`."""
     try:
         existing = open_store(url)
     except (NoStoreError, NotADirectoryError, PermissionError):
-        return False  # nothing (readable) there; check_writable names a bad location
+        return False  # nothing (readable) there; check_output names a bad location
     return existing.complete and existing.meta.content_dict() == meta.content_dict()
-
-
-def check_writable(url: str) -> None:
-    """Fail before any model is loaded when a local output location cannot be written.
-    Leaves nothing behind: directories it had to create for the probe are removed again
-    (the store's writer creates them when it commits its first shard)."""
-    if "://" in url and not url.startswith("file://"):
-        return  # object stores: the first write reports its own error
-    path = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
-    created = []
-    d = path
-    while not os.path.exists(d) and os.path.dirname(d) != d:
-        created.append(d)
-        d = os.path.dirname(d)
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe_writable(path)  # removes its probe on every path, a full disk included
-    except OSError as e:
-        raise OSError(f"output directory {path!r} is not writable ({e.strerror or e}); pass a "
-                      "writable --out / --out-root, or fix its permissions") from None
-    finally:
-        for c in created:  # deepest first
-            try:
-                os.rmdir(c)
-            except OSError:
-                break
-
-
-def check_out_is_free(url: str) -> None:
-    """A new store goes into a new or empty directory: refuse a local directory that holds
-    files but no store (someone else's data, a typo'd --out), before anything is written.
-    Leftover temporary files of a killed writer (`*.tmp-*`, docs/STORE_FORMAT.md) are fine."""
-    if "://" in url and not url.startswith("file://"):
-        return
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if not os.path.isdir(path):
-        return
-    try:
-        open_store(url)
-        return  # a store: the writer resumes it or refuses other settings
-    except (NoStoreError, NotADirectoryError, PermissionError):
-        pass
-    # a write probe of a run killed by an older kdcache (`.kdcache-write-probe-<pid>`) is
-    # a leftover too, not someone else's data
-    other = sorted(n for n in os.listdir(path) if ".tmp-" not in n
-                   and not re.fullmatch(r"\.kdcache-write-probe-\d+", n))
-    if other:
-        raise ValueError(f"--out {path} is a directory with other files ({', '.join(other[:3])}"
-                         f"{', ...' if len(other) > 3 else ''}) and no kdcache store; pass a new "
-                         "or empty directory (or --out-root to name it by its key)")
 
 
 # ------------------------------------------------------------------------------- the run
@@ -414,10 +367,9 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
         return url  # content-addressed cache hit: nothing to do, no model loaded
     t0 = time.perf_counter()
-    check_out_is_free(url)
+    check_output(url, out_option(cfg))  # free and writable, before any model is loaded
     checked = check_data(cfg, prep) if cfg.check_data else None
     times["check_s"] = time.perf_counter() - t0
-    check_writable(url)
     if checked is not None:
         report_data(cfg, checked)
     try:

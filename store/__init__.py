@@ -18,6 +18,7 @@ from .format import (
     StoreMeta,
 )
 from .lock import StoreLockedError, lock_for, probe_writable
+from .output import check_output
 from .reader import ChecksumError, Store, open_store
 from .stream import StreamReader
 from .summary import summarize
@@ -31,6 +32,7 @@ __all__ = [
     "ChecksumError",
     "NoStoreError",
     "StoreLockedError",
+    "check_output",
     "probe_writable",
     "PADDED_FIELDS",
     "REF_FIELDS",

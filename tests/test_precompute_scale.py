@@ -260,6 +260,7 @@ def test_store_merge_cli_accepts_partitions(work, single):
     merged, whole = open_store(str(out)), open_store(str(work / "stores" / single["store_key"]))
     assert {(r["example_id"], r["role"]) for r in merged} == {(r["example_id"], r["role"]) for r in whole}
     assert merged.manifest["store_key"] == whole.manifest["store_key"]  # the unpartitioned run's key
+    assert merged.tokenizer_files() == whole.tokenizer_files()  # carried over from the parts
     res = runner.invoke(cli.app, ["store", "merge", str(work / "half"), parts[0]])
     assert res.exit_code == 2 and "missing [1]" in res.output
 
