@@ -421,8 +421,8 @@ def merge(urls: list[str], out_url: str, *, order: Iterable[tuple[int, str]] | N
       is the next group of that input and must have that id (the inputs' own orders are
       kept). Every group of every input must be given. Default: input after input.
     - `meta`: the merged store's meta (default: the first input's). `agree(meta)` maps a
-      meta to what the inputs must share (default: all of it), e.g. the producer's
-      partition option dropped; the inputs and `meta` must agree on it.
+      meta to what the inputs must share (default: all of it; a producer that writes one
+      run as several stores drops what tells them apart); the inputs and `meta` must agree.
     - `report_key`, `report` (a dict, or a function called once every group is written):
       the merged store's report section, as `StoreWriter.close(report=)` takes it.
     - `resume=False` (`kdcache store merge`): OUT must be new or empty; the store is built
@@ -433,7 +433,7 @@ def merge(urls: list[str], out_url: str, *, order: Iterable[tuple[int, str]] | N
     - `option`: what the user calls OUT, in error messages (`OUT`, `--out-root`, ...).
 
     Groups are re-encoded with the shard rule a single run uses (`shard_records`, default the
-    first input's), so merging a run's partitions in that run's order equals the run written
+    first input's), so merging a run's parts in that run's order equals the run written
     in one go (same shard checksums); compact-codec values are already on their grid and
     re-encode exactly. The inputs' tokenizer files are carried over. Example ids must be
     disjoint across the inputs. Locally one merge per OUT runs at a time (its lock).
@@ -480,7 +480,7 @@ class _Merge:
             if got != want:
                 diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
                 raise ValueError(f"cannot merge {u} into {out_url}: meta differs in {diff}; only "
-                                 f"stores of one run (e.g. its partitions) can be merged")
+                                 f"stores of one run (e.g. its parts) can be merged")
         for u, st in zip(urls, self.stores, strict=True):
             if not st.complete:
                 raise ValueError(f"cannot merge {u}: the store is incomplete (its writer did not "
@@ -510,14 +510,14 @@ class _Merge:
             got = next(streams[i], None)
             found = None if got is None else str(got[0]["example_id"])
             if found != want:
-                raise ValueError(f"{self.urls[i]} does not hold its groups in the merge order: "
-                                 f"expected example {want!r} next (entry {pos}), found {found!r}; "
-                                 "the stores belong to another run or dataset")
+                raise ValueError(f"input {i} ({self.urls[i]}) does not hold its groups in the "
+                                 f"merge order: expected example {want!r} next (entry {pos}), "
+                                 f"found {found!r}; the stores belong to another run or dataset")
             yield self.urls[i], got
-        for u, rest in zip(self.urls, streams, strict=True):
+        for i, rest in enumerate(streams):
             if next(rest, None) is not None:
-                raise ValueError(f"{u} holds more groups than the merge order gives it; it "
-                                 "belongs to another run or dataset")
+                raise ValueError(f"input {i} ({self.urls[i]}) holds more groups than the merge "
+                                 "order gives it; it belongs to another run or dataset")
 
     def run(self, order: Iterable[tuple[int, str]] | None, shard_records: int | None,
             report_key: str | None, report: Any, resume: bool) -> str:

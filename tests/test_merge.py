@@ -60,10 +60,11 @@ def test_an_input_that_does_not_follow_the_order_is_named(tmp_path, resume):
     out = tmp_path / "out"
     order = _order(groups)
     swapped = order[:3] + [order[5], order[4], order[3]] + order[6:]  # input 1 out of turn
-    with pytest.raises(ValueError, match=f"{urls[1]} does not hold its groups in the merge "
-                                         "order: expected example 'ex00005' next"):
+    with pytest.raises(ValueError, match=rf"input 1 \({urls[1]}\) does not hold its groups in "
+                                         "the merge order: expected example 'ex00005' next"):
         merge(urls, str(out), order=swapped, resume=resume)
-    with pytest.raises(ValueError, match=f"{urls[1]} holds more groups than the merge order"):
+    with pytest.raises(ValueError, match=rf"input 1 \({urls[1]}\) holds more groups than the "
+                                         "merge order"):
         merge(urls, str(out), order=order[:-1], resume=resume)
     with pytest.raises(ValueError, match="merge order entry 0 names input 2; there are 2"):
         merge(urls, str(out), order=[(2, "ex00000")], resume=resume)
