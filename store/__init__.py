@@ -17,7 +17,7 @@ from .format import (
     TOPK_FIELDS,
     StoreMeta,
 )
-from .lock import StoreLockedError, lock_for, probe_writable
+from .lock import StoreLockedError, lock_for
 from .output import check_output
 from .reader import ChecksumError, Store, open_store
 from .stream import StreamReader
@@ -33,7 +33,6 @@ __all__ = [
     "NoStoreError",
     "StoreLockedError",
     "check_output",
-    "probe_writable",
     "PADDED_FIELDS",
     "REF_FIELDS",
     "ROLES",

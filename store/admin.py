@@ -31,7 +31,6 @@ from .format import SCHEMA_VERSION, StoreMeta
 from .integrity import manifest_problems, name_problem
 from .lock import (
     TEMP_MARKER,
-    WRITE_PROBE,
     StoreLock,
     describe,
     lock_holder,
@@ -39,7 +38,7 @@ from .lock import (
     read_temp_marker,
     write_temp_marker,
 )
-from .output import check_output
+from .output import WRITE_PROBE, check_output
 from .reader import open_store
 from .writer import STALE_TEMP_S, NoStoreError, StoreWriter
 

@@ -8,15 +8,15 @@ the user typed (`--out`, `--out-root`, `OUT`), so the one error line names what 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
-from ._io import MANIFEST, is_local, join, open_fs
-from .lock import probe_writable
+from ._io import MANIFEST, is_local, join, open_fs, temp_name
 from .reader import open_store
 from .writer import NoStoreError
 
-__all__ = ["check_output", "MAY_HOLD"]
+__all__ = ["check_output", "MAY_HOLD", "WRITE_PROBE", "probe_writable"]
 
 #: What may already stand at the location: "nothing" (a new or empty directory: a merge
 #: renames its finished store onto it), "store" (a store, which its writer resumes or
@@ -27,6 +27,27 @@ MAY_HOLD = ("nothing", "store", "anything")
 # a killed writer's temporary files (docs/STORE_FORMAT.md), and the write probe of a run
 # killed by an older kdcache (`.kdcache-write-probe-<pid>`): leftovers, not someone's data
 _LEFTOVER = re.compile(r".*\.tmp-.*|\.kdcache-write-probe-\d+")
+
+#: Base name of the file `probe_writable` writes (a `temp_name` of it: owner pid and host).
+WRITE_PROBE = "kdcache-write-probe"
+
+
+def probe_writable(directory: str) -> None:
+    """Write and remove a small file in `directory` (which must exist): OSError when it
+    cannot be written. The probe is removed on every path, a full disk included; its name
+    names its process, so a killed run's probe is a dead writer's temp file to gc and to
+    the next run."""
+    probe = os.path.join(directory, temp_name(WRITE_PROBE))
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(probe)
 
 
 def check_output(url: str, option: str, *, may_hold: str = "store") -> None:

@@ -21,7 +21,8 @@ from kdcache.store import StoreWriter, open_store
 from kdcache.store import admin as admin_mod
 from kdcache.store._io import temp_name
 from kdcache.store.admin import gc, list_stores
-from kdcache.store.lock import TEMP_MARKER, WRITE_PROBE, write_temp_marker
+from kdcache.store.lock import TEMP_MARKER, write_temp_marker
+from kdcache.store.output import WRITE_PROBE
 from kdcache.store.verify import verify
 
 runner = CliRunner()
