@@ -54,7 +54,7 @@ def _real_peak(cfg: TrainConfig, hf_config) -> dict:
     precision = Precision(bf16=False, device_type="cpu", cache=not cfg.grad_checkpointing)
     with tracker:
         return measure_step(model, cfg, batches, precision,
-                            lambda ps: make_optimizer(cfg, ps, device_type="cuda"), tracker)
+                            lambda ps: make_optimizer(cfg.optim_settings, ps, device_type="cuda"), tracker)
 
 
 @pytest.mark.parametrize("kw,tied", [(dict(grad_checkpointing=False), True),
@@ -284,7 +284,7 @@ def _real_peak_teachers(cfg: TrainConfig, hf_config, teachers: int) -> dict:
     tracker.register(batch_tensors(batches), "inputs")
     with tracker:
         return measure_step(model, cfg, batches, Precision(bf16=False, device_type="cpu"),
-                            lambda ps: make_optimizer(cfg, ps, device_type="cuda"), tracker), batches
+                            lambda ps: make_optimizer(cfg.optim_settings, ps, device_type="cuda"), tracker), batches
 
 
 @pytest.mark.parametrize("objective", ["kd", "adpa"])

@@ -78,7 +78,7 @@ def test_layers_recipe_then_file_then_flags(tmp_path):
     assert (cfg.recipe, cfg.objective, cfg.lr, cfg.tvkd_alpha) == ("tvkd", "tvkd", 0.1, 0.1)
     assert (cfg.tvkd_beta, cfg.epochs) == (base["tvkd_beta"], base["epochs"])
     cfg = load_config(f, {"recipe": "dckd-code"})  # a flag names another recipe
-    assert (cfg.objective, cfg.dckd_reference_code, cfg.lr) == ("dckd", True, 0.5)
+    assert (cfg.objective, cfg.dckd_released_code, cfg.lr) == ("dckd", True, 0.5)
     assert load_config(None, {}).recipe == ""
     with pytest.raises(ValueError, match=r"unknown recipe 'nope': available recipes are adpa, adpa-code"):
         load_config(None, {"recipe": "nope"})
@@ -108,7 +108,7 @@ def test_cli_layers_and_unknown_recipe(tmp_path, monkeypatch):
     res = runner.invoke(cli.app, ["train", "--recipe", "adpa-code", "-c", str(f), "--lr", "0.25"])
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
-    assert (cfg.recipe, cfg.objective, cfg.adpa_reference_code, cfg.adpa_weight) == ("adpa-code", "adpa", True, 1.6)
+    assert (cfg.recipe, cfg.objective, cfg.adpa_released_code, cfg.adpa_weight) == ("adpa-code", "adpa", True, 1.6)
     assert (cfg.lr, cfg.batch_groups, cfg.grad_accum) == (0.25, 3, 128)  # flag > file > recipe
     res = runner.invoke(cli.app, ["train", "--recipe", "nope", "--model", "m", "--store", "s"])
     assert res.exit_code == 2 and "Traceback" not in res.output
@@ -120,9 +120,9 @@ def test_cli_layers_and_unknown_recipe(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"adpa_reference_code": True, "adpa_gamma": 2.0}, r"adpa_gamma is a weight of the paper form.*set adpa_weight"),
-    ({"adpa_weight": 2.0}, r"adpa_weight is a weight of the released-code variant.*--adpa-reference-code"),
-    ({"dckd_reference_code": True, "dckd_alpha": 0.5}, r"dckd_alpha .*set dckd_sft_weight, dckd_chosen_weight"),
+    ({"adpa_released_code": True, "adpa_gamma": 2.0}, r"adpa_gamma is a weight of the paper form.*set adpa_weight"),
+    ({"adpa_weight": 2.0}, r"adpa_weight is a weight of the released-code variant.*--adpa-released-code"),
+    ({"dckd_released_code": True, "dckd_alpha": 0.5}, r"dckd_alpha .*set dckd_sft_weight, dckd_chosen_weight"),
     ({"dckd_chosen_weight": 0.5}, r"dckd_chosen_weight is a weight of the released-code variant"),
 ])
 def test_a_weight_of_the_other_variant_is_refused(kw, match):
@@ -149,24 +149,24 @@ def _fake_batch():
 
 
 @pytest.mark.parametrize("kw,gamma", [({}, 3.0), ({"adpa_gamma": 1.5}, 1.5),
-                                      ({"adpa_reference_code": True}, 1.6),
-                                      ({"adpa_reference_code": True, "adpa_weight": 0.5}, 0.5)])
+                                      ({"adpa_released_code": True}, 1.6),
+                                      ({"adpa_released_code": True, "adpa_weight": 0.5}, 0.5)])
 def test_adpa_weight_defaults_follow_the_variant(monkeypatch, kw, gamma):
     seen = _capture(monkeypatch, "adpa_loss")
     objectives._adpa(*_fake_batch(), TrainConfig(**kw), 0)
-    assert seen["gamma"] == gamma and seen["reference_code"] == kw.get("adpa_reference_code", False)
+    assert seen["gamma"] == gamma and seen["released_code"] == kw.get("adpa_released_code", False)
 
 
 @pytest.mark.parametrize("kw,alpha,weights", [
     ({}, 0.2, (1.0, 0.1, 0.1)),
     ({"dckd_alpha": 1.0}, 1.0, (1.0, 0.1, 0.1)),
-    ({"dckd_reference_code": True, "dckd_rejected_weight": 0.0}, 0.2, (1.0, 0.1, 0.0)),
+    ({"dckd_released_code": True, "dckd_rejected_weight": 0.0}, 0.2, (1.0, 0.1, 0.0)),
 ])
 def test_dckd_weight_defaults_follow_the_variant(monkeypatch, kw, alpha, weights):
     seen = _capture(monkeypatch, "dckd_loss")
     objectives._dckd(*_fake_batch(), TrainConfig(**kw), 0)
     assert (seen["alpha"], seen["weights"]) == (alpha, weights)
-    assert seen["reference_code"] == kw.get("dckd_reference_code", False)
+    assert seen["released_code"] == kw.get("dckd_released_code", False)
 
 
 # ---------------------------------------------------------------- a real run saves the resolved recipe
