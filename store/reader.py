@@ -265,11 +265,11 @@ def decode_shard(
     if threads and len(jobs) > 1:
         futs = {a: _decode_pool().submit(fn) for a, fn in jobs.items()}
         try:
-            table = _read_records(raw, counts)
+            table = _read_records(raw, counts, getattr(expect, "vocab", None))
         finally:
             dec = {a: f.result() for a, f in futs.items()}
     else:
-        table = _read_records(raw, counts)
+        table = _read_records(raw, counts, getattr(expect, "vocab", None))
         dec = {a: fn() for a, fn in jobs.items()}
     tokens: dict[str, np.ndarray] = {}
     if adv:
@@ -304,7 +304,7 @@ def check_shard(raw: dict[str, bytes], entry: dict[str, Any], meta: StoreMeta) -
         except Exception as e:  # noqa: BLE001 - malformed metadata of any kind
             raise ShardFileError(f"tokens.zarr/{a}/zarr.json",
                                  f"cannot be read ({type(e).__name__}: {e})") from None
-    _read_records(raw, counts)
+    _read_records(raw, counts, expect.vocab)
 
 
 class ShardFileError(ValueError):
@@ -354,10 +354,12 @@ def _check_parquet_meta(pf: Any, size: int, counts: dict[str, int]) -> None:
                                                     f"of {counts['n_records']} rows")
 
 
-def _check_records(table: Any, counts: dict[str, int]) -> Any:
-    """Per-record lengths against the manifest (O(records), not per token): each
-    response_ids holds n_tokens ids, token_offset is their running sum, the total is the
-    shard's n_tokens, roles are known, ids are short; strings back to plain columns."""
+def _check_records(table: Any, counts: dict[str, int], vocab: int | None = None) -> Any:
+    """Per-record lengths against the manifest: each response_ids holds n_tokens ids,
+    token_offset is their running sum, the total is the shard's n_tokens, roles are known,
+    ids are short; every token id lies in [0, vocab) (a crafted id would index past the
+    student's embedding: an IndexError on CPU, a device-side assert that kills the process
+    on CUDA); strings back to plain columns."""
     n = table.num_rows
     for col in ("example_id", "role"):
         arr = table.column(col).combine_chunks()
@@ -383,6 +385,8 @@ def _check_records(table: Any, counts: dict[str, int]) -> Any:
                                                 f"(response_ids lengths, n_tokens, token_offset "
                                                 f"or their total {counts['n_tokens']}; crafted "
                                                 f"or corrupt)")
+    if vocab is not None:
+        _check_token_ids(table, vocab)
     eids = table.column("example_id").combine_chunks()
     if n == 0:
         groups = 0
@@ -399,7 +403,25 @@ def _check_records(table: Any, counts: dict[str, int]) -> Any:
     return table
 
 
-def _read_records(raw: dict[str, bytes], counts: dict[str, int] | None = None) -> Any:
+def _check_token_ids(table: Any, vocab: int) -> None:
+    """Every id of the token-id columns in [0, vocab): one vectorised min/max per column
+    (a few microseconds per thousand tokens, beside the arrays' decode)."""
+    for col in ("prompt_ids", "response_ids", "teacher_prompt_ids"):
+        if col not in table.column_names:
+            continue
+        values = pc.list_flatten(table.column(col))
+        if len(values) == 0:
+            continue
+        lo, hi = (v.as_py() for v in pc.min_max(values).values())
+        if lo is not None and (lo < 0 or hi >= vocab):
+            bad = lo if lo < 0 else hi
+            raise ShardFileError("records.parquet", f"holds token id {bad} in {col}, outside "
+                                                    f"the store's vocabulary [0, {vocab}) "
+                                                    f"(crafted or corrupt)")
+
+
+def _read_records(raw: dict[str, bytes], counts: dict[str, int] | None = None,
+                  vocab: int | None = None) -> Any:
     if "records.parquet" not in raw:
         raise ShardFileError("records.parquet", "is missing from the shard")
     data = raw["records.parquet"]
@@ -421,7 +443,7 @@ def _read_records(raw: dict[str, bytes], counts: dict[str, int] | None = None) -
     if counts is None:
         return table
     try:
-        return _check_records(table, counts)
+        return _check_records(table, counts, vocab)
     except ShardFileError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, pa.ArrowException) as e:

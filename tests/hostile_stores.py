@@ -315,6 +315,21 @@ def case_id_outside_vocab(root: Path, outside: Path) -> tuple[str, str]:
     return url, "holds ids outside the vocabulary"
 
 
+def case_token_id_outside_vocab(root: Path, outside: Path, column: str = "response_ids",
+                                value: int = VOCAB + 10**6) -> tuple[str, str]:
+    """One id of a token-id column set outside [0, VOCAB): the student's embedding lookup
+    would index past its table (a device-side assert on CUDA)."""
+    url = build_honest(root / "s")
+    t = records(url)
+    col = t.column(column).combine_chunks()
+    vals = col.values.to_numpy().copy()
+    vals[len(vals) // 2] = value
+    new = pa.ListArray.from_arrays(col.offsets, pa.array(vals, pa.int32()))
+    i = t.schema.get_field_index(column)
+    rewrite_records(url, t.set_column(i, t.schema.field(i), new))
+    return url, f"holds token id {value} in {column}, outside the store's vocabulary [0, {VOCAB})"
+
+
 def _nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
@@ -351,6 +366,7 @@ CASES = {
     "response_ids": case_response_ids,
     "id_table": case_id_table,
     "id_outside_vocab": case_id_outside_vocab,
+    "token_id_outside_vocab": case_token_id_outside_vocab,
     "deep_manifest": case_deep_manifest,
     "deep_zarr_json": case_deep_zarr_json,
 }

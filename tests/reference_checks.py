@@ -5,15 +5,30 @@ from __future__ import annotations
 import torch
 
 
-def one_error(res, *needles: str) -> str:
+def one_error(res, *needles: str, stream: str = "output", alone: bool = False,
+              quiet_stdout: bool = False, max_len: int | None = None) -> str:
     """A CLI result (typer's CliRunner) that exited 2 with exactly one `error:` line holding
-    every needle, and no traceback."""
+    every needle, and no traceback.
+
+    stream: where the line is looked for, "output" (stdout and stderr) or "stderr";
+    alone: the error line is the only non-blank line of that stream;
+    quiet_stdout: nothing at all on stdout (a refused command prints no result);
+    max_len: the line is shorter than this (one line, not a dump)."""
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    text = res.stderr if stream == "stderr" else res.output
+    shown = [ln for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in shown if ln.startswith("error:")]
     assert len(lines) == 1, res.output
+    if alone:
+        assert shown == lines, res.output
+    if quiet_stdout:
+        assert res.stdout == "", res.stdout
+    if max_len is not None:
+        assert len(lines[0]) < max_len, lines[0]
     for n in needles:
-        assert n in lines[0], lines[0]
+        assert n in lines[0], (n, lines[0])
     return lines[0]
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from reference_checks import one_error
 from typer.testing import CliRunner
 
 import kdcache.cli as cli
@@ -188,13 +189,7 @@ def test_optional_numbers_take_none(monkeypatch, word):
 
 
 def _one_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return one_error(res, *needles, alone=True)
 
 
 PRE = ["precompute", "--teacher", "t", "--data", "d.jsonl"]

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from reference_checks import one_error
 from test_store_util import make_groups, make_meta, write_store
 from typer.testing import CliRunner
 
@@ -49,13 +50,7 @@ def holder():
 
 
 def _one_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    return one_error(res, *needles, stream="stderr", alone=True)
 
 
 def test_a_second_writer_is_refused_naming_the_first(tmp_path):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile_stores import CASES, SENTINEL, build, build_honest, manifest, seal, shard_dir
+from hostile_stores import CASES, SENTINEL, VOCAB, build, build_honest, manifest, seal, shard_dir
 from typer.testing import CliRunner
 
 import kdcache.cli as cli
@@ -77,7 +78,7 @@ def _no_sentinel(opened: list[str]) -> None:
 AT_OPEN = ["dotdot_file", "dotdot_shard", "absolute_name", "dev_zero", "fifo", "symlink_file",
            "symlink_shards", "deep_manifest"]
 AT_READ = ["frame_bomb", "zarr_shape", "parquet_rows", "response_ids", "id_table",
-           "id_outside_vocab", "deep_zarr_json"]
+           "id_outside_vocab", "token_id_outside_vocab", "deep_zarr_json"]
 
 
 def test_cases_are_listed_once():
@@ -235,6 +236,19 @@ def test_record_lengths_must_match_the_manifest(tmp_path):
     rewrite_records(url, t.set_column(i, t.schema.field(i), pa.array(offs, pa.int64())))
     with pytest.raises(ValueError, match="records.parquet does not match its manifest entry"):
         list(open_store(url))
+
+
+@pytest.mark.parametrize("column, value", [("prompt_ids", -1), ("prompt_ids", VOCAB),
+                                           ("response_ids", -7), ("response_ids", VOCAB)])
+def test_token_ids_must_lie_in_the_vocabulary(tmp_path, column, value):
+    """Both ends of [0, VOCAB) for both id columns; VOCAB - 1 (the last id) is read."""
+    from hostile_stores import case_token_id_outside_vocab
+
+    url, text = case_token_id_outside_vocab(tmp_path, tmp_path, column, value)
+    with pytest.raises(ValueError, match=re.escape(text)):
+        list(open_store(url))
+    edge, _ = case_token_id_outside_vocab(tmp_path / "edge", tmp_path, column, VOCAB - 1)
+    assert any(VOCAB - 1 in r[column].tolist() for r in open_store(edge))
 
 
 def test_n_groups_and_roles_must_match(tmp_path):

@@ -13,6 +13,7 @@ import uuid
 
 import fsspec
 import pytest
+from reference_checks import one_error
 from test_store_util import make_groups, make_meta, write_store
 from typer.testing import CliRunner
 
@@ -25,13 +26,7 @@ runner = CliRunner()
 
 
 def _one_error_line(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    assert "Traceback" not in res.output and res.stdout == ""
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    return one_error(res, *needles, stream="stderr", alone=True, quiet_stdout=True)
 
 
 def _tree(path) -> set[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference_checks import one_error
 from test_store_util import make_groups, make_meta, write_store
 from typer.testing import CliRunner
 
@@ -32,14 +33,7 @@ def _flip(path, pos: int | None = None) -> bytes:
 
 
 def _one_error_line(res, *needles: str) -> str:
-    """The CLI printed exactly one `error:` line (no traceback) containing `needles`."""
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    assert "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    return one_error(res, *needles, stream="stderr", alone=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import typer
+from reference_checks import one_error
 from typer.testing import CliRunner
 
 import kdcache.cli as cli
@@ -38,14 +39,7 @@ class Planted:
 
 
 def _one_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.output
-    assert len(lines[0]) < 2100
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    return one_error(res, *needles, stream="stderr", max_len=2100)
 
 
 @pytest.fixture(scope="module")
