@@ -7,7 +7,7 @@ option and returns a normalised copy of class `CheckedPrecomputeConfig` /
 it names, ...). Everything below the entry reads that copy and never checks it again; a copy
 the code derives from it with `dataclasses.replace` (a worker's partition and device) keeps
 its class, so it is not checked again either. Components get the slice of the settings they
-read (`model_settings`, `score_settings`, `batch_plan`, `data_options`, `sampling`), so
+read (`model_settings`, `inputs`, `data_options`, `score_settings`, `batch_plan`, `sampling`), so
 their signatures say what they use.
 
 Kept apart from the code that runs them so that building the CLI (and `--help`) imports no
@@ -56,6 +56,18 @@ class ModelSettings:
         """Where the store's tokenizer comes from: --tokenizer, else the teacher, else the
         reference (a DPO store written by --reference alone)."""
         return self.tokenizer or self.teacher or self.reference
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """Where a run's groups come from: a dataset (--data, its config and split) or rollout
+    store(s), and how many rows of it."""
+
+    data: str | None
+    data_config: str | None
+    split: str | None
+    input_store: str | None
+    limit: int | None
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,11 @@ class PrecomputeConfig:
                              tokenizer=self.tokenizer, device=self.device, dtype=self.dtype,
                              attn_implementation=self.attn_implementation,
                              trust_remote_code=self.trust_remote_code, verify_head=self.verify_head)
+
+    @property
+    def inputs(self) -> InputSettings:
+        return InputSettings(data=self.data, data_config=self.data_config, split=self.split,
+                             input_store=self.input_store, limit=self.limit)
 
     @property
     def score_settings(self) -> ScoreSettings:

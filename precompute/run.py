@@ -28,9 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from .config import CheckedPrecomputeConfig, ModelSettings, PrecomputeConfig, ScoreSettings
+from .config import (
+    CheckedPrecomputeConfig,
+    InputSettings,
+    ModelSettings,
+    PrecomputeConfig,
+    ScoreSettings,
+)
 from .data import (
     DataError,
+    DataOptions,
     DataStats,
     Sequence,
     dataset_fingerprint,
@@ -98,18 +105,17 @@ class Vocab:
 
 class GroupSource:
     """The groups of a run, streamed again on every call of `groups()`: a dataset (rows
-    tokenized as they are read) or rollout store(s)."""
+    tokenized as they are read with `opts`) or rollout store(s)."""
 
-    def __init__(self, cfg: PrecomputeConfig, tok: Any) -> None:
-        self.cfg, self.tok = cfg, tok
+    def __init__(self, inputs: InputSettings, opts: DataOptions, tok: Any) -> None:
+        self.inputs, self.opts, self.tok = inputs, opts, tok
         self.has_behavior = False
-        if cfg.data is not None:
-            self.source = open_data(cfg.data, cfg.data_config, cfg.split)
-            self.opts = cfg.data_options
+        if inputs.data is not None:
+            self.source = open_data(inputs.data, inputs.data_config, inputs.split)
         else:
-            self.stores = [open_store(u.strip()) for u in cfg.input_store.split(",") if u.strip()]
+            self.stores = [open_store(u.strip()) for u in inputs.input_store.split(",") if u.strip()]
             if not self.stores:
-                raise ValueError(f"--input-store {cfg.input_store!r} names no store")
+                raise ValueError(f"--input-store {inputs.input_store!r} names no store")
             for st in self.stores:
                 if not st.complete:
                     raise ValueError(f"input store {st.url} is incomplete; finish the rollout "
@@ -118,19 +124,19 @@ class GroupSource:
 
     def fingerprint(self, tok_fp: str) -> dict[str, Any]:
         """The dataset part of the store key (reads every data file once, in blocks)."""
-        if self.cfg.data is not None:
+        if self.inputs.data is not None:
             return {"sha256": dataset_fingerprint(self.source.sha256(), self.opts, tok_fp)}
         fps = [{"input_store": st.manifest.get("store_key"),
                 "checksum": st.manifest.get("checksum")} for st in self.stores]
-        return dict(fps[0] if len(fps) == 1 else {"input_stores": fps}, limit=self.cfg.limit)
+        return dict(fps[0] if len(fps) == 1 else {"input_stores": fps}, limit=self.inputs.limit)
 
     def groups(self, stats: DataStats, check_ids: bool = True) -> Iterator[list[Sequence]]:
-        if self.cfg.data is not None:
-            yield from tokenize_rows(self.source.rows(self.cfg.limit), self.tok, self.opts,
+        if self.inputs.data is not None:
+            yield from tokenize_rows(self.source.rows(self.inputs.limit), self.tok, self.opts,
                                      stats, check_ids=check_ids)
             return
         for i, g in enumerate(self._store_groups()):
-            if self.cfg.limit is not None and i >= self.cfg.limit:
+            if self.inputs.limit is not None and i >= self.inputs.limit:
                 return
             stats.rows += 1
             stats.sequences += len(g)
@@ -217,7 +223,7 @@ def prepare(cfg: CheckedPrecomputeConfig) -> Prepared:
                          f"--k of at most {vocab.size} (typically 20-100)")
     tok_fp = tokenizer_fingerprint(tok)
     tok_files = tokenizer_files(models.tokenizer_source, TOKENIZER_FILE_NAMES)
-    source = GroupSource(cfg, tok)
+    source = GroupSource(cfg.inputs, cfg.data_options, tok)
     ds_fp = source.fingerprint(tok_fp)
 
     fingerprints = {role: model_fingerprint(name, trust_remote_code=cfg.trust_remote_code)

@@ -92,6 +92,8 @@ def test_slices_say_what_each_component_reads():
     assert (models.teacher, models.dtype, models.attn_implementation) == ("t", "fp32", "sdpa")
     assert models.tokenizer_source == "t"
     assert PrecomputeConfig(reference="r", data="d").model_settings.tokenizer_source == "r"
+    inputs = PrecomputeConfig(teacher="t", input_store="s1,s2", limit=3).inputs
+    assert (inputs.data, inputs.input_store, inputs.limit) == (None, "s1,s2", 3)
     ro = RolloutConfig(model="m", data="d", n=3, temperature=0.5, seed=4)
     # the rollout store's `sampling` option: same keys, same order as ever
     assert list(dataclasses.asdict(ro.sampling)) == ["temperature", "top_p", "top_k",
