@@ -16,10 +16,9 @@ from kdcache.store import (
     resolve_codec,
     store_key,
 )
-from kdcache.store.format import SEQUENCE_FIELDS, TEXT_FIELDS
+from kdcache.store.format import TEXT_FIELDS
 from kdcache.store.tokfiles import TOKENIZER_FILE_NAMES
 
-__all__ = ["REF_FIELDS", "SEQUENCE_FIELDS", "TEACHER_FIELDS", "TEXT_FIELDS", "TOKENIZER_FILE_NAMES",
-           "TOPK_FIELDS", "NoStoreError",
+__all__ = ["REF_FIELDS", "TEACHER_FIELDS", "TOKENIZER_FILE_NAMES", "TOPK_FIELDS", "NoStoreError",
            "StoreMeta", "StoreWriter", "describe_files", "lock_for", "open_store", "probe_writable",
-           "resolve_codec", "store_key"]
+           "resolve_codec", "store_key", "TEXT_FIELDS"]
