@@ -369,9 +369,9 @@ def measure_row(spec: dict) -> dict:
             model = prepare_student(model, cfg)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_opt_for(row, cfg) or (lambda ps: make_optimizer(cfg, ps))
+        optimizer = make_opt_for(row, cfg) or (lambda ps: make_optimizer(cfg.optim_settings, ps))
         optimizer = optimizer(params)
-        scheduler = make_scheduler(cfg, optimizer, cfg.max_steps)
+        scheduler = make_scheduler(cfg.schedule_settings, optimizer, cfg.max_steps)
         precision = step_mod.Precision.for_run(cfg, device)
         store = open_store(cfg.store)
         reader = StreamReader(store, fields=list(OBJECTIVE_SPECS[cfg.objective].fields), shuffle=True, seed=cfg.seed)

@@ -168,7 +168,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
     the output directory is touched; a run that fails before its first checkpoint removes
     what it wrote, so a failed command leaves nothing behind. Under torchrun every rank calls
     this; an error on one rank makes the others fail promptly, naming it (PeerFailure)."""
-    cfg.validate()
+    cfg = cfg.validate()  # the entry point: checked here, once; nothing below re-checks
     d = distributed.setup(cfg)
     try:
         with distributed.rank_logging(d):
@@ -295,8 +295,8 @@ def _loop(cfg: TrainConfig, out: Path, stores: list, reader, groups: Iterator[li
     precision = Precision.for_run(cfg, device)
     step_model = distributed.wrap(d, model, cfg, precision.bf16) if d.enabled else model  # what train_step calls
     params = [p for p in step_model.parameters() if p.requires_grad]  # FSDP: the sharded ones
-    optimizer = make_optimizer(cfg, params)
-    scheduler = make_scheduler(cfg, optimizer, total)
+    optimizer = make_optimizer(cfg.optim_settings, params)
+    scheduler = make_scheduler(cfg.schedule_settings, optimizer, total)
     step, tokens, pending, prior_s, last_loss = 0, 0, 0, 0.0, float("nan")
     row_tps = 0.0  # tokens/s at the last log row (the progress bar shows it)
     metrics_path = out / METRICS
