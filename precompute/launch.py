@@ -61,8 +61,10 @@ __all__ = ["launch", "merge_parts", "parse_devices", "partition_from_env", "run_
 
 
 def run_precompute(cfg: PrecomputeConfig) -> str:
-    """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
-    cfg.validate()
+    """Score and store; returns the store URL. Re-running with identical inputs is a no-op.
+    The entry point: the config is checked here, once (`validated()`), and `--partition auto`
+    resolved from the environment; everything below reads that frozen copy."""
+    cfg = cfg.validated()
     if cfg.partition == "auto":
         part, device = partition_from_env(os.environ)
         if device is not None and cfg.device == "auto":
@@ -196,15 +198,17 @@ def _with_partition(meta: StoreMeta, part: tuple[int, int] | None,
 
 
 def _worker_cfg(cfg: PrecomputeConfig, i: int, n: int, device: str) -> PrecomputeConfig:
-    # the data was checked by the launcher: a worker streams it once (ids still checked)
+    # the data was checked by the launcher: a worker streams it once (ids still checked).
+    # The worker process reads this from a file and checks it at its own entry (`run_one`).
     return dataclasses.replace(cfg, partition=(i, n), devices=None, merge_parts=None, out=None,
                                device="cpu" if device == "cpu" else "cuda", progress=False,
                                check_data=False)
 
 
 def launch(cfg: PrecomputeConfig) -> str:
-    """Run one partition per device in its own process, then merge; returns the store URL."""
-    cfg.validate()
+    """Run one partition per device in its own process, then merge; returns the store URL.
+    An entry point: checks `cfg` unless `run_precompute` did."""
+    cfg = cfg.validated()
     devices = parse_devices(cfg.devices or [])
     n = len(devices)
     # the dtype in the key follows the device the workers use, not this process's device
@@ -333,6 +337,7 @@ def merge_parts(cfg: PrecomputeConfig) -> str:
     dataset is tokenized, no model loaded): batch b is the next len(b) groups of partition
     b mod N, checked id by id, so the merged store is written in the single run's order. It
     is written in place and resumable: a killed merge continues after its committed shards."""
+    cfg = cfg.validated()  # an entry point: checks `cfg` unless its caller did
     n = int(cfg.merge_parts or 0)
     base = dataclasses.replace(cfg, merge_parts=None, devices=None, partition=None)
     prep = prepare(base)

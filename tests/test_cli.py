@@ -172,8 +172,9 @@ def test_list_options_parse(monkeypatch):
                                   "--partition", "1/4"])
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
-    cfg.validate()  # "i/N" or "auto": the partition is resolved when the config is checked
-    assert cfg.betas == [1.0, 2.5] and cfg.partition == (1, 4)
+    checked = cfg.validated()  # "i/N" or "auto": the partition is resolved when checked
+    assert checked.betas == (1.0, 2.5) and checked.partition == (1, 4)
+    assert cfg.partition == "1/4"  # the config itself is frozen: checking returns a new one
 
 
 @pytest.mark.parametrize("word", ["none", "None", "null", ""])
