@@ -373,7 +373,7 @@ def _read_config(path: Path, cls) -> dict:
         raise ValueError(f"--config {path}: expected a YAML mapping of {cls.__name__} fields "
                          f"(key: value), got a {type(values).__name__}")
     if hasattr(cls, "upgrade_keys"):  # keys of configs written by older versions
-        values = cls.upgrade_keys(values)
+        values = cls.upgrade_keys(values, f"--config {path}")
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(map(str, values)) - set(known))
     if unknown:
@@ -402,8 +402,10 @@ def make_config(name: str, cls, path: Path | None, flags: dict):
     about = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
     values = {k: _parse(f"--config {path}: {k}", hints[k], v, about[k])
               for k, v in (_read_config(path, cls) if path else {}).items()}
-    values.update({k: _parse(f"--{k.replace('_', '-')}", hints[k], v, about[k])
-                   for k, v in flags.items() if v is not None})
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if hasattr(cls, "upgrade_keys"):  # a flag's old name (hidden from --help) -> today's
+        flags = cls.upgrade_keys(flags, flags=True)
+    values.update({k: _parse(f"--{k.replace('_', '-')}", hints[k], v, about[k]) for k, v in flags.items()})
     _refuse_memory(values)
     if name in CONFIG_LAYERS:  # values below the file and the flags (e.g. a training recipe)
         module, _, attr = CONFIG_LAYERS[name].partition(":")
@@ -445,6 +447,12 @@ def config_command(name: str, cls, help: str) -> Callable:
                                         default=typer.Option(None, decl, show_default=False, metavar=metavar,
                                                              help=escape(option_help(f)),
                                                              rich_help_panel=f.metadata.get("panel"))))
+
+    for old, new in getattr(cls, "RENAMED", {}).items():  # old names still parse, hidden from --help
+        tp, flag = _flag_type(hints[new]), "--" + old.replace("_", "-")
+        params.append(inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None, default=typer.Option(
+            None, f"{flag}/--no-{old.replace('_', '-')}" if tp is bool else flag, hidden=True,
+            help=f"deprecated: use --{new.replace('_', '-')}")))
 
     def command(**kwargs):
         kwargs.pop("help_all")  # handled by its callback
@@ -706,11 +714,11 @@ def store_merge(out: str = typer.Argument(..., help="URL of the merged store"),
     parts) into OUT, under the unpartitioned run's meta; print OUT. Stores whose meta
     differs otherwise are refused. (`kdcache precompute ... --merge-parts N` does the same
     from the config and also restores the single run's shard order.)"""
-    from kdcache.store.admin import merge
+    from kdcache.precompute.partitions import merge_stores
 
     def run() -> str:
         _refuse_memory({"out": out})
-        return merge(parts, out)
+        return merge_stores(parts, out, option="OUT")
 
     typer.echo(_friendly(run))
 

@@ -161,12 +161,12 @@ def run_demo(out: Path, quick: bool = False, methods: list[str] | None = None, s
         elif m == "dckd":
             stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_alpha=0.2)
         elif m == "dckd-code":  # the released-code variant: (K+1)-bucket KL, clamps, token means
-            stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_reference_code=True)
+            stores[m], models[m] = [pref], d.train(m, student0, pref, "dckd", steps, dckd_released_code=True)
         elif m == "adpa":
             models[m], stores[m] = adpa_from(d, student0, teacher, ref, prompts, steps, 2)
         elif m == "adpa-code":  # the released-code variant: clamps, token means, weight 1.6
             models[m], stores[m] = adpa_from(d, student0, teacher, ref, prompts, steps, 2,
-                                             {"adpa_reference_code": True}, name=m)
+                                             {"adpa_released_code": True}, name=m)
         elif m == "adpa+":
             models[m], stores[m] = adpa_plus(d, student0, teacher, ref, str(d.data["pref"]), prompts,
                                              steps, steps, 2, {"dckd_alpha": 0.2})

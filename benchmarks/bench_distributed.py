@@ -135,8 +135,8 @@ def worker(spec: dict) -> None:
 
         step_model.register_comm_hook(None, timed)
     params = [p for p in step_model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, params)
-    sched = make_scheduler(cfg, opt, cfg.max_steps)
+    opt = make_optimizer(cfg.optim_settings, params)
+    sched = make_scheduler(cfg.schedule_settings, opt, cfg.max_steps)
     store = open_store(cfg.store[0])  # TrainConfig.store is a list (several teachers)
     fields = ["topk_ids", "topk_logprobs"]
     budget = D.epoch_budget(store, fields, 0, d.world_size) if d.enabled else None

@@ -76,8 +76,8 @@ def main() -> None:
                                   teacher_betas=[betas] * j if j > 1 else None)
         setups[j] = (cfg, batches)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(base, params)
-    scheduler = make_scheduler(dataclasses.replace(base, lr_schedule="constant"), optimizer, 10**9)
+    optimizer = make_optimizer(base.optim_settings, params)
+    scheduler = make_scheduler(dataclasses.replace(base.schedule_settings, lr_schedule="constant"), optimizer, 10**9)
     precision = Precision(bf16=False, device_type="cpu")
 
     def one(j: int) -> float:

@@ -372,9 +372,9 @@ def measure_row(spec: dict) -> dict:
         model.train()
         student = StudentForward(model, cfg.chunk_size)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_opt_for(row, cfg) or (lambda ps: make_optimizer(cfg, ps))
+        optimizer = make_opt_for(row, cfg) or (lambda ps: make_optimizer(cfg.optim_settings, ps))
         optimizer = optimizer(params)
-        scheduler = make_scheduler(cfg, optimizer, cfg.max_steps)
+        scheduler = make_scheduler(cfg.schedule_settings, optimizer, cfg.max_steps)
         precision = step_mod.Precision.for_run(cfg, device)
         store = open_store(cfg.store[0])  # TrainConfig.store is a list (several teachers)
         reader = StreamReader(store, fields=list(OBJECTIVE_SPECS[cfg.objective].fields), shuffle=True, seed=cfg.seed)

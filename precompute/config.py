@@ -1,13 +1,26 @@
 """The options of `kdcache precompute` and `kdcache rollout`, with their help and checks.
 
+A config is frozen and checked once, where a run enters (`run_precompute`, `run_rollout`, and
+the other public entries `launch`, `merge_parts`, `run_one`): `cfg.validated()` checks every
+option and returns a normalised copy of class `CheckedPrecomputeConfig` /
+`CheckedRolloutConfig` (betas as floats, the partition as (i, N), the reward as the function
+it names, ...). Everything below the entry reads that copy and never checks it again; a copy
+the code derives from it with `dataclasses.replace` (a worker's partition and device) keeps
+its class, so it is not checked again either. Components get the slice of the settings they
+read (`model_settings`, `inputs`, `data_options`, `score_settings`, `batch_plan`, `sampling`), so
+their signatures say what they use.
+
 Kept apart from the code that runs them so that building the CLI (and `--help`) imports no
-torch or transformers: this module needs only the standard library and `checks`.
+torch or transformers: this module needs only the standard library and `checks` (the data
+options and the reward resolver are imported when asked for).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .checks import (
     REF_MODES,
@@ -24,7 +37,63 @@ from .checks import (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
+class ModelSettings:
+    """What loading precompute's tokenizer and models reads."""
+
+    teacher: str | None
+    reference: str | None
+    student: str | None
+    tokenizer: str | None
+    device: str
+    dtype: str
+    attn_implementation: str | None
+    trust_remote_code: bool
+    verify_head: bool
+
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the store's tokenizer comes from: --tokenizer, else the teacher, else the
+        reference (a DPO store written by --reference alone)."""
+        return self.tokenizer or self.teacher or self.reference
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """Where a run's groups come from: a dataset (--data, its config and split) or rollout
+    store(s), and how many rows of it."""
+
+    data: str | None
+    data_config: str | None
+    split: str | None
+    input_store: str | None
+    limit: int | None
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What scoring a batch reads (`engine.score_sequences`)."""
+
+    k: int
+    betas: tuple[float, ...]
+    chunk_size: int | None
+    ref_mode: str
+    packed: bool
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What cuts the stream of groups into forward batches. The same settings decide which
+    examples partition i/N holds, so they are that store's `partition_plan` option (this
+    field order is the order written there)."""
+
+    batch_tokens: int
+    packed: bool
+    max_batch_seqs: int
+    bucket_window: int
+
+
+@dataclass(frozen=True)
 class PrecomputeConfig:
     """Everything `run_precompute` needs. Models are local HF dirs or cached hub ids."""
 
@@ -140,39 +209,80 @@ class PrecomputeConfig:
         """Whether a model runs: a teacher, or a reference alone (else a tokenized-only store)."""
         return self.teacher is not None or self.reference is not None
 
-    def validate(self) -> None:
-        """Check every option before anything is read, loaded or written (ValueError naming
-        the flag); normalises `betas` to floats and `partition` to (i, N); a reference
-        without a teacher stores ref_token_logprob (the only field it can score alone)."""
+    @property
+    def model_settings(self) -> ModelSettings:
+        return ModelSettings(teacher=self.teacher, reference=self.reference, student=self.student,
+                             tokenizer=self.tokenizer, device=self.device, dtype=self.dtype,
+                             attn_implementation=self.attn_implementation,
+                             trust_remote_code=self.trust_remote_code, verify_head=self.verify_head)
+
+    @property
+    def inputs(self) -> InputSettings:
+        return InputSettings(data=self.data, data_config=self.data_config, split=self.split,
+                             input_store=self.input_store, limit=self.limit)
+
+    @property
+    def score_settings(self) -> ScoreSettings:
+        return ScoreSettings(k=self.k, betas=tuple(self.betas), chunk_size=self.chunk_size,
+                             ref_mode=self.ref_mode, packed=self.packed)
+
+    @property
+    def batch_plan(self) -> BatchPlan:
+        return BatchPlan(batch_tokens=self.batch_tokens, packed=self.packed,
+                         max_batch_seqs=self.max_batch_seqs, bucket_window=self.bucket_window)
+
+    @property
+    def data_options(self) -> Any:
+        """How --data rows become token ids (`data.DataOptions`: every field is part of the
+        dataset fingerprint)."""
+        from .data import DataOptions  # numpy / fsspec: only when data is read
+
+        return DataOptions(kind=self.kind, max_length=self.max_length, truncate=self.truncate,
+                           chat_template=self.chat_template, use_context=self.use_context,
+                           context_template=self.context_template, limit=self.limit,
+                           **parse_columns(self.columns))
+
+    def validated(self) -> CheckedPrecomputeConfig:
+        """This config checked, as the frozen, normalised copy a run reads: a ValueError naming
+        the flag before anything is read, loaded or written. Normalises `betas` to a tuple of
+        floats, `fields` and `devices` to tuples and `partition` to (i, N) (or "auto", which
+        `run_precompute` resolves from the environment); a reference without a teacher stores
+        ref_token_logprob (the only field it can score alone). A checked config is returned
+        as it is."""
+        if isinstance(self, CheckedPrecomputeConfig):
+            return self
         if (self.data is None) == (self.input_store is None):
             raise ValueError("pass exactly one of --data FILE (a dataset) or --input-store URL "
                              "(a rollout store to score)")
-        if self.teacher is None and self.reference is not None and self.fields is None:
-            self.fields = ["ref_token_logprob"]  # all a reference alone can score (DPO's reference term)
+        fields = self.fields
+        if self.teacher is None and self.reference is not None and fields is None:
+            fields = ["ref_token_logprob"]  # all a reference alone can score (DPO's reference term)
         if self.teacher is None and self.reference is None and self.tokenizer is None:
             raise ValueError("no --teacher: pass --teacher DIR (the DPO teacher) to score the "
                              "data, or only --tokenizer DIR for a tokenized-only store (token "
                              "ids, no teacher signals; e.g. SFT data)")
         check_int("k", self.k, 1)
         parse_columns(self.columns)
-        self.betas = parse_betas(self.betas)
-        if self.fields is not None:
-            self.fields = check_fields(self.fields, self.teacher, self.reference)
+        betas = tuple(parse_betas(self.betas))
+        if fields is not None:
+            fields = tuple(check_fields(fields, self.teacher, self.reference))
         check_choice("ref_mode", self.ref_mode, REF_MODES)
         check_choice("truncate", self.truncate, ("truncate", "skip", "fail"))
         check_choice("kind", self.kind, ("auto", "preference", "sft"))
         check_int("max_length", self.max_length, 1, optional=True)
         check_int("limit", self.limit, 1, optional=True)
         check_template("context_template", self.context_template, ("context", "prompt"))
-        self.partition = parse_partition(self.partition)
-        if self.devices is not None:
-            if isinstance(self.devices, str):
-                self.devices = [d for d in self.devices.split(",")]
-            if not self.devices or any(not str(d).strip() for d in self.devices):
-                raise ValueError(f"--devices {self.devices!r} has an empty entry; e.g. --devices "
+        partition = parse_partition(self.partition)
+        devices = self.devices
+        if devices is not None:
+            if isinstance(devices, str):
+                devices = devices.split(",")
+            devices = tuple(devices)
+            if not devices or any(not str(d).strip() for d in devices):
+                raise ValueError(f"--devices {list(devices)!r} has an empty entry; e.g. --devices "
                                  "0,1,2,3, --devices all or --devices cpu,cpu")
         check_int("merge_parts", self.merge_parts, 1, optional=True)
-        modes = [name for name, v in (("--partition", self.partition), ("--devices", self.devices),
+        modes = [name for name, v in (("--partition", partition), ("--devices", devices),
                                       ("--merge-parts", self.merge_parts)) if v]
         if len(modes) > 1:
             raise ValueError(f"set only one of {' / '.join(modes)}: --devices runs every partition "
@@ -186,11 +296,49 @@ class PrecomputeConfig:
         from .models import resolve_device, resolve_dtype  # torch: only when validating
 
         resolve_dtype(self.dtype, resolve_device("cpu"))  # names the accepted dtypes
-        if not self.devices:  # the launcher picks each worker's device itself
+        if not devices:  # the launcher picks each worker's device itself
             check_device(self.device)
+        return CheckedPrecomputeConfig(**dict(_values(self), betas=betas, fields=fields,
+                                              partition=partition, devices=devices))
 
 
-@dataclass
+class CheckedPrecomputeConfig(PrecomputeConfig):
+    """A `PrecomputeConfig` that `validated()` checked and normalised; what a run reads.
+    Made only by `validated()` (or `dataclasses.replace` of one, by the code below the
+    entry, with values it chose itself)."""
+
+    __slots__ = ()
+
+
+def _values(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What loading the sampler reads (an HF model, or vLLM's engine)."""
+
+    model: str
+    device: str
+    dtype: str
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are drawn; the rollout store's `sampling` option (this field order is
+    the order written there)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    seed: int
+    n: int
+    backend: str
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     """Sampling N responses per prompt with the student (or the teacher, for SeqKD/PBSD)."""
 
@@ -257,9 +405,34 @@ class RolloutConfig:
     progress: bool = field(default=True,
         metadata={"help": "progress bar on stderr", "panel": "Store"})
 
-    def validate(self) -> None:
-        """Check every option before anything is read, loaded or written (ValueError naming
-        the flag)."""
+    @property
+    def sampler_settings(self) -> SamplerSettings:
+        return SamplerSettings(model=self.model, device=self.device, dtype=self.dtype,
+                               trust_remote_code=self.trust_remote_code)
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        max_new_tokens=self.max_new_tokens, seed=self.seed, n=self.n,
+                        backend=self.backend)
+
+    @property
+    def data_options(self) -> Any:
+        """How prompt rows become token ids (`data.DataOptions`, in the dataset fingerprint)."""
+        from .data import DataOptions  # numpy / fsspec: only when data is read
+
+        return DataOptions(chat_template=self.chat_template, context_template=self.context_template,
+                           use_context=self.use_context, limit=self.limit,
+                           max_length=self.max_prompt_length, truncate=self.truncate,
+                           **parse_columns(self.columns))
+
+    def validated(self) -> CheckedRolloutConfig:
+        """This config checked, as the frozen copy a run reads (a ValueError naming the flag
+        before anything is read, loaded or written); a `module:function` reward is resolved
+        to the function (the store records its module:qualname). A checked config is
+        returned as it is."""
+        if isinstance(self, CheckedRolloutConfig):
+            return self
         for name in ("model", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"--{name} is required (got {getattr(self, name)!r})")
@@ -293,3 +466,15 @@ class RolloutConfig:
 
         resolve_dtype(self.dtype, resolve_device("cpu"))  # names the accepted dtypes
         check_device(self.device)
+        reward = self.reward
+        if isinstance(reward, str):
+            from kdcache.rewards import resolve_reward  # may import the user's module
+
+            reward = resolve_reward(reward)
+        return CheckedRolloutConfig(**dict(_values(self), reward=reward))
+
+
+class CheckedRolloutConfig(RolloutConfig):
+    """A `RolloutConfig` that `validated()` checked and normalised; what a rollout reads."""
+
+    __slots__ = ()

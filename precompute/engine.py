@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from .data import Sequence
 from .models import base_model
+from .records import sequence_record
 from .scoring import LMHead, score_chunked
 from .storeapi import REF_FIELDS, TEACHER_FIELDS, TOPK_FIELDS
 
@@ -161,24 +161,10 @@ def score_sequences(
             mine["topk_mass"] = float(cpu["topk_mass"][sl].sum())
         if "ref_paper_abs_err" in cpu:
             mine["ref_paper_abs_err"] = float(cpu["ref_paper_abs_err"][sl].sum())
-        rec = {
-            "example_id": s.example_id,
-            "role": s.role,
-            "group": int(s.group),
-            "prompt_ids": np.asarray(s.prompt_ids, dtype=np.int32),
-            "response_ids": np.asarray(s.response_ids, dtype=np.int32),
-            "teacher_prompt_ids": (None if s.teacher_prompt_ids is None
-                                   else np.asarray(s.teacher_prompt_ids, dtype=np.int32)),
-            "is_terminal": bool(t > 0 and int(s.response_ids[-1]) == eos_id),
-            "reward": s.extra.get("reward"),
-            "n_tokens": t,
-        }
+        rec = sequence_record(s, eos_id)
         for f in fields:
             rows = slice(start, start + t + 1) if f == "soft_value" else sl  # T+1 states
             rec[f] = cpu[f][rows].astype(np.int32) if f == "topk_ids" else cpu[f][rows]
-        if s.extra.get("behavior_logprob") is not None:
-            rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], dtype=np.float32)
-        rec.update(text_fields(s))
         for key, v in mine.items():
             sums[key] += v
         if per_seq is not None:
@@ -214,8 +200,3 @@ def bucket_batches(groups: list[list[Sequence]], batch_tokens: int, max_batch_se
     if cur:
         batches.append(cur)
     return batches
-
-
-def text_fields(s: Any) -> dict[str, str]:
-    """The sequence's text for a student with another tokenizer (METHODS §5), when known."""
-    return {k: s.extra[k] for k in ("prompt_source", "response_text") if s.extra.get(k) is not None}

@@ -41,29 +41,30 @@ from typing import Any
 
 from .data import DataStats
 from .models import resolve_device
+from .partitions import unpartitioned
 from .run import (
     PrecomputeConfig,
     cache_hit,
     check_data,
-    check_out_is_free,
-    check_writable,
     default_url,
     iter_batches,
     log,
+    out_option,
     partition_plan,
     prepare,
     report_data,
     run_one,
 )
-from .storeapi import NoStoreError, StoreMeta, open_store, store_key
-from .writing import GroupWriter
+from .storeapi import NoStoreError, StoreMeta, check_output, merge, open_store, store_key
 
 __all__ = ["launch", "merge_parts", "parse_devices", "partition_from_env", "run_precompute"]
 
 
 def run_precompute(cfg: PrecomputeConfig) -> str:
-    """Score and store; returns the store URL. Re-running with identical inputs is a no-op."""
-    cfg.validate()
+    """Score and store; returns the store URL. Re-running with identical inputs is a no-op.
+    The entry point: the config is checked here, once (`validated()`), and `--partition auto`
+    resolved from the environment; everything below reads that frozen copy."""
+    cfg = cfg.validated()
     if cfg.partition == "auto":
         part, device = partition_from_env(os.environ)
         if device is not None and cfg.device == "auto":
@@ -197,15 +198,17 @@ def _with_partition(meta: StoreMeta, part: tuple[int, int] | None,
 
 
 def _worker_cfg(cfg: PrecomputeConfig, i: int, n: int, device: str) -> PrecomputeConfig:
-    # the data was checked by the launcher: a worker streams it once (ids still checked)
+    # the data was checked by the launcher: a worker streams it once (ids still checked).
+    # The worker process reads this from a file and checks it at its own entry (`run_one`).
     return dataclasses.replace(cfg, partition=(i, n), devices=None, merge_parts=None, out=None,
                                device="cpu" if device == "cpu" else "cuda", progress=False,
                                check_data=False)
 
 
 def launch(cfg: PrecomputeConfig) -> str:
-    """Run one partition per device in its own process, then merge; returns the store URL."""
-    cfg.validate()
+    """Run one partition per device in its own process, then merge; returns the store URL.
+    An entry point: checks `cfg` unless `run_precompute` did."""
+    cfg = cfg.validated()
     devices = parse_devices(cfg.devices or [])
     n = len(devices)
     # the dtype in the key follows the device the workers use, not this process's device
@@ -217,8 +220,8 @@ def launch(cfg: PrecomputeConfig) -> str:
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
         return url
     stats = check_data(base, prep) if cfg.check_data else None
-    check_writable(url)
-    check_writable(cfg.out_root)
+    check_output(url, out_option(cfg))
+    check_output(cfg.out_root, "--out-root", may_hold="anything")  # the workers' logs
     if stats is not None:
         report_data(base, stats)
     logdir = _logdir(cfg, meta)
@@ -330,9 +333,11 @@ def _find_parts(cfg: PrecomputeConfig, meta: StoreMeta, n: int) -> tuple[StoreMe
 def merge_parts(cfg: PrecomputeConfig) -> str:
     """Merge the complete partition stores i/N (N = cfg.merge_parts) into the full store.
 
-    Streams the single run's batch plan again (the dataset is tokenized, no model loaded):
-    batch b is the next len(b) groups of partition b mod N, checked id by id, so memory does
-    not grow with the dataset and the merged store is written in the single run's order."""
+    The store's merge writes them in the single run's batch plan, streamed again (the
+    dataset is tokenized, no model loaded): batch b is the next len(b) groups of partition
+    b mod N, checked id by id, so the merged store is written in the single run's order. It
+    is written in place and resumable: a killed merge continues after its committed shards."""
+    cfg = cfg.validated()  # an entry point: checks `cfg` unless its caller did
     n = int(cfg.merge_parts or 0)
     base = dataclasses.replace(cfg, merge_parts=None, devices=None, partition=None)
     prep = prepare(base)
@@ -342,31 +347,17 @@ def merge_parts(cfg: PrecomputeConfig) -> str:
             return default_url(cfg, cand)
     meta, parts = _find_parts(base, prep.meta, n)
     url = default_url(cfg, meta)
-    check_out_is_free(url)
-    check_writable(url)
     stats = DataStats()
-    streams = [iter(st.groups()) for st in parts]
-    t0 = time.perf_counter()
-    with GroupWriter(url, meta, cfg.shard_records, True, "precompute_report",
-                     tokenizer_files=prep.tok_files) as w:
-        done = w.done
+
+    def plan():  # (partition, example id) of each group, in the single run's write order
         for b, batch in enumerate(iter_batches(base, prep.source.groups(stats, check_ids=False))):
-            p = b % n
             for g in batch:
-                got = next(streams[p], None)
-                found = None if got is None else str(got[0]["example_id"])
-                if found != g[0].example_id:
-                    raise ValueError(
-                        f"partition {p}/{n} ({parts[p].url}) does not hold this run's batch {b}: "
-                        f"expected example {g[0].example_id!r}, found {found!r}; the partition "
-                        "stores belong to another run or dataset")
-                if found not in done:
-                    w.add_group(got)
-        for p, rest in enumerate(streams):
-            if next(rest, None) is not None:
-                raise ValueError(f"partition {p}/{n} ({parts[p].url}) holds more groups than "
-                                 "this run's plan gives it; it belongs to another run or dataset")
-        w.close(_merged_report(parts, stats, n))
+                yield b % n, g[0].example_id
+
+    t0 = time.perf_counter()
+    merge([st.url for st in parts], url, order=plan(), meta=meta, agree=unpartitioned,
+          shard_records=cfg.shard_records, report_key="precompute_report",
+          report=lambda: _merged_report(parts, stats, n), resume=True, option=out_option(cfg))
     log.info("merged %d partitions into %s in %.1fs", n, url, time.perf_counter() - t0)
     if not cfg.keep_parts:
         for st in parts:

@@ -28,24 +28,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from kdcache.rewards import resolve_reward
-
-from .config import RolloutConfig
+from .config import CheckedRolloutConfig, RolloutConfig, SamplerSettings, Sampling
 from .data import (
     DataError,
-    DataOptions,
     IdSet,
     Tokenizing,
     _check_field,
     dataset_fingerprint,
     example_id,
-    parse_columns,
     row_prompts,
 )
 from .models import (
@@ -57,9 +52,10 @@ from .models import (
     resolve_dtype,
     tokenizer_fingerprint,
 )
-from .run import cache_hit, check_out_is_free, check_writable, code_version
+from .records import record
+from .run import cache_hit, code_version, out_option
 from .sources import open_data
-from .storeapi import StoreMeta, store_key
+from .storeapi import StoreMeta, check_output, store_key
 from .writing import GroupWriter
 
 BEHAVIOR_DEFINITION = "log-prob under the sampling distribution after temperature, top-k, top-p"
@@ -83,10 +79,7 @@ def load_prompts(cfg: RolloutConfig, tok: Any) -> tuple[list[PromptItem], str, i
     """Tokenized prompts (+ chosen responses when asked), a dataset fingerprint, skipped count."""
     source = open_data(cfg.data, cfg.data_config, cfg.split)
     file_sha = source.sha256()
-    opts = DataOptions(chat_template=cfg.chat_template, context_template=cfg.context_template,
-                       use_context=cfg.use_context, limit=cfg.limit,
-                       max_length=cfg.max_prompt_length, truncate=cfg.truncate,
-                       **parse_columns(cfg.columns))
+    opts = cfg.data_options
     tk = Tokenizing(tok, opts)
     items, seen, skipped = [], IdSet(), 0
     resp_col = None
@@ -209,11 +202,9 @@ def teacher_forced_logprobs(model: Any, prompt: list[int], response: list[int],
 
 # ------------------------------------------------------------------------------- driver
 
-def _meta(cfg: RolloutConfig, tok: Any, ds_fp: str) -> StoreMeta:
+def _meta(cfg: CheckedRolloutConfig, tok: Any, ds_fp: str) -> StoreMeta:
     dev = resolve_device(cfg.device)
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "n": cfg.n,
-                "backend": cfg.backend}
+    sampling = asdict(cfg.sampling)
     reward_name = cfg.reward if isinstance(cfg.reward, str) or cfg.reward is None else (
         f"{getattr(cfg.reward, '__module__', '?')}:{getattr(cfg.reward, '__qualname__', '?')}")
     return StoreMeta(
@@ -232,10 +223,10 @@ def _meta(cfg: RolloutConfig, tok: Any, ds_fp: str) -> StoreMeta:
 def run_rollout(cfg: RolloutConfig) -> str:
     """Sample, record behavior log-probs (and rewards), write a store; returns its URL.
     Every option and the whole dataset are checked before anything is written; a new store
-    appears with its first committed group."""
-    cfg.validate()
-    if isinstance(cfg.reward, str):  # the store records the function it names (module:qualname)
-        cfg = replace(cfg, reward=resolve_reward(cfg.reward))
+    appears with its first committed group. The entry point: the config is checked here,
+    once (`validated()`, which also resolves a `module:function` reward to the function the
+    store records), and only read below."""
+    cfg = cfg.validated()
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code, role="sampler")
     items, ds_fp, skipped = load_prompts(cfg, tok)
     meta = _meta(cfg, tok, ds_fp)
@@ -243,8 +234,7 @@ def run_rollout(cfg: RolloutConfig) -> str:
     if cache_hit(url, meta):
         return url
     reward_fn = cfg.reward
-    check_out_is_free(url)
-    check_writable(url)
+    check_output(url, out_option(cfg))
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     with GroupWriter(url, meta, cfg.shard_records, cfg.resume, "rollout_report", clamp=True) as writer:
@@ -255,7 +245,7 @@ def run_rollout(cfg: RolloutConfig) -> str:
             if cfg.backend == "hf" or cfg.include_chosen:
                 model = load_model(cfg.model, "sampler", device=cfg.device, dtype=cfg.dtype,
                                    trust_remote_code=cfg.trust_remote_code)
-            sampler, close = _make_sampler(cfg, model, pad, eos)
+            sampler, close = _make_sampler(cfg.sampler_settings, cfg.sampling, model, pad, eos)
             try:
                 _rollout_into(cfg, writer, todo, sampler, model, tok, reward_fn)
             finally:
@@ -264,20 +254,22 @@ def run_rollout(cfg: RolloutConfig) -> str:
     return url
 
 
-def _make_sampler(cfg: RolloutConfig, model: Any, pad: int, eos: int):
+def _make_sampler(sampler: SamplerSettings, sampling: Sampling, model: Any, pad: int, eos: int):
     """(sample(prompts, seed), close()): vLLM's engine processes are stopped when done."""
-    if cfg.backend == "vllm":
+    s = sampling
+    if s.backend == "vllm":
         from .vllm_backend import VLLMSampler
 
-        vs = VLLMSampler(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                         seed=cfg.seed, device=cfg.device)
-        return (lambda prompts, seed: vs.sample(prompts, eos, cfg.temperature, cfg.top_p,
-                                                cfg.top_k, cfg.max_new_tokens, seed)), vs.close
-    return (lambda prompts, seed: sample_hf(model, prompts, pad, eos, cfg.temperature, cfg.top_p,
-                                            cfg.top_k, cfg.max_new_tokens, seed)), lambda: None
+        vs = VLLMSampler(sampler.model, dtype=sampler.dtype,
+                         trust_remote_code=sampler.trust_remote_code, seed=s.seed,
+                         device=sampler.device)
+        return (lambda prompts, seed: vs.sample(prompts, eos, s.temperature, s.top_p, s.top_k,
+                                                s.max_new_tokens, seed)), vs.close
+    return (lambda prompts, seed: sample_hf(model, prompts, pad, eos, s.temperature, s.top_p,
+                                            s.top_k, s.max_new_tokens, seed)), lambda: None
 
 
-def _rollout_into(cfg: RolloutConfig, writer: GroupWriter, todo: list[PromptItem], sampler: Any,
+def _rollout_into(cfg: CheckedRolloutConfig, writer: GroupWriter, todo: list[PromptItem], sampler: Any,
                   model: Any, tok: Any, reward_fn: Callable[..., float] | None) -> None:
     from .run import progress
 
@@ -321,13 +313,5 @@ def _record(it: PromptItem, role: str, group: int, resp: list[int], lp: list[flo
                              "fix it and re-run the same command to resume") from None
         if not math.isfinite(reward):
             raise ValueError(f"reward for example {it.example_id!r} is {reward}; return a finite float")
-    return {
-        "example_id": it.example_id, "role": role, "group": group,
-        "prompt_ids": np.asarray(it.prompt_ids, np.int32),
-        "response_ids": np.asarray(resp, np.int32),
-        "teacher_prompt_ids": (None if it.teacher_prompt_ids is None
-                               else np.asarray(it.teacher_prompt_ids, np.int32)),
-        "is_terminal": bool(resp and resp[-1] == eos),
-        "reward": reward, "n_tokens": len(resp),
-        "behavior_logprob": np.asarray(lp, np.float32),  # clamped to the codec's range by the writer
-    }
+    return record(it.example_id, role, group, it.prompt_ids, resp, it.teacher_prompt_ids, eos,
+                  reward, behavior_logprob=lp)

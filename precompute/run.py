@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,17 +26,22 @@ from typing import Any
 
 import numpy as np
 
-from .config import PrecomputeConfig
+from .config import (
+    CheckedPrecomputeConfig,
+    InputSettings,
+    ModelSettings,
+    PrecomputeConfig,
+    ScoreSettings,
+)
 from .data import (
     DataError,
     DataOptions,
     DataStats,
     Sequence,
     dataset_fingerprint,
-    parse_columns,
     tokenize_rows,
 )
-from .engine import needs_teacher, text_fields
+from .engine import needs_teacher
 from .models import (
     check_same_tokenizer,
     check_vocab_rows,
@@ -53,6 +56,7 @@ from .models import (
     tokenizer_size,
     verify_head,
 )
+from .records import sequence_record
 from .sources import open_data
 from .storeapi import (
     REF_FIELDS,
@@ -61,9 +65,9 @@ from .storeapi import (
     TOPK_FIELDS,
     NoStoreError,
     StoreMeta,
+    check_output,
     describe_files,
     open_store,
-    probe_writable,
     store_key,
 )
 from .writing import GroupWriter
@@ -99,22 +103,17 @@ class Vocab:
 
 class GroupSource:
     """The groups of a run, streamed again on every call of `groups()`: a dataset (rows
-    tokenized as they are read) or rollout store(s)."""
+    tokenized as they are read with `opts`) or rollout store(s)."""
 
-    def __init__(self, cfg: PrecomputeConfig, tok: Any) -> None:
-        self.cfg, self.tok = cfg, tok
+    def __init__(self, inputs: InputSettings, opts: DataOptions, tok: Any) -> None:
+        self.inputs, self.opts, self.tok = inputs, opts, tok
         self.has_behavior = False
-        if cfg.data is not None:
-            self.source = open_data(cfg.data, cfg.data_config, cfg.split)
-            self.opts = DataOptions(kind=cfg.kind, max_length=cfg.max_length,
-                                    truncate=cfg.truncate, chat_template=cfg.chat_template,
-                                    use_context=cfg.use_context,
-                                    context_template=cfg.context_template, limit=cfg.limit,
-                                    **parse_columns(cfg.columns))
+        if inputs.data is not None:
+            self.source = open_data(inputs.data, inputs.data_config, inputs.split)
         else:
-            self.stores = [open_store(u.strip()) for u in cfg.input_store.split(",") if u.strip()]
+            self.stores = [open_store(u.strip()) for u in inputs.input_store.split(",") if u.strip()]
             if not self.stores:
-                raise ValueError(f"--input-store {cfg.input_store!r} names no store")
+                raise ValueError(f"--input-store {inputs.input_store!r} names no store")
             for st in self.stores:
                 if not st.complete:
                     raise ValueError(f"input store {st.url} is incomplete; finish the rollout "
@@ -123,19 +122,19 @@ class GroupSource:
 
     def fingerprint(self, tok_fp: str) -> dict[str, Any]:
         """The dataset part of the store key (reads every data file once, in blocks)."""
-        if self.cfg.data is not None:
+        if self.inputs.data is not None:
             return {"sha256": dataset_fingerprint(self.source.sha256(), self.opts, tok_fp)}
         fps = [{"input_store": st.manifest.get("store_key"),
                 "checksum": st.manifest.get("checksum")} for st in self.stores]
-        return dict(fps[0] if len(fps) == 1 else {"input_stores": fps}, limit=self.cfg.limit)
+        return dict(fps[0] if len(fps) == 1 else {"input_stores": fps}, limit=self.inputs.limit)
 
     def groups(self, stats: DataStats, check_ids: bool = True) -> Iterator[list[Sequence]]:
-        if self.cfg.data is not None:
-            yield from tokenize_rows(self.source.rows(self.cfg.limit), self.tok, self.opts,
+        if self.inputs.data is not None:
+            yield from tokenize_rows(self.source.rows(self.inputs.limit), self.tok, self.opts,
                                      stats, check_ids=check_ids)
             return
         for i, g in enumerate(self._store_groups()):
-            if self.cfg.limit is not None and i >= self.cfg.limit:
+            if self.inputs.limit is not None and i >= self.inputs.limit:
                 return
             stats.rows += 1
             stats.sequences += len(g)
@@ -182,26 +181,21 @@ class Prepared:
     tok_files: dict[str, bytes] | None = None  # the tokenizer's files, stored (METHODS §5)
 
 
-def tokenizer_source(cfg: PrecomputeConfig) -> str:
-    """Where the store's tokenizer comes from: --tokenizer, else the teacher, else the
-    reference (a DPO store written by --reference alone)."""
-    return cfg.tokenizer or cfg.teacher or cfg.reference
-
-
-def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
+def _tokenizer_and_vocab(models: ModelSettings) -> tuple[Any, Vocab]:
     """The tokenizer all models must share, and the vocabulary precompute scores.
     Tokenizers must be identical; output rows may differ (padding) but must cover it."""
-    main_name = tokenizer_source(cfg)
-    main_role = "teacher" if cfg.teacher else "tokenizer" if cfg.tokenizer else "reference"
-    tok = load_tokenizer(main_name, cfg.trust_remote_code, role=main_role)
+    main_name = models.tokenizer_source
+    main_role = "teacher" if models.teacher else "tokenizer" if models.tokenizer else "reference"
+    tok = load_tokenizer(main_name, models.trust_remote_code, role=main_role)
     size = tokenizer_size(tok)
     rows: dict[str, int] = {}
-    for name, role, key in ((cfg.teacher, "teacher", "dpo"), (cfg.reference, "reference", "ref"),
-                            (cfg.student, "student", None)):
+    for name, role, key in ((models.teacher, "teacher", "dpo"),
+                            (models.reference, "reference", "ref"),
+                            (models.student, "student", None)):
         if not name:
             continue
         if name != main_name or role != main_role:
-            other = load_tokenizer(name, cfg.trust_remote_code, role=role)
+            other = load_tokenizer(name, models.trust_remote_code, role=role)
             check_same_tokenizer(tok, other, main_role, role)
         n_rows = model_vocab_size(name)
         check_vocab_rows(role, name, n_rows, size)
@@ -210,11 +204,14 @@ def _tokenizer_and_vocab(cfg: PrecomputeConfig) -> tuple[Any, Vocab]:
     return tok, Vocab(size, rows)
 
 
-def prepare(cfg: PrecomputeConfig) -> Prepared:
+def prepare(cfg: CheckedPrecomputeConfig) -> Prepared:
     """Tokenizers, vocabulary and fingerprints (no model weights loaded, nothing written):
-    the meta of the store this run writes, and its groups as a stream."""
-    cfg.validate()
-    tok, vocab = _tokenizer_and_vocab(cfg)
+    the meta of the store this run writes, and its groups as a stream. Reads a config its
+    entry point checked (`cfg.validated()`)."""
+    if not isinstance(cfg, CheckedPrecomputeConfig):
+        raise TypeError("prepare() reads a checked config: pass cfg.validated()")
+    models = cfg.model_settings
+    tok, vocab = _tokenizer_and_vocab(models)
     scored: tuple[str, ...] = ()
     if cfg.scores:
         scored = tuple(cfg.fields or TEACHER_FIELDS + (REF_FIELDS if cfg.reference else ()))
@@ -223,8 +220,8 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
         raise ValueError(f"--k {cfg.k} > the teacher's vocabulary of {vocab.size} tokens; pass a "
                          f"--k of at most {vocab.size} (typically 20-100)")
     tok_fp = tokenizer_fingerprint(tok)
-    tok_files = tokenizer_files(tokenizer_source(cfg), TOKENIZER_FILE_NAMES)
-    source = GroupSource(cfg, tok)
+    tok_files = tokenizer_files(models.tokenizer_source, TOKENIZER_FILE_NAMES)
+    source = GroupSource(cfg.inputs, cfg.data_options, tok)
     ds_fp = source.fingerprint(tok_fp)
 
     fingerprints = {role: model_fingerprint(name, trust_remote_code=cfg.trust_remote_code)
@@ -265,8 +262,7 @@ def prepare(cfg: PrecomputeConfig) -> Prepared:
 
 def partition_plan(cfg: PrecomputeConfig) -> dict[str, Any]:
     """The settings that decide which examples partition i/N holds (in its key)."""
-    return {"batch_tokens": cfg.batch_tokens, "packed": cfg.packed,
-            "max_batch_seqs": cfg.max_batch_seqs, "bucket_window": cfg.bucket_window}
+    return asdict(cfg.batch_plan)
 
 
 def _no_rows_left(cfg: PrecomputeConfig, stats: DataStats) -> DataError:
@@ -317,18 +313,24 @@ def iter_batches(cfg: PrecomputeConfig, groups: Iterator[list[Sequence]]
         return
     from .engine import bucket_batches
 
+    plan = cfg.batch_plan
     window: list[list[Sequence]] = []
     for g in groups:
         window.append(g)
-        if len(window) == cfg.bucket_window:
-            yield from bucket_batches(window, cfg.batch_tokens, cfg.max_batch_seqs, cfg.packed)
+        if len(window) == plan.bucket_window:
+            yield from bucket_batches(window, plan.batch_tokens, plan.max_batch_seqs, plan.packed)
             window = []
     if window:
-        yield from bucket_batches(window, cfg.batch_tokens, cfg.max_batch_seqs, cfg.packed)
+        yield from bucket_batches(window, plan.batch_tokens, plan.max_batch_seqs, plan.packed)
 
 
 def default_url(cfg: PrecomputeConfig, meta: StoreMeta) -> str:
     return cfg.out or f"{cfg.out_root.rstrip('/')}/{store_key(meta)}"
+
+
+def out_option(cfg: Any) -> str:
+    """The option that names a run's output location, for error messages."""
+    return "--out" if cfg.out else "--out-root"
 
 
 def cache_hit(url: str, meta: StoreMeta) -> bool:
@@ -336,58 +338,8 @@ def cache_hit(url: str, meta: StoreMeta) -> bool:
     try:
         existing = open_store(url)
     except (NoStoreError, NotADirectoryError, PermissionError):
-        return False  # nothing (readable) there; check_writable names a bad location
+        return False  # nothing (readable) there; check_output names a bad location
     return existing.complete and existing.meta.content_dict() == meta.content_dict()
-
-
-def check_writable(url: str) -> None:
-    """Fail before any model is loaded when a local output location cannot be written.
-    Leaves nothing behind: directories it had to create for the probe are removed again
-    (the store's writer creates them when it commits its first shard)."""
-    if "://" in url and not url.startswith("file://"):
-        return  # object stores: the first write reports its own error
-    path = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
-    created = []
-    d = path
-    while not os.path.exists(d) and os.path.dirname(d) != d:
-        created.append(d)
-        d = os.path.dirname(d)
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe_writable(path)  # removes its probe on every path, a full disk included
-    except OSError as e:
-        raise OSError(f"output directory {path!r} is not writable ({e.strerror or e}); pass a "
-                      "writable --out / --out-root, or fix its permissions") from None
-    finally:
-        for c in created:  # deepest first
-            try:
-                os.rmdir(c)
-            except OSError:
-                break
-
-
-def check_out_is_free(url: str) -> None:
-    """A new store goes into a new or empty directory: refuse a local directory that holds
-    files but no store (someone else's data, a typo'd --out), before anything is written.
-    Leftover temporary files of a killed writer (`*.tmp-*`, docs/STORE_FORMAT.md) are fine."""
-    if "://" in url and not url.startswith("file://"):
-        return
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if not os.path.isdir(path):
-        return
-    try:
-        open_store(url)
-        return  # a store: the writer resumes it or refuses other settings
-    except (NoStoreError, NotADirectoryError, PermissionError):
-        pass
-    # a write probe of a run killed by an older kdcache (`.kdcache-write-probe-<pid>`) is
-    # a leftover too, not someone else's data
-    other = sorted(n for n in os.listdir(path) if ".tmp-" not in n
-                   and not re.fullmatch(r"\.kdcache-write-probe-\d+", n))
-    if other:
-        raise ValueError(f"--out {path} is a directory with other files ({', '.join(other[:3])}"
-                         f"{', ...' if len(other) > 3 else ''}) and no kdcache store; pass a new "
-                         "or empty directory (or --out-root to name it by its key)")
 
 
 # ------------------------------------------------------------------------------- the run
@@ -401,10 +353,11 @@ BACKGROUND_WRITER = True
 def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> str:
     """The whole run, or partition (i, N) of it, in this process; returns the store URL.
     Re-running with identical inputs is a no-op (no model is loaded). `timings`, if given,
-    receives where the time went (wall_s, check_s, load_s, loop_s, writer_wait_s, ...)."""
+    receives where the time went (wall_s, check_s, load_s, loop_s, writer_wait_s, ...).
+    An entry point: checks `cfg` (`validated()`) unless its caller did."""
     t_start = time.perf_counter()
     times: dict[str, float] = {}
-    cfg.validate()
+    cfg = cfg.validated()
     if cfg.partition == "auto" or cfg.devices or cfg.merge_parts:
         raise ValueError("run_one runs one process; --partition auto, --devices and "
                          "--merge-parts go through kdcache.precompute.run_precompute")
@@ -414,10 +367,9 @@ def run_one(cfg: PrecomputeConfig, timings: dict[str, float] | None = None) -> s
         log.info("%s: complete store with these inputs already exists; nothing to do", url)
         return url  # content-addressed cache hit: nothing to do, no model loaded
     t0 = time.perf_counter()
-    check_out_is_free(url)
+    check_output(url, out_option(cfg))  # free and writable, before any model is loaded
     checked = check_data(cfg, prep) if cfg.check_data else None
     times["check_s"] = time.perf_counter() - t0
-    check_writable(url)
     if checked is not None:
         report_data(cfg, checked)
     try:
@@ -475,27 +427,27 @@ def _report(stats: DataStats, sums: dict[str, float]) -> dict[str, Any]:
             "mean_ref_paper_abs_err": sums.get("ref_paper_abs_err", 0.0) / n}
 
 
-def _load_scorers(cfg: PrecomputeConfig, prep: Prepared) -> tuple[Any, Any]:
+def _load_scorers(models: ModelSettings, prep: Prepared) -> tuple[Any, Any]:
     """The teacher and the reference, each only if a stored field needs it, and ONE model
     when both have the same fingerprint (same config and weights): it runs once per batch
     and the reference's fields are the teacher's own."""
     from . import engine
 
-    dev = resolve_device(cfg.device)
-    kw = dict(device=dev, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-              attn_implementation=cfg.attn_implementation)
+    dev = resolve_device(models.device)
+    kw = dict(device=dev, dtype=models.dtype, trust_remote_code=models.trust_remote_code,
+              attn_implementation=models.attn_implementation)
     need_ref = any(f in REF_FIELDS for f in prep.scored)
     dpo = ref = None
     if needs_teacher(prep.scored):
-        dpo = engine.Scorer.from_model(load_model(cfg.teacher, "teacher", **kw), prep.vocab.size)
+        dpo = engine.Scorer.from_model(load_model(models.teacher, "teacher", **kw), prep.vocab.size)
     if need_ref and prep.same_model and dpo is not None:
         ref = dpo
         log.info("the teacher and the reference are one model (same fingerprint): one forward "
                  "per batch")
     elif need_ref:
-        ref = engine.Scorer.from_model(load_model(cfg.reference, "reference", **kw),
+        ref = engine.Scorer.from_model(load_model(models.reference, "reference", **kw),
                                        prep.vocab.size)
-    if cfg.verify_head:
+    if models.verify_head:
         for sc in {id(x): x for x in (dpo, ref) if x is not None}.values():
             verify_head(sc.model, sc.head)
     return dpo, ref
@@ -523,13 +475,13 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
             todo = [g for g in batch if g[0].example_id not in done] if b % n_parts == part else []
             if todo and not cfg.scores:
                 for g in todo:
-                    writer.add_group([_tokenized_record(s, eos) for s in g])
+                    writer.add_group([sequence_record(s, eos) for s in g])
             elif todo:
                 if scorers is None:
                     t_load = time.perf_counter()
-                    scorers = _load_scorers(cfg, prep)
+                    scorers = _load_scorers(cfg.model_settings, prep)
                     times["load_s"] = time.perf_counter() - t_load
-                recs, per_seq = _score(cfg, prep, batch, scorers, pad, eos)
+                recs, per_seq = _score(cfg.score_settings, prep, batch, scorers, pad, eos)
                 it = iter(zip(recs, per_seq, strict=True))
                 for g in batch:
                     pairs = [next(it) for _ in g]
@@ -546,34 +498,17 @@ def _write(cfg: PrecomputeConfig, prep: Prepared, writer: GroupWriter,
     return stats
 
 
-def _score(cfg: PrecomputeConfig, prep: Prepared, batch: list[list[Sequence]],
+def _score(score: ScoreSettings, prep: Prepared, batch: list[list[Sequence]],
            scorers: tuple[Any, Any], pad: int, eos: int
            ) -> tuple[list[dict], list[dict[str, float]]]:
     from . import engine
 
     dpo, ref = scorers
     per_seq: list[dict[str, float]] = []
-    recs, _ = engine.score_sequences([s for g in batch for s in g], dpo, ref, cfg.k, cfg.betas,
-                                     pad, eos, cfg.chunk_size, cfg.ref_mode, cfg.packed,
+    recs, _ = engine.score_sequences([s for g in batch for s in g], dpo, ref, score.k, score.betas,
+                                     pad, eos, score.chunk_size, score.ref_mode, score.packed,
                                      per_seq=per_seq, fields=prep.scored)
     return recs, per_seq
-
-
-def _tokenized_record(s: Sequence, eos_id: int) -> dict[str, Any]:
-    """No teacher: a record carries only token ids (and carried rollout fields), e.g. SFT."""
-    rec: dict[str, Any] = {
-        "example_id": s.example_id, "role": s.role, "group": int(s.group),
-        "prompt_ids": np.asarray(s.prompt_ids, np.int32),
-        "response_ids": np.asarray(s.response_ids, np.int32),
-        "teacher_prompt_ids": (None if s.teacher_prompt_ids is None
-                               else np.asarray(s.teacher_prompt_ids, np.int32)),
-        "is_terminal": bool(len(s.response_ids) and int(s.response_ids[-1]) == eos_id),
-        "reward": s.extra.get("reward"), "n_tokens": len(s.response_ids),
-    }
-    if s.extra.get("behavior_logprob") is not None:
-        rec["behavior_logprob"] = np.asarray(s.extra["behavior_logprob"], np.float32)
-    rec.update(text_fields(s))
-    return rec
 
 
 def config_dict(cfg: PrecomputeConfig) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from .format import (
     TOPK_FIELDS,
     StoreMeta,
 )
-from .lock import StoreLockedError, lock_for, probe_writable
+from .lock import StoreLockedError, lock_for
+from .output import check_output
 from .reader import ChecksumError, Store, open_store
 from .stream import StreamReader
 from .summary import summarize
@@ -31,7 +32,7 @@ __all__ = [
     "ChecksumError",
     "NoStoreError",
     "StoreLockedError",
-    "probe_writable",
+    "check_output",
     "PADDED_FIELDS",
     "REF_FIELDS",
     "ROLES",

@@ -1,4 +1,4 @@
-"""Store housekeeping: list stores with provenance, garbage-collect, merge partitions.
+"""Store housekeeping: list stores with provenance, garbage-collect, merge stores of one run.
 
 Why here and not in the CLI: these walk the on-disk layout, which only `kdcache.store`
 is allowed to know about.
@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._io import (
@@ -30,7 +31,6 @@ from .format import SCHEMA_VERSION, StoreMeta
 from .integrity import manifest_problems, name_problem
 from .lock import (
     TEMP_MARKER,
-    WRITE_PROBE,
     StoreLock,
     describe,
     lock_holder,
@@ -38,6 +38,7 @@ from .lock import (
     read_temp_marker,
     write_temp_marker,
 )
+from .output import WRITE_PROBE, check_output
 from .reader import open_store
 from .writer import STALE_TEMP_S, NoStoreError, StoreWriter
 
@@ -408,66 +409,51 @@ def gc(root: str, min_age_s: float = DEFAULT_GC_MIN_AGE_S,
     return _GC(fs, base, float(min_age_s), bool(dry_run)).run()
 
 
-_PARTITION_KEYS = ("partition", "partition_plan")
+def merge(urls: list[str], out_url: str, *, order: Iterable[tuple[int, str]] | None = None,
+          meta: StoreMeta | None = None, agree: Callable[[StoreMeta], StoreMeta] | None = None,
+          shard_records: int | None = None, report_key: str | None = None,
+          report: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+          resume: bool = False, option: str = "the merge output") -> str:
+    """Concatenate complete stores of one run into one store at `out_url`; returns it.
 
+    - `order`: (input index, example_id) pairs, the groups in the order to write them: each
+      is the next group of that input and must have that id (the inputs' own orders are
+      kept). Every group of every input must be given. Default: input after input.
+    - `meta`: the merged store's meta (default: the first input's). `agree(meta)` maps a
+      meta to what the inputs must share (default: all of it; a producer that writes one
+      run as several stores drops what tells them apart); the inputs and `meta` must agree.
+    - `report_key`, `report` (a dict, or a function called once every group is written):
+      the merged store's report section, as `StoreWriter.close(report=)` takes it.
+    - `resume=False` (`kdcache store merge`): OUT must be new or empty; the store is built
+      under a temporary sibling name marked with TEMP_MARKER (gc removes a killed merge's
+      output by it) and renamed into place, so a failure leaves nothing. `resume=True`
+      (`precompute --merge-parts`): written in place and resumable like any store: a
+      re-run continues after OUT's committed shards.
+    - `option`: what the user calls OUT, in error messages (`OUT`, `--out-root`, ...).
 
-def _without_partition(meta: StoreMeta) -> StoreMeta:
-    """The meta an unpartitioned run of the same inputs writes (partition: None)."""
-    d = meta.to_dict()
-    opts = {k: v for k, v in d.get("options", {}).items() if k != "partition_plan"}
-    if "partition" in opts:
-        opts["partition"] = None
-    return StoreMeta.from_dict({**d, "options": opts})
-
-
-def _unpartitioned(urls: list[str], stores: list) -> tuple[list, StoreMeta]:
-    """Partition stores i/N of one run, ordered by i, and the meta of the whole run; other
-    stores unchanged. A missing or repeated part is named."""
-    parts = [st.meta.options.get("partition") for st in stores]
-    if not any(parts):
-        return stores, stores[0].meta
-    if not all(parts):
-        raise ValueError("cannot merge partition stores with unpartitioned ones: pass only the "
-                         "N partition stores of one run")
-    counts = {int(p[1]) for p in parts}
-    if len(counts) != 1:
-        raise ValueError(f"partition stores of different counts {sorted(counts)}: merge the N parts of one run")
-    (n,) = counts
-    index = [int(p[0]) for p in parts]
-    missing = sorted(set(range(n)) - set(index))
-    dup = sorted({i for i in index if index.count(i) > 1})
-    if missing or dup:
-        raise ValueError(f"partitions of {n}: missing {missing}, repeated {dup}; pass each of "
-                         f"0/{n} .. {n - 1}/{n} exactly once")
-    ordered = [st for _, st in sorted(zip(index, stores, strict=True), key=lambda x: x[0])]
-    return ordered, _without_partition(stores[0].meta)
-
-
-def merge(urls: list[str], out_url: str, shard_records: int | None = None) -> str:
-    """Concatenate partition stores with identical meta into one store at `out_url`.
-
-    Partition stores of one precompute run (`--partition i/N`, metas equal but for the
-    partition) are accepted as the full set 0..N-1 and merged under the unpartitioned meta,
-    so the result has the single run's key and records; `kdcache precompute --merge-parts N`
-    also reproduces the single run's shard order, from its batch plan.
-
-    Groups are re-encoded in `urls` order with the same shard rule a single run uses, so
-    merging the partitions of a run equals that run written in one go (same shard
-    checksums); compact-codec values are already on the grid and re-encode exactly.
+    Groups are re-encoded with the shard rule a single run uses (`shard_records`, default the
+    first input's), so merging a run's parts in that run's order equals the run written
+    in one go (same shard checksums); compact-codec values are already on their grid and
+    re-encode exactly. The inputs' tokenizer files are carried over. Example ids must be
+    disjoint across the inputs. Locally one merge per OUT runs at a time (its lock).
     """
     if not urls:
         raise ValueError("merge needs at least one input store")
     if shard_records is not None and int(shard_records) < 1:
         raise ValueError(f"shard_records must be >= 1, got {shard_records}")
     fs, out_root = open_fs(out_url)
+    for u in urls:
+        if open_fs(u)[1] == out_root:
+            raise ValueError(f"{option} {out_url} is also an input: write to a new location")
     local = is_local(fs)
     # created below (the lock file's folder, the output's parents), removed on failure
     made = _first_missing(os.path.dirname(os.path.abspath(out_root))) if local else None
     try:
-        # one merge per OUT: the lock beside OUT is held until the output is renamed in
+        check_output(out_url, option, may_hold="store" if resume else "nothing")
+        # one merge per OUT: the lock beside OUT is held until the output is complete
         with StoreLock(out_root) if local else contextlib.nullcontext():
-            _check_out_free(fs, out_root, out_url, urls)
-            return _merge(fs, out_root, urls, out_url, shard_records)
+            return _Merge(fs, out_root, out_url, urls, meta, agree).run(
+                order, shard_records, report_key, report, resume)
     except BaseException:
         d = os.path.dirname(os.path.abspath(out_root))
         while made and d.startswith(made) and os.path.isdir(d) and not os.listdir(d):
@@ -476,61 +462,113 @@ def merge(urls: list[str], out_url: str, shard_records: int | None = None) -> st
         raise
 
 
-def _merge(fs: Any, out_root: str, urls: list[str], out_url: str,
-           shard_records: int | None) -> str:
-    stores = [open_store(u) for u in urls]
-    stores, meta = _unpartitioned(urls, stores)
-    urls = [st.url for st in stores]
-    for u, st in zip(urls[1:], stores[1:], strict=True):
-        a, b = _without_partition(meta).content_dict(), _without_partition(st.meta).content_dict()
-        if a != b:
-            diff = sorted(k for k in a if a[k] != b[k])
-            raise ValueError(f"cannot merge {u} into {urls[0]}: meta differs in {diff}; only "
-                             f"partitions of one precompute run can be merged")
-    for u, st in zip(urls, stores, strict=True):
-        if not st.complete:
-            raise ValueError(f"cannot merge {u}: the store is incomplete (its writer did not "
-                             f"close); finish or resume that run first")
-    n = int(shard_records or stores[0].manifest.get("shard_records", 1024))
-    # Compact values are on their version's grid; re-encoding them on the same grid is
-    # exact, on another grid it would add a second rounding.  v2's grid differs from v3's
-    # (v3 and v4 share theirs), so v2 inputs give a v2 output and are never mixed.
-    versions = {2 if st.schema_version <= 2 else 3 for st in stores}
-    if len(versions) > 1 and meta.options.get("codec", "compact") == "compact":
-        raise ValueError(f"cannot merge compact stores of schema versions "
-                         f"{sorted({st.schema_version for st in stores})}: their grids differ; "
-                         f"merge stores of one version")
-    version = 2 if versions == {2} else SCHEMA_VERSION
-    # Nothing is written before this point.  Locally the store is built under a temporary
-    # sibling name and renamed into place (atomic); on object stores nothing is committed
-    # until the one manifest write at the end, and a failure removes what was written.
-    local = is_local(fs)
-    parent, leaf = os.path.split(out_root) if local else ("", out_root)
-    target = os.path.join(parent, temp_name(leaf)) if local else out_url
-    seen: set[str] = set()
-    try:
-        if local:  # gc removes a killed merge's output by this marker, never by its name
-            write_temp_marker(target, "merge output", out_root)
-        with StoreWriter(target, meta, shard_records=n, resume=False,
-                         _schema_version=version, _staged=not local) as w:
-            for u, st in zip(urls, stores, strict=True):
-                for group in st.groups():
-                    eid = group[0]["example_id"]
-                    if eid in seen:
-                        raise ValueError(f"example_id {eid!r} of {u} is also in an earlier "
-                                         f"input; partitions must be disjoint")
-                    seen.add(eid)
+class _Merge:
+    """One `merge`: the inputs checked, then one loop over their groups (see `merge`)."""
+
+    def __init__(self, fs: Any, out_root: str, out_url: str, urls: list[str],
+                 meta: StoreMeta | None, agree: Callable[[StoreMeta], StoreMeta] | None) -> None:
+        self.fs, self.out_root, self.out_url = fs, out_root, out_url
+        self.local = is_local(fs)
+        self.stores = [open_store(u) for u in urls]
+        self.urls = list(urls)
+        self.meta = meta if meta is not None else self.stores[0].meta
+        agree = agree or (lambda m: m)
+        want = agree(self.meta).content_dict()
+        for u, st in zip(urls, self.stores, strict=True):
+            got = agree(st.meta).content_dict()
+            if got != want:
+                diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+                raise ValueError(f"cannot merge {u} into {out_url}: meta differs in {diff}; only "
+                                 f"stores of one run (e.g. its parts) can be merged")
+        for u, st in zip(urls, self.stores, strict=True):
+            if not st.complete:
+                raise ValueError(f"cannot merge {u}: the store is incomplete (its writer did not "
+                                 f"close); finish or resume that run first")
+        # Compact values are on their version's grid; re-encoding them on the same grid is
+        # exact, on another grid it would add a second rounding.  v2's grid differs from v3's
+        # (v3 and later share theirs), so v2 inputs give a v2 output and are never mixed.
+        versions = {2 if st.schema_version <= 2 else 3 for st in self.stores}
+        if len(versions) > 1 and self.meta.options.get("codec", "compact") == "compact":
+            raise ValueError(f"cannot merge compact stores of schema versions "
+                             f"{sorted({st.schema_version for st in self.stores})}: their grids "
+                             f"differ; merge stores of one version")
+        self.version = 2 if versions == {2} else SCHEMA_VERSION
+
+    def groups(self, order: Iterable[tuple[int, str]] | None) -> Iterator[tuple[str, list]]:
+        """(input url, group) in the merge order; an input that does not follow it is named."""
+        streams = [iter(st.groups()) for st in self.stores]
+        if order is None:
+            for u, stream in zip(self.urls, streams, strict=True):
+                for group in stream:
+                    yield u, group
+            return
+        for pos, (i, want) in enumerate(order):
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(streams):
+                raise ValueError(f"merge order entry {pos} names input {i!r}; there are "
+                                 f"{len(streams)} inputs")
+            got = next(streams[i], None)
+            found = None if got is None else str(got[0]["example_id"])
+            if found != want:
+                raise ValueError(f"input {i} ({self.urls[i]}) does not hold its groups in the "
+                                 f"merge order: expected example {want!r} next (entry {pos}), "
+                                 f"found {found!r}; the stores belong to another run or dataset")
+            yield self.urls[i], got
+        for i, rest in enumerate(streams):
+            if next(rest, None) is not None:
+                raise ValueError(f"input {i} ({self.urls[i]}) holds more groups than the merge "
+                                 "order gives it; it belongs to another run or dataset")
+
+    def run(self, order: Iterable[tuple[int, str]] | None, shard_records: int | None,
+            report_key: str | None, report: Any, resume: bool) -> str:
+        # Nothing is written before this point.  Without `resume`, the store is built under a
+        # temporary sibling name and renamed into place (atomic) locally; on object stores
+        # nothing is committed until the one manifest write at the end, and a failure removes
+        # what was written.  With `resume`, OUT is written in place (this process holds its
+        # lock), and created only with its first group.
+        temp = self.local and not resume
+        parent, leaf = os.path.split(self.out_root) if self.local else ("", self.out_root)
+        target = os.path.join(parent, temp_name(leaf)) if temp else self.out_url
+        listed = self.meta.tokenizer.get("files") if isinstance(self.meta.tokenizer, dict) else None
+        kw = {"shard_records": int(shard_records or self.stores[0].manifest.get("shard_records", 1024)),
+              "resume": resume, "_schema_version": self.version,
+              "_staged": not self.local and not resume, "_lock": not resume,
+              "report_key": report_key,
+              "tokenizer_files": self.stores[0].tokenizer_files() if listed else None}
+        w: StoreWriter | None = None
+        try:
+            if temp:  # gc removes a killed merge's output by this marker, never by its name
+                write_temp_marker(target, "merge output", self.out_root)
+            if not resume or _holds_store(self.fs, self.out_root):
+                w = StoreWriter(target, self.meta, **kw)
+            done = w.done_example_ids if w is not None else set()
+            seen: set[str] = set()
+            for u, group in self.groups(order):
+                eid = str(group[0]["example_id"])
+                if eid in seen:
+                    raise ValueError(f"example_id {eid!r} of {u} is also in an earlier input; "
+                                     "the merged stores must be disjoint")
+                seen.add(eid)
+                if eid not in done:
+                    w = w or StoreWriter(target, self.meta, **kw)
                     w.add_group(group)
-        if local:
-            os.remove(os.path.join(target, TEMP_MARKER))  # complete: no longer a temporary
-            if os.path.isdir(out_root):
-                os.rmdir(out_root)  # empty (checked above); rename cannot replace it portably
-            os.rename(target, out_root)
-    except BaseException:
-        if local and fs.exists(target):
-            fs.rm(target, recursive=True)
-        raise
-    return out_url
+            w = w or StoreWriter(target, self.meta, **kw)
+            w.close(report() if callable(report) else report)
+            if temp:
+                os.remove(os.path.join(target, TEMP_MARKER))  # complete: no longer temporary
+                if os.path.isdir(self.out_root):
+                    os.rmdir(self.out_root)  # empty (checked); rename cannot replace it portably
+                os.rename(target, self.out_root)
+        except BaseException:
+            if w is not None:
+                w.abort()  # a staged writer removes its shards; a resumable one keeps them
+            if temp and self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+            raise
+        return self.out_url
+
+
+def _holds_store(fs: Any, root: str) -> bool:
+    return fs.exists(join(root, MANIFEST))
 
 
 def _first_missing(path: str) -> str | None:
@@ -540,26 +578,3 @@ def _first_missing(path: str) -> str | None:
     while not os.path.exists(p):
         missing, p = p, os.path.dirname(p)
     return missing
-
-
-def _check_out_free(fs: Any, root: str, out_url: str, inputs: list[str]) -> None:
-    """OUT must be new (or an empty directory) and none of the inputs."""
-    for u in inputs:
-        if open_fs(u)[1] == root:
-            raise ValueError(f"merge output {out_url} is also an input: write to a new location")
-    if fs.exists(root) and (not fs.isdir(root) or fs.ls(root, detail=False)):
-        what = "a store" if fs.exists(join(root, MANIFEST)) else "something"
-        raise FileExistsError(f"merge output {out_url} already holds {what}: choose a new "
-                              f"location, or delete it first")
-    if is_local(fs):
-        anc = _existing_ancestor(root)
-        if not os.path.isdir(anc) or not os.access(anc, os.W_OK):
-            raise PermissionError(f"cannot write {out_url}: {anc} is not a writable directory")
-
-
-def _existing_ancestor(path: str) -> str:
-    """The deepest existing directory above `path` (local)."""
-    p = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    return p

@@ -13,7 +13,6 @@ stores (s3://, gs://) there is no lock: see docs/STORE_FORMAT.md for what holds 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -24,8 +23,7 @@ import time
 from typing import Any
 
 __all__ = ["StoreLock", "StoreLockedError", "lock_path", "lock_holder", "LOCK_SUFFIX",
-           "TEMP_MARKER", "write_temp_marker", "read_temp_marker", "owner_state",
-           "WRITE_PROBE", "probe_writable", "lock_for"]
+           "TEMP_MARKER", "write_temp_marker", "read_temp_marker", "owner_state", "lock_for"]
 
 LOCK_SUFFIX = ".kdcache-lock"
 _INFO_MAX = 4096  # a lock file is one short JSON line; never read more
@@ -203,31 +201,6 @@ def owner_state(info: dict[str, Any]) -> str:
     except OSError:  # exists, not ours (EPERM)
         return "alive"
     return "alive"
-
-
-# ------------------------------------------------------------------ write probe
-#: Base name of the file `probe_writable` writes (a `temp_name` of it: owner pid and host).
-WRITE_PROBE = "kdcache-write-probe"
-
-
-def probe_writable(directory: str) -> None:
-    """Write and remove a small file in `directory` (which must exist): OSError when it
-    cannot be written. The probe is removed on every path, a full disk included; its name
-    names its process, so a killed run's probe is a dead writer's temp file to gc and to
-    the next run."""
-    from ._io import temp_name
-
-    probe = os.path.join(directory, temp_name(WRITE_PROBE))
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(probe)
 
 
 def lock_for(url: str) -> StoreLock | None:

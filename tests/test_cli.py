@@ -50,8 +50,10 @@ def test_every_option_shows_help_default_and_choices(name):
     cls = dict(_config_classes())[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     cmd = cli.build_config_command(name)
-    options = {p.name: p for p in cmd.params if p.name not in ("help", "help_all")}
+    options = {p.name: p for p in cmd.params if p.name not in ("help", "help_all") and not p.hidden}
     assert set(options) == set(fields) | {"config"}
+    # the old names of renamed options still parse, hidden from --help
+    assert {p.name for p in cmd.params if p.hidden} == set(getattr(cls, "RENAMED", {}))
     for pname, p in options.items():
         description, _, tags = (p.help or "").partition("  \\[")
         assert description.strip(), f"--{pname}: no description"
@@ -109,8 +111,8 @@ def test_help_at_80_columns_never_cuts_an_option_name(argv, cmd, monkeypatch):
     from typer import rich_utils
 
     monkeypatch.setattr(rich_utils, "MAX_WIDTH", 80)  # read from TERMINAL_WIDTH once, at import
-    names = {o for p in cmd.params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))
-             if o.startswith("--")}
+    names = {o for p in cmd.params if not getattr(p, "hidden", False)  # old names of renamed options
+             for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ())) if o.startswith("--")}
     flag = "--help-all" if "--help-all" in names else "--help"
     out = runner.invoke(cli.app, [*argv, flag], env=NARROW).output
     assert max(len(line) for line in out.splitlines()) <= 80
@@ -170,8 +172,9 @@ def test_list_options_parse(monkeypatch):
                                   "--partition", "1/4"])
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
-    cfg.validate()  # "i/N" or "auto": the partition is resolved when the config is checked
-    assert cfg.betas == [1.0, 2.5] and cfg.partition == (1, 4)
+    checked = cfg.validated()  # "i/N" or "auto": the partition is resolved when checked
+    assert checked.betas == (1.0, 2.5) and checked.partition == (1, 4)
+    assert cfg.partition == "1/4"  # the config itself is frozen: checking returns a new one
 
 
 @pytest.mark.parametrize("word", ["none", "None", "null", ""])

@@ -112,7 +112,7 @@ def _env(rank: int, port: int) -> dict:
 def _scenarios(setup, runs: Path) -> list[dict]:
     sc = [{"name": f"obj-{o}", "cfg": _cfg(setup, runs / o, objective=o)} for o in OBJECTIVES]
     sc += [
-        {"name": "adpa-code", "cfg": _cfg(setup, runs / "adpa-code", objective="adpa", adpa_reference_code=True)},
+        {"name": "adpa-code", "cfg": _cfg(setup, runs / "adpa-code", objective="adpa", adpa_released_code=True)},
         {"name": "accum", "cfg": _cfg(setup, runs / "accum", batch_groups=1, grad_accum=2)},
         {"name": "resume", "cfg": _cfg(setup, runs / "resume", save_every=1), "stops": [2, None]},
         {"name": "lora", "cfg": _cfg(setup, runs / "lora", lora_r=4, lora_targets=["q_proj", "v_proj"],
@@ -172,8 +172,8 @@ def reference(cfg: TrainConfig, world: int = WORLD) -> dict[str, torch.Tensor]:
     streams = [group_stream(StreamReader(store, fields=fields, seed=cfg.seed, rank=r, world_size=world), budget)
                for r in range(world)]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt, precision = make_optimizer(cfg, params), Precision.for_run(cfg, cpu)
-    sched = make_scheduler(cfg, opt, cfg.max_steps)
+    opt, precision = make_optimizer(cfg.optim_settings, params), Precision.for_run(cfg, cpu)
+    sched = make_scheduler(cfg.schedule_settings, opt, cfg.max_steps)
     student = StudentForward(model, cfg.chunk_size)
     model.train()
     for step in range(cfg.max_steps):

@@ -243,7 +243,7 @@ def test_dckd_needs_pairs():
     with pytest.raises(ValueError, match="pairs"):
         dckd_loss(**dckd_inputs(w, l_))
     with pytest.raises(ValueError, match="pairs"):
-        dckd_loss(**dckd_inputs(w, l_), reference_code=True)
+        dckd_loss(**dckd_inputs(w, l_), released_code=True)
 
 
 # ---------------------------------------------------------------- released-code DCKD
@@ -320,9 +320,9 @@ def dckd_inputs(w: Batch, l_: Batch) -> dict:
 @pytest.mark.parametrize("b,t,v,k", SHAPES)
 @pytest.mark.parametrize("scale", [1.0, 4.0])
 @pytest.mark.parametrize("weights", [(1.0, 0.1, 0.1), (0.5, 2.0, 0.0)])
-def test_dckd_reference_code(b, t, v, k, scale, weights):
+def test_dckd_released_code(b, t, v, k, scale, weights):
     w, l_ = Batch(b, t, v, k, seed=17 + b, scale=scale), Batch(b, t + 2, v, k, seed=71 + b, scale=scale)
-    out = dckd_loss(**dckd_inputs(w, l_), reference_code=True, weights=weights)
+    out = dckd_loss(**dckd_inputs(w, l_), released_code=True, weights=weights)
     ref = ref_dckd_code(w, l_, weights)
     authors = weights[0] * authors_nll(w) + weights[1] * authors_kl(w) + weights[2] * authors_kl(l_)
     for want in (ref, authors):
@@ -331,27 +331,27 @@ def test_dckd_reference_code(b, t, v, k, scale, weights):
             torch.testing.assert_close(grad_of(out.loss, x), grad_of(want, x), rtol=1e-6, atol=1e-9)
 
 
-def test_dckd_reference_code_clamps_bite():
+def test_dckd_released_code_clamps_bite():
     """A sharp case that exercises every clamp of the released variant: student buckets below
     1e-7 (floored, no gradient), above 1 − 1e-8 (clamped), teacher tails below 1e-8."""
     w, l_ = Batch(4, 5, 11, 10, seed=6, scale=4.0), Batch(4, 5, 11, 10, seed=7, scale=4.0)
     q = torch.softmax(w.student, -1).gather(-1, w.topk_ids)[w.mask]
     p = w.topk_logprobs.exp()[w.mask]
     assert (q < 1e-7).any() and (q > 1 - 1e-8).any() and (1 - p.sum(-1) < 1e-8).any()
-    out = dckd_loss(**dckd_inputs(w, l_), reference_code=True)
+    out = dckd_loss(**dckd_inputs(w, l_), released_code=True)
     for want in (ref_dckd_code(w, l_, (1.0, 0.1, 0.1)), authors_nll(w) + 0.1 * authors_kl(w) + 0.1 * authors_kl(l_)):
         torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=1e-8)
         for x in (w.student, l_.student):
             torch.testing.assert_close(grad_of(out.loss, x), grad_of(want, x), rtol=1e-6, atol=1e-9)
 
 
-def test_dckd_reference_code_is_token_means():
+def test_dckd_released_code_is_token_means():
     """Token means, not per-sequence sums: doubling every sequence's tokens (by repeating
     them) leaves the released variant's loss unchanged and doubles the paper form's."""
     w, l_ = Batch(2, 3, 11, 4, seed=3, min_len=3), Batch(2, 3, 11, 4, seed=4, min_len=3)
     inp = dckd_inputs(w, l_)
     twice = {k: torch.cat([x, x], dim=1) for k, x in inp.items()}
-    code = [dckd_loss(**i, reference_code=True).loss for i in (inp, twice)]
+    code = [dckd_loss(**i, released_code=True).loss for i in (inp, twice)]
     paper = [dckd_loss(**i).loss for i in (inp, twice)]
     torch.testing.assert_close(code[0], code[1])
     torch.testing.assert_close(2 * paper[0], paper[1])
@@ -423,35 +423,35 @@ def test_adpa(b, t, v, k, gamma):
 @pytest.mark.parametrize("b,t,v,k", SHAPES)
 @pytest.mark.parametrize("scale", [1.0, 4.0])
 @pytest.mark.parametrize("w", [1.6, 3.0])
-def test_adpa_reference_code(b, t, v, k, scale, w):
+def test_adpa_released_code(b, t, v, k, scale, w):
     y, roll = Batch(b, t, v, k, seed=11 * b + t, scale=scale), Batch(b, t + 1, v, k, seed=13 * b + t, scale=scale)
-    out = adpa_loss(*adpa_inputs(y, roll), gamma=w, reference_code=True)
+    out = adpa_loss(*adpa_inputs(y, roll), gamma=w, released_code=True)
     for want in (ref_adpa_code(y, roll, w), authors_adpa(y, roll, w)):
         torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=1e-8)
         for x in (y.student, roll.student):
             torch.testing.assert_close(grad_of(out.loss, x), grad_of(want, x), rtol=1e-6, atol=1e-9)
 
 
-def test_adpa_reference_code_both_terms_are_token_means():
+def test_adpa_released_code_both_terms_are_token_means():
     """Repeating every sequence's tokens leaves both released-variant terms unchanged (token
     means; the old variant summed the SFT term per sequence) and doubles Eq. 10's."""
     y, roll = Batch(2, 3, 11, 4, seed=5, min_len=3), Batch(2, 3, 11, 4, seed=6, min_len=3)
     inp = adpa_inputs(y, roll)
     twice = tuple(torch.cat([x, x], dim=1) for x in inp)
-    code = [adpa_loss(*i, gamma=1.6, reference_code=True) for i in (inp, twice)]
+    code = [adpa_loss(*i, gamma=1.6, released_code=True) for i in (inp, twice)]
     paper = [adpa_loss(*i, gamma=3.0) for i in (inp, twice)]
     torch.testing.assert_close(code[0].loss, code[1].loss)
     torch.testing.assert_close(code[0].metrics["sft"], code[1].metrics["sft"])
     torch.testing.assert_close(2 * paper[0].loss, paper[1].loss)
 
 
-def test_adpa_reference_code_ignores_negative_advantages():
+def test_adpa_released_code_ignores_negative_advantages():
     """In the released code's variant a token with negative advantage is clamped to 1e-8, and
     the tail bucket's −1e-8 cancels that: it gets no push at all (Eq. 10 would push it down)."""
     y, roll = Batch(2, 3, 11, 4, seed=5), Batch(2, 3, 11, 4, seed=6)
     _, _, st, adv, m = adpa_inputs(y, roll)
     st = st.detach().requires_grad_(True)
-    adpa_loss(y.token_lp(), y.mask, st, adv, m, gamma=1.0, reference_code=True).loss.backward()
+    adpa_loss(y.token_lp(), y.mask, st, adv, m, gamma=1.0, released_code=True).loss.backward()
     neg = (adv < 0) & m[..., None]
     assert neg.any() and st.grad[neg].abs().max() < 1e-12 < st.grad[~neg & m[..., None]].abs().max()
 
@@ -502,14 +502,14 @@ def test_paper_vs_exact_advantage():
     assert float(advantage_error(exact, exact, roll.mask)["max_abs"]) == 0.0
 
 
-def test_adpa_reference_code_clamps_bite():
+def test_adpa_released_code_clamps_bite():
     """A sharp case where every clamp of the released ADPA variant acts: student probabilities
     below 1e-8 and above 1 − 1e-8, negative advantages and advantages above 1."""
     y, roll = Batch(4, 5, 11, 10, seed=7, scale=4.0), Batch(4, 5, 11, 10, seed=6, scale=4.0)
     _, _, st, adv, m = adpa_inputs(y, roll)
     q, a = st.exp()[m], adv[m]
     assert (q < 1e-8).any() and (q > 1 - 1e-8).any() and (a < 0).any() and (a > 1).any()
-    out = adpa_loss(*adpa_inputs(y, roll), gamma=1.6, reference_code=True)
+    out = adpa_loss(*adpa_inputs(y, roll), gamma=1.6, released_code=True)
     for want in (ref_adpa_code(y, roll, 1.6), authors_adpa(y, roll, 1.6)):
         torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=1e-8)
         for x in (y.student, roll.student):

@@ -23,11 +23,10 @@ HF = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_w
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 @pytest.mark.parametrize("total,warm_kw", [(40, {}), (40, {"warmup_steps": 5}), (37, {"warmup_ratio": 0.1})])
 def test_schedule_after_warmup_equals_transformers(schedule, total, warm_kw):
-    cfg = TrainConfig(model="m", store="s", lr_schedule=schedule, **warm_kw)
-    cfg.validate()
-    warm = warmup_steps(cfg, total)
+    sched = TrainConfig(model="m", store="s", lr_schedule=schedule, **warm_kw).validate().schedule_settings
+    warm = warmup_steps(sched, total)
     assert warm == warm_kw.get("warmup_steps", math.ceil(warm_kw.get("warmup_ratio", 0) * total))
-    f = lr_lambda(cfg, total)
+    f = lr_lambda(sched, total)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     ref = HF[schedule](opt, warm, total).lr_lambdas[0]
     for step in range(warm, total + 1):
@@ -39,7 +38,7 @@ def test_schedule_after_warmup_equals_transformers(schedule, total, warm_kw):
 def test_scheduler_drives_the_optimizer():
     cfg = TrainConfig(model="m", store="s", lr=0.5, lr_schedule="cosine", warmup_ratio=0.25)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
-    sched = make_scheduler(cfg, opt, 8)
+    sched = make_scheduler(cfg.schedule_settings, opt, 8)
     lrs = []
     for _ in range(8):
         lrs.append(opt.param_groups[0]["lr"])

@@ -54,7 +54,7 @@ def _real_peak(cfg: TrainConfig, hf_config) -> dict:
     precision = Precision(bf16=False, device_type="cpu", cache=not cfg.grad_checkpointing)
     with tracker:
         return measure_step(model, cfg, batches, precision,
-                            lambda ps: make_optimizer(cfg, ps, device_type="cuda"), tracker)
+                            lambda ps: make_optimizer(cfg.optim_settings, ps, device_type="cuda"), tracker)
 
 
 @pytest.mark.parametrize("kw,tied", [(dict(grad_checkpointing=False), True),
@@ -284,7 +284,7 @@ def _real_peak_teachers(cfg: TrainConfig, hf_config, teachers: int) -> dict:
     tracker.register(batch_tensors(batches), "inputs")
     with tracker:
         return measure_step(model, cfg, batches, Precision(bf16=False, device_type="cpu"),
-                            lambda ps: make_optimizer(cfg, ps, device_type="cuda"), tracker), batches
+                            lambda ps: make_optimizer(cfg.optim_settings, ps, device_type="cuda"), tracker), batches
 
 
 @pytest.mark.parametrize("objective", ["kd", "adpa"])
@@ -303,3 +303,19 @@ def test_ensemble_of_j_stores_is_estimated_with_a_j_times_k_union(objective):
     assert peaks[3]["breakdown"]["inputs"] > peaks[1]["breakdown"]["inputs"]
     est = estimate_memory(cfg, hf, gpu_bytes=24 * GIB, cache=False, teachers=3, **SHAPE)
     assert est.config["teachers"] == 3 and "teachers=3" in est.format()
+
+
+def test_the_estimate_checks_its_config_once_and_needs_no_store(monkeypatch):
+    """estimate_for_cli is an entry point: it validates (without --store: the shape then comes
+    from --estimate-seq-len) once, and what it hands on is the checked config."""
+    from kdcache.train import memory
+
+    calls = []
+    real = TrainConfig.validate
+    monkeypatch.setattr(TrainConfig, "validate", lambda self, **kw: calls.append(kw) or real(self, **kw))
+    monkeypatch.setattr(memory, "model_config", lambda cfg: None)
+    monkeypatch.setattr(memory, "estimate_memory", lambda cfg, hf, **kw: (cfg, kw))
+    cfg, kw = memory.estimate_for_cli(_cfg(store=[], estimate_seq_len=40, gpu_memory="1GiB", grad_checkpointing=False))
+    assert calls == [{"need_store": False}] and cfg.store == [] and kw["seq_len"] == 40
+    with pytest.raises(ValueError, match=r"--lr 0: must be > 0"):
+        memory.estimate_for_cli(_cfg(store=[], lr=0))

@@ -46,7 +46,7 @@ def test_a_split_step_has_the_same_gradient_unless_the_loss_is_a_token_mean(obje
     DCKD (a token mean over the micro-batch) does not, which is why auto-fit leaves it alone."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(Qwen2Config(**ONE_LAYER, tie_word_embeddings=True)).double()
-    cfg = _cfg(objective=objective, batch_groups=4, dckd_reference_code=code, adpa_reference_code=code)
+    cfg = _cfg(objective=objective, batch_groups=4, dckd_released_code=code, adpa_released_code=code)
     groups = [synthetic_groups(cfg, 12 + 7 * i, 3, SHAPE["k"], TINY["vocab_size"], (1.0,), per_block=(1, 2))
               for i in range(4)]
     for g in groups:  # distinct stored values per group
@@ -114,7 +114,7 @@ def test_no_auto_fit_refuses_and_so_do_token_mean_losses(setup):
         memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=card, auto_fit=False), store)
     assert "DOES NOT FIT" in str(e.value) and "--batch-groups 1 --grad-accum 4" in str(e.value)  # suggested
     with pytest.raises(ValueError, match="released-code loss is a token mean"):
-        memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=card, dckd_reference_code=True), store)
+        memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=card, dckd_released_code=True), store)
     with pytest.raises(ValueError, match="no smaller micro-batch fits"):
         memory.fit_or_fail(dataclasses.replace(cfg, gpu_memory=f"{peaks[(1, 4)] // 2}B"), store)
 

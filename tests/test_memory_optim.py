@@ -10,12 +10,13 @@ import math
 import pytest
 import torch
 
-from kdcache.train.config import TrainConfig
+from kdcache.train.config import OptimSettings, TrainConfig
 from kdcache.train.optim import AdamW, make_optimizer, stochastic_round_
 
 
-def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"model": "m", "store": "s", "lr": 1e-4, "weight_decay": 0.0, **kw})
+def _cfg(**kw) -> OptimSettings:
+    """What make_optimizer reads, as a run's config slices it."""
+    return TrainConfig(**{"model": "m", "store": "s", "lr": 1e-4, "weight_decay": 0.0, **kw}).optim_settings
 
 
 def _adamw64(w0: torch.Tensor, grads, lr: float, betas=(0.9, 0.999), eps=1e-8, wd=0.0) -> torch.Tensor:

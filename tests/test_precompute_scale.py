@@ -244,6 +244,37 @@ def test_partition_auto_then_merge_equal_one_run(work, single, monkeypatch):
     assert m["store_key"] == single["store_key"] and m["checksum"] == single["checksum"]
 
 
+def test_a_failed_merge_parts_resumes_to_the_single_run(work, single, monkeypatch):
+    """--merge-parts writes in place: a merge that fails midway keeps its committed shards
+    (each a prefix of the single run's) and the re-run continues to the single run's store."""
+    from kdcache.store import StoreWriter
+
+    root = work / "mresume"
+    for i in range(2):
+        run_precompute(_cfg(work, out_root=str(root), partition=(i, 2)))
+    real, calls = StoreWriter.add_group, {"n": 0}
+
+    def failing(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise OSError("simulated full disk")
+        return real(self, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(StoreWriter, "add_group", failing)
+        with pytest.raises(OSError, match="simulated full disk"):
+            run_precompute(_cfg(work, out_root=str(root), merge_parts=2))
+    url = root / single["store_key"]
+    m = _manifest(url)
+    assert not m["complete"] and 0 < len(m["shards"]) < len(single["shards"])
+    assert [s["checksum"] for s in m["shards"]] == \
+        [s["checksum"] for s in single["shards"][: len(m["shards"])]]
+    assert run_precompute(_cfg(work, out_root=str(root), merge_parts=2)) == str(url)
+    m = _manifest(url)
+    assert m["complete"] and m["checksum"] == single["checksum"]
+    assert m["precompute_report"]["merged_partitions"] == 2
+
+
 def test_merge_parts_names_a_missing_partition(work):
     root = work / "missing"
     _cli(*_args(work, "--out-root", str(root), "--partition", "0/2"))
@@ -260,6 +291,7 @@ def test_store_merge_cli_accepts_partitions(work, single):
     merged, whole = open_store(str(out)), open_store(str(work / "stores" / single["store_key"]))
     assert {(r["example_id"], r["role"]) for r in merged} == {(r["example_id"], r["role"]) for r in whole}
     assert merged.manifest["store_key"] == whole.manifest["store_key"]  # the unpartitioned run's key
+    assert merged.tokenizer_files() == whole.tokenizer_files()  # carried over from the parts
     res = runner.invoke(cli.app, ["store", "merge", str(work / "half"), parts[0]])
     assert res.exit_code == 2 and "missing [1]" in res.output
 

@@ -6,7 +6,10 @@ defaults, and a weight of the variant not in use is refused."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+import subprocess
+import sys
 import types
 import typing
 
@@ -18,7 +21,7 @@ from typer.testing import CliRunner
 
 import kdcache.cli as cli
 from kdcache.train import objectives
-from kdcache.train.config import OBJECTIVES, TrainConfig
+from kdcache.train.config import OBJECTIVES, OptimSettings, ScheduleSettings, TrainConfig
 from kdcache.train.recipe import _dir, available_recipes, recipe_values
 
 runner = CliRunner()
@@ -78,7 +81,7 @@ def test_layers_recipe_then_file_then_flags(tmp_path):
     assert (cfg.recipe, cfg.objective, cfg.lr, cfg.tvkd_alpha) == ("tvkd", "tvkd", 0.1, 0.1)
     assert (cfg.tvkd_beta, cfg.epochs) == (base["tvkd_beta"], base["epochs"])
     cfg = load_config(f, {"recipe": "dckd-code"})  # a flag names another recipe
-    assert (cfg.objective, cfg.dckd_reference_code, cfg.lr) == ("dckd", True, 0.5)
+    assert (cfg.objective, cfg.dckd_released_code, cfg.lr) == ("dckd", True, 0.5)
     assert load_config(None, {}).recipe == ""
     with pytest.raises(ValueError, match=r"unknown recipe 'nope': available recipes are adpa, adpa-code"):
         load_config(None, {"recipe": "nope"})
@@ -108,7 +111,7 @@ def test_cli_layers_and_unknown_recipe(tmp_path, monkeypatch):
     res = runner.invoke(cli.app, ["train", "--recipe", "adpa-code", "-c", str(f), "--lr", "0.25"])
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
-    assert (cfg.recipe, cfg.objective, cfg.adpa_reference_code, cfg.adpa_weight) == ("adpa-code", "adpa", True, 1.6)
+    assert (cfg.recipe, cfg.objective, cfg.adpa_released_code, cfg.adpa_weight) == ("adpa-code", "adpa", True, 1.6)
     assert (cfg.lr, cfg.batch_groups, cfg.grad_accum) == (0.25, 3, 128)  # flag > file > recipe
     res = runner.invoke(cli.app, ["train", "--recipe", "nope", "--model", "m", "--store", "s"])
     assert res.exit_code == 2 and "Traceback" not in res.output
@@ -120,9 +123,9 @@ def test_cli_layers_and_unknown_recipe(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"adpa_reference_code": True, "adpa_gamma": 2.0}, r"adpa_gamma is a weight of the paper form.*set adpa_weight"),
-    ({"adpa_weight": 2.0}, r"adpa_weight is a weight of the released-code variant.*--adpa-reference-code"),
-    ({"dckd_reference_code": True, "dckd_alpha": 0.5}, r"dckd_alpha .*set dckd_sft_weight, dckd_chosen_weight"),
+    ({"adpa_released_code": True, "adpa_gamma": 2.0}, r"adpa_gamma is a weight of the paper form.*set adpa_weight"),
+    ({"adpa_weight": 2.0}, r"adpa_weight is a weight of the released-code variant.*--adpa-released-code"),
+    ({"dckd_released_code": True, "dckd_alpha": 0.5}, r"dckd_alpha .*set dckd_sft_weight, dckd_chosen_weight"),
     ({"dckd_chosen_weight": 0.5}, r"dckd_chosen_weight is a weight of the released-code variant"),
 ])
 def test_a_weight_of_the_other_variant_is_refused(kw, match):
@@ -149,24 +152,24 @@ def _fake_batch():
 
 
 @pytest.mark.parametrize("kw,gamma", [({}, 3.0), ({"adpa_gamma": 1.5}, 1.5),
-                                      ({"adpa_reference_code": True}, 1.6),
-                                      ({"adpa_reference_code": True, "adpa_weight": 0.5}, 0.5)])
+                                      ({"adpa_released_code": True}, 1.6),
+                                      ({"adpa_released_code": True, "adpa_weight": 0.5}, 0.5)])
 def test_adpa_weight_defaults_follow_the_variant(monkeypatch, kw, gamma):
     seen = _capture(monkeypatch, "adpa_loss")
     objectives._adpa(*_fake_batch(), TrainConfig(**kw), 0)
-    assert seen["gamma"] == gamma and seen["reference_code"] == kw.get("adpa_reference_code", False)
+    assert seen["gamma"] == gamma and seen["released_code"] == kw.get("adpa_released_code", False)
 
 
 @pytest.mark.parametrize("kw,alpha,weights", [
     ({}, 0.2, (1.0, 0.1, 0.1)),
     ({"dckd_alpha": 1.0}, 1.0, (1.0, 0.1, 0.1)),
-    ({"dckd_reference_code": True, "dckd_rejected_weight": 0.0}, 0.2, (1.0, 0.1, 0.0)),
+    ({"dckd_released_code": True, "dckd_rejected_weight": 0.0}, 0.2, (1.0, 0.1, 0.0)),
 ])
 def test_dckd_weight_defaults_follow_the_variant(monkeypatch, kw, alpha, weights):
     seen = _capture(monkeypatch, "dckd_loss")
     objectives._dckd(*_fake_batch(), TrainConfig(**kw), 0)
     assert (seen["alpha"], seen["weights"]) == (alpha, weights)
-    assert seen["reference_code"] == kw.get("dckd_reference_code", False)
+    assert seen["released_code"] == kw.get("dckd_released_code", False)
 
 
 # ---------------------------------------------------------------- a real run saves the resolved recipe
@@ -214,3 +217,118 @@ def test_a_recipe_run_saves_its_resolved_values(tiny, tmp_path, name):
     want = {**recipe_values(name), "max_steps": 1, "grad_accum": 2}
     assert saved["recipe"] == name and {k: saved[k] for k in want} == want
     assert set(saved) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# ---------------------------------------------------------------- a config is frozen, checked once
+
+
+def test_a_config_is_frozen_normalised_and_validate_returns_it():
+    stores = ["a"]
+    cfg = TrainConfig(model="m", store=stores)
+    stores.append("b")  # the caller's list is not the config's
+    assert cfg.store == ["a"] and TrainConfig(model="m", store="a").store == ["a"]
+    assert cfg.validate() is cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    changed = dataclasses.replace(cfg, lr=0.5, lr_schedule="cosine", warmup_ratio=0.1)
+    assert (changed.optim_settings.lr, changed.schedule_settings) == (0.5, ScheduleSettings("cosine", 0, 0.1))
+    assert changed.optim_settings == OptimSettings("adamw", 0.5, 0.0, "auto", True)
+
+
+# ---------------------------------------------------------------- renamed options: the old names still work
+
+
+OLD_NEW = [("dckd_reference_code", "dckd_released_code"), ("adpa_reference_code", "adpa_released_code")]
+
+
+def _notes(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def _fake_train(monkeypatch) -> dict:
+    seen = {}
+    done = types.SimpleNamespace(steps=0, tokens=0, seconds=0.0, final_loss=0.0, out="o", rank=0)
+    monkeypatch.setattr("kdcache.train.trainer.train", lambda cfg: seen.setdefault("cfg", cfg) and done)
+    return seen
+
+
+def test_renamed_options_are_the_ones_listed():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert list(TrainConfig.RENAMED.items()) == OLD_NEW
+    assert all(new in fields and old not in fields for old, new in OLD_NEW)
+
+
+def test_old_flags_still_work_hidden_from_help(monkeypatch, caplog):
+    seen = _fake_train(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="kdcache.train.config"):
+        res = runner.invoke(cli.app, ["train", "--model", "m", "--store", "s", "--objective", "dckd",
+                                      "--dckd-reference-code"])
+    assert res.exit_code == 0, res.output
+    assert seen.pop("cfg").dckd_released_code is True
+    assert _notes(caplog) == ["note: --dckd-reference-code is deprecated: use --dckd-released-code (the same option)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdcache.train.config"):  # the --no- form, over a recipe
+        res = runner.invoke(cli.app, ["train", "--model", "m", "--store", "s", "--recipe", "adpa-code",
+                                      "--no-adpa-reference-code"])
+    assert res.exit_code == 0, res.output
+    assert (seen["cfg"].adpa_released_code, seen["cfg"].adpa_weight) == (False, 1.6)  # flag > recipe
+    assert _notes(caplog) == ["note: --adpa-reference-code is deprecated: use --adpa-released-code (the same option)"]
+    shown = runner.invoke(cli.app, ["train", "--help-all"], env=WIDE).output
+    assert "--dckd-released-code" in shown and "reference-code" not in shown
+
+
+def test_old_and_new_flag_together_are_refused(monkeypatch):
+    _fake_train(monkeypatch)
+    res = runner.invoke(cli.app, ["train", "--model", "m", "--store", "s", "--dckd-reference-code",
+                                  "--no-dckd-released-code"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    errors = [ln for ln in res.output.splitlines() if "error:" in ln]
+    assert errors == ["error: both --dckd-reference-code and --dckd-released-code are given: "
+                      "--dckd-reference-code is the old name of --dckd-released-code; keep only "
+                      "--dckd-released-code"], res.output
+
+
+def test_the_old_flag_prints_one_note_line_on_stderr(tmp_path):
+    """End to end, as a user runs it: one note line on stderr, nothing on stdout (the run itself
+    then fails on the missing store, with its one error line)."""
+    res = subprocess.run([sys.executable, "-m", "kdcache.cli", "train", "--model", "m", "--store",
+                          str(tmp_path / "nowhere"), "--objective", "dckd", "--dckd-reference-code"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    lines = res.stderr.splitlines()
+    assert [ln for ln in lines if "deprecated" in ln] == [
+        "note: --dckd-reference-code is deprecated: use --dckd-released-code (the same option)"], res.stderr
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 1, res.stderr
+
+
+@pytest.mark.parametrize("old,new", OLD_NEW)
+def test_old_keys_in_a_config_file_still_work(tmp_path, caplog, old, new):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"model: m\nstore: s\n{old}: true\n")
+    with caplog.at_level(logging.WARNING, logger="kdcache.train.config"):
+        cfg = load_config(f, {})
+    assert getattr(cfg, new) is True
+    assert _notes(caplog) == [f"note: --config {f}: {old} is deprecated: use {new} (the same option)"]
+    assert getattr(load_config(f, {new: False}), new) is False  # a flag still overrides the file
+    f.write_text(f"model: m\nstore: s\n{old}: true\n{new}: false\n")
+    with pytest.raises(ValueError, match=f"--config {re.escape(str(f))}: both {old} and {new} are given"):
+        load_config(f, {})
+
+
+def test_old_keys_in_a_recipe_still_work(tmp_path, monkeypatch, caplog):
+    (tmp_path / "old.yaml").write_text("objective: dckd  # x\ndckd_reference_code: true  # x\n")
+    monkeypatch.setattr("kdcache.train.recipe._dir", lambda: tmp_path)
+    with caplog.at_level(logging.WARNING, logger="kdcache.train.config"):
+        values = recipe_values("old", TrainConfig)
+    assert values == {"objective": "dckd", "dckd_released_code": True}
+    assert _notes(caplog) == ["note: recipe old: dckd_reference_code is deprecated: use dckd_released_code "
+                              "(the same option)"]
+
+
+def test_old_keywords_of_the_python_api_still_work(caplog):
+    with caplog.at_level(logging.WARNING, logger="kdcache.train.config"):
+        cfg = TrainConfig(model="m", store="s", objective="adpa", adpa_reference_code=True, adpa_weight=1.0)
+    assert cfg == TrainConfig(model="m", store="s", objective="adpa", adpa_released_code=True, adpa_weight=1.0)
+    assert _notes(caplog) == ["note: TrainConfig: adpa_reference_code is deprecated: use adpa_released_code "
+                              "(the same option)"]
+    assert dataclasses.replace(cfg, lr=0.5).adpa_released_code is True  # copies go through the same __init__

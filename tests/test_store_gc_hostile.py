@@ -21,7 +21,8 @@ from kdcache.store import StoreWriter, open_store
 from kdcache.store import admin as admin_mod
 from kdcache.store._io import temp_name
 from kdcache.store.admin import gc, list_stores
-from kdcache.store.lock import TEMP_MARKER, WRITE_PROBE, write_temp_marker
+from kdcache.store.lock import TEMP_MARKER, write_temp_marker
+from kdcache.store.output import WRITE_PROBE
 from kdcache.store.verify import verify
 
 runner = CliRunner()
@@ -226,7 +227,7 @@ def test_write_probe_leftovers(tmp_path, monkeypatch):
     name) neither blocks the re-run nor survives `gc --min-age 0` once its process is gone."""
     import errno
 
-    from kdcache.precompute.run import check_out_is_free, check_writable
+    from kdcache.store import check_output
 
     out = tmp_path / "out"
 
@@ -235,12 +236,12 @@ def test_write_probe_leftovers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match="not writable .*No space left"):
-        check_writable(str(out))
+        check_output(str(out), "--out")
     monkeypatch.undo()
     assert not out.exists() or os.listdir(out) == []
     out.mkdir(exist_ok=True)
     (out / f".kdcache-write-probe-{_dead_pid()}").write_bytes(b"")  # an older kdcache's
-    check_out_is_free(str(out))  # not someone else's data
+    check_output(str(out), "--out")  # not someone else's data
     _store(str(tmp_path / "s"))
     probe = tmp_path / "s" / f".{WRITE_PROBE}.tmp-{'0' * 32}-{_dead_pid()}@{socket.gethostname()}"
     probe.write_bytes(b"")

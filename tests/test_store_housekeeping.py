@@ -138,7 +138,7 @@ def test_failed_merge_leaves_nothing(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     _one_error_line(runner.invoke(cli.app, ["store", "merge", str(tmp_path / "taken"), *urls]),
-                    "already holds something")
+                    "is a directory with other files (keep.txt)")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="shard_records must be >= 1"):
         merge(urls, str(out), shard_records=0)

@@ -5,6 +5,7 @@ nothing behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -152,3 +153,36 @@ def test_nonsense_options_are_refused_before_anything_is_written(setup, tmp_path
     with pytest.raises(ValueError, match=msg):
         train(_cfg(setup, out, **bad))
     assert not out.exists()
+
+
+def test_train_checks_its_config_once(setup, tmp_path, monkeypatch):
+    """validate() runs where the run enters; nothing below it checks again."""
+    calls = []
+    real = TrainConfig.validate
+    monkeypatch.setattr(TrainConfig, "validate", lambda self, **kw: calls.append(kw) or real(self, **kw))
+    train(_cfg(setup, tmp_path / "run", max_steps=2))
+    assert calls == [{}]
+
+
+def test_a_run_saved_under_an_old_option_name_resumes(setup, tmp_path):
+    """A run directory written before dckd_reference_code was renamed dckd_released_code (its
+    config.yaml files hold the old key) resumes, bitwise as an uninterrupted run, and is still
+    refused when the option's value differs."""
+    ref = tmp_path / "ref"
+    train(_cfg(setup, ref, dckd_released_code=True))
+    out = tmp_path / "run"
+    cfg = _cfg(setup, out, dckd_released_code=True)
+    train(cfg, stop_after=3)
+    for path in (out / "config.yaml", out / "last" / "config.yaml"):  # as the old version wrote them
+        text = path.read_text()
+        assert text.count("dckd_released_code: true") == 1
+        path.write_text(text.replace("dckd_released_code:", "dckd_reference_code:"))
+    with pytest.raises(ValueError, match=r"different settings \(dckd_released_code\)"):
+        train(dataclasses.replace(cfg, dckd_released_code=False))
+    res = train(cfg)
+    assert res.steps == STEPS
+    want, got = _weights(ref), _weights(out)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "dckd_released_code: true" in (out / "last" / "config.yaml").read_text()  # saved under today's name

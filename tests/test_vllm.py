@@ -97,7 +97,7 @@ def test_missing_vllm_is_one_clear_error(tmp_path):
 
     cfg = RolloutConfig(model=str(tmp_path), data=str(tmp_path / "d.jsonl"), backend="vllm")
     with pytest.raises(ValueError, match="--backend vllm needs vllm.*--backend hf"):
-        cfg.validate()
+        cfg.validated()
 
 
 # ------------------------------------------------------------------ vllm installed

@@ -4,6 +4,7 @@ same-tokenizer tail-mode KD exactly, value and gradient), and end-to-end trainin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -237,7 +238,7 @@ def test_identity_translation_and_exact_tail_kd(work):
             np.testing.assert_array_equal(r["topk_logprobs"], x["topk_logprobs"])
             assert x["xtok_aligned"].all() and x["xtok_slots"].all()
         for objective in ("kd", "dckd"):
-            cfg.objective = objective
+            cfg = dataclasses.replace(cfg, objective=objective)  # a config is frozen
             out = []
             for recs in (group, translated):
                 model.zero_grad()

@@ -109,6 +109,10 @@ def check_same_run(cfg: TrainConfig, out: Path) -> TrainConfig:
         raise _damaged(path, f"a YAML {type(saved).__name__}, not a mapping of options")
     if isinstance(saved.get("store"), str):  # saved before --store could be given several times
         saved["store"] = [saved["store"]] if saved["store"] else []
+    try:  # options renamed since (dckd_reference_code: dckd_released_code), compared by today's names
+        saved = TrainConfig.upgrade_keys(saved)
+    except ValueError as e:
+        raise _damaged(path, str(e)) from None
     now = cfg.to_dict()
     ws = int(saved.get("world_size") or 1)  # runs saved before world_size existed had one process
     if now.get("world_size") and ws != now["world_size"]:

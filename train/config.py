@@ -1,23 +1,98 @@
-"""Typed training config. YAML files mirror these fields one to one; CLI flags override."""
+"""Typed training config. YAML files mirror these fields one to one; CLI flags override.
+
+A `TrainConfig` is frozen: built once (from flags, a config file and a recipe, or in Python),
+checked once where a run enters (`validate()`, called by `train()`, the memory estimate's
+entry and nothing below them), then only read. A step that resolves a setting at run time
+(the store's β, auto-fit's micro-batch split) makes a new copy with `dataclasses.replace`.
+Components that need a few settings get a slice (`optim_settings`, `schedule_settings`), so
+their signatures say what they read.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
 from .recipe import RECIPE_HELP
 
+log = logging.getLogger(__name__)
+
 OBJECTIVES = ("sft", "seqkd", "kd", "dckd", "adpa", "tvkd", "dpo", "tgpo", "pbsd")
 
 
-@dataclass
+def renamed(values: dict, renames: dict[str, str], where: str | None = None, *, flags: bool = False) -> dict:
+    """`values` with each old key of `renames` under its new name, and a one-line note on
+    stderr for each (where it was read: `where`, or as command-line `flags`; neither: none)."""
+    values = dict(values)
+    name = (lambda k: "--" + k.replace("_", "-")) if flags else (lambda k: k)
+    at = "" if flags or where is None else f"{where}: "
+    for old, new in renames.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise ValueError(f"{at}both {name(old)} and {name(new)} are given: {name(old)} is the old "
+                             f"name of {name(new)}; keep only {name(new)}")
+        values[new] = values.pop(old)
+        if flags or where is not None:
+            log.warning("note: %s%s is deprecated: use %s (the same option)", at, name(old), name(new))
+    return values
+
+
+def _init_takes_old_names(cls: type) -> type:
+    """`TrainConfig(dckd_reference_code=True)`, as Python code wrote it before the rename,
+    still builds (with the note); the dataclass's own __init__ does the rest."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs) -> None:
+        init(self, *args, **renamed(kwargs, cls.RENAMED, cls.__name__))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """What `make_optimizer` reads (train/optim.py): `TrainConfig.optim_settings`."""
+
+    optim: str
+    lr: float
+    weight_decay: float
+    optim_states: str
+    stochastic_rounding: bool
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """What `make_scheduler` reads, the learning-rate factor over the run's steps:
+    `TrainConfig.schedule_settings`."""
+
+    lr_schedule: str
+    warmup_steps: int
+    warmup_ratio: float
+
+
+@_init_takes_old_names
+@dataclass(frozen=True)
 class TrainConfig:
     """Every field is a `kdcache train --flag` and a key of its YAML config. `metadata`
     holds the flag's one-line help, its help panel and, where the values are a fixed set,
     its choices (tests/test_cli.py checks that every field has help)."""
+
+    # Options renamed since they first shipped, old name -> new. The old name still works as
+    # a flag (hidden from --help), a key of a config file or recipe and a keyword of
+    # TrainConfig(...), with a one-line note on stderr (`renamed`), and in the config.yaml a
+    # run directory saved (no note: its next checkpoint saves the new name).
+    RENAMED: ClassVar[dict[str, str]] = {
+        "dckd_reference_code": "dckd_released_code",  # "reference" is the reference model elsewhere
+        "adpa_reference_code": "adpa_released_code",
+    }
 
     model: str = field(default="", metadata={
         "help": "student to train: a local HF model directory (or a cached hub id)", "panel": "Essentials"})
@@ -130,7 +205,7 @@ class TrainConfig:
     dckd_alpha: float | None = field(default=None, metadata={
         "help": "dckd (paper form): weight alpha of the top-K KD terms on y_w and y_l (Eq. 7); unset: 0.2",
         "panel": "Objective: KD / DCKD"})
-    dckd_reference_code: bool = field(default=False, metadata={
+    dckd_released_code: bool = field(default=False, metadata={
         "help": "dckd: the authors' released code ((K+1)-bucket KL, clamps, token means) instead of Eq. 7",
         "panel": "Objective: KD / DCKD"})
     dckd_sft_weight: float | None = field(default=None, metadata={
@@ -141,7 +216,7 @@ class TrainConfig:
         "help": "dckd (released code): weight of the KL on y_l; unset: 0.1", "panel": "Objective: KD / DCKD"})
     adpa_gamma: float | None = field(default=None, metadata={
         "help": "adpa (paper form): gamma, weight of the advantage term of Eq. 10; unset: 3.0", "panel": "Objective: ADPA"})
-    adpa_reference_code: bool = field(default=False, metadata={
+    adpa_released_code: bool = field(default=False, metadata={
         "help": "adpa: the authors' released code instead of Eq. 10 (probabilities and advantages clamped "
                 "to [1e-8, 1-1e-8], token means)", "panel": "Objective: ADPA"})
     adpa_weight: float | None = field(default=None, metadata={
@@ -205,11 +280,29 @@ class TrainConfig:
         "help": "seconds a collective may wait before the job fails (a lost or hung rank)", "panel": "Distributed"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.store, str):  # one store, as before several were possible
-            self.store = [self.store] if self.store else []
-        self.store = list(self.store)
+        # normalised as it is built (so every dataclasses.replace copy is too): one store given
+        # as a string is a list of one, and the list fields are this config's own copies
+        if isinstance(self.store, str):
+            object.__setattr__(self, "store", [self.store] if self.store else [])
+        for name in ("store", "store_weights", "lora_targets", "report_to"):
+            value = getattr(self, name)
+            if isinstance(value, list | tuple):
+                object.__setattr__(self, name, list(value))
 
-    def validate(self) -> None:
+    @property
+    def optim_settings(self) -> OptimSettings:
+        return OptimSettings(optim=self.optim, lr=self.lr, weight_decay=self.weight_decay,
+                             optim_states=self.optim_states, stochastic_rounding=self.stochastic_rounding)
+
+    @property
+    def schedule_settings(self) -> ScheduleSettings:
+        return ScheduleSettings(lr_schedule=self.lr_schedule, warmup_steps=self.warmup_steps,
+                                warmup_ratio=self.warmup_ratio)
+
+    def validate(self, *, need_store: bool = True) -> TrainConfig:
+        """The config a run reads, checked: one clear error for anything wrong, else this
+        (frozen, normalised) config. Called once, where a run enters: `train()` and the memory
+        estimate (`need_store=False`: the store only sets its shape)."""
         for f in dataclasses.fields(self):  # every option with a fixed set of values
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
@@ -217,7 +310,7 @@ class TrainConfig:
                                  f"use one of {', '.join(allowed)}")
         if not self.model:
             raise ValueError("no student model: pass --model DIR (a local HF directory)")
-        if not self.store:
+        if need_store and not self.store:
             raise ValueError("no store: pass --store URL (from `kdcache precompute`)")
         check_stores(self)
         if self.batch_groups < 1 or self.grad_accum < 1:
@@ -250,12 +343,15 @@ class TrainConfig:
         from .report import check_available, parse_report_to
 
         check_available(parse_report_to(self.report_to))  # one line naming what to install
+        return self
 
-    @staticmethod
-    def upgrade_keys(values: dict) -> dict:
-        """A config file's keys from older versions, in today's names (`tensorboard: true`,
-        written before --report-to, is `report_to: [tensorboard]`)."""
-        values = dict(values)
+    @classmethod
+    def upgrade_keys(cls, values: dict, where: str | None = None, *, flags: bool = False) -> dict:
+        """A config's keys from older versions, in today's names: `RENAMED` options (`renamed`:
+        a note on stderr saying where they were read, e.g. `--config c.yaml`, or as `flags`;
+        neither: no note, for the config.yaml a run saved itself), and `tensorboard: true`,
+        written before --report-to, as `report_to: [tensorboard]`."""
+        values = renamed(values, cls.RENAMED, where, flags=flags)
         if values.get("tensorboard") is not None:
             if values.pop("tensorboard") and "report_to" not in values:
                 values["report_to"] = ["tensorboard"]
@@ -273,8 +369,8 @@ class TrainConfig:
 # For each method with a released-code variant: (switch, the paper form's weights, the
 # released variant's weights). A weight of the variant not in use would be silently ignored.
 VARIANT_WEIGHTS = (
-    ("adpa_reference_code", ("adpa_gamma",), ("adpa_weight",)),
-    ("dckd_reference_code", ("dckd_alpha",), ("dckd_sft_weight", "dckd_chosen_weight", "dckd_rejected_weight")),
+    ("adpa_released_code", ("adpa_gamma",), ("adpa_weight",)),
+    ("dckd_released_code", ("dckd_alpha",), ("dckd_sft_weight", "dckd_chosen_weight", "dckd_rejected_weight")),
 )
 
 
@@ -303,8 +399,8 @@ def check_cross_tokenizer(cfg: TrainConfig) -> None:
     if cfg.cross_tokenizer == "uld" and cfg.objective == "adpa":
         raise ValueError("--cross-tokenizer uld has no vocabulary map, and adpa's advantages are "
                          "per teacher id: use --cross-tokenizer map with --objective adpa")
-    if cfg.dckd_reference_code:
-        raise ValueError("--dckd-reference-code is not offered with --cross-tokenizer: use the "
+    if cfg.dckd_released_code:
+        raise ValueError("--dckd-released-code is not offered with --cross-tokenizer: use the "
                          "paper form (--dckd-alpha)")
 
 
@@ -314,7 +410,7 @@ ENSEMBLE_OBJECTIVES = ("kd", "dckd", "adpa", "tvkd")
 
 def check_stores(cfg: TrainConfig) -> None:
     """Several stores (METHODS §4): weights match and make sense; an ensemble has a teacher term."""
-    n = len(cfg.store)
+    n = max(1, len(cfg.store))  # none: a memory estimate without --store assumes one
     if cfg.store_weights and len(cfg.store_weights) != n:
         raise ValueError(f"--store-weights has {len(cfg.store_weights)} weights for {n} --store: give one "
                          f"weight per store, in the order of the --store flags")

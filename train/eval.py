@@ -32,8 +32,10 @@ from pathlib import Path
 # builds its options from EvalConfig and must start without them.
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
+    """`kdcache eval`'s options; frozen, checked once where an evaluation enters (`evaluate`)."""
+
     model: str = field(metadata={
         "help": "student to evaluate: a local HF model dir (e.g. runs/x/model) or a cached hub id",
         "panel": "Essentials"})
@@ -68,6 +70,13 @@ class EvalConfig:
         "help": "trackers that get the results (logged at the run's last step under eval/), "
                 "comma-separated: none, tensorboard, wandb; unset: those the training run in the "
                 "results directory used (its report.json: the same W&B run)", "panel": "Essentials"})
+
+
+    def validate(self) -> EvalConfig:
+        """This config, checked (one clear error for a value out of range)."""
+        if self.samples < 1 or self.batch_size < 1 or self.max_groups < 0:
+            raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
+        return self
 
 
 def _load(model_dir: str, store, device, cross_tokenizer: bool = False):
@@ -149,8 +158,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from . import losses
     from .rewards import resolve_reward
-    if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_groups < 0:
-        raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
+
+    cfg = cfg.validate()  # the entry point: checked here, once
     fn = resolve_reward(cfg.reward) if cfg.reward else None  # a bad spec fails before any load
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)

@@ -370,7 +370,7 @@ def measure_step(model, cfg: TrainConfig, batches, precision: Precision,
     bytes alive at its peak. Works on real and on fake tensors alike."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_opt(params)
-    scheduler = make_scheduler(cfg, optimizer, 10)
+    scheduler = make_scheduler(cfg.schedule_settings, optimizer, 10)
     warm_optimizer(optimizer, params)
     tracker.reset_peak("step")
     hooks = [optimizer.register_step_pre_hook(lambda *a: setattr(tracker, "phase", "optimizer")),
@@ -494,7 +494,7 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
             model.train()
             tracker.register(batch_tensors(batches), "inputs")
             make_opt = make_opt or ((lambda ps: Modeled8bitAdamW(ps, lr=cfg.lr)) if cfg.optim == "adamw8bit"
-                                    else (lambda ps: make_optimizer(cfg, ps, device_type="cuda")))
+                                    else (lambda ps: make_optimizer(cfg.optim_settings, ps, device_type="cuda")))
             res = measure_step(model, cfg, batches, precision, make_opt, tracker)
     finally:
         torch.set_num_threads(threads)
@@ -728,7 +728,7 @@ def split_blocker(cfg: TrainConfig, uniform_groups: bool = True) -> str:
     over the micro-batch (the released-code variants) would weight tokens differently."""
     if cfg.batch_groups <= 1:
         return "the micro-batch is already one group (--batch-groups 1)"
-    if (cfg.objective == "dckd" and cfg.dckd_reference_code) or (cfg.objective == "adpa" and cfg.adpa_reference_code):
+    if (cfg.objective == "dckd" and cfg.dckd_released_code) or (cfg.objective == "adpa" and cfg.adpa_released_code):
         return (f"{cfg.objective}'s released-code loss is a token mean over the micro-batch, so a smaller "
                 "micro-batch would weight tokens differently: only suggested below")
     if not uniform_groups:
@@ -895,7 +895,7 @@ def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = 
     """`kdcache train --estimate-memory`: the store (when given) sets the shape."""
     if not cfg.model:
         raise ValueError("--estimate-memory needs --model DIR (a local HF directory; its config.json is enough)")
-    dataclasses.replace(cfg, store=cfg.store or "-").validate()
+    cfg = cfg.validate(need_store=False)  # the entry point: checked here, once
     shape = {"seq_len": cfg.estimate_seq_len or 2048, "prompt_len": None, "k": 50, "per_block": (),
              "uniform_groups": True, "teachers": 1}
     if cfg.store:

@@ -75,7 +75,7 @@ def _dckd(student, batch, cfg, step):
         rejected_teacher_topk=_take(teacher, r),
         rejected_mask=_take(batch.mask, r),
         alpha=_or(cfg.dckd_alpha, 0.2), mode=cfg.kd_mode, divergence=cfg.kd_divergence,
-        reference_code=cfg.dckd_reference_code,
+        released_code=cfg.dckd_released_code,
         weights=(_or(cfg.dckd_sft_weight, 1.0), _or(cfg.dckd_chosen_weight, 0.1),
                  _or(cfg.dckd_rejected_weight, 0.1)),
     )
@@ -98,11 +98,11 @@ def _adpa(student, batch, cfg, step):
     # with --ref-mode paper / paper-dpo-floor the store's ref_topk_logprobs holds the
     # approximation, so this difference is that approximate advantage
     adv = losses.exact_advantage(batch.stored["topk_logprobs"], batch.stored["ref_topk_logprobs"])
-    weight = _or(cfg.adpa_weight, 1.6) if cfg.adpa_reference_code else _or(cfg.adpa_gamma, 3.0)
+    weight = _or(cfg.adpa_weight, 1.6) if cfg.adpa_released_code else _or(cfg.adpa_gamma, 3.0)
     return losses.adpa_loss(
         _take(student.token_logprobs, y), _take(batch.mask, y),
         _take(student_topk(student.topk_logprobs, batch.stored), roll), _take(adv, roll), _take(batch.mask, roll),
-        gamma=weight, reference_code=cfg.adpa_reference_code,
+        gamma=weight, released_code=cfg.adpa_released_code,
     )
 
 

@@ -22,30 +22,30 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from .config import OptimSettings, ScheduleSettings
 
 SLICE = 1 << 23  # elements per fp32 working slice: bounds the update's temporaries (~100 MB)
 
 
-def warmup_steps(cfg: TrainConfig, total: int) -> int:
+def warmup_steps(sched: ScheduleSettings, total: int) -> int:
     """Warm-up length: `warmup_steps`, or `warmup_ratio` of the run (as HF's TrainingArguments
     rounds it: ceil)."""
-    return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    return sched.warmup_steps or math.ceil(sched.warmup_ratio * total)
 
 
-def lr_lambda(cfg: TrainConfig, total: int):
+def lr_lambda(sched: ScheduleSettings, total: int):
     """The learning-rate factor at each step: linear warm-up from lr/warmup to lr, then
     `linear` decay to 0 at step `total`, `cosine` decay to 0 (half a cosine, as HF's
     get_cosine_schedule_with_warmup and the papers' recipes), or `constant`."""
-    warm = warmup_steps(cfg, total)
+    warm = warmup_steps(sched, total)
 
     def f(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
-        if cfg.lr_schedule == "constant":
+        if sched.lr_schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warm) / max(1, total - warm))
-        if cfg.lr_schedule == "cosine":
+        if sched.lr_schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - progress
 
@@ -124,33 +124,34 @@ class AdamW(torch.optim.Optimizer):
                 self.state[p][k] = v.to(p.device)
 
 
-def state_dtype(cfg: TrainConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.optim_states == "bf16" else torch.float32
+def state_dtype(opt: OptimSettings) -> torch.dtype:
+    return torch.bfloat16 if opt.optim_states == "bf16" else torch.float32
 
 
-def make_optimizer(cfg: TrainConfig, params, device_type: str | None = None):
-    """The run's optimizer. `device_type` is where the parameters live ("cuda" picks the fused
-    kernel); the memory estimate passes "cuda" while running on CPU fake tensors."""
+def make_optimizer(opt: OptimSettings, params, device_type: str | None = None):
+    """The run's optimizer (`opt`: a run's `TrainConfig.optim_settings`). `device_type` is where
+    the parameters live ("cuda" picks the fused kernel); the memory estimate passes "cuda"
+    while running on CPU fake tensors."""
     params = list(params)
     device_type = device_type or (params[0].device.type if params else "cpu")
     low = any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
-    if cfg.optim == "adamw8bit":
-        return adamw8bit(cfg, params, low)
-    if cfg.optim != "adamw":
-        raise ValueError(f"unknown --optim {cfg.optim!r}: use adamw or adamw8bit")
-    sdt = state_dtype(cfg)
-    if low and not (sdt == torch.bfloat16 and not cfg.stochastic_rounding):
-        return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, state_dtype=sdt,
-                     stochastic=cfg.stochastic_rounding)
+    if opt.optim == "adamw8bit":
+        return adamw8bit(opt, params, low)
+    if opt.optim != "adamw":
+        raise ValueError(f"unknown --optim {opt.optim!r}: use adamw or adamw8bit")
+    sdt = state_dtype(opt)
+    if low and not (sdt == torch.bfloat16 and not opt.stochastic_rounding):
+        return AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay, state_dtype=sdt,
+                     stochastic=opt.stochastic_rounding)
     # fp32 weights (or bf16 weights with plain round-to-nearest bf16 states): torch's AdamW,
     # fused on CUDA (foreach would hold a second copy of the states during the step) and on
     # CPU (one vectorised pass per tensor: 4-6x faster than the default per-op loop there,
     # e.g. ~0.9 s -> ~0.15 s a step for a 45M-parameter student on 2 cores)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay,
                              fused=True if device_type in ("cuda", "cpu") else None)
 
 
-def adamw8bit(cfg: TrainConfig, params, low: bool):
+def adamw8bit(opt: OptimSettings, params, low: bool):
     """torchao's block-wise 8-bit AdamW (1 byte per moment + one fp32 scale per 256 values;
     tensors under 4096 values keep full-precision moments), with stochastic rounding into bf16
     weights. Its update is a torch.compile'd kernel, so in practice it needs CUDA."""
@@ -158,9 +159,11 @@ def adamw8bit(cfg: TrainConfig, params, low: bool):
         from torchao.optim import AdamW8bit
     except ImportError as e:
         raise ValueError("--optim adamw8bit needs torchao: pip install 'kdcache[gpu]' (or torchao)") from e
-    return AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                     bf16_stochastic_round=low and cfg.stochastic_rounding)
+    return AdamW8bit(params, lr=opt.lr, weight_decay=opt.weight_decay,
+                     bf16_stochastic_round=low and opt.stochastic_rounding)
 
 
-def make_scheduler(cfg: TrainConfig, optimizer, total: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+def make_scheduler(sched: ScheduleSettings, optimizer, total: int):
+    """The learning-rate schedule over `total` steps (`sched`: a run's
+    `TrainConfig.schedule_settings`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(sched, total))

@@ -39,6 +39,8 @@ def recipe_values(name: str, config_cls: type | None = None) -> dict:
     values = yaml.safe_load((_dir() / f"{name}.yaml").read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"recipe {name}: expected a YAML mapping of TrainConfig fields")
+    if config_cls is not None and hasattr(config_cls, "upgrade_keys"):  # a key renamed since
+        values = config_cls.upgrade_keys(values, f"recipe {name}")
     known = {f.name for f in dataclasses.fields(config_cls)} - {"recipe"} if config_cls else set(values)
     unknown = sorted(set(values) - known)
     if unknown:

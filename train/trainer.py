@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
     the output directory is touched; a run that fails before its first checkpoint removes
     what it wrote, so a failed command leaves nothing behind. Under torchrun every rank calls
     this; an error on one rank makes the others fail promptly, naming it (PeerFailure)."""
-    cfg.validate()
+    cfg = cfg.validate()  # the entry point: checked here, once; nothing below re-checks
     d = distributed.setup(cfg)
     try:
         with distributed.rank_logging(d):
@@ -341,8 +341,8 @@ class Run:
         student = StudentForward(self.model, cfg.chunk_size)
         self.step_model = distributed.wrap(d, student, cfg, self.precision.bf16) if d.enabled else student
         self.params = [p for p in self.step_model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(cfg, self.params)
-        self.scheduler = make_scheduler(cfg, self.optimizer, self.total)
+        self.optimizer = make_optimizer(cfg.optim_settings, self.params)
+        self.scheduler = make_scheduler(cfg.schedule_settings, self.optimizer, self.total)
         store = self.stores[0]
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.betas = tuple(store.meta.betas)

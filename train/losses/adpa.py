@@ -12,7 +12,7 @@ Advantages: `exact_advantage` (default; the reference gathered at the DPO ids) o
 `paper_advantage` (the paper's approximation, METHODS §1; `floor="dpo"` is the released data
 pipeline's version of it), `advantage_error` compares them.
 
-`reference_code=True` is the released-code variant (the authors' public trainer, METHODS §2),
+`released_code=True` is the released-code variant (the authors' public trainer, METHODS §2),
 not Eq. 10:
 
     L = mean_tokens(−log π_θ(y_t|s_t)) on y
@@ -111,15 +111,15 @@ def adpa_loss(
     advantage: Tensor,
     rollout_mask: Tensor,
     gamma: float = 3.0,
-    reference_code: bool = False,
+    released_code: bool = False,
 ) -> LossOutput:
     """sft_token_logprobs [B, T], sft_mask [B, T]: log π_θ(y_t|s_t) on the preferred response.
     rollout_student_topk [R, T̂, K]: log π_θ(topk_ids|ŝ_t) on the rollout (full-vocab normalised).
     advantage [R, T̂, K]: from `exact_advantage` / `paper_advantage`; rollout_mask [R, T̂].
-    gamma: Eq. 10's γ, or the released variant's weight w when reference_code=True.
+    gamma: Eq. 10's γ, or the released variant's weight w when released_code=True.
 
     Eq. 10: mean_b L_SFT − γ · mean_r Σ_t Σ_k π_θ(a_k|ŝ_t) adv_k (per-sequence sums).
-    reference_code: the released-code variant of the module docstring (token means, clamps).
+    released_code: the released-code variant of the module docstring (token means, clamps).
     Metrics: `sft` (the SFT term as the variant reduces it), `adv_reward` (the per-token
     advantage term summed per rollout, rollout mean), `adv_per_token`."""
     sm = check_mask(sft_mask, sft_token_logprobs, "sft_mask")
@@ -127,7 +127,7 @@ def adpa_loss(
     check_same("advantage", advantage, rollout_student_topk.shape)
     adv = masked(advantage.to(rollout_student_topk.dtype), rm)
     student = masked(rollout_student_topk, rm)
-    if reference_code:
+    if released_code:
         q = released.buckets(student)  # [R, T̂, K+1]: clamped π_θ at the ids, then the clamped tail
         target = released.stabilize(torch.cat([adv, torch.zeros_like(adv[..., :1])], dim=-1))
         per_token = masked((q * target).sum(-1), rm)

@@ -5,7 +5,7 @@
 KL_t the top-K KD term of `topk_kd` (teacher = π_dpo), averaged over the pairs of the batch.
 Paper sweep α ∈ {0.1, 0.2, 0.5, 1, 2, 5}; best 0.2.
 
-`reference_code=True` is the released-code variant (the authors' public trainer, METHODS §2):
+`released_code=True` is the released-code variant (the authors' public trainer, METHODS §2):
 
     L = w_sft · mean_tokens(−log π_θ(y_w,t)) + w_w · mean_tokens(KL_t on y_w) + w_l · mean_tokens(KL_t on y_l),
 
@@ -48,7 +48,7 @@ def dckd_loss(
     alpha: float = 0.2,
     mode: str = "renorm",
     divergence: str = "forward",
-    reference_code: bool = False,
+    released_code: bool = False,
     weights: tuple[float, float, float] = (1.0, 0.1, 0.1),
 ) -> LossOutput:
     """Pairs p = 1..P; y_w and y_l may have different padded lengths T_w, T_l.
@@ -57,7 +57,7 @@ def dckd_loss(
     chosen_student_topk / chosen_teacher_topk [P, T_w, K]: student log-probs at the stored
     `topk_ids` / stored `topk_logprobs`, on y_w; chosen_mask [P, T_w].
     rejected_* : the same on y_l ([P, T_l, K], [P, T_l]).
-    alpha, mode, divergence: the paper form. reference_code, weights = (w_sft, w_w, w_l):
+    alpha, mode, divergence: the paper form. released_code, weights = (w_sft, w_w, w_l):
     the released-code variant. Metrics: `sft`, `kd_chosen`, `kd_rejected` (each term as the
     variant reduces it: per-sequence sums averaged over pairs, or token means), `nll_per_token`."""
     cm = check_mask(chosen_mask, chosen_token_logprobs, "chosen_mask")
@@ -70,7 +70,7 @@ def dckd_loss(
 
     s_w, t_w = masked(chosen_student_topk, cm), masked(chosen_teacher_topk, cm)
     s_l, t_l = masked(rejected_student_topk, rm), masked(rejected_teacher_topk, rm)
-    if reference_code:
+    if released_code:
         w_sft, w_w, w_l = weights
         sft = released.token_average(-chosen_token_logprobs, cm)
         kd_w = released.token_average(released_kl(s_w, t_w), cm)
