@@ -23,7 +23,7 @@ HF = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_w
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 @pytest.mark.parametrize("total,warm_kw", [(40, {}), (40, {"warmup_steps": 5}), (37, {"warmup_ratio": 0.1})])
 def test_schedule_after_warmup_equals_transformers(schedule, total, warm_kw):
-    sched = TrainConfig(model="m", store="s", lr_schedule=schedule, **warm_kw).validate().schedule_settings
+    sched = TrainConfig(model="m", store="s", lr_schedule=schedule, **warm_kw).validated().schedule_settings
     warm = warmup_steps(sched, total)
     assert warm == warm_kw.get("warmup_steps", math.ceil(warm_kw.get("warmup_ratio", 0) * total))
     f = lr_lambda(sched, total)
@@ -55,4 +55,4 @@ def test_scheduler_drives_the_optimizer():
 ])
 def test_bad_schedule_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        TrainConfig(model="m", store="s", **kw).validate()
+        TrainConfig(model="m", store="s", **kw).validated()

@@ -311,8 +311,8 @@ def test_the_estimate_checks_its_config_once_and_needs_no_store(monkeypatch):
     from kdcache.train import memory
 
     calls = []
-    real = TrainConfig.validate
-    monkeypatch.setattr(TrainConfig, "validate", lambda self, **kw: calls.append(kw) or real(self, **kw))
+    real = TrainConfig.validated
+    monkeypatch.setattr(TrainConfig, "validated", lambda self, **kw: calls.append(kw) or real(self, **kw))
     monkeypatch.setattr(memory, "model_config", lambda cfg: None)
     monkeypatch.setattr(memory, "estimate_memory", lambda cfg, hf, **kw: (cfg, kw))
     cfg, kw = memory.estimate_for_cli(_cfg(store=[], estimate_seq_len=40, gpu_memory="1GiB", grad_checkpointing=False))

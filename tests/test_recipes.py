@@ -56,7 +56,7 @@ def test_recipe_is_a_valid_config(name):
         # e.g. YAML reads `5e-7` (no dot) as a string: the recipes must write 5.0e-7
         assert _accepts(hints[key], value), f"{name}: {key}: {value!r} is not a {hints[key]}"
     assert values["objective"] in OBJECTIVES
-    TrainConfig(**values, model="m", store="s").validate()
+    TrainConfig(**values, model="m", store="s").validated()
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -130,7 +130,7 @@ def test_cli_layers_and_unknown_recipe(tmp_path, monkeypatch):
 ])
 def test_a_weight_of_the_other_variant_is_refused(kw, match):
     with pytest.raises(ValueError, match=match):
-        TrainConfig(model="m", store="s", **kw).validate()
+        TrainConfig(model="m", store="s", **kw).validated()
 
 
 def _capture(monkeypatch, name):
@@ -222,12 +222,12 @@ def test_a_recipe_run_saves_its_resolved_values(tiny, tmp_path, name):
 # ---------------------------------------------------------------- a config is frozen, checked once
 
 
-def test_a_config_is_frozen_normalised_and_validate_returns_it():
+def test_a_config_is_frozen_normalised_and_validated_returns_it():
     stores = ["a"]
     cfg = TrainConfig(model="m", store=stores)
     stores.append("b")  # the caller's list is not the config's
     assert cfg.store == ["a"] and TrainConfig(model="m", store="a").store == ["a"]
-    assert cfg.validate() is cfg
+    assert cfg.validated() is cfg
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0
     changed = dataclasses.replace(cfg, lr=0.5, lr_schedule="cosine", warmup_ratio=0.1)

@@ -235,7 +235,7 @@ def test_ensemble_stores_with_other_sequences_are_refused_naming_the_first_misma
 def test_ensembles_without_a_teacher_term_are_refused(objective):
     cfg = TrainConfig(model="m", store=["a", "b"], objective=objective, ensemble=True)
     with pytest.raises(ValueError, match=f"--ensemble with objective '{objective}'") as e:
-        cfg.validate()
+        cfg.validated()
     assert "\n" not in str(e.value)
     if objective in ("dpo", "pbsd"):
         assert "one reference per pair" in str(e.value)
@@ -247,7 +247,7 @@ def test_ensembles_without_a_teacher_term_are_refused(objective):
                                     ({"store": ["a", "b"], "store_weights": [0.0, 0.0]}, "positive sum")])
 def test_bad_store_options_are_refused(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        TrainConfig(model="m", objective="kd", **kw).validate()
+        TrainConfig(model="m", objective="kd", **kw).validated()
 
 
 def test_weights_are_normalised_with_the_documented_defaults():

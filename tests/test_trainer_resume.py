@@ -156,10 +156,10 @@ def test_nonsense_options_are_refused_before_anything_is_written(setup, tmp_path
 
 
 def test_train_checks_its_config_once(setup, tmp_path, monkeypatch):
-    """validate() runs where the run enters; nothing below it checks again."""
+    """validated() runs where the run enters; nothing below it checks again."""
     calls = []
-    real = TrainConfig.validate
-    monkeypatch.setattr(TrainConfig, "validate", lambda self, **kw: calls.append(kw) or real(self, **kw))
+    real = TrainConfig.validated
+    monkeypatch.setattr(TrainConfig, "validated", lambda self, **kw: calls.append(kw) or real(self, **kw))
     train(_cfg(setup, tmp_path / "run", max_steps=2))
     assert calls == [{}]
 

@@ -1,7 +1,7 @@
 """Typed training config. YAML files mirror these fields one to one; CLI flags override.
 
 A `TrainConfig` is frozen: built once (from flags, a config file and a recipe, or in Python),
-checked once where a run enters (`validate()`, called by `train()`, the memory estimate's
+checked once where a run enters (`validated()`, called by `train()`, the memory estimate's
 entry and nothing below them), then only read. A step that resolves a setting at run time
 (the store's β, auto-fit's micro-batch split) makes a new copy with `dataclasses.replace`.
 Components that need a few settings get a slice (`optim_settings`, `schedule_settings`), so
@@ -299,7 +299,7 @@ class TrainConfig:
         return ScheduleSettings(lr_schedule=self.lr_schedule, warmup_steps=self.warmup_steps,
                                 warmup_ratio=self.warmup_ratio)
 
-    def validate(self, *, need_store: bool = True) -> TrainConfig:
+    def validated(self, *, need_store: bool = True) -> TrainConfig:
         """The config a run reads, checked: one clear error for anything wrong, else this
         (frozen, normalised) config. Called once, where a run enters: `train()` and the memory
         estimate (`need_store=False`: the store only sets its shape)."""

@@ -72,7 +72,7 @@ class EvalConfig:
                 "results directory used (its report.json: the same W&B run)", "panel": "Essentials"})
 
 
-    def validate(self) -> EvalConfig:
+    def validated(self) -> EvalConfig:
         """This config, checked (one clear error for a value out of range)."""
         if self.samples < 1 or self.batch_size < 1 or self.max_groups < 0:
             raise ValueError("--samples and --batch-size must be >= 1, --max-groups >= 0")
@@ -159,7 +159,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from . import losses
     from .rewards import resolve_reward
 
-    cfg = cfg.validate()  # the entry point: checked here, once
+    cfg = cfg.validated()  # the entry point: checked here, once
     fn = resolve_reward(cfg.reward) if cfg.reward else None  # a bad spec fails before any load
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)

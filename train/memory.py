@@ -895,7 +895,7 @@ def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = 
     """`kdcache train --estimate-memory`: the store (when given) sets the shape."""
     if not cfg.model:
         raise ValueError("--estimate-memory needs --model DIR (a local HF directory; its config.json is enough)")
-    cfg = cfg.validate(need_store=False)  # the entry point: checked here, once
+    cfg = cfg.validated(need_store=False)  # the entry point: checked here, once
     shape = {"seq_len": cfg.estimate_seq_len or 2048, "prompt_len": None, "k": 50, "per_block": (),
              "uniform_groups": True, "teachers": 1}
     if cfg.store:

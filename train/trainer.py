@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> TrainResult:
     the output directory is touched; a run that fails before its first checkpoint removes
     what it wrote, so a failed command leaves nothing behind. Under torchrun every rank calls
     this; an error on one rank makes the others fail promptly, naming it (PeerFailure)."""
-    cfg = cfg.validate()  # the entry point: checked here, once; nothing below re-checks
+    cfg = cfg.validated()  # the entry point: checked here, once; nothing below re-checks
     d = distributed.setup(cfg)
     try:
         with distributed.rank_logging(d):
