@@ -34,6 +34,7 @@ class DataInput:
     config: str | None = None
     split: str | None = None
     columns: str | None = None
+    flags: str = dataclasses.field(default="", compare=False)  # the options behind it, for errors
 
     def __post_init__(self) -> None:
         for name in ("config", "split", "columns"):  # "" (an unset CLI string) is unset
@@ -47,6 +48,31 @@ class DataInput:
         """The PrecomputeConfig / RolloutConfig fields that read this input."""
         return {"data": self.data, "data_config": self.config, "split": self.split,
                 "columns": self.columns}
+
+    def check(self) -> None:
+        """Before any stage runs (a stage would find out only after the ones before it, e.g.
+        the rollout prompts after DCKD's training): the config and split exist, --columns
+        parses and names columns that the first row has. A ValueError naming the options."""
+        from kdcache.precompute.checks import parse_columns
+        from kdcache.precompute.data import DataError
+        from kdcache.precompute.sources import open_data
+
+        where = f"{self.flags}: " if self.flags else ""
+        try:
+            mapped = parse_columns(self.columns)
+            source = open_data(self.data, self.config, self.split)
+            if not mapped:
+                return
+            first = next(iter(source.rows(limit=1)))
+        except (DataError, ValueError) as e:
+            raise ValueError(f"{where}{e}") from None
+        missing = [f"{role.removesuffix('_column')}={col}" for role, col in mapped.items()
+                   if col not in first.row]
+        if missing:
+            raise ValueError(
+                f"{where}--columns {', '.join(missing)}: {first.where} has no column "
+                f"{' or '.join(repr(m.split('=', 1)[1]) for m in missing)}; its columns are "
+                f"{', '.join(map(str, first.row))}")
 
     def __str__(self) -> str:
         how = [f"{k} {v}" for k, v in (("config", self.config), ("split", self.split),
@@ -189,12 +215,19 @@ def run_adpa_plus(opts: PipelineOptions, student: str, teacher: str, reference: 
     is its `data` counterpart (the same dataset, read the same way, unless told otherwise,
     e.g. another split); with `prompts`, another dataset, an unset `prompts_*` is the
     stage's default, never the `data` one."""
-    pref = DataInput(data, data_config, split, columns)
+    pref = DataInput(data, data_config, split, columns,
+                     flags="the preference data (--data, --data-config, --split, --columns)")
+    rest = "--prompts-config, --prompts-split, --prompts-columns"
     if prompts:
-        roll = DataInput(prompts, prompts_config, prompts_split, prompts_columns)
+        roll = DataInput(prompts, prompts_config, prompts_split, prompts_columns,
+                         flags=f"the rollout prompts (--prompts, {rest})")
     else:
         roll = DataInput(data, prompts_config or data_config, prompts_split or split,
-                         prompts_columns or columns)
+                         prompts_columns or columns,
+                         flags=f"the rollout prompts (--data, {rest} or else --data-config, --split, --columns)")
+    pref.check()
+    if roll != pref:
+        roll.check()
     st = opts.stages(5, precompute={"k": k})
     model, _ = adpa_plus(st, student, teacher, reference, pref, roll, dckd_steps,
                          adpa_steps, opts.n, {"dckd_alpha": dckd_alpha}, {"adpa_gamma": adpa_gamma})
@@ -207,8 +240,11 @@ def run_tgpo(opts: PipelineOptions, student: str, teacher: str, prompts: str, re
              columns: str | None = None) -> str:
     """TGPO in offline rounds; returns the final model's directory. `data_config`/`split`/
     `columns` read `prompts` (every round's rollouts)."""
+    data = DataInput(prompts, data_config, split, columns,
+                     flags="the prompts (--prompts, --data-config, --split, --columns)")
+    data.check()
     st = opts.stages(3 * rounds, precompute={"k": k})
-    model, _ = tgpo_rounds(st, student, teacher, DataInput(prompts, data_config, split, columns), reward, steps, rounds, opts.n,
+    model, _ = tgpo_rounds(st, student, teacher, data, reward, steps, rounds, opts.n,
                            {"tgpo_shaping": shaping})
     return model
 
@@ -218,5 +254,8 @@ def run_pbsd(opts: PipelineOptions, student: str, prompts: str, steps: int = 500
              columns: str | None = None) -> str:
     """PBSD from the initial student; returns the final model's directory. `data_config`/
     `split`/`columns` read `prompts` (both rollouts: with and without the context)."""
-    model, _ = pbsd(opts.stages(4), student, DataInput(prompts, data_config, split, columns), steps, opts.n, {"pbsd_beta": beta})
+    data = DataInput(prompts, data_config, split, columns,
+                     flags="the prompts (--prompts, --data-config, --split, --columns)")
+    data.check()
+    model, _ = pbsd(opts.stages(4), student, data, steps, opts.n, {"pbsd_beta": beta})
     return model
