@@ -53,26 +53,12 @@ class DataInput:
         """Before any stage runs (a stage would find out only after the ones before it, e.g.
         the rollout prompts after DCKD's training): the config and split exist, --columns
         parses and names columns that the first row has. A ValueError naming the options."""
-        from kdcache.precompute.checks import parse_columns
-        from kdcache.precompute.data import DataError
-        from kdcache.precompute.sources import open_data
+        from kdcache.precompute import check_input
 
-        where = f"{self.flags}: " if self.flags else ""
         try:
-            mapped = parse_columns(self.columns)
-            source = open_data(self.data, self.config, self.split)
-            if not mapped:
-                return
-            first = next(iter(source.rows(limit=1)))
-        except (DataError, ValueError) as e:
-            raise ValueError(f"{where}{e}") from None
-        missing = [f"{role.removesuffix('_column')}={col}" for role, col in mapped.items()
-                   if col not in first.row]
-        if missing:
-            raise ValueError(
-                f"{where}--columns {', '.join(missing)}: {first.where} has no column "
-                f"{' or '.join(repr(m.split('=', 1)[1]) for m in missing)}; its columns are "
-                f"{', '.join(map(str, first.row))}")
+            check_input(self.data, self.config, self.split, self.columns)
+        except ValueError as e:
+            raise ValueError(f"{self.flags}: {e}" if self.flags else str(e)) from None
 
     def __str__(self) -> str:
         how = [f"{k} {v}" for k, v in (("config", self.config), ("split", self.split),
