@@ -49,8 +49,7 @@ RUNS = [("kd", "map"), ("kd", "uld"), ("dckd", "map"), ("dckd", "uld"), ("adpa",
 
 def _cfg(objective: str, mode: str, **kw) -> TrainConfig:
     base = dict(model="tiny", store="none", objective=objective, batch_groups=2, chunk_size=16, lr=1e-3,
-                weights_dtype="fp32", bf16=False, progress=False, cross_tokenizer=mode,
-                kd_mode="tail" if objective in ("kd", "dckd") else "full")
+                weights_dtype="fp32", bf16=False, progress=False, cross_tokenizer=mode, kd_mode="tail")
     return TrainConfig(**{**base, **kw})
 
 
@@ -193,3 +192,33 @@ def test_store_shape_is_in_student_tokens(work, caplog):
     assert "--estimate-seq-len" in caplog.text
     fixed = store_shape(store, _cfg("dckd", "uld", model=str(d / "split"), estimate_seq_len=77))
     assert fixed["seq_len"] == 77 and fixed["xtok_ratio"] == "--estimate-seq-len"
+
+
+def test_fit_check_decides_on_the_cross_tokenizer_step(work, tmp_path, monkeypatch):
+    """The trainer's up-front check and `--estimate-memory` estimate the cross-tokenizer step
+    at the student's lengths: a card that the same-tokenizer estimate would call big enough
+    refuses (or auto-fits) the longer, wider cross-tokenizer step."""
+    from kdcache.train import memory
+
+    d, url = work
+    monkeypatch.setenv("KDCACHE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(memory, "CUDA_CONTEXT", 0)
+    monkeypatch.setattr(memory, "FRAGMENTATION", 0.0)
+    store = open_store(url)
+    base = _cfg("dckd", "map", model=str(d / "split"), store=url, grad_checkpointing=False, auto_fit=False)
+    peaks = {}
+    for mode in ("off", "map"):
+        c = dataclasses.replace(base, cross_tokenizer=mode)
+        s = store_shape(store, c)
+        peaks[mode] = estimate_memory(c, memory.model_config(c), suggest=False, **{
+            k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block")}).peak_gib * 2**30
+    assert peaks["map"] > peaks["off"]
+    gpu = f"{int(peaks['off'] + peaks['map']) // 2}B"
+    assert memory.fit_or_fail(dataclasses.replace(base, cross_tokenizer="off", gpu_memory=gpu), store)
+    with pytest.raises(ValueError, match="does not fit the GPU") as e:
+        memory.fit_or_fail(dataclasses.replace(base, gpu_memory=gpu), store)
+    assert "cross_tokenizer=map" in str(e.value) and "student_tokens=x" in str(e.value)
+    fitted = memory.fit_or_fail(dataclasses.replace(base, gpu_memory=gpu, auto_fit=True), store)
+    assert (fitted.batch_groups, fitted.grad_accum) == (1, 2)
+    est = memory.estimate_for_cli(dataclasses.replace(base, cross_tokenizer="uld", gpu_memory="1GiB", store=[url]))
+    assert est.config["cross_tokenizer"] == "uld" and est.seq_len == store_shape(store, base)["seq_len"]
