@@ -765,12 +765,39 @@ pipeline_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
 app.add_typer(pipeline_app, name="pipeline")
 
 
+ROLES_HELP = "ROLE=COLUMN,... with ROLE one of prompt, chosen, rejected, completion, id, context"
+
+
+def _read_options(what: str, also: str = "", flag: str = "") -> dict[str, tuple[type, typing.Any]]:
+    """--data-config / --split / --columns (as the stage commands') for the data input
+    `what`; `also` names a further input they read; `flag` prefixes them (`prompts`:
+    --prompts-split ...) with the help's `unset` saying what an unset one means."""
+    unset = {"data_config": "the dataset's default", "split": "train, or its only split",
+             "columns": "TRL's names (prompt, chosen, rejected, ...)"}
+    if flag:
+        unset = {k: f"as --{k.replace('_', '-')} when --prompts is unset, else {v}" for k, v in unset.items()}
+    panel = {"rich_help_panel": "Data"}
+    return {
+        f"{flag}_config" if flag else "data_config": (str | None, typer.Option(
+            None, help=f"config (subset) of {what}, a `datasets` hub id or folder{also}; unset: "
+                       f"{unset['data_config']}", **panel)),
+        f"{flag}_split" if flag else "split": (str | None, typer.Option(
+            None, help=f"split of {what} to read, a `datasets` hub id or folder (not a JSONL/Parquet "
+                       f"file){also}; unset: {unset['split']}", **panel)),
+        f"{flag}_columns" if flag else "columns": (str | None, typer.Option(
+            None, help=f"column names of {what} where they differ from TRL's: {ROLES_HELP}, e.g. "
+                       f"prompt=question,chosen=response_j{also}; unset: {unset['columns']}", **panel)),
+    }
+
+
 def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
-                     batch_groups: tuple[int, str], max_new_tokens: int) -> Callable:
+                     batch_groups: tuple[int, str], max_new_tokens: int,
+                     reads: dict[str, tuple[type, typing.Any]]) -> Callable:
     """Registers `kdcache pipeline NAME`: the decorated function declares the pipeline's own
     options; the options every pipeline shares (--out, --n, --lr, --batch-groups,
-    --max-new-tokens, --seed, --backend, with this pipeline's defaults) are added here, once, and the
-    command prints `run(PipelineOptions(...), **own options)`."""
+    --max-new-tokens, --seed, --backend, with this pipeline's defaults) are added here, once,
+    with `reads` (`_read_options`: how its data input is read), and the command prints
+    `run(PipelineOptions(...), **own and reads options)`."""
     shared = {
         "out": (Path, _essential(typer.Option, Path(f"runs/{name}"), help="directory of the pipeline's stores "
                                    "(stores/) and runs (runs/); a re-run reuses both")),
@@ -788,7 +815,7 @@ def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
                for p in inspect.signature(fn).parameters.values()]
         params = [_help_all_parameter(), *own] + [
             inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=opt)
-            for k, (tp, opt) in shared.items()]
+            for k, (tp, opt) in {**reads, **shared}.items()]
         for p in params:  # the required inputs and --out first; the stages' settings below
             if p.default.rich_help_panel is None:
                 p.default.rich_help_panel = ESSENTIALS if p.default.default is ... else "Stages"
@@ -807,7 +834,11 @@ def pipeline_command(name: str, run: Callable, *, n: tuple[int, str], lr: float,
 
 
 @pipeline_command("adpa-plus", pipelines.run_adpa_plus, n=(2, "rollouts per prompt"), lr=1e-5,
-                  batch_groups=(8, "example groups per micro-batch"), max_new_tokens=256)
+                  batch_groups=(8, "example groups per micro-batch"), max_new_tokens=256,
+                  reads={**_read_options("--data (the preference pairs)",
+                                         also="; also of the rollout prompts when --prompts is unset"),
+                         **_read_options("the rollout prompts (--prompts, or --data when unset)",
+                                         flag="prompts")})
 def _pipeline_adpa_plus(
     student: str = typer.Option(..., help="SFT'd student model dir"),
     teacher: str = typer.Option(..., help="DPO teacher model dir"),
@@ -824,7 +855,8 @@ def _pipeline_adpa_plus(
 
 
 @pipeline_command("tgpo", pipelines.run_tgpo, n=(8, "rollouts per prompt (the GRPO group)"), lr=1e-6,
-                  batch_groups=(4, "prompts (groups of n rollouts) per micro-batch"), max_new_tokens=512)
+                  batch_groups=(4, "prompts (groups of n rollouts) per micro-batch"), max_new_tokens=512,
+                  reads=_read_options("--prompts (every round's rollouts)"))
 def _pipeline_tgpo(
     student: str = typer.Option(..., help="the student to improve (model dir)"),
     teacher: str = typer.Option(..., help="the teacher whose top-K guides it (model dir)"),
@@ -839,7 +871,8 @@ def _pipeline_tgpo(
 
 
 @pipeline_command("pbsd", pipelines.run_pbsd, n=(1, "rollouts per prompt, on each side"), lr=1e-5,
-                  batch_groups=(8, "pairs per micro-batch"), max_new_tokens=256)
+                  batch_groups=(8, "pairs per micro-batch"), max_new_tokens=256,
+                  reads=_read_options("--prompts (both rollouts)"))
 def _pipeline_pbsd(
     student: str = typer.Option(..., help="the initial student (also the teacher, given context)"),
     prompts: str = typer.Option(..., help="prompts with a `context` column (privileged information)"),

@@ -4,6 +4,7 @@ Public API (see docs/PRECOMPUTE.md):
 - `PrecomputeConfig`, `run_precompute(cfg) -> store URL`
 - `RolloutConfig`, `run_rollout(cfg) -> store URL`
 - `score_chunked(hidden, lm_head, targets, k, betas, chunk, ...)`, `LMHead`
+- `check_input(data, config, split, columns)`: a data input checked before a run
 - `check_same_tokenizer`, `model_fingerprint`, `tokenizer_fingerprint`
 """
 
@@ -15,6 +16,7 @@ _WHERE = {
     "LMHead": "scoring",
     "PrecomputeConfig": "config",
     "RolloutConfig": "config",
+    "check_input": "sources",
     "check_same_tokenizer": "models",
     "model_fingerprint": "models",
     "run_precompute": "launch",
@@ -34,6 +36,7 @@ __all__ = [
     "LMHead",
     "PrecomputeConfig",
     "RolloutConfig",
+    "check_input",
     "check_same_tokenizer",
     "model_fingerprint",
     "run_precompute",

@@ -1,5 +1,6 @@
-"""`open_data`: the source a `--data URL` names. Apart from data.py because it picks between
-data.py's FileSource and hfdata.py's HFSource, and hfdata builds on data.py (no cycle)."""
+"""`open_data`: the source a `--data URL` names; `check_input`: that source, its config, split
+and `--columns` checked up front. Apart from data.py because it picks between data.py's
+FileSource and hfdata.py's HFSource, and hfdata builds on data.py (no cycle)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,28 @@ def open_data(url: str, config: str | None = None, split: str | None = None):
     from .hfdata import HFSource
 
     return HFSource(plain, config, split)
+
+
+def check_input(url: str, config: str | None = None, split: str | None = None,
+                columns: str | dict | None = None) -> None:
+    """The data input `--data URL --data-config --split --columns` reads, checked before any
+    stage runs: the config and split exist, `--columns` parses and names columns the first
+    row has (a pipeline would otherwise find out after the stages before this input's).
+    One ValueError naming the problem."""
+    from .checks import parse_columns
+
+    try:
+        mapped = parse_columns(columns)
+        source = open_data(url, config, split)
+        if not mapped:
+            return
+        first = next(iter(source.rows(limit=1)))
+    except DataError as e:
+        raise ValueError(str(e)) from None
+    missing = [f"{role.removesuffix('_column')}={col}" for role, col in mapped.items()
+               if col not in first.row]
+    if missing:
+        raise ValueError(
+            f"--columns {', '.join(missing)}: {first.where} has no column "
+            f"{' or '.join(repr(m.split('=', 1)[1]) for m in missing)}; its columns are "
+            f"{', '.join(map(str, first.row))}")

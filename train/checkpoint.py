@@ -39,6 +39,7 @@ import torch
 
 from .config import TrainConfig
 from .distributed import Dist, barrier
+from .student import StudentForward
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +384,7 @@ def export_sharded(out: Path, d, module, model, tokenizer) -> Path:
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     dest = out / MODEL
     if d.main:
-        prefix = "model."  # the keys of StudentForward.model
+        prefix = StudentForward.KEY_PREFIX
         sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         tmp = out / ".model-tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -134,7 +134,9 @@ class StudentForward(torch.nn.Module):
     prepares the gradient all-reduce and FSDP gathers the root's parameters and registers
     their reduce-scatter), so the student is called with the batch itself, wrapped or not
     (train/distributed.py: `wrap`). It adds no parameters: its state-dict keys are the
-    model's under a `model.` prefix."""
+    model's under a `model.` prefix (`KEY_PREFIX`: what an FSDP export strips)."""
+
+    KEY_PREFIX = "model."  # the attribute name below, as it appears in state-dict keys
 
     def __init__(self, model: torch.nn.Module, chunk_size: int) -> None:
         super().__init__()
