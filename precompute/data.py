@@ -462,6 +462,19 @@ def row_prompts(src: RowSource, opts: DataOptions, tk: Tokenizing,
     return ids, tk.prompt(prompt, str(context), where=src.where)
 
 
+def prompt_source(prompt: Any) -> str:
+    """A prompt field as the store's `prompt_source` (METHODS §5): the dataset's value (a
+    string or a message list, before any template) as JSON. One form for every writer
+    (dataset rows here, rollouts in rollout.py), so a student re-tokenizes both alike."""
+    return json.dumps(prompt, ensure_ascii=False)
+
+
+def response_text(tok: Any, ids: Iterable[int], text: str) -> str | None:
+    """`text` where decoding `ids` (no final EOS) does not give it back, else None: the
+    store's `response_text` rule (METHODS §5)."""
+    return None if tok.decode(list(ids), skip_special_tokens=False) == text else text
+
+
 def _ids(v: list[int]) -> np.ndarray:
     return np.asarray(v, dtype=np.int32)
 
@@ -545,7 +558,7 @@ def tokenize_rows(
                 continue
             group: list[Sequence] = []
             keep = True
-            source = json.dumps(src.row[opts.prompt_column], ensure_ascii=False)
+            source = prompt_source(src.row[opts.prompt_column])
             for col, role, r in resps:
                 resp = (tk.finish_response(texts.ids(r), src.where, col) if isinstance(r, tuple)
                         else r)
@@ -553,12 +566,12 @@ def tokenize_rows(
                                {"prompt_source": source})
                 n = len(seq.response_ids)
                 keep = keep and _fit(seq, opts, stats, src.where, col)
-                text = src.row[col]
                 # the text only where decoding the ids does not give it back (and the ids
                 # were not cut: then the decoded prefix is what the teacher scored)
-                if (isinstance(r, tuple) and len(seq.response_ids) == n
-                        and tk.tok.decode(texts.ids(r), skip_special_tokens=False) != text):
-                    seq.extra["response_text"] = text
+                if isinstance(r, tuple) and len(seq.response_ids) == n:
+                    text = response_text(tk.tok, texts.ids(r), src.row[col])
+                    if text is not None:
+                        seq.extra["response_text"] = text
                 group.append(seq)
             if not keep:
                 stats.skipped += 1

@@ -17,6 +17,13 @@ ADPA's L_SFT); it was not sampled, so its `behavior_logprob` is the sampler's te
 scaled log-prob without truncation (finite everywhere) and must not be used as an
 importance weight.
 
+Text (METHODS §5): every record carries `prompt_source`, the prompt field as precompute
+writes it for the same dataset row (`data.prompt_source`; for a context-conditioned teacher
+rollout the prompt WITHOUT the context, the student's), and `response_text` only where the
+plain decoding of its ids does not give its text back, so a student with another tokenizer
+can re-tokenize it. Both backends share this: the text is made from the sampled ids here.
+The options carry `text`, so a store written before records carried text has another key.
+
 Why our own warpers: transformers applies user logits processors BEFORE its own temperature /
 top-p warpers, so a recorder passed to `generate` would see unwarped logits. We pass
 temperature/top-k/top-p ourselves (the same transformers classes, same order as generate),
@@ -41,6 +48,8 @@ from .data import (
     _check_field,
     dataset_fingerprint,
     example_id,
+    prompt_source,
+    response_text,
     row_prompts,
 )
 from .models import (
@@ -55,7 +64,7 @@ from .models import (
 from .records import record
 from .run import cache_hit, code_version, out_option
 from .sources import open_data
-from .storeapi import StoreMeta, check_output, store_key
+from .storeapi import TEXT_FIELDS, StoreMeta, check_output, store_key
 from .writing import GroupWriter
 
 BEHAVIOR_DEFINITION = "log-prob under the sampling distribution after temperature, top-k, top-p"
@@ -68,6 +77,8 @@ class PromptItem:
     teacher_prompt_ids: list[int] | None
     chosen_ids: list[int] | None
     row: dict[str, Any]
+    source: str  # the store's `prompt_source`: the prompt without context (data.py's form)
+    chosen_text: str | None  # the chosen response's `response_text` (data.py's rule)
 
     def sampler_prompt(self, role: str, use_context: bool) -> list[int]:
         if role == "teacher_rollout" and use_context and self.teacher_prompt_ids is not None:
@@ -91,7 +102,7 @@ def load_prompts(cfg: RolloutConfig, tok: Any) -> tuple[list[PromptItem], str, i
         _check_field(row[opts.prompt_column], where, opts.prompt_column)
         ex_id = example_id(src, opts, seen)
         p_ids, tp_ids = row_prompts(src, opts, tk, cfg.use_context)
-        chosen = None
+        chosen, chosen_text = None, None
         if cfg.include_chosen:
             resp_col = resp_col or next((c for c in (opts.chosen_column, opts.completion_column)
                                          if c in row), None)
@@ -99,7 +110,8 @@ def load_prompts(cfg: RolloutConfig, tok: Any) -> tuple[list[PromptItem], str, i
                 raise DataError(f"{where}: --include-chosen needs a {opts.chosen_column!r} or "
                                 f"{opts.completion_column!r} column (has {sorted(row)})")
             _check_field(row[resp_col], where, resp_col)
-            chosen = tk.response(row[opts.prompt_column], row[resp_col], where, resp_col)
+            chosen, chosen_text = _chosen(tk, row[opts.prompt_column], row[resp_col], where,
+                                          resp_col)
         longest = max(len(p_ids), len(tp_ids or []))
         if cfg.max_prompt_length is not None and longest > cfg.max_prompt_length:
             if cfg.truncate == "fail":
@@ -107,11 +119,31 @@ def load_prompts(cfg: RolloutConfig, tok: Any) -> tuple[list[PromptItem], str, i
                                 f"{cfg.max_prompt_length}; raise it or pass --truncate skip")
             skipped += 1
             continue
-        items.append(PromptItem(ex_id, p_ids, tp_ids, chosen, row))
+        items.append(PromptItem(ex_id, p_ids, tp_ids, chosen, row,
+                                prompt_source(row[opts.prompt_column]), chosen_text))
     if not items:
         raise DataError(f"{cfg.data}: no usable prompts: all {skipped} were longer than "
                         f"--max-prompt-length {cfg.max_prompt_length}; raise it")
     return items, dataset_fingerprint(file_sha, opts, tokenizer_fingerprint(tok)), skipped
+
+
+def _chosen(tk: Tokenizing, prompt: Any, r: Any, where: str, col: str) -> tuple[list[int], str | None]:
+    """A dataset response's ids and its `response_text`, as precompute's `tokenize_rows`
+    makes them: a string's text is kept only where decoding its ids does not give it back;
+    a message list keeps none."""
+    if not isinstance(r, str):
+        return tk.response(prompt, r, where, col), None
+    raw = tk.encode([r], False)[0]
+    return tk.finish_response(raw, where, col), response_text(tk.tok, raw, r)
+
+
+def sampled_text(tok: Any, resp: list[int], eos: int | None) -> str | None:
+    """A sampled response's `response_text`. Its text is what its ids spell (the body
+    without the final EOS, decoded with no clean-up); kept only where the plain decoding a
+    student does (train/xtok/translate.py) does not give that back (data.py's rule)."""
+    body = resp[:-1] if resp and resp[-1] == eos else resp
+    spelled = tok.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return response_text(tok, body, spelled)
 
 
 # ------------------------------------------------------------------------------- HF sampling
@@ -216,6 +248,9 @@ def _meta(cfg: CheckedRolloutConfig, tok: Any, ds_fp: str) -> StoreMeta:
         options={"codec": cfg.codec, "role": cfg.role, "sampling": sampling,
                  "include_chosen": cfg.include_chosen, "use_context": cfg.use_context,
                  "reward": reward_name, "behavior_logprob": BEHAVIOR_DEFINITION,
+                 # the records carry text (METHODS §5): part of the key, so a store written
+                 # before they did is never reused (cache_hit) or resumed into
+                 "text": list(TEXT_FIELDS),
                  "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", "")},
         code_version=code_version())
 
@@ -288,10 +323,12 @@ def _rollout_into(cfg: CheckedRolloutConfig, writer: GroupWriter, todo: list[Pro
                 if it.chosen_ids is not None:
                     lp = teacher_forced_logprobs(model, it.sampler_prompt(cfg.role, cfg.use_context),
                                                  it.chosen_ids, cfg.temperature)
-                    group.append(_record(it, "chosen", 0, it.chosen_ids, lp, eos, tok, reward_fn))
+                    group.append(_record(it, "chosen", 0, it.chosen_ids, lp, eos, tok, reward_fn,
+                                         it.chosen_text))
                 for g in range(cfg.n):
                     resp, lp = results[j * cfg.n + g]
-                    group.append(_record(it, cfg.role, g, resp, lp, eos, tok, reward_fn))
+                    group.append(_record(it, cfg.role, g, resp, lp, eos, tok, reward_fn,
+                                         sampled_text(tok, resp, eos)))
                 writer.add_group(group)
             samples += len(results)
             tokens += sum(len(r) for r, _ in results)
@@ -300,7 +337,7 @@ def _rollout_into(cfg: CheckedRolloutConfig, writer: GroupWriter, todo: list[Pro
 
 
 def _record(it: PromptItem, role: str, group: int, resp: list[int], lp: list[float], eos: int,
-            tok: Any, reward_fn: Callable[..., float] | None) -> dict[str, Any]:
+            tok: Any, reward_fn: Callable[..., float] | None, text: str | None) -> dict[str, Any]:
     reward = None
     if reward_fn is not None:
         prompt_text = tok.decode(it.prompt_ids, skip_special_tokens=True)
@@ -313,5 +350,8 @@ def _record(it: PromptItem, role: str, group: int, resp: list[int], lp: list[flo
                              "fix it and re-run the same command to resume") from None
         if not math.isfinite(reward):
             raise ValueError(f"reward for example {it.example_id!r} is {reward}; return a finite float")
+    texts = {"prompt_source": it.source}
+    if text is not None:
+        texts["response_text"] = text
     return record(it.example_id, role, group, it.prompt_ids, resp, it.teacher_prompt_ids, eos,
-                  reward, behavior_logprob=lp)
+                  reward, behavior_logprob=lp, text=texts)

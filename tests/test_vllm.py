@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +193,14 @@ def test_cli_rollout_precompute_train_tgpo(need_vllm, e2e):
     diff = _max_abs_diff(e2e["student"], [r["prompt_ids"] for r in recs],
                          [(r["response_ids"], r["behavior_logprob"]) for r in recs], 1.0, 0, 1.0)
     assert diff <= LOGPROB_BOUND
+    # the text a student with another tokenizer needs, made from the sampled ids as on HF
+    from kdcache.precompute.data import prompt_source
+    from kdcache.precompute.rollout import sampled_text
+
+    rows = [json.loads(x) for x in Path(e2e["data"]["prompts"]).read_text().splitlines() if x]
+    assert {r["prompt_source"] for r in recs} == {prompt_source(x["prompt"]) for x in rows}
+    assert all(r.get("response_text") == sampled_text(TOK, r["response_ids"].tolist(), TOK.eos_token_id)
+               for r in recs)
     # --seed reproduces the rollout in a fresh engine
     _kdcache(*roll, "--out", str(d / "roll-b"))
     again = [r for g in open_store(str(d / "roll-b")).groups() for r in g]

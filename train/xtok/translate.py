@@ -88,10 +88,7 @@ class CrossTokenizer:
     def prompt_ids(self, record: dict) -> np.ndarray:
         src = record.get("prompt_source")
         if src is None:
-            raise MissingText(
-                f"record {record.get('example_id')!r} ({record.get('role')}) carries no prompt text: "
-                "a student with another tokenizer needs a store precomputed from a dataset by this "
-                "kdcache (rollout-scored records carry no text yet); re-run `kdcache precompute`")
+            raise MissingText(_missing_text(record))
         hit = self._prompts.get(src)
         if hit is not None:
             return hit
@@ -181,6 +178,16 @@ class CrossTokenizer:
             full_ref = np.full((T, K), FLOOR, dtype=np.float32)
             full_ref[ok] = a_ref
             out["ref_topk_logprobs"] = full_ref
+
+
+def _missing_text(record: dict) -> str:
+    """The one line for a record without text (a store written before its records carried
+    it): what to re-run, for a store precomputed from a dataset and from a rollout store."""
+    return (f"record {record.get('example_id')!r} ({record.get('role')}) carries no prompt text, "
+            "which a student with another tokenizer re-tokenizes: the store was written before "
+            "records carried text; re-run `kdcache precompute` with this kdcache (a new store "
+            "key), and if it was scored from rollouts, first re-run `kdcache rollout` (a new key, "
+            "with text) and point `kdcache precompute --input-store` at the new rollout store")
 
 
 def _merge_duplicates(mapped: np.ndarray, slots: np.ndarray, lp: np.ndarray,
