@@ -41,6 +41,14 @@ Where the fake run on a CPU build differs from CUDA, and how the estimate models
 - TGPO groups rollouts by prompt with data-dependent ops (torch.unique) that fake tensors
   cannot run; it is estimated as the kd loss on the same rollouts (the same [N, 1 + K]
   gather; the group arithmetic is on per-sequence vectors).
+- A student with another tokenizer (`--cross-tokenizer map|uld`, METHODS §5): the synthetic
+  records pass through `XtokShape`, which gives them the fields, dtypes and masks
+  `train/xtok/translate.CrossTokenizer` gives a record (map: int64 mapped ids, `xtok_slots`,
+  `xtok_aligned`; uld: `uld_teacher` instead of the top-K fields, and the batch's `own_topk`
+  = K, so the step runs the student's own top-K pass and the ULD loss); the vocabulary is
+  the student's (its config). The sequence is in STUDENT tokens: `store_shape` scales the
+  store's longest record by the student/teacher token ratio it measures on the store's text
+  (`xtok_ratio`), `XTOK_RATIO` when it cannot.
 - 8-bit AdamW (torchao, a torch.compile'd kernel that cannot run on fake tensors): modelled
   as its states (1 byte per value + one float32 scale per 256 values; tensors under 4096
   values keep full-precision moments) and an update without temporaries (the compiled kernel
@@ -55,6 +63,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -326,6 +335,46 @@ def synthetic_groups(cfg: TrainConfig, seq_len: int, prompt_len: int, k: int, vo
     return group
 
 
+# Student tokens per teacher token when the store's text cannot be measured (`store_shape`):
+# a 32k-vocabulary student of a 128k-152k-vocabulary teacher reads English in ~1.18x the
+# tokens (Meta: Llama 3's tokenizer needs up to 15% fewer tokens than Llama 2's), plus margin.
+XTOK_RATIO = 1.25
+XTOK_SAMPLE = 256  # store_shape re-tokenizes about this many of the store's longest records
+
+
+class XtokShape:
+    """The data loader's record translator for a `--cross-tokenizer` step (the `translate`
+    of `next_batches`): a synthetic record, already `seq_len` student tokens long, gets the
+    fields `CrossTokenizer.__call__` gives a translated record — same names, dtypes and
+    shapes — every position aligned and every slot mapped (memory depends on shapes only)."""
+
+    def __init__(self, mode: str, k: int) -> None:
+        self.mode = mode
+        self.own_topk = int(k) if mode == "uld" else 0  # as train/xtok/setup.prepare sets it
+
+    def __call__(self, rec: dict) -> dict:
+        from .xtok.translate import SEQ_SUM_FIELDS
+
+        T = len(rec["response_ids"])
+        out = {k: rec[k] for k in ("example_id", "role", "group", "is_terminal", "reward") if k in rec}
+        out.update(prompt_ids=np.asarray(rec["prompt_ids"], np.int64),
+                   response_ids=np.asarray(rec["response_ids"], np.int64), n_tokens=T,
+                   teacher_prompt_ids=None, xtok_aligned=np.ones(T, bool))
+        if "topk_logprobs" in rec:
+            lp = np.asarray(rec["topk_logprobs"], np.float32)
+            if self.mode == "uld":
+                out["uld_teacher"] = lp
+            elif "topk_ids" in rec:
+                out.update(topk_ids=np.asarray(rec["topk_ids"], np.int64), topk_logprobs=lp,
+                           xtok_slots=np.ones(lp.shape, bool))
+                if rec.get("ref_topk_logprobs") is not None:
+                    out["ref_topk_logprobs"] = np.asarray(rec["ref_topk_logprobs"], np.float32)
+        for name in SEQ_SUM_FIELDS:
+            if rec.get(name) is not None:
+                out[name] = np.zeros(T, np.float32)
+        return out
+
+
 def fake_batches(mode, batches) -> list:
     """Fake copies of the trainer's micro-batches (`next_batches` runs for real on the host:
     the collate is not part of the device's memory)."""
@@ -464,6 +513,11 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
 
     if cfg.load_in_4bit:
         raise ValueError("the memory estimate does not model --load-in-4bit (bitsandbytes 4-bit base)")
+    if cfg.cross_tokenizer != "off":
+        from .xtok.setup import REFUSED
+
+        if cfg.objective in REFUSED:
+            raise ValueError(f"--cross-tokenizer with --objective {cfg.objective}: {REFUSED[cfg.objective]}")
     if cfg.objective == "tgpo":  # module docstring: the same rollouts and gather, under the kd loss
         cfg = dataclasses.replace(cfg, objective="kd")
     # micro-batches 4..N of a step repeat the third (the accumulated gradients, one micro-batch's
@@ -475,11 +529,11 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
     if cfg.objective == "tvkd":  # unset: the store's only beta (train.trainer.resolve_tvkd_beta)
         cfg = cfg if cfg.tvkd_beta is not None else _variant(cfg, tvkd_beta=float(betas[0]))
         betas = tuple(sorted({*betas, cfg.tvkd_beta}))
-    vocab = hf_config.vocab_size
+    vocab = hf_config.vocab_size  # the student's: with another tokenizer, its own ids
     group = synthetic_groups(cfg, seq_len, prompt_len, k, vocab, betas, per_block, teachers)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     real = next_batches(itertools.repeat(group), cfg, 0, tuple(betas), torch.device("cpu"),
-                        teacher_weights=(1.0 / teachers,) * teachers)[0]
+                        translate=xtok_translate(cfg, k), teacher_weights=(1.0 / teachers,) * teachers)[0]
     batches = fake_batches(mode, real)
     tracker = StorageTracker()
     threads = torch.get_num_threads()
@@ -505,6 +559,11 @@ def simulate(cfg: TrainConfig, hf_config, *, seq_len: int, prompt_len: int, k: i
         res["phases"] = {p: v + one for p, v in res["phases"].items()}
     res["sequences"] = len(batches[0].roles)
     return res
+
+
+def xtok_translate(cfg: TrainConfig, k: int) -> XtokShape | None:
+    """The synthetic translator of a `--cross-tokenizer` run (None without one)."""
+    return None if cfg.cross_tokenizer == "off" else XtokShape(cfg.cross_tokenizer, k)
 
 
 def _storage_bytes(tensors) -> int:
@@ -576,7 +635,8 @@ def memory_settings(cfg: TrainConfig) -> dict:
             "optim": cfg.optim, "optim_states": "8bit" if cfg.optim == "adamw8bit" else (
                 "bf16" if cfg.optim_states == "bf16" else "fp32"),
             "grad_ckpt": bool(cfg.grad_checkpointing), "chunk": cfg.chunk_size,
-            "lora_r": cfg.lora_r, "batch_groups": cfg.batch_groups}
+            "lora_r": cfg.lora_r, "batch_groups": cfg.batch_groups,
+            **({"cross_tokenizer": cfg.cross_tokenizer} if cfg.cross_tokenizer != "off" else {})}
 
 
 # TrainConfig fields that cannot change a step's memory (every other one is in the cache key)
@@ -597,7 +657,8 @@ def _cache_key(cfg: TrainConfig, hf_config, shape: dict) -> str:
 def _code_version() -> str:
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("memory.py", "step.py", "chunked.py", "optim.py", "student.py", "batch.py"):
+    for name in ("memory.py", "step.py", "chunked.py", "optim.py", "student.py", "batch.py",
+                 "xtok/student_topk.py", "xtok/translate.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:12]
 
@@ -661,7 +722,7 @@ def _apply(cfg: TrainConfig, seq_len: int, changes: dict) -> tuple[TrainConfig, 
 def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, prompt_len: int | None = None,
                     k: int = 50, per_block: Sequence[int] = (), teachers: int = 1, gpu_bytes: int | None = None,
                     suggest: bool = True, stop_at_fit: bool = False, cache: bool = True,
-                    auto_fit: bool = False, uniform_groups: bool = True,
+                    auto_fit: bool = False, uniform_groups: bool = True, xtok_ratio: str = "",
                     progress: Callable[[str], None] | None = None) -> MemoryEstimate:
     """The peak memory of one training step of cfg on a CUDA GPU of `gpu_bytes`; when it does
     not fit, with `auto_fit`, the micro-batch split the trainer would run instead
@@ -674,6 +735,8 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
     of an unpaired objective (e.g. the G rollouts of a TGPO group; default 1 each);
     `teachers`: an ensemble's stores (their union index taken as teachers x K wide);
     `uniform_groups`: every group gives each block the same number of records (`store_shape`).
+    `--cross-tokenizer`: `seq_len`/`prompt_len` are the student's tokens; `xtok_ratio` says
+    how they were found (shown with the settings).
     `progress(msg)` hears of each simulation before it runs (seconds to minutes on one core)."""
     hf_config = hf_config if hf_config is not None else model_config(cfg)
     gpu = gpu_bytes or DEFAULT_GPU
@@ -698,7 +761,8 @@ def estimate_memory(cfg: TrainConfig, hf_config=None, *, seq_len: int = 2048, pr
         largest_gib=r["largest"] / GIB, largest_where=r["largest_where"],
         phase_gib={p: v / GIB for p, v in r["phases"].items()},
         allowance_gib=allowance(r["peak"]) / GIB, needed_gib=need / GIB, gpu_gib=gpu / GIB,
-        fits=need <= gpu, config={**memory_settings(cfg), **({"teachers": teachers} if teachers > 1 else {})})
+        fits=need <= gpu, config={**memory_settings(cfg), **({"teachers": teachers} if teachers > 1 else {}),
+                                  **({"student_tokens": xtok_ratio} if xtok_ratio else {})})
     if not est.fits and auto_fit:
         est.auto_fit_note = split_blocker(cfg, uniform_groups)
         if not est.auto_fit_note:
@@ -832,10 +896,57 @@ def store_shape(store, cfg: TrainConfig) -> dict:
             layouts.add(tuple(min(x, 1) for x in c) if spec.paired else tuple(c))
             if not spec.paired:
                 per_block = [max(p, x) for p, x in zip(per_block, c, strict=True)]
+    ratio_note = ""
+    if cfg.cross_tokenizer != "off" and longest and not cfg.estimate_seq_len:
+        ratio, ratio_note = xtok_ratio(store, cfg, picked)
+        longest, prompt = math.ceil(longest * ratio), math.ceil(prompt * ratio)  # in student tokens
+    elif cfg.cross_tokenizer != "off":
+        ratio_note = "--estimate-seq-len" if cfg.estimate_seq_len else "2048 (no records)"
     seq = cfg.estimate_seq_len or longest or 2048
     return {"seq_len": seq, "prompt_len": max(1, min(prompt, seq - 1)) if longest else max(1, seq // 8),
             "k": int(store.meta.k or 1), "per_block": tuple(per_block), "betas": tuple(store.meta.betas or (1.0,)),
-            "uniform": len(layouts) <= 1, "teachers": 1}
+            "uniform": len(layouts) <= 1, "teachers": 1, "xtok_ratio": ratio_note}
+
+
+def xtok_ratio(store, cfg: TrainConfig, picked) -> tuple[float, str]:
+    """Student tokens per store token for `--cross-tokenizer`, and how it was found: the
+    largest ratio (prompt in the student's template + response, over the store's prompt +
+    response) among the longest records of the `picked` shards (XTOK_SAMPLE // shards each,
+    at least one), re-tokenized as the data loader will (`CrossTokenizer`), so the scaled
+    longest record bounds every sampled one in student tokens; XTOK_RATIO when the store
+    carries no tokenizer or text, or cfg.model no tokenizer (a config-only directory)."""
+    from .xtok.setup import store_tokenizer
+    from .xtok.translate import AlignStats, CrossTokenizer, MissingText
+
+    why = "no tokenizer files in the store"
+    if store.has_tokenizer_files:
+        try:
+            from transformers import AutoTokenizer
+
+            student = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=False)
+            xt = CrossTokenizer(store_tokenizer(store), student, torch.zeros(0, dtype=torch.int64), "map")
+        except (OSError, ValueError) as e:
+            why = f"no student tokenizer ({type(e).__name__})"
+        else:
+            picked = list(picked)
+            per_shard = max(1, XTOK_SAMPLE // len(picked))
+            ratios = []
+            try:
+                for i in picked:
+                    shard = store.load_shard(int(i), fields=())
+                    total = shard.lengths("prompt_ids") + np.asarray(shard.column("n_tokens"))
+                    for j in np.argsort(-total, kind="stable")[:per_shard]:
+                        rec = shard.record(int(j))
+                        n = len(xt.prompt_ids(rec)) + len(xt.response(rec, AlignStats())[0])
+                        ratios.append(n / max(1, int(total[j])))
+            except MissingText:
+                why = "records without text"
+            else:
+                if ratios:
+                    return max(ratios), f"x{max(ratios):.3f} measured on {len(ratios)} records"
+    log.warning("memory estimate: --cross-tokenizer: %s, so the student's sequence is taken as %.2fx the "
+                "store's; pass --estimate-seq-len (student tokens) to set it", why, XTOK_RATIO)
+    return XTOK_RATIO, f"x{XTOK_RATIO} assumed ({why})"
 
 
 def detected_gpu_bytes(cfg: TrainConfig) -> int | None:
@@ -866,7 +977,8 @@ def fit_or_fail(cfg: TrainConfig, store) -> TrainConfig:
     hf_config = model_config(cfg)
     shape = store_shape(store, cfg)
     kw = dict(seq_len=shape["seq_len"], prompt_len=shape["prompt_len"], k=shape["k"],
-              per_block=shape["per_block"], teachers=shape["teachers"], gpu_bytes=gpu)
+              per_block=shape["per_block"], teachers=shape["teachers"], gpu_bytes=gpu,
+              xtok_ratio=shape["xtok_ratio"])
     auto_gc = cfg.grad_checkpointing is None
     c = _variant(cfg, grad_checkpointing=True) if auto_gc else cfg
     est = estimate_memory(c, hf_config, suggest=False, auto_fit=cfg.auto_fit, uniform_groups=shape["uniform"], **kw)
@@ -897,13 +1009,15 @@ def estimate_for_cli(cfg: TrainConfig, progress: Callable[[str], None] | None = 
         raise ValueError("--estimate-memory needs --model DIR (a local HF directory; its config.json is enough)")
     cfg = cfg.validated(need_store=False)  # the entry point: checked here, once
     shape = {"seq_len": cfg.estimate_seq_len or 2048, "prompt_len": None, "k": 50, "per_block": (),
-             "uniform_groups": True, "teachers": 1}
+             "uniform_groups": True, "teachers": 1,
+             "xtok_ratio": "" if cfg.cross_tokenizer == "off" else (
+                 "--estimate-seq-len" if cfg.estimate_seq_len else "2048 (no --store)")}
     if cfg.store:
         from kdcache.store import open_store
 
         stores = [open_store(u, root=cfg.store_root) for u in cfg.store]
         s = store_shape(stores if len(stores) > 1 else stores[0], cfg)
-        shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block", "teachers")},
+        shape.update({k: s[k] for k in ("seq_len", "prompt_len", "k", "per_block", "teachers", "xtok_ratio")},
                      uniform_groups=s["uniform"])
     gpu = detected_gpu_bytes(cfg) or DEFAULT_GPU
     if cfg.grad_checkpointing is None:  # auto: the estimate shows what the trainer would start with
