@@ -42,14 +42,11 @@ def check_input(url: str, config: str | None = None, split: str | None = None,
     One ValueError naming the problem."""
     from .checks import parse_columns
 
-    try:
-        mapped = parse_columns(columns)
-        source = open_data(url, config, split)
-        if not mapped:
-            return
-        first = next(iter(source.rows(limit=1)))
-    except DataError as e:
-        raise ValueError(str(e)) from None
+    mapped = parse_columns(columns)  # a DataError is a ValueError: it goes up as it is
+    source = open_data(url, config, split)
+    if not mapped:
+        return
+    first = next(iter(source.rows(limit=1)))
     missing = [f"{role.removesuffix('_column')}={col}" for role, col in mapped.items()
                if col not in first.row]
     if missing:
