@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 
-from ._io import MANIFEST, is_local, join, open_fs, temp_name
+from ._io import MANIFEST, TMP_MARK, is_local, join, open_fs, temp_name
 from .reader import open_store
 from .writer import NoStoreError
 
@@ -24,9 +24,9 @@ __all__ = ["check_output", "MAY_HOLD", "WRITE_PROBE", "probe_writable"]
 #: named under by their key; only writability is checked).
 MAY_HOLD = ("nothing", "store", "anything")
 
-# a killed writer's temporary files (docs/STORE_FORMAT.md), and the write probe of a run
-# killed by an older kdcache (`.kdcache-write-probe-<pid>`): leftovers, not someone's data
-_LEFTOVER = re.compile(r".*\.tmp-.*|\.kdcache-write-probe-\d+")
+# the write probe of a run killed by an older kdcache (`.kdcache-write-probe-<pid>`); with a
+# killed writer's temporary files (TMP_MARK in the name), leftovers, not someone's data
+_OLD_PROBE = re.compile(r"\.kdcache-write-probe-\d+")
 
 #: Base name of the file `probe_writable` writes (a `temp_name` of it: owner pid and host).
 WRITE_PROBE = "kdcache-write-probe"
@@ -93,7 +93,8 @@ def _check_free(url: str, path: str, option: str, may_hold: str) -> None:
         raise FileExistsError(f"{option} {path} already holds a kdcache store: choose a new "
                               "location, or delete it first")
     names = sorted(os.listdir(path))
-    other = names if may_hold == "nothing" else [n for n in names if not _LEFTOVER.fullmatch(n)]
+    other = names if may_hold == "nothing" else [n for n in names if TMP_MARK not in n
+                                                    and not _OLD_PROBE.fullmatch(n)]
     if other:
         raise FileExistsError(
             f"{option} {path} is a directory with other files ({', '.join(other[:3])}"
