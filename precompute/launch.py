@@ -41,7 +41,7 @@ from typing import Any
 
 from .data import DataStats
 from .models import resolve_device
-from .partitions import unpartitioned
+from .partitions import partition_plan, partitioned, unpartitioned
 from .run import (
     PrecomputeConfig,
     cache_hit,
@@ -50,7 +50,6 @@ from .run import (
     iter_batches,
     log,
     out_option,
-    partition_plan,
     prepare,
     report_data,
     run_one,
@@ -186,17 +185,6 @@ def parse_devices(devices: list[str]) -> list[str]:
     return out
 
 
-def _with_partition(meta: StoreMeta, part: tuple[int, int] | None,
-                    cfg: PrecomputeConfig) -> StoreMeta:
-    """The meta the run with `partition=part` writes (prepare() differs only there)."""
-    d = meta.to_dict()
-    d["options"] = dict(d["options"], partition=list(part) if part else None)
-    d["options"].pop("partition_plan", None)
-    if part:
-        d["options"]["partition_plan"] = partition_plan(cfg)
-    return StoreMeta.from_dict(d)
-
-
 def _worker_cfg(cfg: PrecomputeConfig, i: int, n: int, device: str) -> PrecomputeConfig:
     # the data was checked by the launcher: a worker streams it once (ids still checked).
     # The worker process reads this from a file and checks it at its own entry (`run_one`).
@@ -229,7 +217,7 @@ def launch(cfg: PrecomputeConfig) -> str:
     try:
         for i, dev in enumerate(devices):
             wcfg = _worker_cfg(base, i, n, dev)
-            pmeta = _with_partition(meta, (i, n), base)
+            pmeta = partitioned(meta, (i, n), partition_plan(base))
             if cache_hit(default_url(wcfg, pmeta), pmeta):
                 continue  # this partition finished in an earlier launch
             spec = os.path.join(logdir, f"part-{i}-of-{n}.json")
@@ -306,7 +294,7 @@ def _find_parts(cfg: PrecomputeConfig, meta: StoreMeta, n: int) -> tuple[StoreMe
     """The N complete partition stores (default URLs under out_root) and the full meta."""
     root = cfg.out_root.rstrip("/")
     for full in _candidates(cfg, meta):
-        urls = [f"{root}/{store_key(_with_partition(full, (i, n), cfg))}" for i in range(n)]
+        urls = [f"{root}/{store_key(partitioned(full, (i, n), partition_plan(cfg)))}" for i in range(n)]
         stores: list[Any] = []
         for u in urls:
             try:

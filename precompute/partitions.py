@@ -1,4 +1,5 @@
-"""What a partition store of a precompute run is, for merging (`kdcache store merge`).
+"""What a partition store of a precompute run is: its meta (`partitioned`, `unpartitioned`)
+and how such stores are merged (`kdcache store merge`).
 
 `--partition i/N` writes one store per part whose meta is the whole run's plus the options
 `partition` ([i, N]) and `partition_plan` (what decides which examples a part holds). The
@@ -9,11 +10,27 @@ whole run's meta and `unpartitioned` as what the inputs must agree on. `--merge-
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
+from .config import PrecomputeConfig
 from .storeapi import StoreMeta, merge, open_store
 
-__all__ = ["unpartitioned", "merge_stores"]
+__all__ = ["merge_stores", "partition_plan", "partitioned", "unpartitioned"]
+
+
+def partition_plan(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """The settings that decide which examples partition i/N holds (in its key)."""
+    return asdict(cfg.batch_plan)
+
+
+def partitioned(meta: StoreMeta, part: tuple[int, int], plan: dict[str, Any]) -> StoreMeta:
+    """The meta the run's partition `part` = (i, N) writes (prepare() differs only there)."""
+    d = meta.to_dict()
+    d["options"] = dict(d["options"], partition=list(part))
+    d["options"].pop("partition_plan", None)
+    d["options"]["partition_plan"] = plan
+    return StoreMeta.from_dict(d)
 
 
 def unpartitioned(meta: StoreMeta) -> StoreMeta:

@@ -56,6 +56,7 @@ from .models import (
     tokenizer_size,
     verify_head,
 )
+from .partitions import partition_plan
 from .records import sequence_record
 from .sources import open_data
 from .storeapi import (
@@ -258,11 +259,6 @@ def prepare(cfg: CheckedPrecomputeConfig) -> Prepared:
                      dataset=ds_fp, options=options, code_version=code_version())
     same = len(fingerprints) == 2 and fingerprints["dpo"] == fingerprints["ref"]
     return Prepared(meta, tok, vocab, source, scored, same, tok_files or None)
-
-
-def partition_plan(cfg: PrecomputeConfig) -> dict[str, Any]:
-    """The settings that decide which examples partition i/N holds (in its key)."""
-    return asdict(cfg.batch_plan)
 
 
 def _no_rows_left(cfg: PrecomputeConfig, stats: DataStats) -> DataError:

@@ -14,6 +14,7 @@ from kdcache.precompute import PrecomputeConfig, RolloutConfig, run_precompute, 
 from kdcache.precompute import config as config_mod
 from kdcache.precompute import run as run_mod
 from kdcache.precompute.config import CheckedPrecomputeConfig, CheckedRolloutConfig
+from kdcache.precompute.partitions import partition_plan
 from kdcache.rewards import resolve_reward
 from kdcache.store import open_store
 from kdcache.train.tiny import save_tiny
@@ -84,7 +85,7 @@ def test_slices_say_what_each_component_reads():
                            batch_tokens=99, max_batch_seqs=3, bucket_window=11, dtype="fp32",
                            attn_implementation="sdpa").validated()
     # the partition plan is written into a part's key: same keys, same order as ever
-    assert list(run_mod.partition_plan(cfg).items()) == [
+    assert list(partition_plan(cfg).items()) == [
         ("batch_tokens", 99), ("packed", True), ("max_batch_seqs", 3), ("bucket_window", 11)]
     assert cfg.score_settings == config_mod.ScoreSettings(k=7, betas=(2.0,), chunk_size=5,
                                                           ref_mode="exact", packed=True)
