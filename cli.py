@@ -34,6 +34,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from kdcache import pipelines
+from kdcache.precompute.checks import COLUMN_ROLES  # no torch: plain checks
 
 ESSENTIALS = "Essentials"
 # The config commands: where each one's dataclass lives and what it does. They are built
@@ -765,7 +766,7 @@ pipeline_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
 app.add_typer(pipeline_app, name="pipeline")
 
 
-ROLES_HELP = "ROLE=COLUMN,... with ROLE one of prompt, chosen, rejected, completion, id, context"
+ROLES_HELP = f"ROLE=COLUMN,... with ROLE one of {', '.join(COLUMN_ROLES)}"
 
 
 def _read_options(what: str, also: str = "", flag: str = "") -> dict[str, tuple[type, typing.Any]]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import (
+    COLUMN_ROLES,
     REF_MODES,
     check_choice,
     check_codec,
@@ -110,7 +111,7 @@ class PrecomputeConfig:
     split: str | None = field(default=None,
         metadata={"help": "--data is a `datasets` dataset: the split to read; unset: train (or its only split)", "panel": "Data"})
     columns: str | None = field(default=None,
-        metadata={"help": "the data's column names where they differ from TRL's, e.g. prompt=question,chosen=response_j,rejected=response_k (roles: prompt, chosen, rejected, completion, id, context)", "panel": "Data"})
+        metadata={"help": f"the data's column names where they differ from TRL's, e.g. prompt=question,chosen=response_j,rejected=response_k (roles: {', '.join(COLUMN_ROLES)})", "panel": "Data"})
     input_store: str | None = field(default=None,
         metadata={"help": "instead of --data: rollout store URL(s) to score, comma-separated (joined by example id)", "panel": "Inputs and outputs"})
     out: str | None = field(default=None,
@@ -351,7 +352,7 @@ class RolloutConfig:
     split: str | None = field(default=None,
         metadata={"help": "--data is a `datasets` dataset: the split to read; unset: train (or its only split)", "panel": "Groups"})
     columns: str | None = field(default=None,
-        metadata={"help": "the data's column names where they differ from TRL's, e.g. prompt=question,chosen=response_j (roles: prompt, chosen, rejected, completion, id, context)", "panel": "Groups"})
+        metadata={"help": f"the data's column names where they differ from TRL's, e.g. prompt=question,chosen=response_j (roles: {', '.join(COLUMN_ROLES)})", "panel": "Groups"})
     out: str | None = field(default=None,
         metadata={"help": "store URL to write; unset: <out-root>/<store key>", "panel": "Store"})
     out_root: str = field(default="stores",
