@@ -38,7 +38,7 @@ from .lock import (
     read_temp_marker,
     write_temp_marker,
 )
-from .output import WRITE_PROBE, check_output
+from .output import WRITE_PROBE, check_output, first_missing, remove_made
 from .reader import open_store
 from .writer import STALE_TEMP_S, NoStoreError, StoreWriter
 
@@ -447,7 +447,7 @@ def merge(urls: list[str], out_url: str, *, order: Iterable[tuple[int, str]] | N
             raise ValueError(f"{option} {out_url} is also an input: write to a new location")
     local = is_local(fs)
     # created below (the lock file's folder, the output's parents), removed on failure
-    made = _first_missing(os.path.dirname(os.path.abspath(out_root))) if local else None
+    made = first_missing(os.path.dirname(os.path.abspath(out_root))) if local else None
     try:
         check_output(out_url, option, may_hold="store" if resume else "nothing")
         # one merge per OUT: the lock beside OUT is held until the output is complete
@@ -455,10 +455,7 @@ def merge(urls: list[str], out_url: str, *, order: Iterable[tuple[int, str]] | N
             return _Merge(fs, out_root, out_url, urls, meta, agree).run(
                 order, shard_records, report_key, report, resume)
     except BaseException:
-        d = os.path.dirname(os.path.abspath(out_root))
-        while made and d.startswith(made) and os.path.isdir(d) and not os.listdir(d):
-            os.rmdir(d)  # only the (now empty) directories this merge created
-            d = os.path.dirname(d)
+        remove_made(os.path.dirname(os.path.abspath(out_root)), made)  # what this merge created
         raise
 
 
@@ -569,12 +566,3 @@ class _Merge:
 
 def _holds_store(fs: Any, root: str) -> bool:
     return fs.exists(join(root, MANIFEST))
-
-
-def _first_missing(path: str) -> str | None:
-    """The top-most directory of `path` that does not exist yet (None: it all exists)."""
-    missing = None
-    p = os.path.abspath(path)
-    while not os.path.exists(p):
-        missing, p = p, os.path.dirname(p)
-    return missing

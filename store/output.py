@@ -102,12 +102,26 @@ def _check_free(url: str, path: str, option: str, may_hold: str) -> None:
             "directory")
 
 
-def _check_writable(path: str, option: str) -> None:
-    created = []
-    d = path
-    while not os.path.exists(d) and os.path.dirname(d) != d:
-        created.append(d)
+def first_missing(path: str) -> str | None:
+    """The top-most directory of `path` that does not exist yet (None: it all exists)."""
+    missing = None
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        missing, p = p, os.path.dirname(p)
+    return missing
+
+
+def remove_made(path: str, made: str | None) -> None:
+    """Remove the directories of `path` up to `made` (`first_missing` before they were
+    created) while they are empty: only what the caller created, never what it found."""
+    d = os.path.abspath(path)
+    while made and d.startswith(made) and os.path.isdir(d) and not os.listdir(d):
+        os.rmdir(d)
         d = os.path.dirname(d)
+
+
+def _check_writable(path: str, option: str) -> None:
+    made = first_missing(path)
     try:
         os.makedirs(path, exist_ok=True)
         probe_writable(path)  # removes its probe on every path, a full disk included
@@ -115,8 +129,4 @@ def _check_writable(path: str, option: str) -> None:
         raise OSError(f"output directory {path!r} is not writable ({e.strerror or e}); pass a "
                       f"writable {option}, or fix its permissions") from None
     finally:
-        for c in created:  # deepest first
-            try:
-                os.rmdir(c)
-            except OSError:
-                break
+        remove_made(path, made)
